@@ -1,0 +1,151 @@
+"""Datasets, LLASA prompt formatting, speech-token ids, and the tiny offline tokenizer.
+
+A dataset is a JSONL file with a `text` field per row (optional `id`, `language`) or a .txt file
+with one text per line. LLASA prompts are built through the tokenizer's own chat template, the way
+LLASA's inference code does (DESIGN.md §4); every special id is looked up by name.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+# The 8 markers LLASA added to Llama-3's vocabulary (with add_tokens, not as special tokens).
+LLASA_MARKERS = [
+    "<|TEXT_GENERATION_START|>", "<|TEXT_GENERATION_END|>",
+    "<|TEXT_UNDERSTANDING_START|>", "<|TEXT_UNDERSTANDING_END|>",
+    "<|SPEECH_GENERATION_START|>", "<|SPEECH_GENERATION_END|>",
+    "<|SPEECH_UNDERSTANDING_START|>", "<|SPEECH_UNDERSTANDING_END|>",
+]
+SPEECH_START, SPEECH_END = "<|SPEECH_GENERATION_START|>", "<|SPEECH_GENERATION_END|>"
+SAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample.jsonl")
+
+# Llama-3's chat template, without the system preamble (enough for LLASA's prompts).
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+@dataclass
+class Example:
+    text: str
+    id: str
+    language: str | None = None
+
+
+def load_dataset(path: str) -> list[Example]:
+    """Read texts from JSONL (`text`, optional `id`, `language`) or .txt (one text per line).
+
+    Blank lines are skipped; anything malformed raises ValueError naming file and line."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset not found: {path}")
+    examples = []
+    is_jsonl = path.endswith((".jsonl", ".json"))
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            where = f"{path}:{lineno}"
+            if not is_jsonl:
+                examples.append(Example(text=line, id=f"{os.path.basename(path)}:{lineno}"))
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f"{where}: expected an object with a string field 'text', got {line[:80]!r}")
+            if not row["text"].strip():
+                raise ValueError(f"{where}: field 'text' is empty")
+            lang = row.get("language")
+            if lang is not None and not isinstance(lang, str):
+                raise ValueError(f"{where}: field 'language' must be a string, got {lang!r}")
+            examples.append(Example(text=row["text"].strip(), id=str(row.get("id", f"{os.path.basename(path)}:{lineno}")),
+                                    language=lang))
+    if not examples:
+        raise ValueError(f"{path}: no texts found")
+    return examples
+
+
+def token_id(tokenizer, name: str) -> int:
+    """Id of a token by its name; KeyError naming the token if the vocabulary lacks it."""
+    tid = tokenizer.get_vocab().get(name)
+    if tid is None:
+        raise KeyError(f"token {name!r} is not in the tokenizer's vocabulary "
+                       f"(is this a LLASA checkpoint? it needs the LLASA markers and <|s_k|> speech tokens)")
+    return tid
+
+
+@dataclass
+class SpeechVocab:
+    """Where the speech tokens and the stop token live. Speech id = first + code, code in [0, n)."""
+    first: int  # id of <|s_0|>
+    n: int  # number of speech tokens (65536 for LLASA)
+    start_id: int  # <|SPEECH_GENERATION_START|>
+    end_id: int  # <|SPEECH_GENERATION_END|>, the stop token
+
+    def allowed_ids(self) -> list[int]:
+        """Every speech token plus the stop token: the only ids a rollout may emit."""
+        return list(range(self.first, self.first + self.n)) + [self.end_id]
+
+    def to_codes(self, ids) -> list[int]:
+        """Speech-token ids -> codec codes; anything outside the speech range is an error."""
+        codes = [int(i) - self.first for i in ids]
+        bad = [c for c in codes if not 0 <= c < self.n]
+        if bad:
+            raise ValueError(f"non-speech token ids in a speech sequence: {[b + self.first for b in bad][:5]}")
+        return codes
+
+
+def speech_vocab(tokenizer) -> SpeechVocab:
+    """Find <|s_0|>..<|s_{n-1}|> and the speech markers by name; they must be contiguous ids."""
+    vocab = tokenizer.get_vocab()
+    first = token_id(tokenizer, "<|s_0|>")
+    n = 0
+    while vocab.get(f"<|s_{n}|>") == first + n:
+        n += 1
+    if f"<|s_{n}|>" in vocab:
+        raise ValueError(f"speech token <|s_{n}|> has id {vocab[f'<|s_{n}|>']}, expected {first + n}: "
+                         "speech tokens must have contiguous ids")
+    return SpeechVocab(first=first, n=n, start_id=token_id(tokenizer, SPEECH_START),
+                       end_id=token_id(tokenizer, SPEECH_END))
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """LLASA's TTS prompt for `text` as token ids, ending in <|SPEECH_GENERATION_START|>.
+
+    The chat is rendered to a string and then tokenized (instead of apply_chat_template(tokenize=True)),
+    which behaves the same on transformers 4.46+ and 5.x."""
+    if not text or not text.strip():
+        raise ValueError("empty text: nothing to synthesize")
+    for name in ("<|TEXT_UNDERSTANDING_START|>", "<|TEXT_UNDERSTANDING_END|>", SPEECH_START):
+        token_id(tokenizer, name)
+    chat = [
+        {"role": "user", "content": f"Convert the text to speech:<|TEXT_UNDERSTANDING_START|>{text}<|TEXT_UNDERSTANDING_END|>"},
+        {"role": "assistant", "content": SPEECH_START},
+    ]
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    if ids[-1] != token_id(tokenizer, SPEECH_START):
+        raise ValueError(f"the chat template did not end the prompt with {SPEECH_START}: ...{rendered[-80:]!r}")
+    return ids
+
+
+def tiny_tokenizer(n_speech: int = 512):
+    """A LLASA-style tokenizer built offline: byte-level text tokens (any language encodes),
+    Llama-3 chat markers as special tokens, the 8 LLASA markers and `n_speech` speech tokens
+    added with add_tokens, as LLASA did. Deterministic: the same ids every time."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(byte_chars)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|begin_of_text|>",
+                                  eos_token="<|eot_id|>", pad_token="<|end_of_text|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
+    tok.add_tokens(LLASA_MARKERS + [f"<|s_{k}|>" for k in range(n_speech)])
+    tok.chat_template = LLAMA3_CHAT_TEMPLATE
+    return tok
