@@ -1,27 +1,46 @@
 """Speech codecs: codes (ints) -> 16 kHz float32 audio.
 
 Every codec has `.decode(codes) -> list[np.ndarray]`, where `codes` is a list of code sequences
-(lists or 1-D tensors of ints, different lengths allowed) and each output clip is float32 mono at
-16 kHz, exactly SAMPLES_PER_CODE samples per code. `load_codec(name, device)` picks one:
-  "tone"    a deterministic test codec (each code a short tone), for tiny runs and tests;
-  "xcodec2" XCodec2 (HKUSTAudio/xcodec2), 50 codes per second.
+(lists or 1-D tensors of ints in [0, 65536), different lengths allowed) and each output clip is
+float32 mono at 16 kHz, exactly SAMPLES_PER_CODE samples per code. `load_codec(name, device)` picks one:
+  "tone"            a deterministic test codec (each code a short tone), for tiny runs and tests;
+  "xcodec2"         XCodec2 (HKUSTAudio/xcodec2), 50 codes per second, through XCodec2Decoder below:
+                    the decoder half of the model in plain PyTorch, loading only its ~187M weights;
+  "xcodec2-package" the same through the `xcodec2` package (pins torch 2.5, loads the encoders too),
+                    kept as a cross-check.
+
+XCodec2Decoder reproduces `XCodec2Model.decode_code` of the xcodec2 package (v0.1.5): FSQ code ->
+8 level values -> project_out -> fc_post_a -> Vocos backbone (conv, 2 ResNet blocks, 12 transformer
+blocks, 2 ResNet blocks, LayerNorm) -> linear head to a magnitude/phase spectrum -> ISTFT.
+Its attention is bidirectional and its GroupNorms pool over time, so plain right-padding would change
+the audio of the shorter clips of a batch; XCodec2Codec passes the clip lengths and the decoder keeps
+padded frames out of every step that mixes frames. (Of 823M parameters in the published checkpoint,
+581M are the w2v-bert-2.0 semantic encoder, which decoding never uses.)
 """
 import math
+import numbers
+import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 SAMPLE_RATE = 16000  # Hz
 SAMPLES_PER_CODE = 320  # 16000 / 50 codes per second
+CODEBOOK_SIZE = 65536  # XCodec2's one FSQ codebook: 8 levels of 4 values
 
 
 def _as_lists(codes) -> list[list[int]]:
     out = []
     for i, c in enumerate(codes):
         c = c.tolist() if torch.is_tensor(c) or isinstance(c, np.ndarray) else list(c)
-        if any((not isinstance(x, int)) or x < 0 for x in c):
-            raise ValueError(f"clip {i}: codes must be non-negative ints, got {c[:8]}...")
-        out.append(c)
+        bad = [x for x in c if isinstance(x, bool) or not isinstance(x, numbers.Integral) or not 0 <= x < CODEBOOK_SIZE]
+        if bad:
+            raise ValueError(f"clip {i}: codes must be ints in [0, {CODEBOOK_SIZE}), got {bad[0]!r} "
+                             f"({len(bad)} bad of {len(c)})")
+        out.append([int(x) for x in c])
     return out
 
 
@@ -44,6 +63,251 @@ class ToneCodec:
         return clips
 
 
+# ----------------------------------------------------------------------------- XCodec2 decoder
+
+@dataclass(frozen=True)
+class XCodec2Config:
+    """Decoder shapes; the defaults are those of the published HKUSTAudio/xcodec2."""
+    fsq_levels: tuple = (4, 4, 4, 4, 4, 4, 4, 4)  # one code = 8 digits in base 4
+    vq_dim: int = 2048  # width of the FSQ's project_out (input of fc_post_a)
+    hidden_dim: int = 1024
+    depth: int = 12  # transformer blocks
+    n_heads: int = 16
+    hop_length: int = SAMPLES_PER_CODE  # samples per code; the ISTFT window is 4 hops
+
+
+# A padding mask `m` [B, 1, T] (float, 1 = real frame) or None (no padding) goes to every step that mixes
+# frames (convs, GroupNorm, attention, overlap-add), so a padded row decodes exactly as it would alone.
+
+def _zero_padding(x, m):
+    """x [B, C, T]: zero the padded frames, so that a conv sees zeros past a clip's end, as it would alone."""
+    return x if m is None else x * m
+
+
+def _group_norm(norm: nn.GroupNorm, x, m):
+    """GroupNorm of x [B, C, T] with its statistics over the real frames only (all frames if m is None).
+
+    Written out rather than F.group_norm, which also refuses groups of one value (1 frame, 1 channel)."""
+    B, C, T = x.shape
+    xg = x.view(B, norm.num_groups, -1, T)  # [B, G, C/G, T]
+    mg = (x.new_ones(1, 1, T) if m is None else m).view(-1, 1, 1, T)  # [B or 1, 1, 1, T]
+    count = mg.sum(dim=(2, 3), keepdim=True) * xg.shape[2]  # values per group
+    mean = (xg * mg).sum(dim=(2, 3), keepdim=True) / count
+    var = ((xg - mean).square() * mg).sum(dim=(2, 3), keepdim=True) / count  # biased, as GroupNorm
+    y = ((xg - mean) * torch.rsqrt(var + norm.eps)).view(B, C, T)
+    return y * norm.weight[:, None] + norm.bias[:, None]
+
+
+class ResnetBlock(nn.Module):
+    """x + conv(silu(norm(conv(silu(norm(x)))))), on [B, C, T]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(32, dim, eps=1e-6)
+        self.conv1 = nn.Conv1d(dim, dim, kernel_size=3, padding=1)
+        self.norm2 = nn.GroupNorm(32, dim, eps=1e-6)
+        self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, padding=1)
+
+    def forward(self, x, m):
+        h = self.conv1(_zero_padding(F.silu(_group_norm(self.norm1, x, m)), m))
+        h = self.conv2(_zero_padding(F.silu(_group_norm(self.norm2, h, m)), m))
+        return x + h
+
+
+def _rotate_by_head(x):
+    """x [B, H, T, D] -> x with torchtune's RoPE applied as the reference applies it.
+
+    The reference hands [B, H, T, D] tensors to torchtune's RotaryPositionalEmbeddings, which expects
+    [B, T, H, D]: the rotation angle follows the head index, not the time step. q and k of one head turn
+    by the same angle, which cancels in q . k (the attention has no positional signal); we keep the op
+    so as to compute what the reference computes."""
+    B, H, T, D = x.shape
+    theta = 1.0 / (10000 ** (torch.arange(0, D, 2, device=x.device).float() / D))  # [D/2]
+    angle = torch.arange(H, device=x.device).float()[:, None] * theta  # [H, D/2]
+    cos, sin = angle.cos()[None, :, None], angle.sin()[None, :, None]  # [1, H, 1, D/2]
+    x1, x2 = x.float().unflatten(-1, (D // 2, 2)).unbind(-1)  # interleaved pairs, [B, H, T, D/2] each
+    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.c_attn = nn.Linear(dim, 3 * dim, bias=False)
+        self.c_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, key_mask):
+        """x [B, T, C]; key_mask [B, 1, 1, T] bool (True = real frame) or None. Bidirectional."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(_rotate_by_head(q), _rotate_by_head(k), v, attn_mask=key_mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # [B, T, C]
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 4 * dim, bias=False)
+        self.fc2 = nn.Linear(4 * dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.fc2(F.silu(self.fc1(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.att_norm = nn.RMSNorm(dim, eps=1e-6)
+        self.ffn_norm = nn.RMSNorm(dim, eps=1e-6)
+        self.att = Attention(dim, n_heads)
+        self.mlp = MLP(dim)
+
+    def forward(self, x, key_mask):
+        x = x + self.att(self.att_norm(x), key_mask)
+        return x + self.mlp(self.ffn_norm(x))
+
+
+def checkpoint_key(name: str) -> str:
+    """Our parameter name -> its key in XCodec2's model.safetensors."""
+    first, _, rest = name.partition(".")
+    prefix = {"project_out": "generator.quantizer.project_out", "fc_post_a": "fc_post_a",
+              "head": "generator.head.out"}.get(first, "generator.backbone." + first)
+    return f"{prefix}.{rest}"
+
+
+def _weights_file(path_or_id: str) -> str:
+    """A local .safetensors file, a directory holding model.safetensors, or a Hugging Face Hub id."""
+    path = os.path.join(path_or_id, "model.safetensors") if os.path.isdir(path_or_id) else path_or_id
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path_or_id) or path_or_id.endswith(".safetensors") or path_or_id.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"XCodec2 weights not found: {path}")
+    try:
+        from huggingface_hub import hf_hub_download
+        return hf_hub_download(path_or_id, "model.safetensors")
+    except Exception as e:
+        raise OSError(f"could not get model.safetensors of {path_or_id!r} from the Hugging Face Hub ({e}). "
+                      f"Download it once while online (`huggingface-cli download {path_or_id} model.safetensors`), "
+                      f"or pass a local file or directory: --codec xcodec2:PATH") from e
+
+
+class XCodec2Decoder(nn.Module):
+    """XCodec2's decoding path: codes [B, 1, T] -> wav [B, 1, T * hop_length] at 16 kHz, float32.
+
+    Equals `XCodec2Model.decode_code` of the xcodec2 package; `lengths` [B] (real codes per row, the rest
+    being padding) makes each row's audio equal to that row decoded alone."""
+
+    def __init__(self, config: XCodec2Config = XCodec2Config()):
+        super().__init__()
+        self.config = c = config
+        self.project_out = nn.Linear(len(c.fsq_levels), c.vq_dim)  # FSQ level values -> vq_dim
+        self.fc_post_a = nn.Linear(c.vq_dim, c.hidden_dim)
+        self.embed = nn.Conv1d(c.hidden_dim, c.hidden_dim, kernel_size=7, padding=3)
+        self.prior_net = nn.ModuleList([ResnetBlock(c.hidden_dim) for _ in range(2)])
+        self.transformers = nn.ModuleList([TransformerBlock(c.hidden_dim, c.n_heads) for _ in range(c.depth)])
+        self.post_net = nn.ModuleList([ResnetBlock(c.hidden_dim) for _ in range(2)])
+        self.final_layer_norm = nn.LayerNorm(c.hidden_dim, eps=1e-6)
+        self.head = nn.Linear(c.hidden_dim, 4 * c.hop_length + 2)  # log-magnitude and phase of 2 hop + 1 bins
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str = "HKUSTAudio/xcodec2", config: XCodec2Config = XCodec2Config()):
+        """Read only the decoder's tensors of an XCodec2 checkpoint (model.safetensors; file, dir or hub id)."""
+        from safetensors import safe_open
+        file = _weights_file(path_or_id)
+        with torch.device("meta"):  # no random init of weights that are about to be replaced
+            model = cls(config)
+        state = {}
+        with safe_open(file, framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            for name, p in model.state_dict().items():
+                key = checkpoint_key(name)
+                if key not in keys:
+                    raise KeyError(f"{file}: no tensor {key!r}; is this an XCodec2 checkpoint?")
+                t = f.get_tensor(key)
+                if t.shape != p.shape:
+                    raise ValueError(f"{file}: {key} has shape {tuple(t.shape)} but the decoder expects "
+                                     f"{tuple(p.shape)}: pass the XCodec2Config of this checkpoint")
+                state[name] = t.float()
+        model.load_state_dict(state, assign=True)
+        return model.eval()
+
+    def fsq_values(self, codes):
+        """codes [B, T] ints -> [B, T, 8] level values: the FSQ's implicit codebook, digit i = level i."""
+        levels = torch.tensor(self.config.fsq_levels, device=codes.device)
+        basis = torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), dim=0)  # 1, 4, 16, ...
+        digits = (codes[..., None] // basis) % levels  # [B, T, 8] in [0, level)
+        half = levels // 2
+        return (digits - half) / half  # FSQ's grid in [-1, 1): -1, -0.5, 0, 0.5 for 4 levels
+
+    def forward(self, codes, lengths=None):
+        """codes [B, 1, T] long; lengths [B] or None -> wav [B, 1, T * hop_length] float32."""
+        codes = codes[:, 0]
+        B, T = codes.shape
+        x = self.fc_post_a(self.project_out(self.fsq_values(codes)))  # [B, T, C]
+        mask = None if lengths is None else torch.arange(T, device=codes.device) < lengths.to(codes.device)[:, None]
+        m = None if mask is None else mask[:, None, :].to(x.dtype)  # [B, 1, T]
+        key_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, T]
+
+        x = self.embed(_zero_padding(x.transpose(1, 2), m))  # [B, C, T]
+        for block in self.prior_net:
+            x = block(x, m)
+        x = x.transpose(1, 2)  # [B, T, C]
+        for block in self.transformers:
+            x = block(x, key_mask)
+        x = x.transpose(1, 2)
+        for block in self.post_net:
+            x = block(x, m)
+        x = self.final_layer_norm(x.transpose(1, 2))  # [B, T, C]
+
+        log_mag, phase = self.head(x).transpose(1, 2).chunk(2, dim=1)  # [B, 2 hop + 1, T] each
+        spec = torch.polar(log_mag.exp().clamp(max=100.0), phase)  # magnitude capped as in the reference
+        return self.istft(spec, m).unsqueeze(1)
+
+    def istft(self, spec, m=None):
+        """spec [B, N, T] complex -> [B, T * hop]: overlap-add of Hann-windowed frames with "same" padding
+        (the reference's ISTFT; torch.istft only pads "center"), divided by the summed squared window."""
+        hop = self.config.hop_length
+        n_fft, T = 4 * hop, spec.shape[-1]
+        window = torch.hann_window(n_fft, device=spec.device)
+        frames = torch.fft.irfft(spec, n_fft, dim=1) * window[:, None]  # [B, n_fft, T]
+        weights = window.square()[None, :, None].expand(1, n_fft, T)
+        if m is not None:
+            frames, weights = frames * m, weights * m
+
+        def overlap_add(f):  # [B, n_fft, T] -> [B, T * hop], trimming (n_fft - hop) / 2 at each end
+            pad = (n_fft - hop) // 2
+            return F.fold(f, (1, (T - 1) * hop + n_fft), (1, n_fft), stride=(1, hop))[:, 0, 0, pad:-pad]
+
+        return overlap_add(frames) / overlap_add(weights).clamp(min=1e-11)
+
+
+class XCodec2Codec:
+    """XCodec2 through XCodec2Decoder: reads only the decoder's weights, needs no xcodec2 package."""
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, model="HKUSTAudio/xcodec2", device="cpu", config: XCodec2Config = XCodec2Config()):
+        self.device = torch.device(device)
+        decoder = model if isinstance(model, XCodec2Decoder) else XCodec2Decoder.from_pretrained(model, config)
+        self.model = decoder.eval().to(self.device)
+
+    @torch.no_grad()
+    def decode(self, codes) -> list[np.ndarray]:
+        """All clips in one forward, right-padded; the padding is masked, so each clip sounds as alone."""
+        seqs = _as_lists(codes)
+        if not seqs:
+            return []
+        lengths = [len(s) for s in seqs]
+        T = max(max(lengths), 1)
+        batch = torch.zeros(len(seqs), 1, T, dtype=torch.long)  # [B, 1, T], right-padded with code 0
+        for i, s in enumerate(seqs):
+            batch[i, 0, :len(s)] = torch.tensor(s, dtype=torch.long)
+        # An empty clip decodes one padding frame (cut below) rather than none; no padding, no mask.
+        frames = torch.tensor([max(n, 1) for n in lengths])
+        wav = self.model(batch.to(self.device), frames if int(frames.min()) < T else None)  # [B, 1, T * 320]
+        wav = wav.float().cpu().numpy()
+        return [wav[i, 0, :n * SAMPLES_PER_CODE].copy() for i, n in enumerate(lengths)]
+
+
 class XCodec2PackageCodec:
     """XCodec2 through the `xcodec2` package (`XCodec2Model.decode_code`)."""
     sample_rate = SAMPLE_RATE
@@ -62,26 +326,23 @@ class XCodec2PackageCodec:
 
     @torch.no_grad()
     def decode(self, codes) -> list[np.ndarray]:
-        seqs = _as_lists(codes)
-        if not seqs:
-            return []
-        lengths = [len(s) for s in seqs]
-        T = max(max(lengths), 1)
-        batch = torch.zeros(len(seqs), 1, T, dtype=torch.long)  # [B, 1, T], right-padded with code 0
-        for i, s in enumerate(seqs):
-            batch[i, 0, :len(s)] = torch.tensor(s, dtype=torch.long)
-        wav = self.model.decode_code(batch.to(self.device)).float().cpu().numpy()  # [B, 1, S]
-        return [wav[i, 0, :n * SAMPLES_PER_CODE].astype(np.float32) for i, n in enumerate(lengths)]
+        """One clip at a time: decode_code has no padding mask, so padding would change shorter clips."""
+        clips = []
+        for seq in _as_lists(codes):
+            batch = torch.tensor(seq or [0], dtype=torch.long, device=self.device)[None, None]  # [1, 1, T]
+            wav = self.model.decode_code(batch)[0, 0].float().cpu().numpy()  # [T * 320]
+            clips.append(wav[:len(seq) * SAMPLES_PER_CODE])
+        return clips
 
 
 def load_codec(name: str, device="cpu"):
-    """'tone', 'xcodec2-package', or 'xcodec2' / 'xcodec2:PATH_OR_HUB_ID'."""
+    """'tone', 'xcodec2[:PATH_OR_HUB_ID]' (ours) or 'xcodec2-package[:PATH_OR_HUB_ID]' (the xcodec2 package)."""
     if name == "tone":
         return ToneCodec()
-    if name.startswith("xcodec2-package"):
+    if name == "xcodec2-package" or name.startswith("xcodec2-package:"):
         _, _, path = name.partition(":")
         return XCodec2PackageCodec(path or "HKUSTAudio/xcodec2", device)
-    if name.startswith("xcodec2"):
+    if name == "xcodec2" or name.startswith("xcodec2:"):
         _, _, path = name.partition(":")
-        return XCodec2PackageCodec(path or "HKUSTAudio/xcodec2", device)
+        return XCodec2Codec(path or "HKUSTAudio/xcodec2", device)
     raise ValueError(f"unknown codec {name!r}: expected 'tone', 'xcodec2[:PATH]' or 'xcodec2-package[:PATH]'")

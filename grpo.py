@@ -105,6 +105,8 @@ class Config:
     whisper: str = opt("large-v3", "Whisper model name, checkpoint path, or 'random-tiny'")
     whisper_device: str = opt("cuda:2", "device of the Whisper worker process (one per node)")
     whisper_batch: int = opt(16, "clips per Whisper batch")
+    whisper_max_tokens: int = opt(128, "longest transcript Whisper may decode, tokens")
+    whisper_threads: int = opt(0, "CPU threads of the Whisper worker process (0 = torch's default)")
     language: str = opt("", "Whisper language for rows without a 'language' field ('' = detect)")
     reward: str = opt("whisper", "'whisper' or 'module:function' scoring (audio, text) -> float in [0, 1]")
     device: str = opt("auto", "training device: 'auto' (cuda:LOCAL_RANK if available, else cpu) or 'cpu'")
@@ -152,8 +154,9 @@ class Config:
 PRESETS = {
     "tiny": dict(model="tiny", codec="tone", whisper="random-tiny", whisper_device="cpu", device="cpu",
                  val_data=os.path.join(os.path.dirname(data.SAMPLE_DATA), "val.jsonl"), out="runs/tiny",
-                 steps=6, prompts_per_step=4, group_size=4, max_new_tokens=48, top_p=1.0, lr=1e-3,
-                 kl_coef=0.04, micro_batch=8, sample_every=3, save_every=3, val_every=3, n_samples=2),
+                 steps=6, prompts_per_step=4, group_size=4, max_new_tokens=64, top_p=1.0, lr=1e-3,
+                 kl_coef=0.04, micro_batch=8, sample_every=3, save_every=3, val_every=3, n_samples=2,
+                 whisper_max_tokens=16, whisper_threads=1),
     "llasa-1b": dict(model="HKUSTAudio/Llasa-1B", codec="xcodec2", whisper="large-v3", whisper_device="cuda:2",
                      steps=200, prompts_per_step=8, group_size=16, max_new_tokens=2048, temperature=0.8,
                      top_p=0.9, lr=1e-6, kl_coef=0.0, updates_per_rollout=1),
@@ -381,8 +384,8 @@ def mean(xs):
 class Trainer:
     """Holds what a step needs: models, optimizer, codec, reward scorer, RNG, distributed info."""
 
-    def __init__(self, cfg: Config, d: Dist, device: torch.device, scorer):
-        self.cfg, self.d, self.device, self.scorer = cfg, d, device, scorer
+    def __init__(self, cfg: Config, d: Dist, device: torch.device, scorer=None):
+        self.cfg, self.d, self.device, self.scorer = cfg, d, device, scorer  # scorer: .score(audios, texts, langs)
         if cfg.prompts_per_step % d.world:
             raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} must divide by the {d.world} ranks")
         self.examples = data.load_dataset(cfg.data)
@@ -410,7 +413,8 @@ class Trainer:
 
     def load_model(self, name: str):
         if name == "tiny":
-            tok = data.tiny_tokenizer()
+            # 64 speech tokens: a random policy then emits the stop token within 64 steps most of the time.
+            tok = data.tiny_tokenizer(n_speech=64)
             return tiny_llama(len(tok), seed=self.cfg.seed).to(self.device), tok
         return load_model(name, self.device, torch.float32)  # fp32 master weights; bf16 autocast on CUDA
 
@@ -539,10 +543,11 @@ def start_scorer(cfg: Config, d: Dist):
     worker = None
     if d.local_rank == 0:
         worker = WhisperWorker(dict(model=cfg.whisper, device=cfg.whisper_device, language=cfg.language or None,
-                                    batch_size=cfg.whisper_batch,
+                                    batch_size=cfg.whisper_batch, max_transcript_tokens=cfg.whisper_max_tokens,
                                     reward_config=dict(beta_c=cfg.beta_c, tau_n=cfg.tau_n,
                                                        lambda_c=cfg.lambda_c, lambda_n=cfg.lambda_n)),
-                               reward=cfg.reward, request_timeout=cfg.worker_timeout)
+                               reward=cfg.reward, request_timeout=cfg.worker_timeout,
+                               threads=cfg.whisper_threads or None)
         worker.start()
     infos = d.gather(worker.connect_info() if worker else None)
     return worker, (worker or WorkerClient(infos[d.node_start], request_timeout=cfg.worker_timeout))
@@ -556,8 +561,9 @@ def train(cfg: Config) -> list[dict]:
     worker = scorer = None
     history = []
     try:
+        tr = Trainer(cfg, d, device)  # data and models first: a bad file fails before the worker starts
         worker, scorer = start_scorer(cfg, d)
-        tr = Trainer(cfg, d, device, scorer)
+        tr.scorer = scorer
         metrics_path = os.path.join(cfg.out, "metrics.jsonl")
         if d.rank == 0:
             os.makedirs(cfg.out, exist_ok=True)

@@ -155,3 +155,168 @@ def test_response_logprobs_match_generate():
         logp = response_logprobs(model, prompts, roll.tokens, 0.8)
     mask = torch.arange(roll.tokens.shape[1])[None] < roll.lengths[:, None]
     assert torch.allclose(logp[mask], roll.logprobs[mask], atol=1e-4)
+
+
+# ------------------------------------------------------------------------- the trainer end to end
+
+def tone_reward(audio, text):
+    """Toy reward with a known optimum: the fraction of 20 ms frames of the tone codec's audio whose
+    pitch (by zero crossings) is below 400 Hz, i.e. codes below about 20 of 64.
+    All-low speech earns 1; silence earns 0."""
+    n = len(audio) // 320
+    if n == 0:
+        return 0.0
+    frames = audio[:n * 320].reshape(n, 320)
+    crossings = (np.diff(np.sign(frames), axis=1) != 0).sum(axis=1)  # ~ 2 * f * 0.02 s
+    return float(np.mean(crossings / 2 / 0.02 < 400))
+
+
+def _tiny(tmp_path, *flags):
+    from grpo import parse_config
+    return parse_config(["--preset", "tiny", "--out", str(tmp_path / "run"), *flags])
+
+
+def test_tone_reward_knows_its_optimum():
+    from codec import ToneCodec
+    low, high = ToneCodec().decode([[0, 5, 15, 3], [40, 50, 63, 30]])
+    assert tone_reward(low, "x") == 1.0 and tone_reward(high, "x") == 0.0
+    assert tone_reward(np.zeros(0, np.float32), "x") == 0.0
+
+
+def test_tiny_preset_learns_a_toy_reward(tmp_path):
+    """On the tiny preset, GRPO raises the mean reward of a reward whose optimum is known."""
+    from grpo import train
+    cfg = _tiny(tmp_path, "--reward", f"{__name__}:tone_reward", "--steps", "30", "--val-data", "",
+                "--kl-coef", "0", "--lr", "3e-3", "--sample-every", "100", "--save-every", "100")
+    hist = train(cfg)
+    rewards = [m["reward_mean"] for m in hist]
+    assert all(math.isfinite(r) for r in rewards)
+    first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
+    assert last > first + 0.25, (first, last, rewards)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Stop after 2 steps, resume from that checkpoint: steps 3-4 equal an uninterrupted run's."""
+    from grpo import train
+    common = ["--reward", f"{__name__}:tone_reward", "--val-data", "", "--kl-coef", "0.04", "--save-every", "2"]
+    full = train(_tiny(tmp_path / "a", *common, "--steps", "4"))
+    train(_tiny(tmp_path / "b", *common, "--steps", "2"))
+    ckpt = tmp_path / "b" / "run" / "checkpoints" / "step_2"
+    resumed = train(_tiny(tmp_path / "b", *common, "--steps", "4", "--resume", str(ckpt)))
+    assert [m["step"] for m in resumed] == [3, 4]
+    for a, b in zip(full[2:], resumed):
+        for key in ("reward_mean", "loss", "kl", "entropy", "response_len", "grad_norm", "lr"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    lines = [json.loads(x) for x in open(tmp_path / "b" / "run" / "metrics.jsonl")]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+
+
+def test_checkpoint_loads_to_identical_logits(tmp_path):
+    import data
+    from grpo import save_checkpoint
+    from sample import tiny_llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = data.tiny_tokenizer(n_speech=64)
+    model = tiny_llama(len(tok), seed=5)
+    path = str(tmp_path / "ckpt")
+    save_checkpoint(path, model, tok, {"step": 1})
+    save_checkpoint(path, model, tok, {"step": 2})  # overwriting an existing checkpoint is atomic too
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    loaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([data.prompt_ids(AutoTokenizer.from_pretrained(path), "Hello there.")])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert torch.load(os.path.join(path, "trainer_state.pt"))["step"] == 2
+
+
+def test_torchrun_two_ranks_tiny_preset(tmp_path):
+    """The smoke test a new user runs: 2 ranks + the Whisper worker process, offline on CPU."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(REPO, "grpo.py"), "--preset", "tiny", "--steps", "2", "--out", str(out),
+           "--save-every", "2", "--sample-every", "2", "--val-every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        for key in ("reward_mean", "loss", "kl", "entropy", "cer", "nll", "tokens_per_s", "time_reward"):
+            assert math.isfinite(m[key]), (key, m)
+    assert "val_reward" in lines[-1]
+    samples = out / "samples" / "step_2"
+    assert (samples / "0.wav").exists() and len(open(samples / "samples.jsonl").readlines()) == 2
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step_2")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------- failures are loud and safe
+
+class _FakeScorer:
+    def __init__(self, value):
+        self.value = value
+
+    def score(self, audios, texts, languages=None):
+        return [{"reward": self.value, "cer": None, "nll": None, "transcript": ""} for _ in audios]
+
+
+def test_nan_reward_stops_with_step(tmp_path):
+    from grpo import Dist, Trainer
+    cfg = _tiny(tmp_path, "--val-data", "")
+    tr = Trainer(cfg, Dist(), torch.device("cpu"), _FakeScorer(float("nan")))
+    with pytest.raises(FloatingPointError, match="step 0: non-finite reward"):
+        tr.train_step(0)
+
+
+def test_nan_gradient_skips_the_step():
+    """A non-finite gradient raises before the optimizer step: the weights stay as they were."""
+    import contextlib
+    from grpo import Config, Dist, update_policy
+    from sample import tiny_llama
+    tok, ro = _fixed_rollouts()
+    policy = tiny_llama(len(tok), seed=1).train()
+    with torch.no_grad():
+        policy.lm_head.weight[ro.tokens[0, 0]] = float("nan")
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        update_policy(policy, None, opt, sched, ro, Config(kl_coef=0.0), Dist(), contextlib.nullcontext)
+    after = policy.state_dict()
+    assert all(torch.allclose(before[k], after[k], equal_nan=True) for k in before)
+
+
+def test_bad_dataset_line_is_named(tmp_path):
+    from grpo import train
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "fine too"}\n{"txt": "oops"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3"):
+        train(_tiny(tmp_path, "--data", str(bad)))
+
+
+def dying_reward(audio, text):
+    os._exit(3)
+
+
+def test_dead_worker_stops_training_with_exit_code(tmp_path):
+    import time
+    from grpo import train
+    from whisper_worker import WorkerDiedError
+    t0 = time.time()
+    with pytest.raises(WorkerDiedError, match="3"):
+        train(_tiny(tmp_path, "--reward", f"{__name__}:dying_reward", "--val-data", ""))
+    assert time.time() - t0 < 90
+
+
+def test_help_explains_every_flag(capsys):
+    import dataclasses
+    from grpo import Config, parse_config
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(Config):
+        assert "--" + f.name.replace("_", "-") in text
+    assert text.count("(default:") >= len(dataclasses.fields(Config))
+    cfg = parse_config(["--preset", "tiny", "--group-size", "8", "--no-scale-rewards"])
+    assert cfg.group_size == 8 and cfg.scale_rewards is False and cfg.codec == "tone"

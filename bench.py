@@ -1,0 +1,299 @@
+"""Speed figures, each measured in one run against a reference: `python bench.py SECTION [flags]`.
+
+Every comparison prints one JSON line with `name`, the measured numbers and `ratio`
+(ours / reference speed, > 1 means ours is faster). Sections:
+  sample   tokens/s of sample.generate vs Hugging Face `generate` on the same model, batch and
+           number of new tokens; on CUDA also ms per step against the memory-bandwidth bound.
+  codec    seconds per second of audio of codec.XCodec2Decoder vs the xcodec2 package's decode_code
+           (same random weights, full model shapes), if that package is importable; else ours only.
+  reward   clips/s of whisper_worker.WhisperScorer vs the seed's way (per clip: an NLL forward with its
+           own encoder pass, then model.transcribe), same Whisper checkpoint and clips; and against the
+           encoder alone (one pass per clip), the floor of any Whisper scorer.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fns, device: torch.device, repeats: int) -> list[float]:
+    """Median wall seconds of each function in `fns`, called in turn `repeats` times (after the
+    caller's warm-up). Interleaving shares any background load fairly between them."""
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+# ----------------------------------------------------------------------------- sample
+
+LLAMA_1B = dict(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192,
+                vocab=193800, tie_word_embeddings=True, max_positions=131072,
+                rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                  original_max_position_embeddings=8192))
+
+
+def bench_sample(argv):
+    """sample.generate vs HF model.generate: tokens/s, same model, prompts and new-token count."""
+    import sample
+
+    p = argparse.ArgumentParser(prog="bench.py sample", description=bench_sample.__doc__)
+    p.add_argument("--preset", choices=["small", "llama-1b"], default="small",
+                   help="model shapes: 'small' uses the --layers/--hidden/... flags; 'llama-1b' is Llama-3.2-1B "
+                        "with LLASA's vocab (hidden 2048, 16 layers, 32/8 heads, vocab 193800, tied) (default: small)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (default: 4)")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size (default: 256)")
+    p.add_argument("--heads", type=int, default=8, help="attention heads (default: 8)")
+    p.add_argument("--kv-heads", type=int, default=4, help="key/value heads (default: 4)")
+    p.add_argument("--vocab", type=int, default=1024, help="vocabulary size (default: 1024)")
+    p.add_argument("--batch", type=int, default=16, help="sequences per batch (default: 16)")
+    p.add_argument("--prompt-len", type=int, default=64,
+                   help="longest prompt in tokens; prompts vary from half this to this (default: 64)")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sequence (default: 256)")
+    p.add_argument("--modes", default="greedy,sample",
+                   help="comma-separated: greedy (temperature 0) and/or sample (temperature 0.8, top-p 0.9) "
+                        "(default: greedy,sample)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, median reported (default: 3)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads, as on CI (default: 2)")
+    p.add_argument("--hbm-gbps", type=float, default=3350.0,
+                   help="GPU memory bandwidth in GB/s for the bound (default: 3350, H100 SXM)")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.preset == "llama-1b":
+        shape = dict(LLAMA_1B)
+    else:
+        shape = dict(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                     num_kv_heads=args.kv_heads, intermediate_size=4 * args.hidden, vocab=args.vocab)
+    vocab = shape.pop("vocab")
+    model = sample.tiny_llama(vocab, seed=0, **shape).to(device=device, dtype=dtype)
+
+    g = torch.Generator().manual_seed(0)
+    lo = max(1, args.prompt_len // 2)
+    prompts = [torch.randint(0, vocab, (int(torch.randint(lo, args.prompt_len + 1, (1,), generator=g)),),
+                             generator=g).tolist() for _ in range(args.batch)]
+    P = max(len(x) for x in prompts)
+    # HF's input: left-padded ids and attention mask, the layout its own batched generate expects.
+    ids = torch.zeros(args.batch, P, dtype=torch.long)
+    mask = torch.zeros(args.batch, P, dtype=torch.long)
+    for i, x in enumerate(prompts):
+        ids[i, P - len(x):] = torch.tensor(x)
+        mask[i, P - len(x):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+
+    for mode in args.modes.split(","):
+        knobs = dict(temperature=0.0) if mode == "greedy" else dict(temperature=0.8, top_p=0.9)
+        hf_knobs = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=0)
+        if mode not in ("greedy", "sample"):
+            raise SystemExit(f"unknown mode {mode!r} in --modes: expected greedy and/or sample")
+
+        def ours(n=args.new_tokens):
+            r = sample.generate(model, prompts, max_new_tokens=n, **knobs)
+            assert r.tokens.shape[1] == n
+            return r
+
+        def hf(n=args.new_tokens):
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 pad_token_id=0, **hf_knobs)
+            assert out.shape[1] == P + n
+            return out
+
+        with torch.no_grad():
+            ours(8), hf(8)  # warm-up: allocator, kernels, HF's generation-config set-up
+            t_ours, t_hf = _timed([ours, hf], device, args.repeats)
+        n_tok = args.batch * args.new_tokens
+        row = dict(name=f"sample/{mode}", preset=args.preset, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                   batch=args.batch, prompt_len=P, new_tokens=args.new_tokens,
+                   ours_tok_s=round(n_tok / t_ours, 1), hf_tok_s=round(n_tok / t_hf, 1),
+                   ratio=round(t_hf / t_ours, 3))
+        if device.type == "cuda":
+            # Per decode step the GPU must at least read every weight once and the KV cache so far
+            # (average context P + N/2); that over HBM bandwidth is the floor on step time.
+            cfg = model.config
+            weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+            head_dim = cfg.hidden_size // cfg.num_attention_heads
+            kv_bytes = (2 * cfg.num_hidden_layers * args.batch * cfg.num_key_value_heads * head_dim
+                        * (P + args.new_tokens / 2) * torch.finfo(dtype).bits // 8)
+            bound_ms = (weight_bytes + kv_bytes) / (args.hbm_gbps * 1e9) * 1e3
+            step_ms = t_ours / args.new_tokens * 1e3
+            row.update(ours_ms_per_step=round(step_ms, 3), hf_ms_per_step=round(t_hf / args.new_tokens * 1e3, 3),
+                       bound_ms_per_step=round(bound_ms, 3), fraction_of_bound=round(bound_ms / step_ms, 3),
+                       peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 2))
+        print(json.dumps(row), flush=True)
+
+
+# ----------------------------------------------------------------------------- codec
+
+def _package_decoder(config, seed: int = 0):
+    """The xcodec2 package's `XCodec2Model.decode_code`, run on its own generator + fc_post_a with random
+    weights (decode_code uses nothing else; building XCodec2Model itself would download w2v-bert-2.0).
+    Returns (decode_code, modules), the modules' state-dict keys being the checkpoint's,
+    or (None, reason) when the package cannot be imported."""
+    try:
+        from xcodec2.modeling_xcodec2 import XCodec2Model
+        from xcodec2.vq.codec_decoder_vocos import CodecDecoderVocos
+    except Exception as e:  # ImportError, or a pinned dependency failing on this torch
+        return None, f"none: xcodec2 package not importable ({type(e).__name__}: {e})"
+    torch.manual_seed(seed)
+    c = config
+    modules = torch.nn.ModuleDict(dict(
+        generator=CodecDecoderVocos(hidden_dim=c.hidden_dim, depth=c.depth, heads=c.n_heads,
+                                    pos_meb_dim=c.hidden_dim // c.n_heads, hop_length=c.hop_length, vq_dim=c.vq_dim),
+        fc_post_a=torch.nn.Linear(c.vq_dim, c.hidden_dim))).eval()
+    return (lambda codes: XCodec2Model.decode_code(modules, codes)), modules
+
+
+def bench_codec(argv):
+    """XCodec2Decoder vs the xcodec2 package's decode_code: seconds per second of audio, same random weights."""
+    import codec
+
+    p = argparse.ArgumentParser(prog="bench.py codec", description=bench_codec.__doc__)
+    p.add_argument("--preset", choices=["full", "small"], default="full",
+                   help="'full': the published model's shapes (187M decoder parameters); 'small': hidden 64, "
+                        "2 blocks, for a quick look (default: full)")
+    p.add_argument("--seconds", type=float, default=10.0, help="audio per clip, 50 codes per second (default: 10)")
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default: 1,8)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, median reported (default: 3)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads, as on CI (default: 2)")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    config = codec.XCodec2Config() if args.preset == "full" else codec.XCodec2Config(hidden_dim=64, depth=2, n_heads=4)
+    ref_decode, ref = _package_decoder(config)
+    ours = codec.XCodec2Decoder(config)
+    if ref_decode is not None:  # the package's weights, read through the checkpoint's key names
+        state = ref.state_dict()
+        ours.load_state_dict({name: state[codec.checkpoint_key(name)] for name in ours.state_dict()})
+        ref.to(device)
+    ours.eval().to(device)
+    n_params = sum(t.numel() for t in ours.parameters())
+
+    T = round(args.seconds * 50)
+    for B in [int(b) for b in args.batches.split(",")]:
+        codes = torch.randint(0, codec.CODEBOOK_SIZE, (B, 1, T), generator=torch.Generator().manual_seed(B)).to(device)
+        lengths = torch.full((B,), T, device=device)
+        # ours as the codec runs equal-length clips (no mask), ours with the padding mask on, the package
+        fns = [lambda: ours(codes), lambda: ours(codes, lengths)] + ([lambda: ref_decode(codes)] if ref_decode else [])
+        with torch.no_grad():
+            outs = [fn() for fn in fns]  # warm-up, and the outputs to compare
+            times = _timed(fns, device, args.repeats)
+        audio_s = B * T / 50
+        # Matmul work: 2 flops per weight per frame (the convs and linears), plus attention's
+        # 4 T^2 C per transformer block and clip.
+        flops = 2 * n_params * B * T + 4 * B * T * T * config.hidden_dim * config.depth
+        row = dict(name="codec", preset=args.preset, device=str(device), threads=args.threads, batch=B,
+                   seconds_per_clip=args.seconds, decoder_params=n_params,
+                   ours_s_per_audio_s=round(times[0] / audio_s, 4),
+                   ours_masked_s_per_audio_s=round(times[1] / audio_s, 4),
+                   ours_gflop_s=round(flops / times[0] / 1e9, 1))
+        if ref_decode:
+            row.update(reference="xcodec2 XCodec2Model.decode_code", ref_s_per_audio_s=round(times[2] / audio_s, 4),
+                       ratio=round(times[2] / times[0], 3), max_abs_diff=float((outs[0] - outs[2]).abs().max()))
+        else:
+            row.update(reference=ref, ratio=None)
+        print(json.dumps(row), flush=True)
+
+
+# ----------------------------------------------------------------------------- reward
+
+def bench_reward(argv):
+    """WhisperScorer vs the seed's way of scoring: clips per second, same Whisper model and clips."""
+    import os
+
+    import torch.nn.functional as F
+    import whisper
+    from whisper.tokenizer import get_tokenizer
+
+    import whisper_worker
+    from reward import char_error_rate, tts_reward
+
+    assets = os.environ.get("TEST_ASSETS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "assets"))
+    p = argparse.ArgumentParser(prog="bench.py reward", description=bench_reward.__doc__)
+    p.add_argument("--whisper", default=os.path.join(assets, "whisper-tiny.en.pt"),
+                   help="Whisper name or checkpoint (default: whisper-tiny.en.pt in TEST_ASSETS)")
+    p.add_argument("--clips", type=int, default=8, help="clips per run, cycling through the clean and noisy clips "
+                                                        "of TEST_ASSETS/speech (default: 8)")
+    p.add_argument("--language", default="en", help="language of the clips (default: en)")
+    p.add_argument("--batch-size", type=int, default=16, help="WhisperScorer's batch size (default: 16)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per measurement, median reported (default: 1)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads, as on CI (default: 2)")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    with open(os.path.join(assets, "speech", "clips.jsonl")) as f:
+        # All-zero silence is refused by WhisperScorer without any model work: leaving it in would flatter ours.
+        rows = [r for r in map(json.loads, f) if r["kind"] != "silence"]
+    rows = [rows[i % len(rows)] for i in range(args.clips)]
+    audios = [whisper_worker.read_wav(os.path.join(assets, "speech", r["wav"])) for r in rows]
+    texts = [r["text"] for r in rows]
+    scorer = whisper_worker.WhisperScorer(args.whisper, device, args.language, batch_size=args.batch_size)
+    model, dtype = scorer.model, torch.float16 if scorer.fp16 else torch.float32
+    tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language=args.language)
+
+    def ours(n=len(audios)):
+        return scorer.score(audios[:n], texts[:n])
+
+    def seed_way(n=len(audios)):
+        rewards = []
+        for audio, text in zip(audios[:n], texts[:n]):
+            mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), model.dims.n_mels, device=device)
+            tokens = torch.tensor([tokenizer.sot] + tokenizer.encode(" " + text) + [tokenizer.eot], device=device)
+            logits = model.decoder(tokens[None, :-1], model.encoder(mel[None].to(dtype)))[0]  # after a bare <|sot|>
+            nll = F.cross_entropy(logits, tokens[1:]).item()
+            transcript = model.transcribe(audio, language=args.language, temperature=0.0, fp16=scorer.fp16)["text"]
+            rewards.append(tts_reward(char_error_rate(text, transcript), nll))
+        return rewards
+
+    def encoder_only():  # the floor of any scorer: Whisper's encoder on one 30 s window per clip
+        for start in range(0, len(audios), args.batch_size):
+            model.encoder(torch.stack([whisper.log_mel_spectrogram(whisper.pad_or_trim(a), model.dims.n_mels, device=device)
+                                       for a in audios[start:start + args.batch_size]]).to(dtype))
+
+    with torch.inference_mode():
+        ours(1), seed_way(1)  # warm-up: tokenizer, mel filters, allocator
+        t_ours, t_seed, t_encoder = _timed([ours, seed_way, encoder_only], device, args.repeats)
+    print(json.dumps(dict(name="reward", model=os.path.basename(args.whisper), device=str(device), threads=args.threads,
+                          clips=len(audios), batch_size=args.batch_size,
+                          ours_clips_per_s=round(len(audios) / t_ours, 3), seed_clips_per_s=round(len(audios) / t_seed, 3),
+                          ratio=round(t_seed / t_ours, 3), encoder_only_clips_per_s=round(len(audios) / t_encoder, 3),
+                          fraction_of_encoder_bound=round(t_encoder / t_ours, 3))), flush=True)
+
+
+SECTIONS = {"sample": bench_sample, "codec": bench_codec, "reward": bench_reward}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in SECTIONS:
+        raise SystemExit(f"usage: python bench.py SECTION [flags], SECTION one of {sorted(SECTIONS)} "
+                         f"(got {argv[0] if argv else 'nothing'!r}); `python bench.py SECTION -h` lists its flags")
+    SECTIONS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The TTS reward: pure functions of a clip's CER and NLL, no model (DESIGN.md §2).
+
+reward = weighted harmonic mean of two utilities in [0, 1]:
+    U_cer = 1 - tanh(beta_c * cer)      intelligibility of the greedy transcript
+    U_nll = exp(-nll / tau_n)           how likely Whisper finds the intended text (nats/token)
+The harmonic mean is low when either utility is low, so a clip cannot buy a high reward with a
+good NLL while being transcribed wrongly, or the other way round.
+"""
+import math
+from dataclasses import dataclass
+
+import jiwer
+from whisper.normalizers import BasicTextNormalizer
+
+_normalizer = BasicTextNormalizer()  # stateless: lowercase, drop punctuation, symbols, [..] and (..)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """The reward's knobs, passed down from the trainer's config to the Whisper worker.
+
+    Defaults are the seed recipe's (DESIGN.md §4)."""
+    beta_c: float = 3.0  # CER sharpness: U_cer(0.1) = 0.71, U_cer(0.5) = 0.09
+    tau_n: float = 3.0  # NLL scale in nats/token: U_nll(1.0) = 0.72, U_nll(3.0) = 0.37
+    lambda_c: float = 0.6  # weight of U_cer
+    lambda_n: float = 0.4  # weight of U_nll
+
+    def __post_init__(self):
+        for name in ("beta_c", "tau_n"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        for name in ("lambda_c", "lambda_n"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+        if self.lambda_c + self.lambda_n <= 0:
+            raise ValueError(f"lambda_c + lambda_n must be positive, got {self.lambda_c} + {self.lambda_n}")
+
+
+def tts_reward(cer: float, nll: float, *, beta_c: float = 3.0, tau_n: float = 3.0,
+               lambda_c: float = 0.6, lambda_n: float = 0.4) -> float:
+    """Reward in [0, 1] of one clip from its character error rate and its mean NLL (nats/token).
+
+    cer >= 0 (it may exceed 1 with insertions); nll >= 0, inf allowed (utility 0). A utility of 0
+    with a positive weight gives 0: the harmonic mean's limit, computed without dividing by 0."""
+    RewardConfig(beta_c, tau_n, lambda_c, lambda_n)  # validates the knobs
+    cer, nll = _non_negative("cer", cer), _non_negative("nll", nll)
+    u_cer = 1.0 - math.tanh(beta_c * cer)
+    u_nll = math.exp(-nll / tau_n)
+    terms = [(w, u) for w, u in ((lambda_c, u_cer), (lambda_n, u_nll)) if w > 0]
+    if any(u <= 0.0 for _, u in terms):
+        return 0.0
+    reward = sum(w for w, _ in terms) / sum(w / u for w, u in terms)
+    return min(max(reward, 0.0), 1.0)
+
+
+def _non_negative(name: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}") from None
+    if math.isnan(number) or number < 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    return number
+
+
+def normalize_text(text: str) -> str:
+    """Whisper's BasicTextNormalizer (lowercase, no punctuation or symbols), then no whitespace.
+
+    Removing every space makes the rate comparable across scripts: Korean spacing varies
+    ("안녕 하세요" = "안녕하세요") and Chinese or Japanese have no spaces at all."""
+    return "".join(_normalizer(text).split())
+
+
+def char_error_rate(reference: str, hypothesis: str, *, normalize: bool = True) -> float:
+    """Character error rate (edits / reference characters) of `hypothesis` against `reference`.
+
+    An empty hypothesis is 1.0 (every character deleted), never 0. A reference with nothing left
+    to compare (empty after normalization) is a ValueError: the rate would be undefined."""
+    ref = normalize_text(reference) if normalize else reference
+    hyp = normalize_text(hypothesis) if normalize else hypothesis
+    if not ref:
+        raise ValueError(f"reference {reference!r} has no characters to compare"
+                         + (" after normalization (punctuation, symbols and spaces removed)" if normalize else ""))
+    if not hyp:
+        return 1.0
+    return float(jiwer.cer(ref, hyp))

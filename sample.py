@@ -1,0 +1,396 @@
+"""Rollouts and TTS inference: a hand-written batched decode loop over a Hugging Face Llama.
+
+`generate` prefills a left-padded batch of prompts, then adds one token per step to a KV cache it
+preallocates and owns, running the model's own modules (embeddings, layers, norm, rotary embedding,
+lm_head) with F.scaled_dot_product_attention. No `model.generate`, no HF Cache objects: the loop
+is a few small functions (logits processing, sampling, prefill, decode_one_token) one can read,
+test against transformers and time (bench.py sample).
+
+CLI (TTS inference):
+    python sample.py --model DIR --text "Hello there." --out out.wav
+    python sample.py --model tiny --codec tone --text "hi" --out /tmp/t.wav   # offline smoke test
+"""
+import argparse
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Rollout:
+    """Output of `generate`; B prompts, T = the longest generated length."""
+    tokens: torch.Tensor  # [B, T] long, right-padded with 0
+    lengths: torch.Tensor  # [B] long, generated tokens per row, the stop token included
+    logprobs: torch.Tensor  # [B, T] float32, log-prob of each generated token, 0 past the length
+    finished: torch.Tensor  # [B] bool, True if the row ended with a stop id (False: hit max_new_tokens)
+
+
+def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, repetition_penalty: float = 1.0, stop_ids=(), allowed_ids=None,
+             generator: torch.Generator | None = None) -> Rollout:
+    """Sample up to `max_new_tokens` tokens after each prompt (lists of ids, lengths may differ).
+
+    Knobs follow Hugging Face semantics and order: repetition_penalty (over the prompt and the
+    tokens generated so far; HF's left-pad tokens are not penalized here), then temperature, top_k,
+    top_p. `temperature=0` is greedy (argmax of the penalized, masked logits). `allowed_ids` masks
+    every other token to -inf before all of them (e.g. speech tokens + stop). A row stops after
+    emitting one of `stop_ids`; stopped rows no longer change. `generator` (on the model's device)
+    makes sampling reproducible.
+
+    `logprobs` are log_softmax(logits / temperature) of the *unprocessed* policy at the sampled
+    token (temperature 1 when greedy): no top-k/top-p, penalty or allowed-ids mask. That is what
+    the trainer recomputes with a teacher-forced forward at logits / temperature, so importance
+    ratios start at exactly 1. With no filters on, it is the distribution the token was sampled from.
+    """
+    device = next(model.parameters()).device
+    vocab = model.lm_head.out_features
+    _check_args(model, prompts, vocab, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+                stop_ids, allowed_ids, generator, device)
+    # inference_mode skips autograd's per-op bookkeeping (~5% per step on CPU); the outputs are
+    # cloned outside it so the trainer may use them in autograd (e.g. as old log-probs).
+    with torch.inference_mode():
+        out = _generate(model, prompts, vocab, device, max_new_tokens, temperature, top_p, top_k,
+                        repetition_penalty, stop_ids, allowed_ids, generator)
+    return Rollout(*(x.clone() for x in out))
+
+
+def _generate(model, prompts, vocab, device, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+              stop_ids, allowed_ids, generator):
+    """The decode loop of `generate`, arguments already checked; returns (tokens, lengths, logprobs, finished)."""
+    B, N = len(prompts), max_new_tokens
+    lens = torch.tensor([len(p) for p in prompts], device=device)  # [B] real prompt lengths
+    P = int(max(len(p) for p in prompts))
+    ids = torch.zeros(B, P, dtype=torch.long)  # [B, P] left-padded with 0
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    ids = ids.to(device)
+
+    cache = KVCache.for_model(model, B, P + N)
+    # key_ok [B, P+N]: which cache slots hold a real token (prompt pads never do; generated slots
+    # always do, and slots not yet written are cut off by slicing the cache to the current step).
+    key_ok = torch.ones(B, P + N, dtype=torch.bool, device=device)
+    key_ok[:, :P] = torch.arange(P, device=device) >= (P - lens)[:, None]
+    disallowed = None  # [V] bool
+    if allowed_ids is not None:
+        disallowed = torch.ones(vocab, dtype=torch.bool, device=device)
+        disallowed[torch.as_tensor(list(allowed_ids), device=device)] = False
+    seen = None  # [B, V] bool: tokens in the prompt or generated so far (for the repetition penalty)
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
+        # Pads point at the row's last prompt token (always real), so they mark nothing new.
+        seen.scatter_(1, torch.where(key_ok[:, :P], ids, ids[:, -1:]), True)
+    stop = torch.as_tensor(list(stop_ids), dtype=torch.long, device=device)
+
+    tokens = torch.zeros(B, N, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, N, dtype=torch.float32, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # [B] emitted a stop id (only stops end a row early)
+    # Checking "all rows stopped" is a host sync; on a GPU do it every few steps so the CPU can
+    # queue kernels ahead (a few wasted steps at the very end cost less than a sync per step).
+    sync_every = 1 if device.type == "cpu" else 8
+
+    logits = prefill(model, cache, ids, key_ok[:, :P])  # [B, V] float32
+    for t in range(N):
+        processed = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   repetition_penalty=repetition_penalty, seen=seen, disallowed=disallowed)
+        next_tok = sample_token(processed, greedy=temperature == 0, generator=generator)  # [B]
+        next_tok = next_tok.masked_fill(done, 0)
+        lp = token_logprobs(logits, next_tok, temperature if temperature > 0 else 1.0)
+        tokens[:, t] = next_tok
+        logprobs[:, t] = lp.masked_fill(done, 0.0)
+        lengths += ~done
+        if stop.numel():
+            done |= torch.isin(next_tok, stop) & ~done
+        if seen is not None:
+            seen.scatter_(1, next_tok[:, None], True)
+        if t == N - 1 or ((t + 1) % sync_every == 0 and bool(done.all())):
+            break
+        # The token at cache slot P+t has position len_i + t: positions start at 0 after the pads.
+        logits = decode_one_token(model, cache, next_tok, lens + t, P + t, key_ok)
+
+    T = int(lengths.max())
+    return tokens[:, :T], lengths, logprobs[:, :T], done
+
+
+# ----------------------------------------------------------------------------- logits processing
+
+def apply_repetition_penalty(logits, seen, penalty: float):
+    """HF RepetitionPenaltyLogitsProcessor: seen tokens' logits divided by `penalty` if positive,
+    multiplied if negative (once per token, however often it occurred). logits [B, V], seen [B, V] bool."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_top_k(logits, k: int):
+    """HF TopKLogitsWarper: keep the k largest logits per row (ties with the k-th kept). logits [B, V]."""
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # [B, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits, p: float):
+    """HF TopPLogitsWarper: keep the smallest set of most likely tokens whose probability reaches p
+    (always at least the top token). logits [B, V]."""
+    sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cum <= 1 - p  # the unlikely tail, holding at most 1 - p of the mass
+    drop_sorted[:, -1] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def process_logits(logits, *, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+                   seen=None, disallowed=None):
+    """Raw float32 logits [B, V] -> the logits tokens are drawn from (greedy: argmax of them)."""
+    if disallowed is not None:
+        logits = logits.masked_fill(disallowed, float("-inf"))
+    if seen is not None and repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    if temperature == 0:
+        return logits  # top-k / top-p never change the argmax
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k > 0:
+        logits = apply_top_k(logits, top_k)
+    if top_p < 1.0:
+        logits = apply_top_p(logits, top_p)
+    return logits
+
+
+def sample_token(logits, *, greedy: bool, generator=None):
+    """One token per row from logits [B, V] -> [B] long, with no host sync.
+
+    argmax(probs / E), E ~ Exponential(1) iid, picks token i with probability probs[i] (the
+    exponential race), and unlike torch.multinomial never waits for the GPU."""
+    if greedy:
+        return logits.argmax(dim=-1)
+    probs = logits.softmax(dim=-1)
+    # E = -log(U), U ~ uniform [0, 1), lies in (0, inf]: never 0, so probs / E is never 0/0 = NaN
+    # (and it is ~4x cheaper on CPU than Tensor.exponential_).
+    race = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
+    return (probs / race).argmax(dim=-1)
+
+
+def token_logprobs(logits, tokens, temperature: float):
+    """log_softmax(logits / temperature)[tokens]: logits [B, V] float32, tokens [B] -> [B]."""
+    scaled = logits / temperature
+    return scaled.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
+
+
+# ----------------------------------------------------------------------------- the model, step by step
+
+@dataclass
+class KVCache:
+    k: torch.Tensor  # [layers, B, kv_heads, T_max, head_dim]
+    v: torch.Tensor  # [layers, B, kv_heads, T_max, head_dim]
+
+    @staticmethod
+    def for_model(model, batch: int, max_len: int) -> "KVCache":
+        cfg = model.config
+        head_dim = model.model.layers[0].self_attn.k_proj.out_features // cfg.num_key_value_heads
+        p = next(model.parameters())
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, head_dim)
+        # Uninitialized is fine: prefill writes every prompt slot (pads too) and decoding reads
+        # only the slots written so far.
+        return KVCache(torch.empty(shape, dtype=p.dtype, device=p.device),
+                       torch.empty(shape, dtype=p.dtype, device=p.device))
+
+
+def rotate(x, cos, sin):
+    """Rotary embedding in HF Llama's layout (halves, not interleaved). x [B, H, S, D], cos/sin [B, 1, S, D]."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def attention(attn, x, cos, sin, k_cache, v_cache, start: int, mask):
+    """One attention block on new tokens x [B, S, hidden] at cache slots [start, start+S).
+
+    k_cache/v_cache [B, kv_heads, T_max, head_dim] are written in place; mask [B, S, start+S] bool
+    (True = may attend) covers pads and causality. Returns [B, S, hidden]."""
+    B, S, _ = x.shape
+    Hkv, D = k_cache.shape[1], k_cache.shape[3]
+    q = attn.q_proj(x).view(B, S, -1, D).transpose(1, 2)  # [B, H, S, D]
+    k = attn.k_proj(x).view(B, S, Hkv, D).transpose(1, 2)  # [B, Hkv, S, D]
+    v = attn.v_proj(x).view(B, S, Hkv, D).transpose(1, 2)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    end = start + S
+    k_cache[:, :, start:end] = k
+    v_cache[:, :, start:end] = v
+    H = q.shape[1]
+    n_rep = H // Hkv
+    # GQA without copying K/V: the n_rep query heads sharing KV head g (heads g*n_rep + r, as in
+    # HF's repeat_kv) become n_rep*S query rows of that head; the mask is tiled to match
+    # (one decode step's single mask row simply broadcasts).
+    q = q.reshape(B, Hkv, n_rep * S, D)
+    m = mask.unsqueeze(1) if S == 1 else mask.unsqueeze(1).repeat(1, 1, n_rep, 1)  # [B, 1, n_rep*S or 1, end]
+    out = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=m)
+    out = out.reshape(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
+    return attn.o_proj(out)
+
+
+def forward(model, cache: KVCache, ids, pos, start: int, mask):
+    """Run the decoder on ids [B, S] (rotary positions pos [B, S]) at cache slots [start, start+S);
+    mask [B, S, start+S] bool. Returns the final-norm hidden states [B, S, hidden]."""
+    m = model.model
+    x = m.embed_tokens(ids)
+    cos, sin = m.rotary_emb(x, pos)  # [B, S, D] each; llama3 / other rope scaling handled by HF
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    for i, layer in enumerate(m.layers):
+        x = x + attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache.k[i], cache.v[i], start, mask)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return m.norm(x)
+
+
+def prefill(model, cache: KVCache, ids, key_ok):
+    """Left-padded prompts ids [B, P], key_ok [B, P] bool (False on pads) -> next-token logits [B, V] float32."""
+    B, P = ids.shape
+    pads = P - key_ok.sum(dim=1, keepdim=True)  # [B, 1]
+    pos = (torch.arange(P, device=ids.device) - pads).clamp(min=0)  # [B, P], 0 at each first real token
+    causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
+    # Pad rows may attend to themselves only: a row with no allowed key would give NaN in SDPA,
+    # and that NaN would reach the real rows through the pads' cached values.
+    mask = (causal & key_ok[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)  # [B, P, P]
+    hidden = forward(model, cache, ids, pos, 0, mask)
+    return model.lm_head(hidden[:, -1]).float()  # only the last position is needed
+
+
+def decode_one_token(model, cache: KVCache, token, pos, slot: int, key_ok):
+    """token [B] at rotary position pos [B], written to cache slot `slot`; key_ok [B, T_max] bool.
+    Returns next-token logits [B, V] float32."""
+    mask = key_ok[:, None, :slot + 1]  # [B, 1, slot+1]
+    hidden = forward(model, cache, token[:, None], pos[:, None], slot, mask)
+    return model.lm_head(hidden[:, 0]).float()
+
+
+def _check_args(model, prompts, vocab, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+                stop_ids, allowed_ids, generator, device):
+    if not hasattr(getattr(model, "model", None), "rotary_emb") or not hasattr(model, "lm_head"):
+        raise TypeError(f"generate needs a Llama-family *ForCausalLM (model.model.rotary_emb, model.lm_head), "
+                        f"got {type(model).__name__}")
+    if not prompts:
+        raise ValueError("prompts is empty: pass a list of token-id lists")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        bad = [t for t in p if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    longest = max(len(p) for p in prompts)
+    max_pos = model.config.max_position_embeddings
+    if longest + max_new_tokens > max_pos:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                         f"context of {max_pos} (max_position_embeddings); shorten the prompt or max_new_tokens")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+    for name, ids in (("stop_ids", stop_ids), ("allowed_ids", allowed_ids)):
+        bad = [t for t in (ids if ids is not None else ()) if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"{name} has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+    if allowed_ids is not None:
+        allowed = set(int(t) for t in allowed_ids)
+        if not allowed:
+            raise ValueError("allowed_ids is empty: no token could be generated")
+        missing = [int(t) for t in stop_ids if int(t) not in allowed]
+        if missing:
+            raise ValueError(f"stop ids {missing} are not in allowed_ids, so no row could ever stop")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the model is on {device}")
+
+
+# ----------------------------------------------------------------------------- models
+
+def tiny_llama(vocab_size: int, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+               num_kv_heads: int = 2, max_positions: int = 2048, **overrides):
+    """A seeded random LlamaForCausalLM (fp32, eval mode) for tests, benchmarks and tiny runs.
+
+    `overrides` go to LlamaConfig (e.g. tie_word_embeddings=True, rope_scaling={...}, intermediate_size)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+               num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+               max_position_embeddings=max_positions, rope_theta=500000.0, tie_word_embeddings=False)
+    cfg.update(overrides)
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(**cfg))
+    return model.float().eval()
+
+
+def load_model(path_or_hub_id: str, device="cpu", dtype=torch.bfloat16):
+    """(model, tokenizer) from a Hugging Face directory or hub id, model in eval mode on `device`."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # transformers renamed `torch_dtype` to `dtype` in 4.56; 4.46 knows only the old name.
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path_or_hub_id)
+        model = AutoModelForCausalLM.from_pretrained(path_or_hub_id, **dtype_kw)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"could not load a causal LM and tokenizer from {path_or_hub_id!r} (a directory "
+                                f"with config.json and tokenizer files, or a hub id when online): {e}") from e
+    return model.to(device).eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv=None):
+    import soundfile
+
+    import codec
+    import data
+
+    p = argparse.ArgumentParser(description="LLASA text-to-speech: text -> speech tokens -> 16 kHz wav.")
+    p.add_argument("--model", required=True,
+                   help="Hugging Face directory or hub id of a LLASA checkpoint, or 'tiny' for a random offline model")
+    p.add_argument("--text", required=True, help="text to speak")
+    p.add_argument("--out", required=True, help="output .wav path (16 kHz mono)")
+    # Official LLASA sampling settings (DESIGN.md §4) as defaults.
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default: 0.8)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default: 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.2, help="HF repetition penalty, 1 = off (default: 1.2)")
+    p.add_argument("--max-new-tokens", type=int, default=2048,
+                   help="most speech tokens to generate, 50 per second of audio (default: 2048)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--codec", default="xcodec2", help="'xcodec2[:PATH]' or 'tone' (test codec) (default: xcodec2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="model weights (default: bfloat16 on cuda, float32 on cpu)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.model == "tiny":
+        tokenizer = data.tiny_tokenizer()
+        model = tiny_llama(len(tokenizer), max_positions=4096).to(device=device, dtype=dtype)
+    else:
+        model, tokenizer = load_model(args.model, device, dtype)
+    vocab = data.speech_vocab(tokenizer)
+    ids = data.prompt_ids(tokenizer, args.text)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                   stop_ids=(vocab.end_id,), allowed_ids=vocab.allowed_ids(), generator=generator)
+    n = int(out.lengths[0]) - int(out.finished[0])  # speech tokens, without the stop token
+    codes = vocab.to_codes(out.tokens[0, :n].tolist())
+    wav = codec.load_codec(args.codec, device).decode([codes])[0]
+    soundfile.write(args.out, wav, codec.SAMPLE_RATE)
+    status = "finished" if out.finished[0] else f"not finished (hit --max-new-tokens {args.max_new_tokens})"
+    print(f"wrote {args.out}: {len(wav) / codec.SAMPLE_RATE:.2f} s, {n} speech tokens, {status}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
