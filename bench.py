@@ -100,11 +100,14 @@ def bench_sample(argv):
         mask[i, P - len(x):] = 1
     ids, mask = ids.to(device), mask.to(device)
 
-    for mode in args.modes.split(","):
+    modes = args.modes.split(",")
+    bad = [m for m in modes if m not in ("greedy", "sample")]
+    if bad:
+        raise SystemExit(f"unknown mode(s) {bad} in --modes {args.modes!r}: expected greedy and/or sample")
+    for mode in modes:
         knobs = dict(temperature=0.0) if mode == "greedy" else dict(temperature=0.8, top_p=0.9)
+        # top_k=0: HF's generation config otherwise applies top-k 50, which ours would not.
         hf_knobs = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=0)
-        if mode not in ("greedy", "sample"):
-            raise SystemExit(f"unknown mode {mode!r} in --modes: expected greedy and/or sample")
 
         def ours(n=args.new_tokens):
             r = sample.generate(model, prompts, max_new_tokens=n, **knobs)
@@ -128,6 +131,7 @@ def bench_sample(argv):
         if device.type == "cuda":
             # Per decode step the GPU must at least read every weight once and the KV cache so far
             # (average context P + N/2); that over HBM bandwidth is the floor on step time.
+            # Measured ms/step is the whole call over N steps, so it includes the prefill (slightly pessimistic).
             cfg = model.config
             weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
             head_dim = cfg.hidden_size // cfg.num_attention_heads

@@ -11,6 +11,7 @@ CLI (TTS inference):
     python sample.py --model tiny --codec tone --text "hi" --out /tmp/t.wav   # offline smoke test
 """
 import argparse
+import os
 from dataclasses import dataclass
 
 import torch
@@ -331,6 +332,8 @@ def load_model(path_or_hub_id: str, device="cpu", dtype=torch.bfloat16):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # transformers renamed `torch_dtype` to `dtype` in 4.56; 4.46 knows only the old name.
+    if (os.path.isabs(path_or_hub_id) or path_or_hub_id.startswith(".")) and not os.path.isdir(path_or_hub_id):
+        raise FileNotFoundError(f"model directory not found: {path_or_hub_id}")
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kw = {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
     try:
