@@ -301,13 +301,8 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
                 n = mask[mb].sum()
                 sums += torch.stack([loss.detach(), st["kl"] * n, st["clip_frac"] * n,
                                      (entropy * mask[mb]).sum(), n])
-        grads = [p.grad for p in params if p.grad is not None]
         if d.world > 1:  # sum the ranks' shares of the global mean loss
-            flat = d.all_reduce(torch.cat([g.reshape(-1) for g in grads]))
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+            all_reduce_grads(params, d)
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if not torch.isfinite(gnorm):  # identical on every rank (same summed gradients): all stop together
             raise FloatingPointError(f"non-finite gradient norm ({gnorm.item()}) in update {update}; "
@@ -318,6 +313,23 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
     n = sums[4].clamp(min=1)
     return {"loss": sums[0].item(), "kl": (sums[1] / n).item(), "clip_frac": (sums[2] / n).item(),
             "entropy": (sums[3] / n).item(), "grad_norm": gnorm.item()}
+
+
+def all_reduce_grads(params, d: Dist, bucket_numel: int = 1 << 26):
+    """Sum gradients over ranks in flat buckets of at most `bucket_numel` elements: few collectives,
+    and no full-model copy of the gradients (a 1B model would need 4 GB more)."""
+    for p in params:
+        if p.grad is None:  # every rank must send the same layout
+            p.grad = torch.zeros_like(p)
+    bucket, numel = [], 0
+    for i, p in enumerate(params):
+        bucket.append(p.grad)
+        numel += p.grad.numel()
+        if numel >= bucket_numel or i == len(params) - 1:
+            flat = d.all_reduce(torch.cat([g.reshape(-1) for g in bucket]))
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view_as(g))
+            bucket, numel = [], 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -855,7 +855,13 @@ def _one_update(rank, world, init_file, out_file, agg, updates=2):
     if rank == 0:
         torch.save({"params": {k: v.detach().clone() for k, v in policy.named_parameters()},
                     "grads": {k: v.grad.clone() for k, v in policy.named_parameters()}, "stats": stats}, out_file)
-    if world > 1:
+    if world > 1:  # small buckets: several collectives, each gradient summed exactly once
+        from grpo import all_reduce_grads
+        params = [torch.nn.Parameter(torch.zeros(n)) for n in (700, 5, 1300, 1)]
+        for p in params:
+            p.grad = torch.full_like(p, float(rank + 1)) * torch.arange(p.numel())
+        all_reduce_grads(params, Dist(rank=rank, world=world), bucket_numel=1000)
+        assert all(torch.equal(p.grad, 3.0 * torch.arange(p.numel()).float()) for p in params)
         dist.destroy_process_group()
 
 
