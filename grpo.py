@@ -247,7 +247,7 @@ def response_logprobs(model, prompts: list[list[int]], tokens: torch.Tensor, tem
         ids[i, :n] = torch.tensor(p, device=device)
         ids[i, n:n + T] = tokens[i]
         attn[i, :n + T] = 1
-    hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state  # [B, L, H]
+    hidden = model.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state  # [B, L, H]
     pos = (P[:, None] - 1 + torch.arange(T, device=device)[None, :])  # [B, T]: position predicting token t
     h = hidden.gather(1, pos[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
     logits = model.lm_head(h).float() / max(temperature, 1e-6)  # [B, T, V]
@@ -408,8 +408,8 @@ class Trainer:
         if cfg.kl_coef:
             self.ref = (copy.deepcopy(self.policy) if not cfg.resume else self.load_model(cfg.model)[0]).eval()
             self.ref.requires_grad_(False)
-        if cfg.grad_checkpointing:
-            self.policy.gradient_checkpointing_enable()
+        if cfg.grad_checkpointing:  # transformers 5 renamed it; 4.46 has only the old name
+            getattr(self.policy, "activation_checkpointing_enable", self.policy.gradient_checkpointing_enable)()
         self.speech = data.speech_vocab(self.tokenizer)
         self.allowed_ids = self.speech.allowed_ids()
         self._prompts = {}
@@ -464,10 +464,10 @@ class Trainer:
         # 3. Rewards from the Whisper worker. A truncated sample (no stop token) earns 0.
         results = self.scorer.score(audios, texts, langs)
         rewards = torch.tensor([r["reward"] for r in results], dtype=torch.float32)  # [B*G]
-        rewards[~roll.finished.cpu()] = 0.0
-        if not torch.isfinite(rewards).all():
+        if not torch.isfinite(rewards).all():  # a broken scorer: stop before it steers the policy
             bad = [(texts[i], results[i]) for i in torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()]
             raise FloatingPointError(f"step {step}: non-finite reward for {bad[:3]}")
+        rewards[~roll.finished.cpu()] = 0.0
         t3 = time.time()
 
         # 4. Advantages within each group (whole groups live on one rank).

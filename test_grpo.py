@@ -882,6 +882,25 @@ def test_update_two_ranks_equals_one(tmp_path, agg):
     assert any(not torch.equal(init[k], a["params"][k]) for k in init)  # the step did move the weights
 
 
+def test_grad_checkpointing_gives_the_same_update():
+    import contextlib
+    from grpo import Config, Dist, update_policy
+    from sample import tiny_llama
+    tok, ro = _fixed_rollouts()
+    grads = []
+    for checkpointing in (False, True):
+        policy = tiny_llama(len(tok), seed=1).train()
+        if checkpointing:
+            getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
+            assert policy.model.gradient_checkpointing
+        opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+        update_policy(policy, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ro,
+                      Config(kl_coef=0.0, micro_batch=4), Dist(), contextlib.nullcontext)
+        grads.append({k: p.grad.clone() for k, p in policy.named_parameters()})
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-7), k
+
+
 def test_response_logprobs_match_generate():
     """The trainer's teacher-forced log-probs equal the rollout's: importance ratios start at 1."""
     import data
