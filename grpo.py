@@ -355,11 +355,23 @@ def save_checkpoint(path: str, policy, tokenizer, trainer_state: dict):
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    portable_tokenizer_config(os.path.join(tmp, "tokenizer_config.json"))
     torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def portable_tokenizer_config(path: str):
+    """transformers 5 writes tokenizer_class "TokenizersBackend", which 4.x (and LLASA's usual
+    inference code on it) cannot load; "PreTrainedTokenizerFast" loads on both."""
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
 
 
 def save_samples(folder: str, audios, texts, results, finished):

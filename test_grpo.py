@@ -871,7 +871,7 @@ def test_update_two_ranks_equals_one(tmp_path, agg):
     one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
     _one_update(0, 1, None, one, agg)
     mp.spawn(_one_update, args=(2, str(tmp_path / "init"), two, agg), nprocs=2, join=True)
-    a, b = torch.load(one), torch.load(two)
+    a, b = torch.load(one, weights_only=False), torch.load(two, weights_only=False)
     for k in a["params"]:
         assert torch.allclose(a["grads"][k], b["grads"][k], atol=1e-7, rtol=0), k
         assert torch.allclose(a["params"][k], b["params"][k], atol=1e-6, rtol=0), k
@@ -987,7 +987,9 @@ def test_checkpoint_loads_to_identical_logits(tmp_path):
     ids = torch.tensor([data.prompt_ids(AutoTokenizer.from_pretrained(path), "Hello there.")])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
-    assert torch.load(os.path.join(path, "trainer_state.pt"))["step"] == 2
+    assert torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)["step"] == 2
+    with open(os.path.join(path, "tokenizer_config.json")) as f:  # loadable by transformers 4.x too
+        assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
 def test_torchrun_two_ranks_tiny_preset(tmp_path):
