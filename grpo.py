@@ -143,7 +143,6 @@ class Config:
     grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     seed: int = opt(0, "seed for data order, sampling and the tiny models")
     # outputs
-    log_every: int = opt(1, "steps between metrics lines")
     sample_every: int = opt(50, "steps between saved audio samples")
     n_samples: int = opt(4, "audio samples saved each time")
     save_every: int = opt(100, "steps between checkpoints (the last step always saves)")
