@@ -70,7 +70,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps=0.2, kl_
     per_token = -torch.minimum(ratio * adv, clipped * adv)  # [B, T]
     kl = torch.zeros_like(logp)
     if kl_coef and ref_logp is not None:
-        log_r = ref_logp - logp
+        log_r = (ref_logp - logp).clamp(-20.0, 20.0)  # exp() stays finite where policy and ref disagree wildly
         kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(policy || ref), >= 0
         per_token = per_token + kl_coef * kl
     if agg == "token-mean":
@@ -158,7 +158,7 @@ PRESETS = {
                  whisper_max_tokens=16, whisper_threads=1),
     "llasa-1b": dict(model="HKUSTAudio/Llasa-1B", codec="xcodec2", whisper="large-v3", whisper_device="cuda:2",
                      steps=200, prompts_per_step=8, group_size=16, max_new_tokens=2048, temperature=0.8,
-                     top_p=0.9, lr=1e-6, kl_coef=0.0, updates_per_rollout=1),
+                     top_p=0.9, lr=1e-6, kl_coef=0.0, updates_per_rollout=1, micro_batch=2),
 }
 
 
@@ -181,6 +181,12 @@ def parse_config(argv=None) -> Config:
     cfg = Config(**vars(p.parse_args(argv)))
     if cfg.loss_agg not in LOSS_AGGS:
         raise SystemExit(f"--loss-agg {cfg.loss_agg!r}: expected one of {LOSS_AGGS}")
+    if cfg.temperature <= 0:  # training log-probs are taken at logits / temperature
+        raise SystemExit(f"--temperature must be > 0 for training, got {cfg.temperature}")
+    for name in ("steps", "prompts_per_step", "micro_batch", "updates_per_rollout", "sample_every",
+                 "save_every", "val_every", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     return cfg
 
 
@@ -215,6 +221,9 @@ def setup_distributed(cfg: Config) -> tuple[Dist, torch.device]:
         d = Dist(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]),
                  local_rank=int(os.environ["LOCAL_RANK"]))
         d.node_start = d.rank - d.local_rank
+    if d.world > 1 and cfg.device not in ("auto", "cpu"):
+        raise SystemExit(f"--device {cfg.device!r} would put every rank on one device; under torchrun use "
+                         "'auto' (rank r on cuda:LOCAL_RANK) or 'cpu'")
     use_cuda = cfg.device == "auto" and torch.cuda.is_available()
     device = torch.device(f"cuda:{d.local_rank}" if use_cuda else ("cpu" if cfg.device == "auto" else cfg.device))
     if d.world > 1 and not dist.is_initialized():
@@ -233,29 +242,26 @@ def response_logprobs(model, prompts: list[list[int]], tokens: torch.Tensor, tem
     """Teacher-forced log-probs (nats) of `tokens` [B, T] after each prompt, at logits / temperature.
 
     Rows are [prompt | response] right-padded, so positions match generation (0 at the first prompt
-    token). Logits are computed only at response positions. Returns logp [B, T] (and entropy [B, T]
-    of the tempered distribution when asked, without grad)."""
+    token) and no attention mask is needed: the pads come after every position that is read.
+    Logits are computed only at response positions. Returns logp [B, T] (and entropy [B, T] of
+    the tempered distribution when asked, without grad, computed in chunks to bound memory)."""
     device = tokens.device
     B, T = tokens.shape
     P = torch.tensor([len(p) for p in prompts], device=device)  # [B]
-    L = int(P.max()) + T
-    ids = torch.zeros(B, L, dtype=torch.long, device=device)
-    attn = torch.zeros(B, L, dtype=torch.long, device=device)
+    ids = torch.zeros(B, int(P.max()) + T, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        n = len(p)
-        ids[i, :n] = torch.tensor(p, device=device)
-        ids[i, n:n + T] = tokens[i]
-        attn[i, :n + T] = 1
-    hidden = model.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state  # [B, L, H]
+        ids[i, :len(p)] = torch.tensor(p, device=device)
+        ids[i, len(p):len(p) + T] = tokens[i]
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # [B, L, H]
     pos = (P[:, None] - 1 + torch.arange(T, device=device)[None, :])  # [B, T]: position predicting token t
     h = hidden.gather(1, pos[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
     logits = model.lm_head(h).float() / max(temperature, 1e-6)  # [B, T, V]
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, tokens[:, :, None]).squeeze(-1)  # [B, T]
+    logp = logits.gather(-1, tokens[:, :, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [B, T]
     if not with_entropy:
         return logp
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [B, T], nats
+        entropy = torch.cat([torch.special.entr(F.softmax(c, dim=-1)).sum(-1)  # nats
+                             for c in logits.detach().split(256, dim=1)], dim=1)  # [B, T]
     return logp, entropy
 
 
@@ -277,37 +283,44 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
     mask = (torch.arange(T, device=ro.tokens.device)[None, :] < ro.lengths[:, None]).float()  # [B, T]
     count = mask.sum() if cfg.loss_agg == "token-mean" else torch.tensor(float(B), device=mask.device)
     denom = d.all_reduce(count.clone()).item()
-    mbs = [slice(i, min(i + cfg.micro_batch, B)) for i in range(0, B, cfg.micro_batch)]
+    # Micro-batches of similar lengths, each cut to its longest response: one long sample must not
+    # pad every micro-batch to --max-new-tokens (the logits are [micro_batch, T, vocab] floats).
+    order = torch.argsort(ro.lengths.cpu(), descending=True).tolist()
+    mbs = [order[i:i + cfg.micro_batch] for i in range(0, B, cfg.micro_batch)]
+    cut = [int(ro.lengths[mb].max()) for mb in mbs]
 
-    def forward(model, mb, **kw):
+    def forward(model, j, **kw):
+        mb = mbs[j]
         with autocast():
-            return response_logprobs(model, ro.prompts[mb], ro.tokens[mb], cfg.temperature, **kw)
+            return response_logprobs(model, [ro.prompts[i] for i in mb], ro.tokens[mb, :cut[j]], cfg.temperature, **kw)
 
     with torch.no_grad():  # fixed targets for all updates of this rollout
-        ref_logp = [forward(ref, mb) for mb in mbs] if ref is not None and cfg.kl_coef else [None] * len(mbs)
-        old_logp = [forward(policy, mb) for mb in mbs] if cfg.updates_per_rollout > 1 else None
+        ref_logp = [forward(ref, j) for j in range(len(mbs))] if ref is not None and cfg.kl_coef else [None] * len(mbs)
+        old_logp = [forward(policy, j) for j in range(len(mbs))] if cfg.updates_per_rollout > 1 else None
     sums = torch.zeros(5, device=mask.device)  # loss, kl*n, clip*n, entropy sum, tokens
     params = [p for p in policy.parameters() if p.requires_grad]
     for update in range(cfg.updates_per_rollout):
-        optimizer.zero_grad(set_to_none=True)
         for j, mb in enumerate(mbs):
-            logp, entropy = forward(policy, mb, with_entropy=True)
+            out = forward(policy, j, with_entropy=update == 0)
+            logp, entropy = out if update == 0 else (out, None)
             old = logp.detach() if old_logp is None else old_logp[j]  # one update: ratio = 1, on-policy
-            loss, st = policy_loss(logp, old, ref_logp[j], ro.advantages[mb], mask[mb], clip_eps=cfg.clip_eps,
+            m = mask[mb, :cut[j]]
+            loss, st = policy_loss(logp, old, ref_logp[j], ro.advantages[mb], m, clip_eps=cfg.clip_eps,
                                    kl_coef=cfg.kl_coef, agg=cfg.loss_agg, denom=denom, norm_len=cfg.max_new_tokens)
             loss.backward()
             if update == 0:
-                n = mask[mb].sum()
-                sums += torch.stack([loss.detach(), st["kl"] * n, st["clip_frac"] * n,
-                                     (entropy * mask[mb]).sum(), n])
+                n = m.sum()
+                sums += torch.stack([loss.detach(), st["kl"] * n, st["clip_frac"] * n, (entropy * m).sum(), n])
         if d.world > 1:  # sum the ranks' shares of the global mean loss
             all_reduce_grads(params, d)
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if not torch.isfinite(gnorm):  # identical on every rank (same summed gradients): all stop together
+            optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"non-finite gradient norm ({gnorm.item()}) in update {update}; "
                                      "the optimizer step was skipped and no checkpoint was written")
         optimizer.step()
-        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)  # free the gradients before the next rollout
+    scheduler.step()  # the schedule counts rollout steps, whatever --updates-per-rollout
     sums = d.all_reduce(sums)
     n = sums[4].clamp(min=1)
     return {"loss": sums[0].item(), "kl": (sums[1] / n).item(), "clip_frac": (sums[2] / n).item(),
@@ -396,6 +409,14 @@ def energy_std_db(audio: np.ndarray) -> float:
     return float(voiced.std()) if len(voiced) > 1 else 0.0
 
 
+def _step_of(line: str) -> float:
+    """Step of a metrics.jsonl line; a line torn by a crash counts as past any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
 def mean(xs):
     xs = [x for x in xs if x is not None]
     return float(np.mean(xs)) if xs else None
@@ -460,12 +481,7 @@ class Trainer:
         t0 = time.time()
 
         # 1. Rollouts: G samples per prompt from the current policy.
-        self.policy.eval()
-        with torch.no_grad(), self.autocast():
-            roll = generate(self.policy, [self.prompt(t) for t in texts], max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                            repetition_penalty=cfg.repetition_penalty, stop_ids=(self.speech.end_id,),
-                            allowed_ids=self.allowed_ids, generator=self.gen)
+        roll = self.rollout(texts, self.gen)
         t1 = time.time()
 
         # 2. Audio: the speech tokens before the stop token -> 16 kHz clips.
@@ -510,6 +526,17 @@ class Trainer:
                  "results": results[:cfg.n_samples], "finished": roll.finished[:cfg.n_samples].tolist()}
         return metrics, shown
 
+    def rollout(self, texts: list[str], generator):
+        """One sample per text from the current policy (speech tokens + stop only)."""
+        self.policy.eval()
+        cuda = self.device.type == "cuda"
+        with torch.no_grad(), self.autocast():
+            return generate(self.policy, [self.prompt(t) for t in texts], max_new_tokens=self.cfg.max_new_tokens,
+                            temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
+                            repetition_penalty=self.cfg.repetition_penalty, stop_ids=(self.speech.end_id,),
+                            allowed_ids=self.allowed_ids, generator=generator,
+                            cache_dtype=torch.bfloat16 if cuda else None)  # bf16 cache under bf16 autocast
+
     def decode_audio(self, roll) -> list[np.ndarray]:
         codes = [self.speech.to_codes(roll.tokens[i, :n - int(fin)].tolist())
                  for i, (n, fin) in enumerate(zip(roll.lengths.tolist(), roll.finished.tolist()))]
@@ -521,19 +548,18 @@ class Trainer:
         cfg, d = self.cfg, self.d
         mine = self.val_examples[d.rank::d.world]
         local = {"reward": [], "cer": [], "nll": [], "finished": []}
-        if mine:
-            self.policy.eval()
-            gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 12345 + d.rank)
-            with self.autocast():
-                roll = generate(self.policy, [self.prompt(ex.text) for ex in mine], max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                repetition_penalty=cfg.repetition_penalty, stop_ids=(self.speech.end_id,),
-                                allowed_ids=self.allowed_ids, generator=gen)
-            results = self.scorer.score(self.decode_audio(roll), [ex.text for ex in mine],
-                                        [ex.language or cfg.language or None for ex in mine])
-            local = {"reward": [r["reward"] if f else 0.0 for r, f in zip(results, roll.finished.tolist())],
-                     "cer": [r.get("cer") for r in results], "nll": [r.get("nll") for r in results],
-                     "finished": roll.finished.tolist()}
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 12345 + d.rank)
+        chunk = max(1, cfg.prompts_per_step * cfg.group_size // d.world)  # no larger than a training batch
+        for i in range(0, len(mine), chunk):
+            part = mine[i:i + chunk]
+            roll = self.rollout([ex.text for ex in part], gen)
+            results = self.scorer.score(self.decode_audio(roll), [ex.text for ex in part],
+                                        [ex.language or cfg.language or None for ex in part])
+            finished = roll.finished.tolist()
+            local["reward"] += [r["reward"] if f else 0.0 for r, f in zip(results, finished)]
+            local["cer"] += [r.get("cer") for r in results]
+            local["nll"] += [r.get("nll") for r in results]
+            local["finished"] += finished
         parts = d.gather(local)
         return {f"val_{k}": mean(sum((p[k] for p in parts), [])) for k in local}
 
@@ -592,7 +618,7 @@ def train(cfg: Config) -> list[dict]:
             os.makedirs(cfg.out, exist_ok=True)
             keep = []
             if cfg.resume and os.path.exists(metrics_path):  # drop lines past the checkpoint we continue from
-                keep = [ln for ln in open(metrics_path) if json.loads(ln)["step"] <= tr.start_step]
+                keep = [ln for ln in open(metrics_path) if _step_of(ln) <= tr.start_step]
             with open(metrics_path, "w") as f:
                 f.writelines(keep)
         bar = tqdm(range(tr.start_step, cfg.steps), initial=tr.start_step, total=cfg.steps,

@@ -29,7 +29,7 @@ class Rollout:
 
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, repetition_penalty: float = 1.0, stop_ids=(), allowed_ids=None,
-             generator: torch.Generator | None = None) -> Rollout:
+             generator: torch.Generator | None = None, cache_dtype: torch.dtype | None = None) -> Rollout:
     """Sample up to `max_new_tokens` tokens after each prompt (lists of ids, lengths may differ).
 
     Knobs follow Hugging Face semantics and order: repetition_penalty (over the prompt and the
@@ -37,7 +37,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
     top_p. `temperature=0` is greedy (argmax of the penalized, masked logits). `allowed_ids` masks
     every other token to -inf before all of them (e.g. speech tokens + stop). A row stops after
     emitting one of `stop_ids`; stopped rows no longer change. `generator` (on the model's device)
-    makes sampling reproducible.
+    makes sampling reproducible. `cache_dtype` (default: the weights' dtype) sets the KV cache's
+    dtype, e.g. bfloat16 for fp32 weights under bf16 autocast.
 
     `logprobs` are log_softmax(logits / temperature) of the *unprocessed* policy at the sampled
     token (temperature 1 when greedy): no top-k/top-p, penalty or allowed-ids mask. That is what
@@ -52,12 +53,12 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
     # cloned outside it so the trainer may use them in autograd (e.g. as old log-probs).
     with torch.inference_mode():
         out = _generate(model, prompts, vocab, device, max_new_tokens, temperature, top_p, top_k,
-                        repetition_penalty, stop_ids, allowed_ids, generator)
+                        repetition_penalty, stop_ids, allowed_ids, generator, cache_dtype)
     return Rollout(*(x.clone() for x in out))
 
 
 def _generate(model, prompts, vocab, device, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-              stop_ids, allowed_ids, generator):
+              stop_ids, allowed_ids, generator, cache_dtype):
     """The decode loop of `generate`, arguments already checked; returns (tokens, lengths, logprobs, finished)."""
     B, N = len(prompts), max_new_tokens
     lens = torch.tensor([len(p) for p in prompts], device=device)  # [B] real prompt lengths
@@ -67,7 +68,7 @@ def _generate(model, prompts, vocab, device, max_new_tokens, temperature, top_p,
         ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
     ids = ids.to(device)
 
-    cache = KVCache.for_model(model, B, P + N)
+    cache = KVCache.for_model(model, B, P + N, cache_dtype)
     # key_ok [B, P+N]: which cache slots hold a real token (prompt pads never do; generated slots
     # always do, and slots not yet written are cut off by slicing the cache to the current step).
     key_ok = torch.ones(B, P + N, dtype=torch.bool, device=device)
@@ -187,15 +188,16 @@ class KVCache:
     v: torch.Tensor  # [layers, B, kv_heads, T_max, head_dim]
 
     @staticmethod
-    def for_model(model, batch: int, max_len: int) -> "KVCache":
+    def for_model(model, batch: int, max_len: int, dtype: torch.dtype | None = None) -> "KVCache":
         cfg = model.config
         head_dim = model.model.layers[0].self_attn.k_proj.out_features // cfg.num_key_value_heads
         p = next(model.parameters())
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, head_dim)
         # Uninitialized is fine: prefill writes every prompt slot (pads too) and decoding reads
         # only the slots written so far.
-        return KVCache(torch.empty(shape, dtype=p.dtype, device=p.device),
-                       torch.empty(shape, dtype=p.dtype, device=p.device))
+        dtype = dtype or p.dtype  # bf16 under autocast: half the memory, no per-step casts of the cache
+        return KVCache(torch.empty(shape, dtype=dtype, device=p.device),
+                       torch.empty(shape, dtype=dtype, device=p.device))
 
 
 def rotate(x, cos, sin):
@@ -225,7 +227,8 @@ def attention(attn, x, cos, sin, k_cache, v_cache, start: int, mask):
     # (one decode step's single mask row simply broadcasts).
     q = q.reshape(B, Hkv, n_rep * S, D)
     m = mask.unsqueeze(1) if S == 1 else mask.unsqueeze(1).repeat(1, 1, n_rep, 1)  # [B, 1, n_rep*S or 1, end]
-    out = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=m)
+    out = F.scaled_dot_product_attention(q.to(k_cache.dtype), k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=m)
+    out = out.to(x.dtype)  # a cache dtype other than the activations' (cache_dtype=) is allowed
     out = out.reshape(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
     return attn.o_proj(out)
 
