@@ -641,6 +641,8 @@ def train(cfg: Config) -> list[dict]:
                 state = tr.trainer_state(done)  # a collective: every rank takes part
                 if d.rank == 0:
                     save_checkpoint(os.path.join(cfg.out, "checkpoints", f"step_{done}"), tr.policy, tr.tokenizer, state)
+        if d.world > 1:
+            dist.barrier()  # every rank ends after the last checkpoint is on disk
         return history
     finally:
         if scorer is not None and scorer is not worker:

@@ -831,7 +831,7 @@ def _fixed_rollouts(seed=0, vocab=None):
     return tok, Rollouts(prompts, tokens, lengths, group_advantages(rewards, 2))
 
 
-def _one_update(rank, world, init_file, out_file, agg, updates=2):
+def _one_update(rank, world, init_method, out_file, agg, updates=2):
     """One GRPO update over this rank's share of fixed rollouts; world 1 = all of them."""
     import contextlib
     import torch.distributed as dist
@@ -839,7 +839,7 @@ def _one_update(rank, world, init_file, out_file, agg, updates=2):
     from sample import tiny_llama
     torch.set_num_threads(1)
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     tok, ro = _fixed_rollouts()
     share = slice(rank * len(ro.prompts) // world, (rank + 1) * len(ro.prompts) // world)
     ro = Rollouts(ro.prompts[share], ro.tokens[share], ro.lengths[share], ro.advantages[share])
@@ -861,6 +861,7 @@ def _one_update(rank, world, init_file, out_file, agg, updates=2):
             p.grad = torch.full_like(p, float(rank + 1)) * torch.arange(p.numel())
         all_reduce_grads(params, Dist(rank=rank, world=world), bucket_numel=1000)
         assert all(torch.equal(p.grad, 3.0 * torch.arange(p.numel()).float()) for p in params)
+        dist.barrier()  # nobody tears gloo down while a peer is still talking to it
         dist.destroy_process_group()
 
 
@@ -869,7 +870,11 @@ def test_update_two_ranks_equals_one(tmp_path, agg):
     import torch.multiprocessing as mp
     one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
     _one_update(0, 1, None, one, agg)
-    mp.spawn(_one_update, args=(2, str(tmp_path / "init"), two, agg), nprocs=2, join=True)
+    import socket
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_one_update, args=(2, f"tcp://127.0.0.1:{port}", two, agg), nprocs=2, join=True)
     a, b = torch.load(one, weights_only=False), torch.load(two, weights_only=False)
     for k in a["params"]:
         assert torch.allclose(a["params"][k], b["params"][k], atol=1e-6, rtol=0), k
