@@ -70,8 +70,10 @@ def load_dataset(path: str) -> list[Example]:
 
 def token_id(tokenizer, name: str) -> int:
     """Id of a token by its name; KeyError naming the token if the vocabulary lacks it."""
-    tid = tokenizer.get_vocab().get(name)
-    if tid is None:
+    # convert_tokens_to_ids is a lookup; get_vocab() would build a 190k-entry dict on every call.
+    # An unknown name comes back as the unk id (or None), so check the round trip.
+    tid = tokenizer.convert_tokens_to_ids(name)
+    if tid is None or tokenizer.convert_ids_to_tokens(tid) != name:
         raise KeyError(f"token {name!r} is not in the tokenizer's vocabulary "
                        f"(is this a LLASA checkpoint? it needs the LLASA markers and <|s_k|> speech tokens)")
     return tid

@@ -1034,10 +1034,14 @@ class _FakeScorer:
 def test_validation_in_training_sized_chunks(tmp_path):
     from grpo import Dist, Trainer
     cfg = _tiny(tmp_path, "--prompts-per-step", "1", "--group-size", "2")  # chunks of 2 of the 6 val texts
-    scorer = _FakeScorer(0.5)
     calls = []
-    scorer.score = lambda audios, texts, languages=None: calls.append(len(audios)) or _FakeScorer(0.5).score(audios, texts)
-    tr = Trainer(cfg, Dist(), torch.device("cpu"), scorer)
+
+    class Counting(_FakeScorer):
+        def score(self, audios, texts, languages=None):
+            calls.append(len(audios))
+            return super().score(audios, texts, languages)
+
+    tr = Trainer(cfg, Dist(), torch.device("cpu"), Counting(0.5))
     val = tr.validate()
     assert calls == [2, 2, 2]
     assert 0 < val["val_finished"] <= 1 and val["val_reward"] == pytest.approx(0.5 * val["val_finished"])
