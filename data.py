@@ -33,6 +33,22 @@ class Example:
     language: str | None = None
 
 
+def read_jsonl(path: str):
+    """Yield (line number, object) for each non-blank line of a JSONL file; a line that is not a
+    JSON object raises ValueError naming file and line. Shared by datasets and the worker CLI."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {line.strip()[:80]!r}")
+            yield lineno, row
+
+
 def load_dataset(path: str) -> list[Example]:
     """Read texts from JSONL (`text`, optional `id`, `language`) or .txt (one text per line).
 
@@ -40,29 +56,22 @@ def load_dataset(path: str) -> list[Example]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset not found: {path}")
     examples = []
-    is_jsonl = path.endswith((".jsonl", ".json"))
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
+    name = os.path.basename(path)
+    if not path.endswith((".jsonl", ".json")):
+        with open(path, encoding="utf-8") as f:
+            examples = [Example(text=line.strip(), id=f"{name}:{lineno}")
+                        for lineno, line in enumerate(f, 1) if line.strip()]
+    else:
+        for lineno, row in read_jsonl(path):
             where = f"{path}:{lineno}"
-            if not is_jsonl:
-                examples.append(Example(text=line, id=f"{os.path.basename(path)}:{lineno}"))
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f"{where}: expected an object with a string field 'text', got {line[:80]!r}")
+            if not isinstance(row.get("text"), str):
+                raise ValueError(f"{where}: expected an object with a string field 'text', got {str(row)[:80]!r}")
             if not row["text"].strip():
                 raise ValueError(f"{where}: field 'text' is empty")
             lang = row.get("language")
             if lang is not None and not isinstance(lang, str):
                 raise ValueError(f"{where}: field 'language' must be a string, got {lang!r}")
-            examples.append(Example(text=row["text"].strip(), id=str(row.get("id", f"{os.path.basename(path)}:{lineno}")),
-                                    language=lang))
+            examples.append(Example(text=row["text"].strip(), id=str(row.get("id", f"{name}:{lineno}")), language=lang))
     if not examples:
         raise ValueError(f"{path}: no texts found")
     return examples

@@ -7,7 +7,7 @@ The harmonic mean is low when either utility is low, so a clip cannot buy a high
 good NLL while being transcribed wrongly, or the other way round.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import jiwer
 from whisper.normalizers import BasicTextNormalizer
@@ -36,6 +36,32 @@ class RewardConfig:
                 raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
         if self.lambda_c + self.lambda_n <= 0:
             raise ValueError(f"lambda_c + lambda_n must be positive, got {self.lambda_c} + {self.lambda_n}")
+
+
+@dataclass
+class Score:
+    """What a scorer says of one clip. Every scorer (Whisper, a custom reward, the worker process)
+    answers with these, and the trainer averages their numeric fields into its metrics generically:
+    a new per-clip measure is a new field here, with no change in grpo.py.
+
+    A clip that could not be heard (bad input, longer than Whisper's window, a failed batch) has
+    reward 0 and `error` set; its cer and nll are None and it counts in `error_frac`, not in the
+    cer/nll means. Silence is not an error: it is heard, transcribed as "" and scored CER 1."""
+    reward: float  # in [0, 1]
+    transcript: str = ""  # Whisper's greedy transcript ("" for a custom reward)
+    cer: float | None = None  # character error rate, >= 0 (may exceed 1 with insertions)
+    nll: float | None = None  # mean teacher-forced cross-entropy of the intended text, nats/token
+    error: str | None = None  # why the clip got reward 0 without being scored, else None
+    too_long: bool = False  # longer than Whisper's 30 s window: refused (reward 0, error set)
+
+    def numeric(self) -> dict:
+        """The fields a step averages (floats and bools; None = not measured, left out)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (bool, int, float)) and not isinstance(value, str):
+                out[f.name] = float(value)
+        return out
 
 
 def tts_reward(cer: float, nll: float, *, beta_c: float = 3.0, tau_n: float = 3.0,
