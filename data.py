@@ -30,7 +30,8 @@ LLAMA3_CHAT_TEMPLATE = (
 class Example:
     text: str
     id: str
-    language: str | None = None
+    language: str | None = None  # Whisper language (code or name) of this row; None = the run's default
+    source: str = ""  # "file:line", for error messages
 
 
 def read_jsonl(path: str):
@@ -59,7 +60,7 @@ def load_dataset(path: str) -> list[Example]:
     name = os.path.basename(path)
     if not path.endswith((".jsonl", ".json")):
         with open(path, encoding="utf-8") as f:
-            examples = [Example(text=line.strip(), id=f"{name}:{lineno}")
+            examples = [Example(text=line.strip(), id=f"{name}:{lineno}", source=f"{path}:{lineno}")
                         for lineno, line in enumerate(f, 1) if line.strip()]
     else:
         for lineno, row in read_jsonl(path):
@@ -71,7 +72,8 @@ def load_dataset(path: str) -> list[Example]:
             lang = row.get("language")
             if lang is not None and not isinstance(lang, str):
                 raise ValueError(f"{where}: field 'language' must be a string, got {lang!r}")
-            examples.append(Example(text=row["text"].strip(), id=str(row.get("id", f"{name}:{lineno}")), language=lang))
+            examples.append(Example(text=row["text"].strip(), id=str(row.get("id", f"{name}:{lineno}")),
+                                    language=lang, source=where))
     if not examples:
         raise ValueError(f"{path}: no texts found")
     return examples

@@ -5,14 +5,20 @@ reward = weighted harmonic mean of two utilities in [0, 1]:
     U_nll = exp(-nll / tau_n)           how likely Whisper finds the intended text (nats/token)
 The harmonic mean is low when either utility is low, so a clip cannot buy a high reward with a
 good NLL while being transcribed wrongly, or the other way round.
+
+The CER compares texts normalized the same way for every script (normalize_text: no case,
+punctuation, symbols or spaces; letters, numbers and combining marks kept). Score is what every
+scorer answers per clip.
 """
 import math
+import re
+import unicodedata
 from dataclasses import dataclass, fields
 
 import jiwer
-from whisper.normalizers import BasicTextNormalizer
 
-_normalizer = BasicTextNormalizer()  # stateless: lowercase, drop punctuation, symbols, [..] and (..)
+# What Whisper's BasicTextNormalizer removes as annotations: "[music]", "<b>", "(laughs)".
+_BRACKETED = re.compile(r"[<\[][^>\]]*[>\]]|\([^)]+?\)")
 
 
 @dataclass(frozen=True)
@@ -92,11 +98,17 @@ def _non_negative(name: str, value) -> float:
 
 
 def normalize_text(text: str) -> str:
-    """Whisper's BasicTextNormalizer (lowercase, no punctuation or symbols), then no whitespace.
+    """Text as the CER compares it: NFKC and casefolded, bracketed annotations ([..], <..>, (..))
+    removed as Whisper's BasicTextNormalizer does, then only letters, numbers and combining marks
+    (Unicode categories L*, N*, M*) kept: punctuation, symbols, whitespace and controls go.
 
+    Marks are letters here: Hindi matras and viramas, Thai vowel signs and tones are sounds, and
+    Whisper's normalizer (which turns category M into spaces) would score "नमस्ते" and "नमसत" alike.
     Removing every space makes the rate comparable across scripts: Korean spacing varies
     ("안녕 하세요" = "안녕하세요") and Chinese or Japanese have no spaces at all."""
-    return "".join(_normalizer(text).split())
+    # NFKC again after casefold, as Unicode's NFKC_Casefold: casefold may decompose (U+01F0 -> j + U+030C).
+    text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+    return "".join(c for c in _BRACKETED.sub("", text) if unicodedata.category(c)[0] in "LNM")
 
 
 def char_error_rate(reference: str, hypothesis: str, *, normalize: bool = True) -> float:
@@ -107,8 +119,8 @@ def char_error_rate(reference: str, hypothesis: str, *, normalize: bool = True) 
     ref = normalize_text(reference) if normalize else reference
     hyp = normalize_text(hypothesis) if normalize else hypothesis
     if not ref:
-        raise ValueError(f"reference {reference!r} has no characters to compare"
-                         + (" after normalization (punctuation, symbols and spaces removed)" if normalize else ""))
+        why = " after normalization (punctuation, symbols and spaces removed)" if normalize else ""
+        raise ValueError(f"reference {reference!r} has no characters to compare{why}")
     if not hyp:
         return 1.0
     return float(jiwer.cer(ref, hyp))

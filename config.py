@@ -1,0 +1,142 @@
+"""The trainer's configuration: one dataclass, named presets, flags generated from it, every check
+in one place (`check_config`).
+
+    python grpo.py --help       # every flag with its default
+"""
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import data
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    preset: str = opt("", "named defaults: 'tiny' (offline CPU smoke run) or 'llasa-1b' (the seed's recipe)")
+    # models
+    model: str = opt("HKUSTAudio/Llasa-1B", "policy: Hugging Face id or directory; 'tiny' = tiny random Llama")
+    codec: str = opt("xcodec2", "speech codec: 'xcodec2[:PATH]', 'xcodec2-package[:PATH]' or 'tone' (test codec)")
+    whisper: str = opt("large-v3", "Whisper model name, checkpoint path, or 'random-tiny'")
+    whisper_device: str = opt("cuda:2", "device of the Whisper worker process (one per node)")
+    whisper_batch: int = opt(16, "clips per Whisper batch")
+    whisper_max_tokens: int = opt(0, "cap on the greedy transcript, tokens (0 = bounded by each target's "
+                                     "length only)")
+    whisper_threads: int = opt(0, "CPU threads of the Whisper worker process (0 = torch's default)")
+    language: str = opt("", "Whisper language for rows without a 'language' field ('' = detect)")
+    reward: str = opt("whisper", "'whisper' or 'module:function' scoring (audio, text) -> float in [0, 1]")
+    device: str = opt("auto", "training device: 'auto' (cuda:LOCAL_RANK if available, else cpu) or 'cpu'")
+    # data and outputs
+    data: str = opt(data.SAMPLE_DATA, "training texts: JSONL with a 'text' field, or .txt one per line")
+    val_data: str = opt("", "validation texts (same formats); '' = no validation")
+    out: str = opt("runs/grpo", "output directory: metrics.jsonl, samples/, checkpoints/; must not hold "
+                                "another run unless --resume")
+    resume: str = opt("", "'auto' (continue from the newest complete checkpoint in --out, or start) or a "
+                          "checkpoint directory OUT/checkpoints/step_N")
+    # GRPO
+    steps: int = opt(200, "optimizer steps (rollout batches) to run in total")
+    prompts_per_step: int = opt(8, "prompts per step over all ranks; must divide by the world size")
+    group_size: int = opt(16, "samples per prompt (G)")
+    max_new_tokens: int = opt(1500, "longest response in speech tokens (50 tokens = 1 s; Whisper hears 30 s)")
+    temperature: float = opt(0.8, "sampling temperature; training log-probs use the same")
+    top_p: float = opt(0.9, "nucleus sampling threshold (1 = off)")
+    top_k: int = opt(0, "top-k sampling (0 = off)")
+    repetition_penalty: float = opt(1.0, "HF repetition penalty (1 = off)")
+    clip_eps: float = opt(0.2, "PPO clip range epsilon")
+    clip_ratio_c: float = opt(3.0, "dual-clip bound for negative advantages (verl's clip_ratio_c), > 1")
+    kl_coef: float = opt(0.0, "k3 KL penalty to the frozen initial model; 0 drops the reference model")
+    loss_agg: str = opt("token-mean", f"loss aggregation: {', '.join(LOSS_AGGS)}")
+    scale_rewards: bool = opt(True, "divide advantages by the group std (off = Dr. GRPO)")
+    updates_per_rollout: int = opt(1, "optimizer steps per rollout batch (>1 needs old log-probs)")
+    micro_batch: int = opt(4, "sequences per forward/backward in the update")
+    fsdp: bool = opt(False, "shard policy and reference with FSDP2 over the ranks (needed for Llasa-3B/8B)")
+    # reward shape (reward.tts_reward)
+    beta_c: float = opt(3.0, "CER utility sharpness: U_cer = 1 - tanh(beta_c * cer)")
+    tau_n: float = opt(3.0, "NLL utility temperature: U_nll = exp(-nll / tau_n), nats")
+    lambda_c: float = opt(0.6, "weight of the CER utility in the harmonic mean")
+    lambda_n: float = opt(0.4, "weight of the NLL utility in the harmonic mean")
+    # optimizer
+    lr: float = opt(1e-6, "AdamW learning rate")
+    warmup_steps: int = opt(0, "linear learning-rate warmup, steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "max global gradient norm (0 = off)")
+    grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    seed: int = opt(0, "seed for data order, sampling and the tiny models")
+    # outputs
+    sample_every: int = opt(50, "steps between saved audio samples")
+    n_samples: int = opt(4, "audio samples saved each time")
+    save_every: int = opt(100, "steps between checkpoints (the last step always saves)")
+    val_every: int = opt(50, "steps between validations (needs --val-data)")
+    worker_timeout: float = opt(600.0, "seconds a reward request may take before the run stops")
+
+
+_SAMPLE_VAL = os.path.join(os.path.dirname(data.SAMPLE_DATA), "val.jsonl")
+PRESETS = {
+    "tiny": dict(model="tiny", codec="tone", whisper="random-tiny", whisper_device="cpu", device="cpu",
+                 val_data=_SAMPLE_VAL, out="runs/tiny", steps=6, prompts_per_step=4, group_size=4,
+                 max_new_tokens=64, top_p=1.0, lr=1e-3, kl_coef=0.04, micro_batch=8, sample_every=3,
+                 save_every=3, val_every=3, n_samples=2, whisper_max_tokens=16, whisper_threads=1),
+    # The seed's recipe, except responses capped at Whisper's 30 s window (1500 tokens, not 2048).
+    "llasa-1b": dict(model="HKUSTAudio/Llasa-1B", codec="xcodec2", whisper="large-v3", whisper_device="cuda:2",
+                     steps=200, prompts_per_step=8, group_size=16, max_new_tokens=1500, temperature=0.8,
+                     top_p=0.9, lr=1e-6, kl_coef=0.0, updates_per_rollout=1, micro_batch=2),
+}
+
+
+def parse_config(argv=None, description: str = "GRPO for LLASA text-to-speech") -> Config:
+    """Flags from the dataclass; a preset sets the defaults, any flag overrides them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="")
+    preset = pre.parse_known_args(argv)[0].preset
+    if preset and preset not in PRESETS:
+        raise SystemExit(f"unknown --preset {preset!r}; choose from {sorted(PRESETS)}")
+    defaults = {**{f.name: f.default for f in dataclasses.fields(Config)}, **PRESETS.get(preset, {})}
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag, d = "--" + f.name.replace("_", "-"), defaults[f.name]
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=d,
+                           help=f"{f.metadata['help']} (default: {d})")
+        else:
+            p.add_argument(flag, type=type(f.default), default=d, help=f"{f.metadata['help']} (default: {d!r})")
+    cfg = Config(**vars(p.parse_args(argv)))
+    try:
+        check_config(cfg, world=int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError as e:
+        p.error(str(e))  # exits with status 2 and the usage line
+    return cfg
+
+
+def check_config(cfg: Config, world: int = 1):
+    """Every option check, before anything is loaded or written: ValueError naming the flag."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    if cfg.loss_agg not in LOSS_AGGS:
+        raise ValueError(f"--loss-agg {cfg.loss_agg!r}: expected one of {LOSS_AGGS}")
+    if cfg.temperature <= 0:  # training log-probs are taken at logits / temperature
+        raise ValueError(f"--temperature must be > 0 for training, got {cfg.temperature}")
+    for name in ("steps", "prompts_per_step", "micro_batch", "updates_per_rollout", "sample_every",
+                 "save_every", "val_every", "max_new_tokens", "whisper_batch"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{flag(name)} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.group_size < 2:
+        raise ValueError(f"--group-size must be >= 2 (advantages compare samples of one prompt), got {cfg.group_size}")
+    if cfg.clip_ratio_c <= 1:
+        raise ValueError(f"--clip-ratio-c must be > 1, got {cfg.clip_ratio_c}")
+    if cfg.whisper_max_tokens < 0:
+        raise ValueError(f"--whisper-max-tokens must be >= 0 (0 = no cap), got {cfg.whisper_max_tokens}")
+    if cfg.prompts_per_step % world:
+        raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} must divide by the {world} ranks "
+                         "(whole prompt groups live on one rank)")
+    if cfg.fsdp and world < 2:
+        raise ValueError("--fsdp shards over ranks: run it under torchrun with --nproc_per_node >= 2")
+    if world > 1 and cfg.device not in ("auto", "cpu"):
+        raise ValueError(f"--device {cfg.device!r} would put every rank on one device; under torchrun use "
+                         "'auto' (rank r on cuda:LOCAL_RANK) or 'cpu'")

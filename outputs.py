@@ -1,0 +1,179 @@
+"""What a run writes and reads back (DESIGN.md §3): checkpoints and trainer state, the resume rules
+for --out, samples to listen to, metrics.jsonl.
+
+Nothing is lost: a run never starts in an --out that holds another run unless asked to continue
+it; checkpoints are written to PATH.tmp, fsynced (files, then the trainer state last, then the
+directory) and renamed into place, so a crash at any moment leaves the previous checkpoint whole,
+and a directory without trainer_state.pt is never taken for a checkpoint.
+"""
+import dataclasses
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from codec import SAMPLE_RATE
+
+STATE_FILE = "trainer_state.pt"  # written last: its presence marks a complete checkpoint
+OPTIMIZER_DIR = "optimizer"  # with --fsdp: every rank's AdamW shard (torch distributed checkpoint)
+
+
+# ----------------------------------------------------------------------------------------------
+# --out and --resume
+
+def checkpoints(out: str) -> list[tuple[int, str]]:
+    """Complete checkpoints in OUT/checkpoints as (step, path), oldest first."""
+    root = os.path.join(out, "checkpoints")
+    found = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        m = re.fullmatch(r"step_(\d+)", name)
+        if m and os.path.isfile(os.path.join(root, name, STATE_FILE)):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def resolve_resume(out: str, resume: str) -> str | None:
+    """The checkpoint directory to continue from, or None to start fresh.
+
+    resume '' refuses an --out that already holds a run (metrics or checkpoints), before anything
+    is written; 'auto' takes the newest complete checkpoint there (None if there is none yet);
+    anything else is a checkpoint directory, which must hold a trainer state."""
+    if resume == "auto":
+        found = checkpoints(out)
+        return found[-1][1] if found else None
+    if resume:
+        if not os.path.isfile(os.path.join(resume, STATE_FILE)):
+            raise FileNotFoundError(f"--resume {resume}: no {STATE_FILE} there (expected OUT/checkpoints/step_N "
+                                    "as written by a run; a directory without it is an incomplete checkpoint)")
+        return resume
+    held = []
+    metrics = os.path.join(out, "metrics.jsonl")
+    if os.path.exists(metrics):
+        with open(metrics, encoding="utf-8") as f:
+            held.append(f"metrics.jsonl with {sum(1 for line in f if line.strip())} steps")
+    ckpt_dir = os.path.join(out, "checkpoints")
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        held.append(f"checkpoints/ ({', '.join(sorted(os.listdir(ckpt_dir))[:5])})")
+    if held:
+        raise FileExistsError(f"--out {out} already holds a run ({'; '.join(held)}). Nothing was written. "
+                              "To continue it, add --resume auto; to start a new run, choose another --out "
+                              "(or move that directory away).")
+    return None
+
+
+def read_trainer_state(path: str, cfg, world: int, device) -> dict:
+    """The trainer state of checkpoint `path`, checked against this run's config and world size."""
+    state = torch.load(os.path.join(path, STATE_FILE), map_location=device, weights_only=False)
+    if state["world_size"] != world:
+        raise ValueError(f"--resume {path}: checkpoint was written by {state['world_size']} ranks, this run has "
+                         f"{world}; the sampling streams cannot continue exactly")
+    for key in ("prompts_per_step", "group_size", "seed", "fsdp"):
+        if state["config"].get(key, False) != getattr(cfg, key):
+            raise ValueError(f"--resume {path}: --{key.replace('_', '-')} was {state['config'][key]} in the "
+                             f"checkpoint, {getattr(cfg, key)} now")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+def tmp_path(path: str) -> str:
+    return path + ".tmp"
+
+
+def begin_checkpoint(path: str):
+    """An empty PATH.tmp, for writers that come before save_checkpoint (FSDP's optimizer shards)."""
+    shutil.rmtree(tmp_path(path), ignore_errors=True)
+    os.makedirs(tmp_path(path))
+
+
+def save_checkpoint(path: str, policy, tokenizer, trainer_state: dict, *, weights: dict | None = None,
+                    keep_tmp: bool = False):
+    """A Hugging Face directory (model + tokenizer) plus trainer_state.pt, atomic and durable.
+
+    Everything goes to PATH.tmp (kept as begin_checkpoint left it if keep_tmp); model and tokenizer
+    files are fsynced, then the trainer state is written and fsynced last, then the directory; only
+    then is it renamed into place (and the parent directory fsynced, so the rename itself survives
+    a power cut). weights: the full state dict to write (FSDP gathers it), else the model's own."""
+    tmp, old = tmp_path(path), path + ".old"
+    if not keep_tmp:
+        begin_checkpoint(path)
+    policy.save_pretrained(tmp, state_dict=weights)
+    tokenizer.save_pretrained(tmp)
+    portable_tokenizer_config(os.path.join(tmp, "tokenizer_config.json"))
+    for folder, _, names in sorted(os.walk(tmp)):
+        for name in sorted(names):
+            _fsync(os.path.join(folder, name))
+        if folder != tmp:
+            _fsync(folder)
+    torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
+    _fsync(os.path.join(tmp, STATE_FILE))
+    _fsync(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync(os.path.dirname(os.path.abspath(path)))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: str):
+    """Flush a file, or a directory's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def portable_tokenizer_config(path: str):
+    """transformers 5 writes tokenizer_class "TokenizersBackend", which 4.x (and LLASA's usual
+    inference code on it) cannot load; "PreTrainedTokenizerFast" loads on both."""
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics.jsonl and samples
+
+def open_metrics(out: str, start_step: int) -> str:
+    """OUT/metrics.jsonl ready for appending: on a resumed run, the lines past `start_step` (and a
+    line torn by a crash) are dropped, since those steps are run again. Returns its path."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "metrics.jsonl")
+    keep = []
+    if start_step and os.path.exists(path):
+        keep = [line for line in open(path, encoding="utf-8") if _step_of(line) <= start_step]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    return path
+
+
+def append_metrics(path: str, metrics: dict):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def _step_of(line: str) -> float:
+    """Step of a metrics.jsonl line; a line torn by a crash counts as past any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
+def save_samples(folder: str, audios, texts, scores, finished):
+    """Wavs to listen to, with samples.jsonl: text, every field of the clip's Score, finished, seconds."""
+    import soundfile as sf
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "samples.jsonl"), "w", encoding="utf-8") as f:
+        for i, (audio, text, score, fin) in enumerate(zip(audios, texts, scores, finished)):
+            sf.write(os.path.join(folder, f"{i}.wav"), audio, SAMPLE_RATE)
+            row = {"wav": f"{i}.wav", "text": text, **dataclasses.asdict(score), "finished": bool(fin),
+                   "seconds": len(audio) / SAMPLE_RATE}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

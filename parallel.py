@@ -1,0 +1,185 @@
+"""Distributed set-up and the collectives the trainer needs: torchrun's environment or one plain
+process, rank agreement at the points where ranks can diverge, and gradient synchronization.
+
+Ranks fail together: every stage where one rank may raise while the others go on into a
+collective (rollouts and scoring, the backward passes, validation, checkpoint writes) runs inside
+`Dist.together(stage)`, which all-reduces a failure flag at its end. A rank that failed re-raises
+its own error; the others raise `RankFailed` naming it. Nobody is left waiting in a collective for
+the 30-minute NCCL watchdog. Rules that keep this sound: every rank enters the same `together`
+blocks in the same order, blocks do not nest, and no other collective runs inside one.
+"""
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+class RankFailed(RuntimeError):
+    """Another rank failed; it prints its own message, this one says which rank and where."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    node_start: int = 0  # global rank of this node's local rank 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives run
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place (a no-op on one process)."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order (small Python objects: metrics, infos)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    @contextlib.contextmanager
+    def together(self, stage: str):
+        """Run a stage that may fail on some ranks only; on exit every rank knows whether any failed.
+
+        One small all-reduce per use. The failing rank re-raises its own exception (after telling
+        the others); every other rank raises RankFailed naming the failed ranks and the stage."""
+        try:
+            yield
+        except BaseException:
+            if self.world > 1:
+                with contextlib.suppress(Exception):  # our own error is the one to report
+                    self._failed_ranks(True)
+            raise
+        failed = self._failed_ranks(False)
+        if failed:
+            raise RankFailed(f"rank {', '.join(map(str, failed))} failed during {stage}; rank {self.rank} "
+                             "stops too (the failing rank printed its error)")
+
+    def _failed_ranks(self, failed: bool) -> list[int]:
+        if self.world == 1:
+            return []
+        flags = torch.zeros(self.world, device=self.device)
+        flags[self.rank] = float(failed)
+        dist.all_reduce(flags)
+        return [r for r in range(self.world) if flags[r] > 0]
+
+
+def setup_distributed(cfg) -> tuple[Dist, torch.device]:
+    """(Dist, training device) from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or one
+    plain process. NCCL on CUDA, gloo on CPU."""
+    if "RANK" not in os.environ:
+        d = Dist()
+    else:
+        d = Dist(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]),
+                 local_rank=int(os.environ["LOCAL_RANK"]))
+        d.node_start = d.rank - d.local_rank
+    use_cuda = cfg.device == "auto" and torch.cuda.is_available()
+    device = torch.device(f"cuda:{d.local_rank}" if use_cuda else ("cpu" if cfg.device == "auto" else cfg.device))
+    d.device = device if device.type == "cuda" else torch.device("cpu")
+    if d.world > 1 and not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(device)
+        # The timeout is a last resort: failures are agreed on (Dist.together), not waited out.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=max(1800, 2 * cfg.worker_timeout)))
+    return d, device
+
+
+def sync_gradients(params, d: Dist, bucket_numel: int = 1 << 26):
+    """Sum gradients over ranks (replicated weights) in flat buckets of at most `bucket_numel`
+    elements: few collectives, and no full-model copy of the gradients (a 1B model would need 4 GB
+    more). A parameter without a gradient sends zeros, so every rank sends the same layout."""
+    if d.world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket, numel = [], 0
+    for i, p in enumerate(params):
+        bucket.append(p.grad)
+        numel += p.grad.numel()
+        if numel >= bucket_numel or i == len(params) - 1:
+            flat = d.all_reduce(torch.cat([g.reshape(-1) for g in bucket]))
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view_as(g))
+            bucket, numel = [], 0
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP2 (--fsdp): the policy and reference sharded per decoder layer and at the root
+
+def shard(module, device: torch.device):
+    """fully_shard each decoder layer of `module.lm` (a Hugging Face Llama), then `module` itself,
+    whose forward is the trainer's log-prob pass: the root's hooks gather the embeddings, the final
+    norm and lm_head around it. fp32 master weights (and AdamW state), sharded over the ranks;
+    on CUDA the compute runs in bf16 with fp32 gradient reduction. Returns the module."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError as e:
+        raise RuntimeError(f"--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch "
+                           f"{torch.__version__}: upgrade torch, or train without --fsdp") from e
+    bf16 = device.type == "cuda"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for layer in module.lm.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
+    return module
+
+
+def is_sharded(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch 2.5
+        return False
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(module):
+    """Whole weights on every rank for the decode loop, which calls the model's parts directly
+    (not its forward, so FSDP's hooks never gather them); sharded again on exit, freeing them.
+    A no-op for a module that is not sharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch 2.5: FSDP2 is not public, so nothing can be sharded
+        yield
+        return
+    groups = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in groups:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in groups:
+            m.reshard()
+
+
+def full_model_state(module, d: Dist) -> dict | None:
+    """The whole fp32 state dict of a sharded module on rank 0 (CPU), None on the others; a
+    collective. Keys are `module.lm`'s (the Hugging Face model's)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("lm."): v for k, v in state.items()} if d.rank == 0 else None
+
+
+def save_sharded_optimizer(folder: str, module, optimizer):
+    """Every rank writes its shard of the AdamW state to `folder` (torch distributed checkpoint
+    format; a collective; multi-node needs a shared filesystem)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    dcp.save({"optimizer": get_optimizer_state_dict(module, optimizer)}, checkpoint_id=folder)
+
+
+def load_sharded_optimizer(folder: str, module, optimizer):
+    """The inverse of save_sharded_optimizer, into an optimizer over the same sharded module."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    state = {"optimizer": get_optimizer_state_dict(module, optimizer)}
+    dcp.load(state, checkpoint_id=folder)
+    set_optimizer_state_dict(module, optimizer, state["optimizer"])
