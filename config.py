@@ -19,7 +19,8 @@ def opt(default, help):
 
 @dataclass
 class Config:
-    preset: str = opt("", "named defaults: 'tiny' (offline CPU smoke run) or 'llasa-1b' (the seed's recipe)")
+    preset: str = opt("", "named defaults: 'tiny' (offline CPU smoke run), 'llasa-1b' (the seed's recipe), "
+                          "'llasa-3b', 'llasa-8b' (the same with FSDP2 and activation checkpointing)")
     # models
     model: str = opt("HKUSTAudio/Llasa-1B", "policy: Hugging Face id or directory; 'tiny' = tiny random Llama")
     codec: str = opt("xcodec2", "speech codec: 'xcodec2[:PATH]', 'xcodec2-package[:PATH]' or 'tone' (test codec)")
@@ -55,12 +56,19 @@ class Config:
     scale_rewards: bool = opt(True, "divide advantages by the group std (off = Dr. GRPO)")
     updates_per_rollout: int = opt(1, "optimizer steps per rollout batch (>1 needs old log-probs)")
     micro_batch: int = opt(4, "sequences per forward/backward in the update")
+    rollout_chunks: int = opt(1, "generate a rank's rollouts in this many chunks, scoring each while the next "
+                                 "is generated (Whisper time hidden; smaller decode batches)")
     fsdp: bool = opt(False, "shard policy and reference with FSDP2 over the ranks (needed for Llasa-3B/8B)")
     # reward shape (reward.tts_reward)
     beta_c: float = opt(3.0, "CER utility sharpness: U_cer = 1 - tanh(beta_c * cer)")
     tau_n: float = opt(3.0, "NLL utility temperature: U_nll = exp(-nll / tau_n), nats")
     lambda_c: float = opt(0.6, "weight of the CER utility in the harmonic mean")
     lambda_n: float = opt(0.4, "weight of the NLL utility in the harmonic mean")
+    # prosody and pacing guard (prosody.guard_factor)
+    prosody_guard: bool = opt(False, "scale down the reward of samples whose speaking rate or pitch spread "
+                                     "leaves a band around the initial policy's")
+    guard_rate_band: float = opt(0.25, "relative band on chars_per_s: [ref / (1 + b), ref * (1 + b)]")
+    guard_pitch_band: float = opt(0.5, "relative band on f0_std_semitones: [ref / (1 + b), ref * (1 + b)]")
     # optimizer
     lr: float = opt(1e-6, "AdamW learning rate")
     warmup_steps: int = opt(0, "linear learning-rate warmup, steps")
@@ -87,6 +95,12 @@ PRESETS = {
                      steps=200, prompts_per_step=8, group_size=16, max_new_tokens=1500, temperature=0.8,
                      top_p=0.9, lr=1e-6, kl_coef=0.0, updates_per_rollout=1, micro_batch=2),
 }
+# The larger LLASAs on 80 GB GPUs (README's memory table): sharded weights, gradients and AdamW
+# state (FSDP2), activations recomputed in backward, the seed's recipe otherwise.
+PRESETS["llasa-3b"] = {**PRESETS["llasa-1b"], "model": "HKUSTAudio/Llasa-3B", "fsdp": True, "micro_batch": 2,
+                       "grad_checkpointing": True}
+PRESETS["llasa-8b"] = {**PRESETS["llasa-1b"], "model": "HKUSTAudio/Llasa-8B", "fsdp": True, "micro_batch": 1,
+                       "grad_checkpointing": True}
 
 
 def parse_config(argv=None, description: str = "GRPO for LLASA text-to-speech") -> Config:
@@ -123,13 +137,16 @@ def check_config(cfg: Config, world: int = 1):
     if cfg.temperature <= 0:  # training log-probs are taken at logits / temperature
         raise ValueError(f"--temperature must be > 0 for training, got {cfg.temperature}")
     for name in ("steps", "prompts_per_step", "micro_batch", "updates_per_rollout", "sample_every",
-                 "save_every", "val_every", "max_new_tokens", "whisper_batch"):
+                 "save_every", "val_every", "max_new_tokens", "whisper_batch", "rollout_chunks"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{flag(name)} must be >= 1, got {getattr(cfg, name)}")
     if cfg.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 (advantages compare samples of one prompt), got {cfg.group_size}")
     if cfg.clip_ratio_c <= 1:
         raise ValueError(f"--clip-ratio-c must be > 1, got {cfg.clip_ratio_c}")
+    for name in ("guard_rate_band", "guard_pitch_band"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{flag(name)} must be > 0, got {getattr(cfg, name)}")
     if cfg.whisper_max_tokens < 0:
         raise ValueError(f"--whisper-max-tokens must be >= 0 (0 = no cap), got {cfg.whisper_max_tokens}")
     if cfg.prompts_per_step % world:

@@ -17,10 +17,12 @@ import os
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import data
 import outputs
@@ -28,7 +30,8 @@ from codec import load_codec
 from config import LOSS_AGGS, Config, parse_config
 import parallel
 from parallel import Dist, gathered, is_sharded, setup_distributed, sync_gradients
-from sample import generate, head_logprobs, head_rows, load_model, to_rows
+from prosody import GUARDED, guard_factor
+from sample import Rollout, generate, head_logprobs, head_rows, load_model, to_rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,9 +234,18 @@ def step_examples(examples: list, step: int, cfg: Config, d: Dist) -> list:
     return out
 
 
+def cat_rollouts(rolls: list) -> Rollout:
+    """Rollouts of several chunks as one: tokens and log-probs right-padded to the longest."""
+    T = max(r.tokens.shape[1] for r in rolls)
+    pad = lambda x: F.pad(x, (0, T - x.shape[1]))  # noqa: E731
+    return Rollout(torch.cat([pad(r.tokens) for r in rolls]), torch.cat([r.lengths for r in rolls]),
+                   torch.cat([pad(r.logprobs) for r in rolls]), torch.cat([r.finished for r in rolls]))
+
+
 def clip_means(scores: list, rewards: list, finished: list, prefix: str = "") -> dict:
     """Means over clips: the reward that was used (0 when truncated), every numeric field of the
-    scores (bool fields as `name_frac`; None = not measured, left out), and the error fraction."""
+    scores (bool fields as `name_frac`; None = not measured, left out; the median where the field
+    says so in its metadata), and the error fraction."""
     out = {f"{prefix}reward": mean(rewards), f"{prefix}finished": mean([float(f) for f in finished]),
            f"{prefix}error_frac": mean([float(s.error is not None) for s in scores])}
     for f in dataclasses.fields(scores[0]) if scores else ():
@@ -243,24 +255,14 @@ def clip_means(scores: list, rewards: list, finished: list, prefix: str = "") ->
         if any(isinstance(v, bool) for v in values):
             out[f"{prefix}{f.name}_frac"] = mean([float(v) for v in values])
         elif any(isinstance(v, (int, float)) for v in values):
-            out[f"{prefix}{f.name}"] = mean([v for v in values if isinstance(v, (int, float))])
+            numbers = [v for v in values if isinstance(v, (int, float))]
+            out[f"{prefix}{f.name}"] = float(np.median(numbers)) if f.metadata.get("agg") == "median" else mean(numbers)
     return out
 
 
 def mean(xs):
     xs = [x for x in xs if x is not None]
     return float(np.mean(xs)) if xs else None
-
-
-def energy_std_db(audio: np.ndarray) -> float:
-    """Std of 20 ms frame energies in dB over voiced frames: a cheap prosody-flatness signal
-    (GRPO on CER/NLL alone tends to flatten prosody, arXiv 2509.18531)."""
-    n = len(audio) // 320
-    if n < 2:
-        return 0.0
-    db = 10 * np.log10(np.mean(audio[:n * 320].reshape(n, 320) ** 2, axis=1) + 1e-10)
-    voiced = db[db > db.max() - 40]
-    return float(voiced.std()) if len(voiced) > 1 else 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,6 +323,7 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + d.rank)  # sampling RNG
         self.start_step = 0
+        self.prosody_reference = None  # the initial policy's mean chars_per_s and f0_std_semitones
         if resume_from:
             state = outputs.read_trainer_state(resume_from, cfg, d.world, device)
             if cfg.fsdp:
@@ -331,6 +334,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.gen.set_state(state["generators"][d.rank].cpu())
             self.start_step = state["step"]
+            self.prosody_reference = state.get("prosody_reference")
 
     def load_model(self, name: str):
         # fp32 master weights (bf16 autocast on CUDA); 'tiny' is a seeded random model with 64 speech
@@ -351,18 +355,14 @@ class Trainer:
     def train_step(self, step: int) -> tuple[dict, dict]:
         cfg, d, G = self.cfg, self.d, self.cfg.group_size
         examples = step_examples(self.examples, step, cfg, d)
+        if cfg.prosody_guard and self.prosody_reference is None:  # once per run, before the first update
+            self.prosody_reference = self.measure_prosody()
         texts = [ex.text for ex in examples for _ in range(G)]  # [B*G], group by group
         langs = [ex.language or cfg.language or None for ex in examples for _ in range(G)]
-        times = [time.time()]
         with d.together(f"step {step + 1}'s rollouts and rewards"):
-            # 1. Rollouts: G samples per prompt from the current policy.
-            roll = self.rollout(texts, self.gen)
-            times.append(time.time())
-            # 2. Audio: the speech tokens before the stop token -> 16 kHz clips.
-            audios = self.decode_audio(roll)
-            times.append(time.time())
-            # 3. Rewards from the Whisper worker. A truncated sample (no stop token) earns 0.
-            scores = self.scorer.score(audios, texts, langs)
+            # 1-3. Rollouts: G samples per prompt from the current policy -> audio (the speech tokens
+            # before the stop token) -> scores from the Whisper worker, chunk by chunk, overlapped.
+            roll, audios, scores, seconds = self.rollout_and_score(texts, langs)
             if not len(scores) == len(audios) == len(texts) == roll.tokens.shape[0]:
                 raise RuntimeError(f"step {step + 1}: {len(scores)} scores for {len(texts)} rollouts")
             rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)  # [B*G]
@@ -372,25 +372,29 @@ class Trainer:
             failed = [s.error for s in scores if s.error is not None and not s.too_long]
             if len(failed) == len(scores):  # a broken scorer or codec, not a policy to correct
                 raise RuntimeError(f"step {step + 1}: not one of {len(scores)} clips could be scored: {failed[0]}")
-            rewards[~roll.finished.cpu()] = 0.0
-            times.append(time.time())
+            rewards[~roll.finished.cpu()] = 0.0  # a truncated sample (no stop token) earns 0
+            # With --prosody-guard, rushed or monotone speech earns less (prosody.guard_factor).
+            guard = [self.guard(s) for s in scores] if cfg.prosody_guard else [None] * len(scores)
+            if cfg.prosody_guard:
+                rewards *= torch.tensor(guard)
             # 4. Advantages within each group (whole groups live on one rank).
             advantages = group_advantages(rewards, G, scale=cfg.scale_rewards).to(self.device)  # [B*G]
 
         # 5. Clipped policy-gradient update with KL to the reference, gradients summed over ranks.
+        t0 = time.time()
         self.policy.train()
         ro = Rollouts([self.prompt(t) for t in texts], roll.tokens, roll.lengths, advantages)
         stats = update_policy(self.policy, self.ref, self.optimizer, self.scheduler, ro, cfg, d, self.autocast,
                               self.allowed_ids)
         if not math.isfinite(stats["loss"]):
             raise FloatingPointError(f"step {step + 1}: non-finite loss {stats['loss']}")
-        times.append(time.time())
+        seconds.append(time.time() - t0)
 
         # 6. Metrics over every rank's clips; the slowest rank sets the pace.
         groups = rewards.view(-1, G)
         local = {"scores": scores, "reward": rewards.tolist(), "finished": roll.finished.tolist(),
-                 "length": roll.lengths.tolist(), "energy_std_db": [energy_std_db(a) for a in audios],
-                 "zero_std": (groups == groups[:, :1]).all(dim=1).tolist(), "times": np.diff(times).tolist()}
+                 "length": roll.lengths.tolist(), "guard": guard,
+                 "zero_std": (groups == groups[:, :1]).all(dim=1).tolist(), "times": seconds}
         parts = d.gather(local)
         allv = {k: sum((p[k] for p in parts), []) for k in local if k != "times"}
         t = np.max([p["times"] for p in parts], axis=0)
@@ -398,13 +402,40 @@ class Trainer:
                    "reward_std": float(np.std(allv["reward"])), **stats,
                    "zero_std_frac": mean([float(z) for z in allv["zero_std"]]),
                    "response_len": mean(allv["length"]), "truncated_frac": 1 - mean(allv["finished"]),
-                   "energy_std_db": mean(allv["energy_std_db"]),
+                   "prosody_guard": mean(allv["guard"]),
+                   **{f"ref_{k}": v for k, v in (self.prosody_reference or {}).items()},
                    "time_rollout": t[0], "time_codec": t[1], "time_reward": t[2], "time_train": t[3],
                    "tokens_per_s": sum(allv["length"]) / max(t[0], 1e-9)}
         metrics["reward_mean"] = metrics.pop("reward")
         shown = {"audios": audios[:cfg.n_samples], "texts": texts[:cfg.n_samples],
                  "scores": scores[:cfg.n_samples], "finished": roll.finished[:cfg.n_samples].tolist()}
         return metrics, shown
+
+    def rollout_and_score(self, texts: list[str], langs: list, overlap: bool = True):
+        """Rollouts, audio and scores for `texts`, generated in --rollout-chunks chunks: each chunk's
+        audio goes to the scorer (in a thread) as soon as it is decoded, so scoring of chunk k runs
+        while chunk k+1 is generated. overlap=False waits for each chunk's scores (the same samples
+        and scores: the generator is only used here, in order). Returns (rollout, audios, scores,
+        seconds [rollout, codec, the reward wait that was not hidden])."""
+        n, k = len(texts), self.cfg.rollout_chunks
+        bounds = sorted({n * i // k for i in range(k + 1)})
+        rolls, audios, pending, seconds = [], [], [], [0.0, 0.0, 0.0]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for a, b in zip(bounds, bounds[1:]):
+                t0 = time.time()
+                rolls.append(self.rollout(texts[a:b], self.gen))
+                t1 = time.time()
+                audios += self.decode_audio(rolls[-1])
+                seconds[0], seconds[1] = seconds[0] + t1 - t0, seconds[1] + time.time() - t1
+                pending.append(pool.submit(self.scorer.score, audios[a:b], texts[a:b], langs[a:b]))
+                if not overlap:
+                    t0 = time.time()
+                    pending[-1].result()
+                    seconds[2] += time.time() - t0
+            t0 = time.time()
+            scores = [s for job in pending for s in job.result()]
+            seconds[2] += time.time() - t0
+        return cat_rollouts(rolls), audios, scores, seconds
 
     def rollout(self, texts: list[str], generator):
         """One sample per text from the current policy (speech tokens + stop only)."""
@@ -422,27 +453,53 @@ class Trainer:
                  for i, (n, fin) in enumerate(zip(roll.lengths.tolist(), roll.finished.tolist()))]
         return self.codec.decode(codes)
 
-    @torch.no_grad()
+    def guard(self, score) -> float:
+        return guard_factor(score, self.prosody_reference, rate_band=self.cfg.guard_rate_band,
+                            pitch_band=self.cfg.guard_pitch_band)
+
+    def measure_prosody(self) -> dict:
+        """The current policy's median speaking rate and pitch spread, the reference of
+        --prosody-guard: G samples of each validation text (or of the first step's prompts), at most
+        one training batch of clips. Medians, because a few near-empty clips have huge rates."""
+        cfg = self.cfg
+        texts = self.val_examples or step_examples(self.examples, 0, cfg, Dist())
+        scores, _, _ = self.sample_and_score([ex for ex in texts for _ in range(cfg.group_size)]
+                                             [:cfg.prompts_per_step * cfg.group_size], "the prosody reference")
+        reference = {}
+        for name in GUARDED:
+            values = [getattr(s, name) for s in scores if getattr(s, name) is not None]
+            reference[name] = float(np.median(values)) if values else 0.0
+        if not all(reference.values()):
+            raise ValueError(f"--prosody-guard: the initial policy's {reference} cannot be a reference "
+                             "(no speech or no voiced frames in its samples)")
+        return reference
+
     def validate(self) -> dict:
         """One sample per validation text with a fixed seed, so steps compare like for like."""
+        return clip_means(*self.sample_and_score(self.val_examples, "validation"), prefix="val_")
+
+    @torch.no_grad()
+    def sample_and_score(self, examples: list, stage: str) -> tuple[list, list, list]:
+        """One sample per example (this rank's share), with a fixed seed, in training-sized chunks;
+        every rank's (scores, rewards with truncated ones 0, finished), in rank order."""
         cfg, d = self.cfg, self.d
-        mine = self.val_examples[d.rank::d.world]
+        mine = examples[d.rank::d.world]
         scores, rewards, finished = [], [], []
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 12345 + d.rank)
         chunk = max(1, cfg.prompts_per_step * cfg.group_size // d.world)  # no larger than a training batch
-        with d.together("validation"):
+        with d.together(stage):
             for i in range(0, len(mine), chunk):
                 part = mine[i:i + chunk]
                 roll = self.rollout([ex.text for ex in part], gen)
                 part_scores = self.scorer.score(self.decode_audio(roll), [ex.text for ex in part],
                                                 [ex.language or cfg.language or None for ex in part])
                 if len(part_scores) != len(part):
-                    raise RuntimeError(f"validation: {len(part_scores)} scores for {len(part)} texts")
+                    raise RuntimeError(f"{stage}: {len(part_scores)} scores for {len(part)} texts")
                 scores += part_scores
                 finished += roll.finished.tolist()
                 rewards += [s.reward if f else 0.0 for s, f in zip(part_scores, roll.finished.tolist())]
         parts = d.gather((scores, rewards, finished))
-        return clip_means(*(sum((p[k] for p in parts), []) for k in range(3)), prefix="val_")
+        return tuple(sum((p[k] for p in parts), []) for k in range(3))
 
     def trainer_state(self, step: int) -> dict:
         """Everything --resume needs besides the weights (and, with FSDP, the sharded optimizer
@@ -450,7 +507,7 @@ class Trainer:
         return {"step": step, "optimizer": None if self.cfg.fsdp else self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "generators": self.d.gather(self.gen.get_state()),
                 "data_position": step * self.cfg.prompts_per_step, "world_size": self.d.world,
-                "config": dataclasses.asdict(self.cfg)}
+                "prosody_reference": self.prosody_reference, "config": dataclasses.asdict(self.cfg)}
 
     def save(self, path: str, state: dict):
         """Checkpoint `path` (every rank calls it): FSDP gathers the weights to rank 0 and every rank

@@ -2,8 +2,9 @@
 `memory_table` (the README's table). `python memory.py` prints the table.
 
 Every term counts tensors the trainer really holds (grpo.update_policy, sample.generate); the
-tests check each against real tensors of a small model. Sizes are in bytes; the table is in GB
-(1e9 bytes). Not counted: the CUDA context and allocator fragmentation (the table's 10% headroom
+tests check them against real tensors and CPU-measured peaks of small models (FSDP's one-layer
+prefetch and the CUDA SDPA kernel are taken from their design). Sizes are in bytes; the table is
+in GB (1e9 bytes). Not counted: the CUDA context and allocator fragmentation (the table's 10% headroom
 is for them), the reference model's forward (only with --kl-coef > 0), NCCL buffers.
 """
 import functools
@@ -46,9 +47,9 @@ def training_memory(config, *, world=1, fsdp=False, micro_batch=2, seq_len=1600,
     Update (one micro-batch's forward and backward): fsdp_unsharded, weight_casts, activations
     (at the backward's start; with checkpointing, the layer inputs + one recomputed layer), head,
     logits. Optimizer step: optimizer_step. Rollout: rollout_weights, kv_cache, decode.
-    Phases, each the largest moment of its terms: update (grads + fsdp_unsharded + the larger of
-    the forward's end and the backward's peak), step (grads + optimizer_step), rollout (its terms
-    summed, an upper bound). Grads are freed after each step, so the rollout has none.
+    Phases, each the largest moment of its terms: update (grads + the largest of the forward's end,
+    the head's and a layer's backward, FSDP's last reduce-scatter), step (grads + optimizer_step),
+    rollout (its terms summed, an upper bound). Grads are freed after each step, so the rollout has none.
     total = weights + optimizer + reference + max(update, step, rollout)."""
     c = _dims(config)
     shapes = _param_shapes(tuple(c[k] for k in _SHAPE_KEYS))
@@ -63,9 +64,12 @@ def training_memory(config, *, world=1, fsdp=False, micro_batch=2, seq_len=1600,
     tokens = micro_batch * seq_len
     one_layer = tokens * layer_activation_bytes(c)
     m = dict(weights=4 * local, grads=4 * local, optimizer=8 * local, reference=4 * local if reference else 0)
-    # FSDP2 keeps the root unsharded from forward to the end of backward (its lm_head grad arrives
-    # first and is reduce-scattered last); a layer is gathered one ahead: bf16 params + their grads.
-    m["fsdp_unsharded"] = 2 * 2 * (root + 2 * layer) if fsdp else 0
+    # FSDP2 keeps the root (embeddings, final norm, untied lm_head) gathered in bf16 from the
+    # forward to the end of the backward, which starts by adding the head's full [V, d] bf16 grad
+    # into it; a decoder layer is gathered for its backward, with the next one prefetched, and
+    # gets its bf16 grads: the most the gathers hold at once (the moments are below).
+    root_g, layer_g = (2 * root + 2 * V * d, 6 * layer) if fsdp else (0, 0)
+    m["fsdp_unsharded"] = root_g + layer_g
     # Autocast caches the bf16 cast of every fp32 weight until the forward ends, and without
     # checkpointing backward keeps them (saved by the matmuls). FSDP's bf16 params need no cast.
     m["weight_casts"] = 0 if fsdp else 2 * linear
@@ -77,8 +81,8 @@ def training_memory(config, *, world=1, fsdp=False, micro_batch=2, seq_len=1600,
     m["activations"] = held + one_layer if grad_checkpointing else held
     # Backward starts with the head: head_rows' copy of the allowed rows gets its grad [A, d], and
     # index_select's backward a full [V, d] one, added into lm_head.weight.grad (fp32; with fsdp
-    # the root's unsharded grad, counted above, takes it); before that the chunks' bf16 copy of
-    # the rows and its grad (2 + 2 bytes each).
+    # the root's unsharded grad, counted above, takes it). Before that the chunks' bf16 copy of
+    # the rows and its grad: 2 + 2 bytes per element, within the same 4 * A * d.
     m["head"] = 4 * A * d + (0 if fsdp else 4 * V * d)
     m["logits"] = logits_bytes(micro_batch, min(chunk, response_len), A)
     m["optimizer_step"] = 4 * local  # foreach AdamW's sqrt(exp_avg_sq): a temporary the size of all params
@@ -91,12 +95,18 @@ def training_memory(config, *, world=1, fsdp=False, micro_batch=2, seq_len=1600,
     # sort values and int64 order, softmaxes, the race), or the prefill, ~6i + 10d bytes per prompt
     # token (one layer's MLP: gate/silu, up and their product in bf16, plus fp32 residual and norm).
     m["decode"] = rollout_batch * max(32 * A, (rollout_len - response_len) * (6 * i + 10 * d))
-    if grad_checkpointing:  # all casts at the forward's end; one layer's when it is recomputed
-        forward_end = m["weight_casts"] + held + 2 * A * d + m["logits"]
-        backward = held + max(m["head"] + m["logits"], one_layer + m["weight_casts"] // layers)
-    else:  # everything is alive when the head's backward runs
-        forward_end, backward = 0, m["weight_casts"] + m["activations"] + m["head"] + m["logits"]
-    m["update"] = m["grads"] + m["fsdp_unsharded"] + max(forward_end, backward)
+    # The update's peak is the largest of these moments: the backward's start (the head's
+    # backward), a layer's backward, the forward's end (with checkpointing, when the autocast
+    # cache, or FSDP's current and next layer, sit beside the small checkpointed activations),
+    # and with fsdp the root's reduce-scatter at the end (its bf16 grad and their fp32 copy).
+    casts_layer = m["weight_casts"] // layers + layer_g
+    if grad_checkpointing:
+        forward_end = m["weight_casts"] + (2 * root + 4 * layer if fsdp else 0) + held + 2 * A * d + m["logits"]
+        backward = root_g + held + max(m["head"] + m["logits"], one_layer + casts_layer)
+    else:  # all activations (and weight casts) are alive until the first layer's backward
+        forward_end = 0
+        backward = m["weight_casts"] + root_g + held + max(m["head"] + m["logits"], layer_g)
+    m["update"] = m["grads"] + max(forward_end, backward, 6 * root if fsdp else 0)
     m["step"] = m["grads"] + m["optimizer_step"]
     m["rollout"] = m["rollout_weights"] + m["kv_cache"] + m["decode"]
     m["total"] = m["weights"] + m["optimizer"] + m["reference"] + max(m["update"], m["step"], m["rollout"])
@@ -133,38 +143,49 @@ def kv_cache_bytes(config, batch: int, max_len: int, dtype_bytes: int = 2) -> in
     return 2 * c["num_hidden_layers"] * batch * c["num_key_value_heads"] * max_len * c["head_dim"] * dtype_bytes
 
 
+def param_count(config) -> int:
+    """Parameters of LlamaForCausalLM(config), tied embeddings counted once (built on the meta device)."""
+    c = _dims(config)
+    return sum(math.prod(s) for _, s in _param_shapes(tuple(c[k] for k in _SHAPE_KEYS)))
+
+
 def memory_table(models=("llasa-1b", "llasa-3b", "llasa-8b"), worlds=(2, 4, 8), cards=(48, 80),
                  headroom=0.1, **recipe) -> str:
-    """Markdown table of `training_memory` (GB = 1e9 bytes) for each model, replicated and with
-    FSDP over each of `worlds`, grad checkpointing off and on; a card fits if the total is at most
-    (1 - headroom) of it. `recipe` overrides training_memory's defaults (the seed recipe)."""
+    """Markdown table of `training_memory` in GB (1e9 bytes) per training GPU for each model,
+    replicated and with FSDP over each of `worlds`, grad checkpointing (GC) off and on. A card
+    fits if the total is at most (1 - headroom) of its size. `recipe` overrides training_memory's
+    defaults (the seed recipe)."""
     g = lambda b: f"{b / GB:.1f}"  # noqa: E731
+    phase = lambda m: max(("update", "step", "rollout"), key=m.get)  # noqa: E731
     cols = ["model", "sharding", "w + g + Adam", "FSDP gathers", "activations (GC off / on)",
-            "casts + head + logits", "rollout (KV + weights + decode)", "total, GC off", "total, GC on"]
-    cols += [f"{c} GB card" for c in cards]
+            "casts + head + logits", "rollout: KV + weights + decode", "total, GC off", "total, GC on",
+            *(f"{c} GB card" for c in cards)]
     rows = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for name in models:
-        n = sum(math.prod(s) for _, s in _param_shapes(tuple(_dims(LLASA_SHAPES[name])[k] for k in _SHAPE_KEYS)))
         for w in (1, *worlds):
             off, on = (training_memory(LLASA_SHAPES[name], world=w, fsdp=w > 1, grad_checkpointing=gc, **recipe)
                        for gc in (False, True))
-            phase = lambda m: max(("update", "step", "rollout"), key=m.get)  # noqa: E731
-            fits = ["yes" if off["total"] <= (1 - headroom) * c * GB else "with GC"
-                    if on["total"] <= (1 - headroom) * c * GB else "no" for c in cards]
+            fits = ["yes" if off["total"] <= (1 - headroom) * c * GB else
+                    "with GC" if on["total"] <= (1 - headroom) * c * GB else "no" for c in cards]
             rows.append("| " + " | ".join([
-                f"{name} ({n / 1e9:.2f}B)", "replicated" if w == 1 else f"FSDP x{w}",
+                f"{name} ({param_count(LLASA_SHAPES[name]) / 1e9:.2f}B)", "replicated" if w == 1 else f"FSDP x{w}",
                 g(off["weights"] + off["grads"] + off["optimizer"]), g(off["fsdp_unsharded"]),
                 f"{g(off['activations'])} / {g(on['activations'])}",
                 g(off["weight_casts"] + off["head"] + off["logits"]),
-                f"{g(off['rollout'])} ({g(off['kv_cache'])} + {g(off['rollout_weights'])} + {g(off['decode'])})",
+                f"{g(off['rollout'])} = {g(off['kv_cache'])} + {g(off['rollout_weights'])} + {g(off['decode'])}",
                 f"{g(off['total'])} ({phase(off)})", f"{g(on['total'])} ({phase(on)})", *fits]) + " |")
-    m = training_memory(LLASA_SHAPES[models[0]], **recipe)
-    r = dict(micro_batch=2, response_len=1500, chunk=256, allowed=SPEECH_ROWS, **recipe)
-    old = logits_bytes(r["micro_batch"], r["response_len"], LLASA_SHAPES[models[0]]["vocab_size"])
-    rows.append(f"\nLogits per micro-batch (fp32 + grad): speech-only head, {r['chunk']} positions at a time, "
-                f"{g(m['logits'])} GB; the old full-vocabulary head over all {r['response_len']} response "
-                f"positions, {g(old)} GB ({old / m['logits']:.0f}x).")
-    return "\n".join(rows)
+    r = {**dict(micro_batch=2, seq_len=1600, response_len=1500, rollout_batch=64, chunk=256), **recipe}
+    speech = training_memory(LLASA_SHAPES[models[0]], **recipe)["logits"]
+    full = logits_bytes(r["micro_batch"], r["response_len"], LLASA_SHAPES[models[0]]["vocab_size"])
+    return "\n".join(rows + [
+        "",
+        f"GB = 1e9 bytes per training GPU; a card fits with {headroom:.0%} left for the CUDA context and "
+        f"fragmentation (\"with GC\": only with --grad-checkpointing). Micro-batches of {r['micro_batch']} x "
+        f"{r['seq_len']} tokens ({r['response_len']}-token responses), {r['rollout_batch']} rollout sequences "
+        "per rank; the phase in brackets is the peak: update (forward/backward), step (AdamW) or rollout.",
+        f"Logits of a micro-batch (fp32 + grad): {g(speech)} GB with the speech-only head, {r['chunk']} "
+        f"positions at a time; {g(full)} GB with the old full-vocabulary head over all {r['response_len']} "
+        f"positions ({full / speech:.0f}x)."])
 
 
 # ----------------------------------------------------------------------------- helpers

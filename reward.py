@@ -13,7 +13,7 @@ scorer answers per clip.
 import math
 import re
 import unicodedata
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 
 import jiwer
 
@@ -47,8 +47,8 @@ class RewardConfig:
 @dataclass
 class Score:
     """What a scorer says of one clip. Every scorer (Whisper, a custom reward, the worker process)
-    answers with these, and the trainer averages their numeric fields into its metrics generically:
-    a new per-clip measure is a new field here, with no change in grpo.py.
+    answers with these, and the trainer averages their numeric fields into its metrics generically
+    (grpo.clip_means): a new per-clip measure is a new field here, with no change in grpo.py.
 
     A clip that could not be heard (bad input, longer than Whisper's window, a failed batch) has
     reward 0 and `error` set; its cer and nll are None and it counts in `error_frac`, not in the
@@ -59,15 +59,13 @@ class Score:
     nll: float | None = None  # mean teacher-forced cross-entropy of the intended text, nats/token
     error: str | None = None  # why the clip got reward 0 without being scored, else None
     too_long: bool = False  # longer than Whisper's 30 s window: refused (reward 0, error set)
-
-    def numeric(self) -> dict:
-        """The fields a step averages (floats and bools; None = not measured, left out)."""
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, (bool, int, float)) and not isinstance(value, str):
-                out[f.name] = float(value)
-        return out
+    # Prosody and pacing (prosody.measure), which the reward cannot see; None when not measured:
+    # the pitch spread over voiced frames (semitones), the voiced fraction of 10 ms frames, and the
+    # speaking rate (normalized characters per second of speech, outer silence trimmed). Steps
+    # report the median of the first and last: one near-empty clip has a huge rate.
+    f0_std_semitones: float | None = field(default=None, metadata={"agg": "median"})
+    voiced_frac: float | None = None
+    chars_per_s: float | None = field(default=None, metadata={"agg": "median"})
 
 
 def tts_reward(cer: float, nll: float, *, beta_c: float = 3.0, tau_n: float = 3.0,

@@ -4,47 +4,60 @@ Tiny random models stand in for the real ones (a tiny Llama with a LLASA-style t
 random Whisper, the tone codec, a small random XCodec2 decoder with a golden file). Tests that need
 real speech recognition read Whisper tiny.en and spoken clips from $TEST_ASSETS (default
 ../shared/assets) and skip with a reason where it is absent.
+
+One section per project file, in this order: reward.py, whisper_worker.py, data.py, sample.py,
+codec.py, config.py, grpo.py (advantages and loss; log-probs and the update on 1 vs 2 ranks; the
+trainer end to end), parallel.py (rank agreement, FSDP2), outputs.py (checkpoints, the --out and
+--resume rules, metrics), then the failure tests. Each test sits in the section of what it mainly
+exercises; helpers and fixtures sit at the top of their section or next to the tests that use them.
+Some must stay at module level under their names: child processes import `_failing_rank`,
+`_one_update` and `_fsdp_update` from test_grpo, and runs name `test_grpo:tone_reward` and
+`test_grpo:dying_reward` as their --reward.
 """
 import ast
+import contextlib
+import dataclasses
 import json
 import math
 import multiprocessing
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 
+import huggingface_hub
 import numpy as np
 import pytest
-import soundfile
 import soundfile as sf
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 import whisper
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 from whisper.tokenizer import get_tokenizer
 
 import codec
+import config
 import data
+import grpo
+import outputs
+import memory
+import parallel
+import prosody
 import sample
 import whisper_worker as ww
-from reward import RewardConfig, Score, char_error_rate, tts_reward
+from reward import RewardConfig, Score, char_error_rate, normalize_text, tts_reward
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-
-
-# ==================================================================================================
-# Reward: reward.py and whisper_worker.py (issue 2)
-# ==================================================================================================
-
-ASSETS = os.environ.get("TEST_ASSETS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "assets"))
-TINY = {"model": "random-tiny", "device": "cpu", "language": "en", "batch_size": 3, "max_transcript_tokens": 6}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,18 +70,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def noise(seconds, seed, scale=0.1):
-    return (scale * np.random.default_rng(seed).standard_normal(int(seconds * 16000))).astype(np.float32)
-
-
-# ---- reward.py --------------------------------------------------------------------------------------
+# ==================================================================================================
+# reward.py: the reward formula and the character error rate
+# ==================================================================================================
 
 def test_tts_reward_known_values():
     assert tts_reward(0.0, 0.0) == 1.0
     # U_cer = 1 - tanh(0.3) = 0.7086873, U_nll = exp(-1/3) = 0.7165313; 1 / (0.6 / U_cer + 0.4 / U_nll)
     assert tts_reward(0.1, 1.0) == pytest.approx(0.7118043, abs=1e-6)
     # U_cer = 1 - tanh(0.5) = 0.5378828, U_nll = exp(-3/2) = 0.2231302; (1 + 3) / (1 / U_cer + 3 / U_nll)
-    assert tts_reward(0.25, 3.0, beta_c=2.0, tau_n=2.0, lambda_c=1.0, lambda_n=3.0) == pytest.approx(0.2613660, abs=1e-6)
+    assert tts_reward(0.25, 3.0, beta_c=2.0, tau_n=2.0, lambda_c=1.0, lambda_n=3.0) == \
+        pytest.approx(0.2613660, abs=1e-6)
     assert tts_reward(0.2, 5.0, lambda_n=0.0) == pytest.approx(1 - math.tanh(0.6))  # weight 0: NLL ignored
     assert tts_reward(1e6, 0.5) == 0.0  # U_cer underflows to 0: reward 0, no division by zero
     assert tts_reward(0.0, math.inf) == 0.0
@@ -80,12 +92,14 @@ def test_tts_reward_decreases_with_cer_and_nll():
     for x in grid:
         by_cer = [tts_reward(c, x) for c in grid]
         by_nll = [tts_reward(x, n) for n in grid]
-        assert all(a > b for a, b in zip(by_cer, by_cer[1:])) and all(a > b for a, b in zip(by_nll, by_nll[1:]))
+        assert all(a > b for a, b in zip(by_cer, by_cer[1:])) and \
+            all(a > b for a, b in zip(by_nll, by_nll[1:]))
         assert all(0.0 <= r <= 1.0 for r in by_cer + by_nll)
 
 
 def test_tts_reward_rejects_bad_values():
-    for cer, nll, bad in [(math.nan, 1.0, "nan"), (-0.1, 1.0, "-0.1"), (0.1, -2.0, "-2.0"), (0.1, math.nan, "nan")]:
+    for cer, nll, bad in [(math.nan, 1.0, "nan"), (-0.1, 1.0, "-0.1"), (0.1, -2.0, "-2.0"),
+                          (0.1, math.nan, "nan")]:
         with pytest.raises(ValueError, match=bad):
             tts_reward(cer, nll)
     with pytest.raises(ValueError, match="tau_n"):
@@ -100,15 +114,16 @@ def test_char_error_rate():
     assert char_error_rate("The cat.", "") == 1.0  # nothing said: all deleted, never 0
     assert char_error_rate("The cat.", " ... ") == 1.0
     assert char_error_rate("abcd", "abxd") == 0.25  # one substitution in 4 characters
-    assert char_error_rate("hello world", "helo wor1d") == pytest.approx(2 / 10)  # a deletion and a substitution
+    # a deletion and a substitution
+    assert char_error_rate("hello world", "helo wor1d") == pytest.approx(2 / 10)
     assert char_error_rate("Hello", "hello", normalize=False) == pytest.approx(1 / 5)
     with pytest.raises(ValueError, match="no characters"):
         char_error_rate("?!", "anything")
 
 
 def test_cer_normalizer_keeps_marks_across_scripts():
-    from reward import normalize_text
-    assert normalize_text("Hello, World! [music] (laughs) <i>Ok</i>.") == "helloworldok"  # Whisper's annotations
+    # Whisper's annotations
+    assert normalize_text("Hello, World! [music] (laughs) <i>Ok</i>.") == "helloworldok"
     assert normalize_text("안녕 하세요!") == "안녕하세요" and normalize_text("你好，世界。") == "你好世界"
     assert normalize_text("ＡＢＣ１２３") == "abc123"  # NFKC: full-width letters and digits
     # Combining marks (category M) are letters: Whisper's BasicTextNormalizer turned them into spaces.
@@ -120,7 +135,44 @@ def test_cer_normalizer_keeps_marks_across_scripts():
     assert char_error_rate("안녕하세요", "안녕하세오") == 0.2
 
 
-# ---- WhisperScorer ------------------------------------------------------------------------------------
+# ==================================================================================================
+# whisper_worker.py: the Whisper scorer, the worker process, the CLI
+# ==================================================================================================
+
+ASSETS = os.environ.get("TEST_ASSETS", os.path.join(REPO, "..", "shared", "assets"))
+
+
+def noise(seconds, seed, scale=0.1):
+    return (scale * np.random.default_rng(seed).standard_normal(int(seconds * 16000))).astype(np.float32)
+
+
+REWARD_MODULE = '''
+import time
+import numpy as np
+
+def peak(audio, text):
+    if text == "boom":
+        raise ValueError("boom from the user's reward")
+    if text == "sleep":
+        time.sleep(60)
+    if text == "exit":
+        raise SystemExit(3)
+    if text == "empty?":
+        return 0.75 if audio.shape == (0,) and audio.dtype == np.float32 else 0.0
+    return float("nan") if text == "nan" else float(np.abs(audio).max())
+'''
+
+
+@pytest.fixture(scope="module")
+def reward_module(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("user_reward")
+    (folder / "user_reward_mod.py").write_text(REWARD_MODULE)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(folder))  # the spawned worker inherits sys.path
+        yield "user_reward_mod:peak"
+
+
+# ---- WhisperScorer -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny_model():
@@ -157,7 +209,8 @@ def test_batched_nll_matches_clip_by_clip(tiny_model):
             assert isinstance(result, Score) and result.error is None and not result.too_long
             assert result.nll == pytest.approx(expected, abs=1e-4)
             assert result.reward == pytest.approx(tts_reward(result.cer, result.nll))
-    one_by_one = ww.WhisperScorer(tiny_model, "cpu", "en", batch_size=1, max_transcript_tokens=6).score(audios, texts, languages)
+    one_by_one = ww.WhisperScorer(tiny_model, "cpu", "en", batch_size=1, max_transcript_tokens=6).score(
+        audios, texts, languages)
     assert [r.transcript for r in one_by_one] == [r.transcript for r in results]
 
 
@@ -176,19 +229,24 @@ def test_bad_inputs_are_answered_not_fatal(tiny_model):
     ]
     exactly_30_s = long_clip[:whisper.audio.N_SAMPLES]
     audios = [good[0]] + [c[0] for c in cases] + [good[1], exactly_30_s, good[1].astype(np.float64)]
-    texts = ["a good clip"] + [c[1] for c in cases] + ["another good clip", "a long clip", "another good clip"]
+    texts = (["a good clip"] + [c[1] for c in cases]
+             + ["another good clip", "a long clip", "another good clip"])
     languages = [None] + [c[2] for c in cases] + [None, None, None]
     scorer = ww.WhisperScorer(tiny_model, "cpu", "en", batch_size=4, max_transcript_tokens=6)
     results = scorer.score(audios, texts, languages)
     for (_, _, _, words), result in zip(cases, results[1:-3]):
         assert result.reward == 0.0 and result.cer is None and result.nll is None
         assert words in result.error, (words, result.error)
-    assert [r.too_long for r in results[1:-3]] == [False] * (len(cases) - 1) + [True]  # refused, not cut to 30 s
-    alone = scorer.score([good[0], good[1], exactly_30_s], ["a good clip", "another good clip", "a long clip"])
+    # refused, not cut to 30 s
+    assert [r.too_long for r in results[1:-3]] == [False] * (len(cases) - 1) + [True]
+    alone = scorer.score([good[0], good[1], exactly_30_s],
+                         ["a good clip", "another good clip", "a long clip"])
     for result, reference in zip([results[0], results[-3], results[-2]], alone):
-        assert result.error is None and not result.too_long and result.nll == pytest.approx(reference.nll, abs=1e-4)
+        assert result.error is None and not result.too_long and \
+            result.nll == pytest.approx(reference.nll, abs=1e-4)
     assert results[-1].nll == pytest.approx(results[-3].nll, abs=1e-4)  # float64 is converted
-    dims = whisper.model.ModelDimensions(**{**vars(tiny_model.dims), "n_vocab": 51864})  # an English-only vocabulary
+    # an English-only vocabulary
+    dims = whisper.model.ModelDimensions(**{**vars(tiny_model.dims), "n_vocab": 51864})
     english_only = ww.WhisperScorer(whisper.model.Whisper(dims), "cpu", max_transcript_tokens=2)
     assert "English-only" in english_only.score([good[0]], ["hello"], ["ko"])[0].error
     with pytest.raises(ValueError, match="match one to one"):
@@ -219,8 +277,11 @@ def test_silence_is_scored_not_refused(tiny_model, reward_module):
                 assert result.reward == pytest.approx(tts_reward(1.0, result.nll)) and result.reward < 0.01
         assert results[-1].error is None  # a clip beside them is scored as usual
     custom = ww.CustomRewardScorer(reward_module)  # a user's reward hears silence too: empty stays empty
-    assert custom.score(silences[:2], ["empty?", "silent"]) == [Score(reward=0.75), Score(reward=0.0)]
-    assert custom.score([np.full(40 * 16000, 0.5, np.float32)], ["x"]) == [Score(reward=0.5)]  # no 30 s limit
+    no_speech = dict(f0_std_semitones=0.0, voiced_frac=0.0, chars_per_s=0.0)  # prosody of silence
+    assert custom.score(silences[:2], ["empty?", "silent"]) == [Score(reward=0.75, **no_speech),
+                                                                 Score(reward=0.0, **no_speech)]
+    long = np.full(40 * 16000, 0.5, np.float32)
+    assert custom.score([long], ["x"]) == [Score(reward=0.5, **prosody.measure(long, "x"))]  # no 30 s limit
 
 
 KOREAN_150 = ("오늘은 날씨가 정말 좋아서 가족과 함께 한강 공원에 가서 자전거를 타고 산책을 했습니다. 점심에는 근처 식당에서 "
@@ -258,13 +319,15 @@ def test_whisper_transcript_bound_follows_the_target(tiny_model, monkeypatch):
 
     def chatty(model, features, options):  # a model that never stops: the same word at every step
         seen.append((options.sample_len, None))
-        return [whisper.DecodingResult(features, language="en", tokens=[tokenizer.encode(" la")[0]] * options.sample_len)
+        return [whisper.DecodingResult(features, language="en",
+                                       tokens=[tokenizer.encode(" la")[0]] * options.sample_len)
                 for _ in features]
 
     seen.clear()
     monkeypatch.setattr(ww.whisper, "decode", chatty)
     mixed = ww.WhisperScorer(tiny_model, "cpu", "en", batch_size=4).score(audios, texts)  # one batch
-    assert [length for length, _ in seen] == [2 * n_target[KOREAN_150] + 10]  # the batch decodes to its longest bound
+    # the batch decodes to its longest bound
+    assert [length for length, _ in seen] == [2 * n_target[KOREAN_150] + 10]
     # Each transcript is cut at its own target's bound, as if decoded alone.
     assert [len(tokenizer.encode(" " + r.transcript)) for r in mixed] == [2 * n_target[t] + 10 for t in texts]
     seen.clear()
@@ -281,7 +344,8 @@ def test_whisper_failed_batch_is_retried_clip_by_clip(tiny_model, monkeypatch):
     scorer = ww.WhisperScorer(tiny_model, "cpu", "en", batch_size=4, max_transcript_tokens=6)
     expected = [scorer.score([a], [t])[0] for a, t in zip(audios, texts)]  # each clip alone, unpatched
     nll = ww.teacher_forced_nll
-    for how, error in [("nan", "scoring failed: FloatingPointError: non-finite NLL (nan) of the text 'poisoned clip'"),
+    for how, error in [("nan", "scoring failed: FloatingPointError: "
+                               "non-finite NLL (nan) of the text 'poisoned clip'"),
                        ("raise", "scoring failed: RuntimeError: decoder exploded")]:
         def failing(model, features, sequences, n_prefix):
             poisoned = [seq[-len(poison):] == poison for seq in sequences]
@@ -306,7 +370,8 @@ def test_whisper_model_languages_and_language_code(tiny_model):
     for name in ("random-tiny", "tiny", "large-v2"):
         assert ww.model_languages(name) == frozenset(languages[:99]) and "yue" not in ww.model_languages(name)
     assert ww.model_languages(tiny_model) == frozenset(languages[:99])
-    dims = whisper.model.ModelDimensions(**{**vars(tiny_model.dims), "n_vocab": 51866})  # large-v3's vocabulary
+    # large-v3's vocabulary
+    dims = whisper.model.ModelDimensions(**{**vars(tiny_model.dims), "n_vocab": 51866})
     assert "yue" in ww.model_languages(whisper.model.Whisper(dims))
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         ww.model_languages("no-such-model")
@@ -320,37 +385,16 @@ def test_whisper_model_languages_and_language_code(tiny_model):
             ww.language_code(bad)
     scorer = ww.WhisperScorer(tiny_model, "cpu", "Korean", max_transcript_tokens=2)
     assert scorer.language == "ko" and scorer.languages == frozenset(languages[:99])
-    assert "not one of this Whisper model's 99 languages" in scorer.score([noise(1.0, 0)], ["x"], ["yue"])[0].error
+    assert "not one of this Whisper model's 99 languages" in \
+        scorer.score([noise(1.0, 0)], ["x"], ["yue"])[0].error
     if not os.path.isfile(checkpoint):
         pytest.skip(f"{checkpoint} not found (set TEST_ASSETS): the checkpoint-file case was not run")
 
 
-# ---- WhisperWorker ------------------------------------------------------------------------------------
+# ---- WhisperWorker and WorkerClient --------------------------------------------------------------
 
-REWARD_MODULE = '''
-import time
-import numpy as np
-
-def peak(audio, text):
-    if text == "boom":
-        raise ValueError("boom from the user's reward")
-    if text == "sleep":
-        time.sleep(60)
-    if text == "exit":
-        raise SystemExit(3)
-    if text == "empty?":
-        return 0.75 if audio.shape == (0,) and audio.dtype == np.float32 else 0.0
-    return float("nan") if text == "nan" else float(np.abs(audio).max())
-'''
-
-
-@pytest.fixture(scope="module")
-def reward_module(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("user_reward")
-    (folder / "user_reward_mod.py").write_text(REWARD_MODULE)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(folder))  # the spawned worker inherits sys.path
-        yield "user_reward_mod:peak"
+TINY = {"model": "random-tiny", "device": "cpu", "language": "en", "batch_size": 3,
+        "max_transcript_tokens": 6}
 
 
 @pytest.fixture(scope="module")
@@ -360,7 +404,8 @@ def tiny_worker():
 
 
 def test_worker_serves_concurrent_clients(tiny_worker):
-    requests = [([noise(1.0 + i, 10 * k + i) for i in range(3)], [f"clip {k} {i}" for i in range(3)]) for k in range(2)]
+    requests = [([noise(1.0 + i, 10 * k + i) for i in range(3)], [f"clip {k} {i}" for i in range(3)])
+                for k in range(2)]
     scorer = ww.WhisperScorer(**TINY)
     expected = [scorer.score(audios, texts) for audios, texts in requests]
     info = pickle.loads(pickle.dumps(tiny_worker.connect_info()))  # as another rank receives it
@@ -396,24 +441,33 @@ def test_worker_survives_bad_clients(tiny_worker):
     address, _, folder, pid = tiny_worker.connect_info()
     with pytest.raises(multiprocessing.AuthenticationError):
         ww.WorkerClient((address, os.urandom(32), folder, pid))
-    result = tiny_worker.score(audios[:1] + [np.zeros(0, np.float32), noise(31.0, 0)], texts[:1] + ["silence", "long"])
+    result = tiny_worker.score(audios[:1] + [np.zeros(0, np.float32), noise(31.0, 0)],
+                               texts[:1] + ["silence", "long"])
     assert result[0].error is None and result[0].nll > 0
-    assert result[1].error is None and result[1].cer == 1.0 and result[1].transcript == ""  # silence is scored
+    # silence is scored
+    assert result[1].error is None and result[1].cer == 1.0 and result[1].transcript == ""
     assert result[2].too_long and result[2].reward == 0.0 and "31.00 s is longer" in result[2].error
 
 
 def test_custom_reward_worker(reward_module):
-    with ww.WhisperWorker({}, reward=reward_module, start_timeout=120, threads=1, request_timeout=120) as worker:
+    with ww.WhisperWorker({}, reward=reward_module, start_timeout=120, threads=1,
+                          request_timeout=120) as worker:
         sine = (0.3 * np.sin(np.arange(16000) / 5.0)).astype(np.float64)  # converted to float32 on the way
-        results = worker.score([sine, np.full(100, 0.5, np.float32), noise(1.0, 1), np.full(10, 1.5, np.float32),
-                                np.zeros(10, np.float32), np.zeros(0, np.float32), np.full(31 * 16000, 0.5, np.float32)],
+        results = worker.score([sine, np.full(100, 0.5, np.float32), noise(1.0, 1),
+                                np.full(10, 1.5, np.float32), np.zeros(10, np.float32),
+                                np.zeros(0, np.float32), np.full(31 * 16000, 0.5, np.float32)],
                                ["sine", "half", "nan", "too loud", "silent", "empty?", "long"])
         assert results[0].reward == pytest.approx(float(np.abs(sine.astype(np.float32)).max()))
-        assert results[1] == Score(reward=0.5, transcript="", cer=None, nll=None, error=None, too_long=False)
+        assert results[1] == Score(reward=0.5, transcript="", cer=None, nll=None, error=None, too_long=False,
+                                   **prosody.measure(np.full(100, 0.5, np.float32), "half"))
         assert results[2].reward == 0.0 and "returned nan" in results[2].error
         assert results[3].reward == 0.0 and "returned 1.5, not a number in [0, 1]" in results[3].error
-        assert results[4:] == [Score(reward=0.0), Score(reward=0.75), Score(reward=0.5)]  # silence heard; no 30 s limit
-        with pytest.raises(ww.WorkerError, match="(?s)user_reward_mod.py.*ValueError: boom from the user's reward"):
+        # silence heard; no 30 s limit
+        assert results[4:] == [Score(reward=0.0, **prosody.measure(np.zeros(10), "silent")),
+                               Score(reward=0.75, **prosody.measure(np.zeros(0), "empty?")),
+                               Score(reward=0.5, **prosody.measure(np.full(31 * 16000, 0.5), "long"))]
+        with pytest.raises(ww.WorkerError,
+                           match="(?s)user_reward_mod.py.*ValueError: boom from the user's reward"):
             worker.score([noise(1.0, 0)], ["boom"])
         assert worker.score([np.full(10, 0.25, np.float32)], ["fine again"])[0].reward == 0.25
 
@@ -426,7 +480,8 @@ def test_worker_start_errors(reward_module):
 
 
 def test_killed_worker_is_detected(reward_module):
-    worker = ww.WhisperWorker({}, reward=reward_module, start_timeout=120, threads=1, request_timeout=300).start()
+    worker = ww.WhisperWorker({}, reward=reward_module, start_timeout=120, threads=1,
+                              request_timeout=300).start()
     outcomes = {}
 
     def call(name, score):
@@ -437,7 +492,8 @@ def test_killed_worker_is_detected(reward_module):
             outcomes[name] = (e, time.monotonic() - start)
 
     other = ww.WorkerClient(worker.connect_info(), request_timeout=300)
-    threads = [threading.Thread(target=call, args=(name, f)) for name, f in (("owner", worker.score), ("other", other.score))]
+    threads = [threading.Thread(target=call, args=(name, f))
+               for name, f in (("owner", worker.score), ("other", other.score))]
     for t in threads:
         t.start()
     time.sleep(1.0)  # both requests in flight, the worker asleep in the user's function
@@ -455,28 +511,32 @@ def test_killed_worker_is_detected(reward_module):
 
 
 def test_worker_death_by_exception_carries_traceback(reward_module):
-    with ww.WhisperWorker({}, reward=reward_module, start_timeout=120, threads=1, request_timeout=120) as worker:
+    with ww.WhisperWorker({}, reward=reward_module, start_timeout=120, threads=1,
+                          request_timeout=120) as worker:
         start = time.monotonic()
         with pytest.raises(ww.WorkerDiedError, match="(?s)exit code 3.*SystemExit: 3"):
             worker.score([noise(1.0, 0)], ["exit"])
         assert time.monotonic() - start < 60
 
 
-# ---- CLI and real Whisper -------------------------------------------------------------------------------
+# ---- the CLI, the file's layout, real Whisper ----------------------------------------------------
 
 def test_cli_scores_a_jsonl(tmp_path, capsys):
     mono = noise(1.0, 5)
     sf.write(tmp_path / "mono.wav", mono, 16000)
     sf.write(tmp_path / "stereo.wav", np.stack([mono, 0.5 * mono], axis=1), 16000)
     sf.write(tmp_path / "silent.wav", np.zeros(8000, np.float32), 16000)
-    (tmp_path / "clips.jsonl").write_text('{"wav": "mono.wav", "text": "hello"}\n{"wav": "stereo.wav", "text": "hello"}\n'
+    (tmp_path / "clips.jsonl").write_text('{"wav": "mono.wav", "text": "hello"}\n'
+                                          '{"wav": "stereo.wav", "text": "hello"}\n'
                                           '\n{"wav": "silent.wav", "text": "hello", "language": "english"}\n')
     ww.main(["--model", "random-tiny", "--language", "en", "--jsonl", str(tmp_path / "clips.jsonl"),
              "--tau-n", "50"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [os.path.basename(r["wav"]) for r in rows] == ["mono.wav", "stereo.wav", "silent.wav"]
-    assert all(list(r) == ["wav", "text", "reward", "transcript", "cer", "nll", "error", "too_long"] for r in rows)
-    assert all(r["error"] is None and r["text"] == "hello" and r["nll"] > 0 and not r["too_long"] for r in rows)
+    assert all(list(r) == ["wav", "text", "reward", "transcript", "cer", "nll", "error", "too_long",
+                           "f0_std_semitones", "voiced_frac", "chars_per_s"] for r in rows)
+    assert all(r["error"] is None and r["text"] == "hello" and r["nll"] > 0 and not r["too_long"]
+               for r in rows)
     assert rows[0]["reward"] == pytest.approx(tts_reward(rows[0]["cer"], rows[0]["nll"], tau_n=50))
     assert rows[2]["cer"] == 1.0 and rows[2]["transcript"] == ""
     stereo_as_mono = ww.WhisperScorer("random-tiny", "cpu", "en").score([0.75 * mono], ["hello"])[0]
@@ -510,7 +570,8 @@ def test_whisper_worker_layout():
 
 
 def test_real_whisper_ranks_clean_above_noisy_above_silence():
-    checkpoint, clips_file = os.path.join(ASSETS, "whisper-tiny.en.pt"), os.path.join(ASSETS, "speech", "clips.jsonl")
+    checkpoint, clips_file = (os.path.join(ASSETS, "whisper-tiny.en.pt"),
+                              os.path.join(ASSETS, "speech", "clips.jsonl"))
     if not (os.path.isfile(checkpoint) and os.path.isfile(clips_file)):
         pytest.skip(f"real-Whisper assets not found in {ASSETS} (set TEST_ASSETS to the folder with "
                     "whisper-tiny.en.pt and speech/clips.jsonl)")
@@ -526,19 +587,24 @@ def test_real_whisper_ranks_clean_above_noisy_above_silence():
         long_clip = np.concatenate([long_clip, audios[clean[0]]])
     results = ww.WhisperScorer(checkpoint, "cpu", "en").score(
         audios + dithered + [long_clip],
-        [r["text"] for r in rows] + [rows[i]["text"] for i in silences] + [" ".join(rows[i]["text"] for i in clean)])
+        [r["text"] for r in rows] + [rows[i]["text"] for i in silences]
+        + [" ".join(rows[i]["text"] for i in clean)])
     by_kind = {}
-    for row, result in zip(rows + [{"kind": "dithered silence"}] * len(silences) + [{"kind": "long"}], results):
+    for row, result in zip(rows + [{"kind": "dithered silence"}] * len(silences) + [{"kind": "long"}],
+                           results):
         by_kind.setdefault(row["kind"], []).append(result)
     mean = {kind: float(np.mean([r.reward for r in rs])) for kind, rs in by_kind.items()}
     print("\nmean reward", {kind: round(m, 4) for kind, m in mean.items()},
-          "\nclean CER", [round(r.cer, 3) for r in by_kind["clean"]], "NLL", [round(r.nll, 3) for r in by_kind["clean"]],
-          "\nnoisy CER", [round(r.cer, 3) for r in by_kind["noisy"]], "NLL", [round(r.nll, 3) for r in by_kind["noisy"]],
+          "\nclean CER", [round(r.cer, 3) for r in by_kind["clean"]],
+          "NLL", [round(r.nll, 3) for r in by_kind["clean"]],
+          "\nnoisy CER", [round(r.cer, 3) for r in by_kind["noisy"]],
+          "NLL", [round(r.nll, 3) for r in by_kind["noisy"]],
           "\nsilence NLL", [round(r.nll, 2) for r in by_kind["silence"]],
           "\ndithered silence", [(r.transcript, round(r.nll, 2)) for r in by_kind["dithered silence"]])
     assert mean["clean"] > mean["noisy"] > mean["silence"]
     for r in by_kind["silence"]:  # scored, not refused: the policy's answer, CER 1
-        assert r.error is None and r.transcript == "" and r.cer == 1.0 and math.isfinite(r.nll) and r.reward < 0.05
+        assert r.error is None and r.transcript == "" and r.cer == 1.0 and math.isfinite(r.nll) and \
+            r.reward < 0.05
     assert all(c.reward > 10 * s.reward for c, s in zip(by_kind["clean"], by_kind["dithered silence"]))
     assert mean["noisy"] > mean["dithered silence"]
     assert np.mean([r.cer for r in by_kind["clean"]]) < 0.15
@@ -548,7 +614,7 @@ def test_real_whisper_ranks_clean_above_noisy_above_silence():
 
 
 # ==================================================================================================
-# Rollouts: data.py and sample.py (issue 3)
+# data.py: datasets, the LLASA prompt, the speech vocabulary
 # ==================================================================================================
 
 def test_load_dataset_formats_and_errors(tmp_path):
@@ -560,7 +626,8 @@ def test_load_dataset_formats_and_errors(tmp_path):
     txt.write_text("one\n\ntwo\n", encoding="utf-8")
     assert [r.text for r in data.load_dataset(str(txt))] == ["one", "two"]
     for i, (bad, why) in enumerate([('{"text": 3}', "string field 'text'"), ("{oops", "not valid JSON"),
-                                    ('{"text": "  "}', "empty"), ('{"text": "x", "language": 1}', "language")]):
+                                    ('{"text": "  "}', "empty"),
+                                    ('{"text": "x", "language": 1}', "language")]):
         f = tmp_path / f"bad{i}.jsonl"
         f.write_text('{"text": "fine"}\n' + bad + "\n")
         with pytest.raises(ValueError, match=rf"bad{i}\.jsonl:2: .*{why}"):
@@ -589,6 +656,12 @@ def test_llasa_prompt_and_speech_vocab():
         data.prompt_ids(tok, "  ")
     assert data.tiny_tokenizer().get_vocab() == data.tiny_tokenizer().get_vocab()  # deterministic ids
 
+
+# ==================================================================================================
+# sample.py: batched generation, log-probs, the speech-only head
+# ==================================================================================================
+
+# ---- generation against transformers' generate ---------------------------------------------------
 
 VOCAB = 300
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 150, 40], [17] * 3 + list(range(60, 71))]
@@ -639,7 +712,6 @@ def test_greedy_equals_hf_generate(overrides):
         assert int(ours.lengths[i]) == expected_len
         assert bool(ours.finished[i]) == bool(len(hits))
     assert ours.lengths[0] <= 11 and ours.finished[0]
-
 
 
 def test_greedy_repetition_penalty_equals_hf_generate():
@@ -717,9 +789,11 @@ def test_logits_processing_matches_transformers():
     torch.testing.assert_close(sample.apply_repetition_penalty(logits, seen, 1.3),
                                RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()), **close)
     for k in (1, 5, 64, 100):
-        torch.testing.assert_close(sample.apply_top_k(logits, k), TopKLogitsWarper(k)(ids, logits.clone()), **close)
+        torch.testing.assert_close(sample.apply_top_k(logits, k), TopKLogitsWarper(k)(ids, logits.clone()),
+                                   **close)
     for p in (0.05, 0.5, 0.9, 0.999):
-        torch.testing.assert_close(sample.apply_top_p(logits, p), TopPLogitsWarper(p)(ids, logits.clone()), **close)
+        torch.testing.assert_close(sample.apply_top_p(logits, p), TopPLogitsWarper(p)(ids, logits.clone()),
+                                   **close)
     torch.testing.assert_close(
         sample.process_logits(logits, temperature=0.7, top_k=0, top_p=1.0, repetition_penalty=1.0),
         TemperatureLogitsWarper(0.7)(ids, logits.clone()), **close)
@@ -729,7 +803,8 @@ def test_logits_processing_matches_transformers():
     for proc in (RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.8), TopKLogitsWarper(20),
                  TopPLogitsWarper(0.9)):
         expected = proc(ids, expected)
-    got = sample.process_logits(logits, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2, seen=seen)
+    got = sample.process_logits(logits, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2,
+                                seen=seen)
     torch.testing.assert_close(got, expected, **close)
     assert torch.isinf(got).any() and torch.isfinite(got).any()  # the filters did something
 
@@ -767,19 +842,22 @@ def test_allowed_ids_and_stops():
 
 def test_bad_inputs_raise_clear_errors():
     model = sample.tiny_llama(VOCAB, max_positions=64)
-    gen = lambda prompts=PROMPTS, **kw: sample.generate(model, prompts, **{"max_new_tokens": 4, **kw})  # noqa: E731
+    gen = lambda prompts=PROMPTS, **kw: \
+        sample.generate(model, prompts, **{"max_new_tokens": 4, **kw})  # noqa: E731
     with pytest.raises(ValueError, match="prompts is empty"):
         gen([])
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         gen([[1, 2], []])
     with pytest.raises(ValueError, match="prompt 0 has token ids outside the vocabulary"):
         gen([[1, VOCAB]])
-    with pytest.raises(ValueError, match="prompt of 14 tokens \\+ max_new_tokens=60 exceeds .* context of 64"):
+    with pytest.raises(ValueError,
+                       match="prompt of 14 tokens \\+ max_new_tokens=60 exceeds .* context of 64"):
         gen(max_new_tokens=60)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
         gen(max_new_tokens=0)
     for kw, msg in [(dict(top_p=0.0), "top_p must be in \\(0, 1\\], got 0.0"), (dict(top_p=1.5), "got 1.5"),
-                    (dict(temperature=-0.1), "temperature must be >= 0"), (dict(top_k=-1), "top_k must be >= 0"),
+                    (dict(temperature=-0.1), "temperature must be >= 0"),
+                    (dict(top_k=-1), "top_k must be >= 0"),
                     (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
                     (dict(allowed_ids=[1, VOCAB + 5]), f"allowed_ids has ids outside .*{VOCAB + 5}"),
                     (dict(stop_ids=[-1]), "stop_ids has ids outside"),
@@ -790,11 +868,13 @@ def test_bad_inputs_raise_clear_errors():
         data.token_id(data.tiny_tokenizer(), "<|s_9999|>")
 
 
+# ---- loading models and the CLI ------------------------------------------------------------------
+
 def test_cli_tiny_model_writes_wav(tmp_path, capsys):
     out_path = tmp_path / "tts.wav"
     r = sample.main(["--model", "tiny", "--codec", "tone", "--text", "Hello there.", "--out", str(out_path),
                      "--max-new-tokens", "24", "--device", "cpu", "--seed", "3"])
-    wav, sr = soundfile.read(out_path)
+    wav, sr = sf.read(out_path)
     n_speech = int(r.lengths[0]) - int(r.finished[0])
     assert sr == codec.SAMPLE_RATE and n_speech > 0
     assert len(wav) == 320 * n_speech
@@ -816,14 +896,25 @@ def test_load_model_round_trip(tmp_path):
         sample.load_model(str(tmp_path / "nope"), "cpu", torch.float32)
 
 
-# -- the speech-only head (DESIGN.md §2): the policy restricted to allowed_ids and renormalized
+def test_load_model_tiny():
+    """'tiny' is the trainer's and the CLI's offline model: 64 speech tokens, a seeded tiny Llama."""
+    model, tok = sample.load_model("tiny", "cpu", torch.float32, seed=7)
+    assert data.speech_vocab(tok).n == 64 and model.config.vocab_size == len(tok)
+    assert not model.training and model.config.max_position_embeddings == 4096
+    ref = sample.tiny_llama(len(tok), seed=7, max_positions=4096)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    other, _ = sample.load_model("tiny", "cpu", torch.bfloat16, seed=8)
+    assert next(other.parameters()).dtype == torch.bfloat16
+    assert not torch.equal(other.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())
+
+
+# ---- the speech-only head: the policy restricted to allowed_ids and renormalized (DESIGN.md §2) --
 
 ALLOWED = list(range(100, 160)) + [299]  # holds some prompt ids (100, 150) and one stop id
 
 
 def masked_hf_greedy(model, prompts, n, allowed, **kw):
     """HF greedy with a logits processor that sets every id outside `allowed` to -inf."""
-    from transformers import LogitsProcessorList
 
     def mask(input_ids, scores):
         keep = torch.zeros(scores.shape[-1], dtype=torch.bool)
@@ -844,7 +935,8 @@ def test_allowed_ids_greedy_equals_masked_hf_generate():
     free = sample.generate(model, PROMPTS, max_new_tokens=n, temperature=0, allowed_ids=ALLOWED)
     assert torch.equal(free.tokens, masked_hf_greedy(model, PROMPTS, n, ALLOWED, min_new_tokens=n))
     stop = int(free.tokens[1, 5])  # a stop id row 1 emits mid-way
-    ours = sample.generate(model, PROMPTS, max_new_tokens=n, temperature=0, allowed_ids=ALLOWED, stop_ids=(stop,))
+    ours = sample.generate(model, PROMPTS, max_new_tokens=n, temperature=0, allowed_ids=ALLOWED,
+                           stop_ids=(stop,))
     assert torch.equal(ours.tokens, masked_hf_greedy(model, PROMPTS, n, ALLOWED, eos_token_id=stop))
     assert ours.finished[1] and int(ours.lengths[1]) <= 6
     pen = sample.generate(model, PROMPTS, max_new_tokens=n, temperature=0, allowed_ids=ALLOWED,
@@ -860,8 +952,9 @@ def test_allowed_ids_logprobs_are_the_restricted_policy():
     forward's logits / T, at the sampled token, whatever top-k and the penalty did to sampling."""
     model = sample.tiny_llama(VOCAB, seed=2)
     T = 0.8
-    out = sample.generate(model, PROMPTS * 2, max_new_tokens=20, temperature=T, top_k=10, repetition_penalty=1.3,
-                          stop_ids=(299, 150), allowed_ids=ALLOWED, generator=torch.Generator().manual_seed(0))
+    out = sample.generate(model, PROMPTS * 2, max_new_tokens=20, temperature=T, top_k=10,
+                          repetition_penalty=1.3, stop_ids=(299, 150), allowed_ids=ALLOWED,
+                          generator=torch.Generator().manual_seed(0))
     assert out.finished.any() and not out.finished.all()
     allowed = torch.tensor(sorted(ALLOWED))
     for i, p in enumerate(PROMPTS * 2):
@@ -905,19 +998,21 @@ def test_head_logprobs_chunks_equal_the_unchunked_computation():
         torch.testing.assert_close(entropy, -(p * p.log()).sum(-1).detach(), atol=tol, rtol=0)
         assert not entropy.requires_grad
         with torch.no_grad():  # the no-grad path (old and reference log-probs) is the same formula
-            torch.testing.assert_close(sample.head_logprobs(hidden, weight, targets, temp, chunk=8), ref.detach(),
-                                       atol=tol, rtol=0)
+            torch.testing.assert_close(sample.head_logprobs(hidden, weight, targets, temp, chunk=8),
+                                       ref.detach(), atol=tol, rtol=0)
 
     def saved_shapes(fn):
         shapes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t,
+                                                      lambda t: t):
             fn()
         return shapes
 
     # Checkpointed chunks: autograd keeps only the chunks' inputs, never logits ([..., A]).
     kept = saved_shapes(lambda: sample.head_logprobs(hidden, weight, targets, temp, chunk=8))
     assert kept and all(s[-1] != A for s in kept), kept
-    assert (B, T, A) in saved_shapes(lambda: direct_logprobs(hidden, weight, targets, temp))  # the hook sees them
+    # the hook sees them
+    assert (B, T, A) in saved_shapes(lambda: direct_logprobs(hidden, weight, targets, temp))
 
 
 def test_head_rows_train_only_allowed_rows():
@@ -954,41 +1049,29 @@ def test_head_rows_train_only_allowed_rows():
         sample.head_rows(model, [5, VOCAB])
 
 
-def test_load_model_tiny():
-    """'tiny' is the trainer's and the CLI's offline model: 64 speech tokens, a seeded tiny Llama."""
-    model, tok = sample.load_model("tiny", "cpu", torch.float32, seed=7)
-    assert data.speech_vocab(tok).n == 64 and model.config.vocab_size == len(tok)
-    assert not model.training and model.config.max_position_embeddings == 4096
-    ref = sample.tiny_llama(len(tok), seed=7, max_positions=4096)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
-    other, _ = sample.load_model("tiny", "cpu", torch.bfloat16, seed=8)
-    assert next(other.parameters()).dtype == torch.bfloat16
-    assert not torch.equal(other.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())
-
-
 # ==================================================================================================
-# Codecs: codec.py, the tone codec and the self-contained XCodec2 decoder (issues 3, 5)
+# codec.py: the tone codec and the self-contained XCodec2 decoder
 # ==================================================================================================
 
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "xcodec2_golden.safetensors")
+GOLDEN = os.path.join(REPO, "tests", "xcodec2_golden.safetensors")
 
 
 def _golden():
     """(config, codes [2, 1, 30], reference audio [2, 1, 9600]) from the golden file."""
     with safe_open(GOLDEN, framework="pt") as f:
-        config = codec.XCodec2Config(**json.loads(f.metadata()["config"]))
-        return config, f.get_tensor("test.codes"), f.get_tensor("test.audio")
+        cfg = codec.XCodec2Config(**json.loads(f.metadata()["config"]))
+        return cfg, f.get_tensor("test.codes"), f.get_tensor("test.audio")
 
 
 @pytest.fixture(scope="module")
 def golden_codec():
-    config, _, _ = _golden()
-    return codec.XCodec2Codec(GOLDEN, "cpu", config)
+    cfg, _, _ = _golden()
+    return codec.XCodec2Codec(GOLDEN, "cpu", cfg)
 
 
 def test_xcodec2_decoder_matches_package_decode_code():
-    config, codes, want = _golden()
-    model = codec.XCodec2Decoder.from_pretrained(GOLDEN, config)
+    cfg, codes, want = _golden()
+    model = codec.XCodec2Decoder.from_pretrained(GOLDEN, cfg)
     with torch.no_grad():
         got = model(codes)
     assert got.shape == want.shape == (2, 1, 30 * codec.SAMPLES_PER_CODE)
@@ -1043,14 +1126,13 @@ def test_from_pretrained_errors(tmp_path, monkeypatch):
         codec.XCodec2Decoder.from_pretrained(str(tmp_path))  # a directory without model.safetensors
     with pytest.raises(ValueError, match=r"project_out.weight has shape \(64, 8\) .* \(2048, 8\)"):
         codec.XCodec2Decoder.from_pretrained(GOLDEN)  # the real model's shapes against the small file
-    config, _, _ = _golden()
+    cfg, _, _ = _golden()
     with safe_open(GOLDEN, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "generator.backbone.transformers.1.mlp.fc2.weight"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()
+                   if k != "generator.backbone.transformers.1.mlp.fc2.weight"}
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(KeyError, match="no tensor 'generator.backbone.transformers.1.mlp.fc2.weight'"):
-        codec.XCodec2Decoder.from_pretrained(str(tmp_path), config)
-
-    import huggingface_hub
+        codec.XCodec2Decoder.from_pretrained(str(tmp_path), cfg)
 
     def offline(*args, **kwargs):
         raise ConnectionError("offline")
@@ -1085,31 +1167,212 @@ def test_bad_codes_name_the_clip(bad, golden_codec):
 
 
 # ==================================================================================================
-# Trainer: grpo.py (issue 4)
+# prosody.py: pitch, voicing, speaking rate, and the guard
 # ==================================================================================================
 
+SR = prosody.SAMPLE_RATE
 
 
-# ------------------------------------------------------------------------- advantages and loss
+
+def harmonic_tone(freq_hz, amplitude=0.3):
+    """A voice-like tone with 4 harmonics (1/k amplitudes) following the instantaneous frequency
+    freq_hz [S] (Hz per sample): phase = 2 pi cumsum(f) / sr, so glides and vibrato are exact."""
+    phase = 2 * np.pi * np.cumsum(np.asarray(freq_hz, dtype=np.float64)) / SR
+    return (amplitude * sum(np.sin(k * phase) / k for k in (1, 2, 3, 4))).astype(np.float32)
+
+
+@pytest.mark.parametrize("f0", [120.0, 220.0])
+def test_f0_track_steady_tone(f0):
+    f0s, voiced = prosody.f0_track(harmonic_tone(np.full(2 * SR, f0)))
+    assert f0s.shape == voiced.shape == (200,)  # one frame per 10 ms hop
+    # 0.1%, tighter than integer lags allow (220 Hz is a period of 72.7 samples; lag 73 reads 219.2 Hz):
+    # this holds only with the parabolic interpolation between lags.
+    assert abs(np.median(f0s[voiced]) - f0) < 0.001 * f0
+    assert prosody.f0_std_semitones(f0s, voiced) < 0.1
+    assert prosody.voiced_frac(voiced) > 0.9
+    assert np.all(f0s[~voiced] == 0.0)
+
+
+def test_f0_std_vibrato():
+    # 150 Hz +/- 1 semitone, sinusoidal at 5 Hz over 2 s (10 whole cycles): pitch in semitones is
+    # c + sin(2 pi 5 t), whose standard deviation is 1/sqrt(2) = 0.707 semitones.
+    t = np.arange(2 * SR) / SR
+    f0s, voiced = prosody.f0_track(harmonic_tone(150.0 * 2 ** (np.sin(2 * np.pi * 5 * t) / 12)))
+    assert prosody.voiced_frac(voiced) > 0.9
+    assert abs(prosody.f0_std_semitones(f0s, voiced) - 1 / np.sqrt(2)) < 0.3
+
+
+def test_f0_std_glide():
+    # 110 Hz to 220 Hz over 2 s, linear in semitones: pitch uniform over a 12-semitone range, whose
+    # standard deviation is 12 / sqrt(12) = 3.46 semitones.
+    t = np.arange(2 * SR) / SR
+    f0s, voiced = prosody.f0_track(harmonic_tone(110.0 * 2 ** (t / 2)))
+    assert prosody.voiced_frac(voiced) > 0.9
+    assert abs(prosody.f0_std_semitones(f0s, voiced) - 12 / np.sqrt(12)) < 0.3
+    assert f0s[voiced][0] < 0.6 * f0s[voiced][-1]  # it tracks the rise, not one average pitch
+
+
+def test_f0_track_noise_silence_empty_unvoiced():
+    white = (0.1 * np.random.default_rng(0).standard_normal(2 * SR)).astype(np.float32)
+    f0s, voiced = prosody.f0_track(white)
+    assert prosody.voiced_frac(voiced) < 0.05  # aperiodic: YIN's dip never reaches the threshold
+    for audio in (np.zeros(2 * SR, np.float32), np.zeros(0, np.float32)):
+        f0s, voiced = prosody.f0_track(audio)
+        assert f0s.shape == voiced.shape == (len(audio) // 160,)
+        assert prosody.voiced_frac(voiced) == 0.0 and prosody.f0_std_semitones(f0s, voiced) == 0.0
+        assert prosody.measure(audio, "hello") == {"f0_std_semitones": 0.0, "voiced_frac": 0.0, "chars_per_s": 0.0}
+
+
+def test_f0_track_energy_gate():
+    # A tone 60 dB below the clip's loudest part is background, not voice: unvoiced, though periodic.
+    loud, quiet = harmonic_tone(np.full(SR, 150.0)), harmonic_tone(np.full(SR, 150.0), amplitude=3e-4)
+    f0s, voiced = prosody.f0_track(np.concatenate([loud, quiet]))
+    assert voiced[5:95].all() and not voiced[105:].any()
+    f0s, voiced = prosody.f0_track(quiet)  # alone, the same tone is the loudest thing there: voiced
+    assert prosody.voiced_frac(voiced) > 0.9
+
+
+def test_speech_seconds_and_chars_per_s():
+    # 0.5 s silence + 1 s tone + 0.7 s silence: 1 s of speech, the silence around it trimmed.
+    audio = np.concatenate([np.zeros(SR // 2), harmonic_tone(np.full(SR, 150.0)), np.zeros(7 * SR // 10)]).astype(np.float32)
+    assert abs(prosody.speech_seconds(audio) - 1.0) < 0.05
+    assert abs(prosody.chars_per_s(12, audio) - 12.0) < 0.6
+    # "Hello, world!" normalizes to "helloworld": 10 characters in 1 s.
+    assert abs(prosody.measure(audio, "Hello, world!")["chars_per_s"] - 10.0) < 0.5
+    # A pause inside the clip is part of the pace: it stays.
+    gap = np.concatenate([audio, harmonic_tone(np.full(SR // 2, 150.0))])
+    assert abs(prosody.speech_seconds(gap) - 2.2) < 0.05
+    assert prosody.speech_seconds(np.zeros(SR, np.float32)) == 0.0 and prosody.chars_per_s(10, np.zeros(0, np.float32)) == 0.0
+
+
+def test_prosody_of_real_speech():
+    path = os.path.join(ASSETS, "speech", "clips.jsonl")
+    if not os.path.exists(path):
+        pytest.skip(f"no spoken clips at {path} (set TEST_ASSETS to the shared assets folder)")
+    rows = [json.loads(line) for line in open(path)]
+    for row in rows:
+        audio, sr = sf.read(os.path.join(ASSETS, "speech", row["wav"]), dtype="float32")
+        assert sr == SR
+        m = prosody.measure(audio, row["text"])
+        assert all(type(v) is float for v in m.values()), m
+        if row["kind"] == "clean":
+            # espeak en-us male voice: its pitch sits near 100 Hz (80-120 Hz seen), voiced about
+            # half the time, at 11-15 normalized characters per second; a robot, but not a monotone.
+            f0s, voiced = prosody.f0_track(audio)
+            assert 80 < np.median(f0s[voiced]) < 130, row["wav"]
+            assert 0.3 < m["voiced_frac"] < 0.9 and 5 < m["chars_per_s"] < 25, (row["wav"], m)
+            assert m["f0_std_semitones"] > 0.5, (row["wav"], m)
+        elif row["kind"] == "silence":
+            assert m == {"f0_std_semitones": 0.0, "voiced_frac": 0.0, "chars_per_s": 0.0}, row["wav"]
+    assert {"clean", "silence"} <= {row["kind"] for row in rows}
+
+
+def test_band_factor_by_hand():
+    assert prosody.band_factor(10.0, 10.0, 0.25) == 1.0
+    assert prosody.band_factor(12.5, 10.0, 0.25) == pytest.approx(1.0)  # the band's edges
+    assert prosody.band_factor(8.0, 10.0, 0.25) == pytest.approx(1.0)
+    # 1.25 x beyond the upper edge: x = w, factor e^-1; symmetric in log units below.
+    assert prosody.band_factor(10 * 1.25 ** 2, 10.0, 0.25) == pytest.approx(math.exp(-1))
+    assert prosody.band_factor(10 / 1.25 ** 2, 10.0, 0.25) == pytest.approx(math.exp(-1))
+    assert prosody.band_factor(10 * 1.25 ** 3, 10.0, 0.25) == pytest.approx(math.exp(-4))
+    assert prosody.band_factor(0.0, 10.0, 0.25) == 0.0 and prosody.band_factor(None, 10.0, 0.25) == 0.0
+    ref = {"chars_per_s": 15.0, "f0_std_semitones": 2.0}
+    s = Score(reward=0.8, chars_per_s=15.0 * 1.25 ** 2, f0_std_semitones=2.0 / 1.5 ** 2)
+    assert prosody.guard_factor(s, ref, rate_band=0.25, pitch_band=0.5) == pytest.approx(math.exp(-2))
+    assert prosody.guard_factor(Score(reward=0.0, error="bad"), ref, rate_band=0.25, pitch_band=0.5) == 1.0
+
+
+def test_scorers_measure_prosody(tmp_path):
+    """Every scorer fills the prosody fields of a clip it heard; a refused clip has none."""
+    tone = (0.3 * np.sin(2 * np.pi * 150 * np.arange(32000) / 16000)).astype(np.float32)  # 2 s at 150 Hz
+    scorer = ww.WhisperScorer("random-tiny", "cpu", "en", max_transcript_tokens=4)
+    heard, refused = scorer.score([tone, np.full(5, np.nan, np.float32)], ["hello there", "x"])
+    expect = prosody.measure(tone, "hello there")
+    for name in ("f0_std_semitones", "voiced_frac", "chars_per_s"):
+        assert getattr(heard, name) == pytest.approx(expect[name]) and getattr(refused, name) is None
+    assert heard.voiced_frac > 0.9 and heard.f0_std_semitones < 0.1
+    assert heard.chars_per_s == pytest.approx(10 / 2.0, rel=0.05)  # "hellothere" over 2 s
+    custom = ww.CustomRewardScorer(f"{__name__}:short_reward").score([tone], ["hello there"])[0]
+    assert custom.chars_per_s == pytest.approx(expect["chars_per_s"])
+
+
+# ==================================================================================================
+# config.py: flags, presets and their checks
+# ==================================================================================================
+
+def test_config_rejects_values_that_would_fail_later():
+    for flags in (["--temperature", "0"], ["--save-every", "0"], ["--micro-batch", "0"],
+                  ["--loss-agg", "sum"]):
+        with pytest.raises(SystemExit):
+            config.parse_config(["--preset", "tiny", *flags])
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        config.parse_config(["--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(config.Config):
+        assert "--" + f.name.replace("_", "-") in text
+    assert text.count("(default:") >= len(dataclasses.fields(config.Config))
+    cfg = config.parse_config(["--preset", "tiny", "--group-size", "8", "--no-scale-rewards"])
+    assert cfg.group_size == 8 and cfg.scale_rewards is False and cfg.codec == "tone"
+
+
+def test_large_presets_shard_and_need_ranks(monkeypatch):
+    """llasa-3b/8b shard with FSDP2 and recompute activations; under one process --fsdp is refused
+    with a message that says how to run it."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    for name, micro in (("llasa-3b", 2), ("llasa-8b", 1)):
+        cfg = config.parse_config(["--preset", name])
+        assert cfg.fsdp and cfg.grad_checkpointing and cfg.micro_batch == micro
+        assert cfg.max_new_tokens == 1500 and cfg.model == f"HKUSTAudio/Llasa-{name[-2:].upper()}"
+    assert not config.parse_config(["--preset", "llasa-1b"]).fsdp
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit):
+        config.parse_config(["--preset", "llasa-8b"])
+    with pytest.raises(ValueError, match="--fsdp shards over ranks"):
+        config.check_config(config.Config(fsdp=True), world=1)
+
+
+def test_train_sh_takes_the_preset_and_the_gpu_count(tmp_path):
+    """train.sh with a stand-in torchrun that prints what it was given."""
+    fake = tmp_path / "torchrun"
+    fake.write_text('#!/usr/bin/env bash\necho "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $*"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NPROC")}
+    env["PATH"] = f"{tmp_path}:{env['PATH']}"
+    run = lambda *args, **extra: subprocess.run(["bash", os.path.join(REPO, "train.sh"), *args], env={**env, **extra},
+                                               capture_output=True, text=True, check=True).stdout
+    out = run("--steps", "3")
+    assert "CUDA_VISIBLE_DEVICES=0,1,2 " in out and "--nproc_per_node=2" in out
+    assert "--preset llasa-1b --whisper-device cuda:2 --out runs/llasa-1b --steps 3" in out
+    out = run("llasa-8b", "--language", "ko", NPROC="4")
+    assert "CUDA_VISIBLE_DEVICES=0,1,2,3,4 " in out and "--nproc_per_node=4" in out
+    assert "--preset llasa-8b --whisper-device cuda:4 --out runs/llasa-8b --language ko" in out
+
+
+# ==================================================================================================
+# grpo.py: the algorithm (advantages, loss, log-probs, update, trainer)
+# ==================================================================================================
+
+# ---- advantages and loss -------------------------------------------------------------------------
 
 def test_group_advantages_by_hand():
-    from grpo import group_advantages
     r = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.2, 0.2, 0.2, 0.2])
-    adv = group_advantages(r, 4)
+    adv = grpo.group_advantages(r, 4)
     g1 = torch.tensor([1.0, 0.0, 0.5, 0.5])
     std = math.sqrt(((g1 - 0.5) ** 2).sum().item() / 3)  # unbiased
     expect = torch.tensor([0.5, -0.5, 0.0, 0.0]) / (std + 1e-6)
     assert torch.allclose(adv[:4], expect, atol=1e-6)
     assert torch.equal(adv[4:], torch.zeros(4))  # all-equal group: 0, not NaN
-    assert torch.allclose(group_advantages(r, 4, scale=False)[:4], torch.tensor([0.5, -0.5, 0.0, 0.0]))
+    assert torch.allclose(grpo.group_advantages(r, 4, scale=False)[:4], torch.tensor([0.5, -0.5, 0.0, 0.0]))
     with pytest.raises(ValueError):
-        group_advantages(r, 3)
+        grpo.group_advantages(r, 3)
 
 
 def _loss(logp, old, adv, mask, **kw):
-    from grpo import policy_loss
     t = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
-    return policy_loss(t(logp), t(old), kw.pop("ref", None), t(adv), t(mask), **kw)
+    return grpo.policy_loss(t(logp), t(old), kw.pop("ref", None), t(adv), t(mask), **kw)
 
 
 def test_policy_loss_aggregations_by_hand():
@@ -1145,8 +1408,8 @@ def test_policy_loss_kl_k3_and_gradient():
     d = 0.3  # ref - logp
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     ref = logp.detach() + d
-    from grpo import policy_loss
-    loss, st = policy_loss(logp, logp.detach(), ref, torch.tensor([0.0]), torch.tensor([[1.0, 0.0]]), kl_coef=0.04)
+    loss, st = grpo.policy_loss(logp, logp.detach(), ref, torch.tensor([0.0]), torch.tensor([[1.0, 0.0]]),
+                                kl_coef=0.04)
     k3 = math.exp(d) - d - 1
     assert st["kl"] == pytest.approx(k3, rel=1e-5)
     assert loss.item() == pytest.approx(0.04 * k3, rel=1e-5)
@@ -1155,54 +1418,96 @@ def test_policy_loss_kl_k3_and_gradient():
     assert logp.grad[0, 1].item() == 0.0
 
 
-# ------------------------------------------------------------------------- the update on 1 vs 2 ranks
+def test_policy_loss_dual_clip_by_hand():
+    """verl's dual clip: for A < 0 the per-token loss is capped at -A * clip_ratio_c."""
+    mask = torch.ones(1, 1)
+    # A = -1, ratio = e^2 = 7.39: PPO alone gives max(7.39, 1.2) = 7.39; dual clip caps it at 3.
+    loss, st = grpo.policy_loss(torch.tensor([[2.0]]), torch.zeros(1, 1), None, torch.tensor([-1.0]), mask,
+                                clip_eps=0.2, kl_coef=0.0, clip_ratio_c=3.0)
+    assert loss.item() == pytest.approx(3.0) and st["dual_clip_frac"] == 1.0 and st["clip_frac"] == 0.0
+    # A = -1, ratio = 2: max(2, 1.2) = 2 < 3, no dual clip.
+    loss, st = grpo.policy_loss(torch.tensor([[math.log(2.0)]]), torch.zeros(1, 1), None,
+                                torch.tensor([-1.0]), mask, clip_eps=0.2, kl_coef=0.0, clip_ratio_c=3.0)
+    assert loss.item() == pytest.approx(2.0) and st["dual_clip_frac"] == 0.0
+    # A = +2, ratio = e^2: the PPO clip alone: -min(2 * 7.39, 2 * 1.2) = -2.4, no dual clip for A > 0.
+    loss, st = grpo.policy_loss(torch.tensor([[2.0]]), torch.zeros(1, 1), None, torch.tensor([2.0]), mask,
+                                clip_eps=0.2, kl_coef=0.0, clip_ratio_c=3.0)
+    assert loss.item() == pytest.approx(-2.4) and st["clip_frac"] == 1.0 and st["dual_clip_frac"] == 0.0
+    # The log-ratio is clamped at 20: a huge one stays finite (and is dual-clipped for A < 0).
+    loss, _ = grpo.policy_loss(torch.tensor([[80.0]]), torch.zeros(1, 1), None, torch.tensor([-0.5]), mask,
+                               clip_eps=0.2, kl_coef=0.0, clip_ratio_c=3.0)
+    assert loss.item() == pytest.approx(1.5)
+    # Gradient: zero where dual-clipped (the cap is a constant), -A * ratio where not.
+    logp = torch.tensor([[2.0, math.log(2.0)]], requires_grad=True)
+    loss, _ = grpo.policy_loss(logp, torch.zeros(1, 2), None, torch.tensor([-1.0]), torch.ones(1, 2),
+                               clip_eps=0.2, kl_coef=0.0, clip_ratio_c=3.0)
+    loss.backward()
+    assert logp.grad.tolist()[0] == pytest.approx([0.0, 2.0 / 2])
+
+
+# ---- log-probs and the update on 1 vs 2 ranks ----------------------------------------------------
+
+def test_response_logprobs_match_generate():
+    """The trainer's teacher-forced log-probs equal the rollout's: importance ratios start at 1."""
+    tok = data.tiny_tokenizer()
+    sv = data.speech_vocab(tok)
+    model = sample.tiny_llama(len(tok), seed=3)
+    prompts = [data.prompt_ids(tok, t) for t in ["One.", "Two words here.", "셋"]]
+    for allowed in (sv.allowed_ids(), None):  # the speech-only policy, and the whole vocabulary
+        roll = sample.generate(model, prompts, max_new_tokens=12, temperature=0.8, stop_ids=(sv.end_id,),
+                               allowed_ids=allowed, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logp = grpo.response_logprobs(model, prompts, roll.tokens, 0.8, allowed_ids=allowed)
+        mask = torch.arange(roll.tokens.shape[1])[None] < roll.lengths[:, None]
+        assert torch.allclose(logp[mask], roll.logprobs[mask], atol=1e-4)
+
 
 def _fixed_rollouts(seed=0, vocab=None):
-    from grpo import Rollouts
-    import data
     tok = data.tiny_tokenizer()
     g = torch.Generator().manual_seed(seed)
     sv = data.speech_vocab(tok)
-    prompts = [data.prompt_ids(tok, t) for t in ["Hello.", "A longer sentence here.", "Hi", "안녕"] for _ in range(2)]
+    prompts = [data.prompt_ids(tok, t) for t in ["Hello.", "A longer sentence here.", "Hi", "안녕"]
+               for _ in range(2)]
     B, T = len(prompts), 7
     tokens = torch.randint(sv.first, sv.first + sv.n, (B, T), generator=g)
     lengths = torch.tensor([7, 3, 5, 1, 6, 2, 7, 4])
     rewards = torch.rand(B, generator=g)
-    from grpo import group_advantages
-    return tok, Rollouts(prompts, tokens, lengths, group_advantages(rewards, 2))
+    return tok, grpo.Rollouts(prompts, tokens, lengths, grpo.group_advantages(rewards, 2))
+
+
+def _port():
+    """A free port for a rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _one_update(rank, world, init_method, out_file, agg, updates=2):
     """One GRPO update over this rank's share of fixed rollouts; world 1 = all of them."""
-    import contextlib
-    import torch.distributed as dist
-    from config import Config
-    from grpo import Rollouts, update_policy
-    from parallel import Dist
-    from sample import tiny_llama
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     tok, ro = _fixed_rollouts()
     share = slice(rank * len(ro.prompts) // world, (rank + 1) * len(ro.prompts) // world)
-    ro = Rollouts(ro.prompts[share], ro.tokens[share], ro.lengths[share], ro.advantages[share])
-    policy = tiny_llama(len(tok), seed=1).train()
-    ref = tiny_llama(len(tok), seed=2)  # a different reference, so the KL term has a gradient
-    cfg = Config(kl_coef=0.1, micro_batch=3, updates_per_rollout=updates, loss_agg=agg, temperature=0.8, lr=1e-3,
-                 grad_clip=1.0, max_new_tokens=7)
+    ro = grpo.Rollouts(ro.prompts[share], ro.tokens[share], ro.lengths[share], ro.advantages[share])
+    policy = sample.tiny_llama(len(tok), seed=1).train()
+    ref = sample.tiny_llama(len(tok), seed=2)  # a different reference, so the KL term has a gradient
+    cfg = config.Config(kl_coef=0.1, micro_batch=3, updates_per_rollout=updates, loss_agg=agg,
+                        temperature=0.8, lr=1e-3, grad_clip=1.0, max_new_tokens=7)
     # SGD, not AdamW: Adam divides by sqrt(v) + eps, which turns the float-rounding noise of a
     # different summation order (~1e-9) in near-zero gradients into ~1e-5 parameter noise.
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    stats = update_policy(policy, ref, opt, sched, ro, cfg, Dist(rank=rank, world=world), contextlib.nullcontext)
+    stats = grpo.update_policy(policy, ref, opt, sched, ro, cfg, parallel.Dist(rank=rank, world=world),
+                               contextlib.nullcontext)
     if rank == 0:
-        torch.save({"params": {k: v.detach().clone() for k, v in policy.named_parameters()}, "stats": stats}, out_file)
+        torch.save({"params": {k: v.detach().clone() for k, v in policy.named_parameters()}, "stats": stats},
+                   out_file)
     if world > 1:  # small buckets: several collectives, each gradient summed exactly once
-        from parallel import sync_gradients
         params = [torch.nn.Parameter(torch.zeros(n)) for n in (700, 5, 1300, 1)]
         for p in params:
             p.grad = torch.full_like(p, float(rank + 1)) * torch.arange(p.numel())
-        sync_gradients(params, Dist(rank=rank, world=world), bucket_numel=1000)
+        parallel.sync_gradients(params, parallel.Dist(rank=rank, world=world), bucket_numel=1000)
         assert all(torch.equal(p.grad, 3.0 * torch.arange(p.numel()).float()) for p in params)
         dist.barrier()  # nobody tears gloo down while a peer is still talking to it
         dist.destroy_process_group()
@@ -1214,64 +1519,36 @@ def _one_update(rank, world, init_method, out_file, agg, updates=2):
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_update_two_ranks_equals_one(tmp_path, agg):
-    import torch.multiprocessing as mp
     one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
     _one_update(0, 1, None, one, agg)
-    import socket
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_one_update, args=(2, f"tcp://127.0.0.1:{port}", two, agg), nprocs=2, join=True)
+    mp.spawn(_one_update, args=(2, f"tcp://127.0.0.1:{_port()}", two, agg), nprocs=2, join=True)
     a, b = torch.load(one, weights_only=False), torch.load(two, weights_only=False)
     for k in a["params"]:
         assert torch.allclose(a["params"][k], b["params"][k], atol=1e-6, rtol=0), k
     assert a["stats"]["loss"] == pytest.approx(b["stats"]["loss"], abs=1e-6)
     assert a["stats"]["kl"] == pytest.approx(b["stats"]["kl"], rel=1e-5)
-    from sample import tiny_llama
-    init = tiny_llama(len(_fixed_rollouts()[0]), seed=1).state_dict()
+    init = sample.tiny_llama(len(_fixed_rollouts()[0]), seed=1).state_dict()
     assert any(not torch.equal(init[k], a["params"][k]) for k in init)  # the step did move the weights
 
 
 def test_grad_checkpointing_gives_the_same_update():
-    import contextlib
-    from config import Config
-    from grpo import update_policy
-    from parallel import Dist
-    from sample import tiny_llama
     tok, ro = _fixed_rollouts()
     params = []
     for checkpointing in (False, True):
-        policy = tiny_llama(len(tok), seed=1).train()
+        policy = sample.tiny_llama(len(tok), seed=1).train()
         if checkpointing:
             getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
             assert policy.model.gradient_checkpointing
         opt = torch.optim.SGD(policy.parameters(), lr=0.1)
-        update_policy(policy, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ro,
-                      Config(kl_coef=0.0, micro_batch=4), Dist(), contextlib.nullcontext)
-        params.append({k: p.detach().clone() for k, p in policy.named_parameters()})  # SGD: same step = same grads
+        grpo.update_policy(policy, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ro,
+                           config.Config(kl_coef=0.0, micro_batch=4), parallel.Dist(), contextlib.nullcontext)
+        # SGD: same step = same grads
+        params.append({k: p.detach().clone() for k, p in policy.named_parameters()})
     for k in params[0]:
         assert torch.allclose(params[0][k], params[1][k], atol=1e-7), k
 
 
-def test_response_logprobs_match_generate():
-    """The trainer's teacher-forced log-probs equal the rollout's: importance ratios start at 1."""
-    import data
-    from grpo import response_logprobs
-    from sample import generate, tiny_llama
-    tok = data.tiny_tokenizer()
-    sv = data.speech_vocab(tok)
-    model = tiny_llama(len(tok), seed=3)
-    prompts = [data.prompt_ids(tok, t) for t in ["One.", "Two words here.", "셋"]]
-    for allowed in (sv.allowed_ids(), None):  # the speech-only policy, and the whole vocabulary
-        roll = generate(model, prompts, max_new_tokens=12, temperature=0.8, stop_ids=(sv.end_id,),
-                        allowed_ids=allowed, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            logp = response_logprobs(model, prompts, roll.tokens, 0.8, allowed_ids=allowed)
-        mask = torch.arange(roll.tokens.shape[1])[None] < roll.lengths[:, None]
-        assert torch.allclose(logp[mask], roll.logprobs[mask], atol=1e-4)
-
-
-# ------------------------------------------------------------------------- the trainer end to end
+# ---- the trainer end to end ----------------------------------------------------------------------
 
 def tone_reward(audio, text):
     """Toy reward with a known optimum: the fraction of 20 ms frames of the tone codec's audio whose
@@ -1286,63 +1563,77 @@ def tone_reward(audio, text):
 
 
 def _tiny(tmp_path, *flags):
-    from config import parse_config
-    return parse_config(["--preset", "tiny", "--out", str(tmp_path / "run"), *flags])
+    return config.parse_config(["--preset", "tiny", "--out", str(tmp_path / "run"), *flags])
+
+
+class _FakeScorer:
+    def __init__(self, value):
+        self.value = value
+
+    def score(self, audios, texts, languages=None):
+        return [Score(reward=self.value) for _ in audios]
+
+
+class _ScriptedScorer:
+    """Scores from a list, in order: a way to make errors, too-long clips and equal groups."""
+
+    def __init__(self, make):
+        self.make, self.calls = make, 0
+
+    def score(self, audios, texts, languages=None):
+        self.calls += 1
+        return [self.make(i) for i in range(len(audios))]
 
 
 def test_tone_reward_knows_its_optimum():
-    from codec import ToneCodec
-    low, high = ToneCodec().decode([[0, 5, 15, 3], [40, 50, 63, 30]])
+    low, high = codec.ToneCodec().decode([[0, 5, 15, 3], [40, 50, 63, 30]])
     assert tone_reward(low, "x") == 1.0 and tone_reward(high, "x") == 0.0
     assert tone_reward(np.zeros(0, np.float32), "x") == 0.0
 
 
 def test_tiny_preset_learns_a_toy_reward(tmp_path):
     """On the tiny preset, GRPO raises the mean reward of a reward whose optimum is known."""
-    from grpo import train
     cfg = _tiny(tmp_path, "--reward", f"{__name__}:tone_reward", "--steps", "30", "--val-data", "",
                 "--kl-coef", "0", "--lr", "3e-3", "--sample-every", "100", "--save-every", "100")
-    hist = train(cfg)
+    hist = grpo.train(cfg)
     rewards = [m["reward_mean"] for m in hist]
     assert all(math.isfinite(r) for r in rewards)
     first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
     assert last > first + 0.25, (first, last, rewards)
 
 
-def test_resume_continues_exactly(tmp_path):
-    """Stop after 2 steps, resume from that checkpoint: steps 3-4 equal an uninterrupted run's."""
-    from grpo import train
-    common = ["--reward", f"{__name__}:tone_reward", "--val-data", "", "--kl-coef", "0.04", "--save-every", "2"]
-    full = train(_tiny(tmp_path / "a", *common, "--steps", "4"))
-    train(_tiny(tmp_path / "b", *common, "--steps", "2"))
-    ckpt = tmp_path / "b" / "run" / "checkpoints" / "step_2"
-    resumed = train(_tiny(tmp_path / "b", *common, "--steps", "4", "--resume", str(ckpt)))
-    assert [m["step"] for m in resumed] == [3, 4]
-    for a, b in zip(full[2:], resumed):
-        for key in ("reward_mean", "loss", "kl", "entropy", "response_len", "grad_norm", "lr"):
-            assert a[key] == pytest.approx(b[key], abs=1e-6), key
-    lines = [json.loads(x) for x in open(tmp_path / "b" / "run" / "metrics.jsonl")]
-    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+def test_validation_in_training_sized_chunks(tmp_path):
+    cfg = _tiny(tmp_path, "--prompts-per-step", "1", "--group-size", "2")  # chunks of 2 of the 6 val texts
+    calls = []
+
+    class Counting(_FakeScorer):
+        def score(self, audios, texts, languages=None):
+            calls.append(len(audios))
+            return super().score(audios, texts, languages)
+
+    tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), Counting(0.5))
+    val = tr.validate()
+    assert calls == [2, 2, 2]
+    assert 0 < val["val_finished"] <= 1 and val["val_reward"] == pytest.approx(0.5 * val["val_finished"])
 
 
-def test_checkpoint_loads_to_identical_logits(tmp_path):
-    import data
-    from outputs import save_checkpoint
-    from sample import tiny_llama
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = data.tiny_tokenizer(n_speech=64)
-    model = tiny_llama(len(tok), seed=5)
-    path = str(tmp_path / "ckpt")
-    save_checkpoint(path, model, tok, {"step": 1})
-    save_checkpoint(path, model, tok, {"step": 2})  # overwriting an existing checkpoint is atomic too
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
-    loaded = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids = torch.tensor([data.prompt_ids(AutoTokenizer.from_pretrained(path), "Hello there.")])
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, loaded(ids).logits)
-    assert torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)["step"] == 2
-    with open(os.path.join(path, "tokenizer_config.json")) as f:  # loadable by transformers 4.x too
-        assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
+def test_disallowed_lm_head_rows_never_change(tmp_path):
+    """The policy is speech-only: after a training step, lm_head rows of text tokens are untouched
+    (AdamW with no gradient moves nothing), and some speech rows did move."""
+
+    class Varied(_FakeScorer):
+        def score(self, audios, texts, languages=None):
+            return [Score(reward=float(len(a) % 7) / 7) for a in audios]
+
+    cfg = _tiny(tmp_path, "--val-data", "", "--kl-coef", "0")
+    tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), Varied(0.0))
+    before = tr.policy.lm.lm_head.weight.detach().clone()
+    tr.train_step(0)
+    after = tr.policy.lm.lm_head.weight.detach()
+    allowed = torch.zeros(len(before), dtype=torch.bool)
+    allowed[tr.allowed_ids] = True
+    assert torch.equal(before[~allowed], after[~allowed])
+    assert not torch.equal(before[allowed], after[allowed])
 
 
 def test_torchrun_two_ranks_tiny_preset(tmp_path):
@@ -1362,246 +1653,118 @@ def test_torchrun_two_ranks_tiny_preset(tmp_path):
     assert "val_reward" in lines[-1]
     samples = out / "samples" / "step_2"
     assert (samples / "0.wav").exists() and len(open(samples / "samples.jsonl").readlines()) == 2
-    from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step_2")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-# ------------------------------------------------------------------------- failures are loud and safe
+# ---- overlapped rollouts and rewards --------------------------------------------------------------
 
-class _FakeScorer:
-    def __init__(self, value):
-        self.value = value
+class SlowScorer:
+    """A deterministic reward that takes its time, like Whisper: the fraction of low codes' energy."""
 
-    def score(self, audios, texts, languages=None):
-        return [Score(reward=self.value) for _ in audios]
-
-
-def test_validation_in_training_sized_chunks(tmp_path):
-    from grpo import Trainer
-    from parallel import Dist
-    cfg = _tiny(tmp_path, "--prompts-per-step", "1", "--group-size", "2")  # chunks of 2 of the 6 val texts
-    calls = []
-
-    class Counting(_FakeScorer):
-        def score(self, audios, texts, languages=None):
-            calls.append(len(audios))
-            return super().score(audios, texts, languages)
-
-    tr = Trainer(cfg, Dist(), torch.device("cpu"), Counting(0.5))
-    val = tr.validate()
-    assert calls == [2, 2, 2]
-    assert 0 < val["val_finished"] <= 1 and val["val_reward"] == pytest.approx(0.5 * val["val_finished"])
-
-
-def test_config_rejects_values_that_would_fail_later():
-    from config import parse_config
-    for flags in (["--temperature", "0"], ["--save-every", "0"], ["--micro-batch", "0"], ["--loss-agg", "sum"]):
-        with pytest.raises(SystemExit):
-            parse_config(["--preset", "tiny", *flags])
-
-
-def test_nan_reward_stops_with_step(tmp_path):
-    from grpo import Trainer
-    from parallel import Dist
-    cfg = _tiny(tmp_path, "--val-data", "")
-    tr = Trainer(cfg, Dist(), torch.device("cpu"), _FakeScorer(float("nan")))
-    with pytest.raises(FloatingPointError, match="step 1: non-finite reward"):
-        tr.train_step(0)
-
-
-def test_nan_gradient_skips_the_step():
-    """A non-finite gradient raises before the optimizer step: the weights stay as they were."""
-    import contextlib
-    from config import Config
-    from grpo import update_policy
-    from parallel import Dist
-    from sample import tiny_llama
-    tok, ro = _fixed_rollouts()
-    policy = tiny_llama(len(tok), seed=1).train()
-    with torch.no_grad():
-        policy.lm_head.weight[ro.tokens[0, 0]] = float("nan")
-    before = {k: v.clone() for k, v in policy.state_dict().items()}
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    with pytest.raises(FloatingPointError, match="non-finite gradient"):
-        update_policy(policy, None, opt, sched, ro, Config(kl_coef=0.0), Dist(), contextlib.nullcontext)
-    after = policy.state_dict()
-    assert all(torch.allclose(before[k], after[k], equal_nan=True) for k in before)
-
-
-def test_bad_dataset_line_is_named(tmp_path):
-    from grpo import train
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine"}\n{"text": "fine too"}\n{"txt": "oops"}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:3"):
-        train(_tiny(tmp_path, "--data", str(bad)))
-
-
-def dying_reward(audio, text):
-    os._exit(3)
-
-
-def test_dead_worker_stops_training_with_exit_code(tmp_path):
-    import time
-    from grpo import train
-    from whisper_worker import WorkerDiedError
-    t0 = time.time()
-    with pytest.raises(WorkerDiedError, match="3"):
-        train(_tiny(tmp_path, "--reward", f"{__name__}:dying_reward", "--val-data", ""))
-    assert time.time() - t0 < 90
-
-
-def test_help_explains_every_flag(capsys):
-    import dataclasses
-    from config import Config, parse_config
-    with pytest.raises(SystemExit):
-        parse_config(["--help"])
-    text = capsys.readouterr().out
-    for f in dataclasses.fields(Config):
-        assert "--" + f.name.replace("_", "-") in text
-    assert text.count("(default:") >= len(dataclasses.fields(Config))
-    cfg = parse_config(["--preset", "tiny", "--group-size", "8", "--no-scale-rewards"])
-    assert cfg.group_size == 8 and cfg.scale_rewards is False and cfg.codec == "tone"
-
-
-# ------------------------------------------------------------------------- trust: failures, outputs, metrics
-
-def test_policy_loss_dual_clip_by_hand():
-    """verl's dual clip: for A < 0 the per-token loss is capped at -A * clip_ratio_c."""
-    from grpo import policy_loss
-    mask = torch.ones(1, 1)
-    # A = -1, ratio = e^2 = 7.39: PPO alone gives max(7.39, 1.2) = 7.39; dual clip caps it at 3.
-    loss, st = policy_loss(torch.tensor([[2.0]]), torch.zeros(1, 1), None, torch.tensor([-1.0]), mask,
-                           clip_eps=0.2, kl_coef=0.0, clip_ratio_c=3.0)
-    assert loss.item() == pytest.approx(3.0) and st["dual_clip_frac"] == 1.0 and st["clip_frac"] == 0.0
-    # A = -1, ratio = 2: max(2, 1.2) = 2 < 3, no dual clip.
-    loss, st = policy_loss(torch.tensor([[math.log(2.0)]]), torch.zeros(1, 1), None, torch.tensor([-1.0]), mask,
-                           clip_eps=0.2, kl_coef=0.0, clip_ratio_c=3.0)
-    assert loss.item() == pytest.approx(2.0) and st["dual_clip_frac"] == 0.0
-    # A = +2, ratio = e^2: the PPO clip alone: -min(2 * 7.39, 2 * 1.2) = -2.4, no dual clip for A > 0.
-    loss, st = policy_loss(torch.tensor([[2.0]]), torch.zeros(1, 1), None, torch.tensor([2.0]), mask,
-                           clip_eps=0.2, kl_coef=0.0, clip_ratio_c=3.0)
-    assert loss.item() == pytest.approx(-2.4) and st["clip_frac"] == 1.0 and st["dual_clip_frac"] == 0.0
-    # The log-ratio is clamped at 20: a huge one stays finite (and is dual-clipped for A < 0).
-    loss, _ = policy_loss(torch.tensor([[80.0]]), torch.zeros(1, 1), None, torch.tensor([-0.5]), mask,
-                          clip_eps=0.2, kl_coef=0.0, clip_ratio_c=3.0)
-    assert loss.item() == pytest.approx(1.5)
-    # Gradient: zero where dual-clipped (the cap is a constant), -A * ratio where not.
-    logp = torch.tensor([[2.0, math.log(2.0)]], requires_grad=True)
-    loss, _ = policy_loss(logp, torch.zeros(1, 2), None, torch.tensor([-1.0]), torch.ones(1, 2),
-                          clip_eps=0.2, kl_coef=0.0, clip_ratio_c=3.0)
-    loss.backward()
-    assert logp.grad.tolist()[0] == pytest.approx([0.0, 2.0 / 2])
-
-
-class _ScriptedScorer:
-    """Scores from a list, in order: a way to make errors, too-long clips and equal groups."""
-
-    def __init__(self, make):
-        self.make, self.calls = make, 0
+    def __init__(self, seconds=0.0):
+        self.seconds, self.calls = seconds, []
 
     def score(self, audios, texts, languages=None):
-        self.calls += 1
-        return [self.make(i) for i in range(len(audios))]
+        self.calls.append(len(audios))
+        time.sleep(self.seconds)
+        return [Score(reward=float(np.abs(a).mean()) if len(a) else 0.0) for a in audios]
 
 
-def test_step_metrics_report_errors_too_long_zero_std_and_the_lr_used(tmp_path):
-    from grpo import Trainer
-    from parallel import Dist
-    cfg = _tiny(tmp_path, "--val-data", "", "--warmup-steps", "4", "--lr", "1e-3", "--max-new-tokens", "200")
-
-    def make(i):  # 4 groups of 4: group 0 all errors (zero std), group 1 too long at clip 4, others vary
-        if i < 4:
-            return Score(reward=0.0, error="audio has 3 NaN or inf samples")
-        if i == 4:
-            return Score(reward=0.0, error="31.0 s is longer than Whisper's 30 s window", too_long=True)
-        return Score(reward=0.1 * (i % 4), transcript="x", cer=0.5, nll=1.0)
-
-    tr = Trainer(cfg, Dist(), torch.device("cpu"), _ScriptedScorer(make))
-    m, _ = tr.train_step(0)
-    assert m["error_frac"] == pytest.approx(5 / 16) and m["too_long_frac"] == pytest.approx(1 / 16)
-    assert m["cer"] == pytest.approx(0.5) and m["nll"] == pytest.approx(1.0)  # errors have no cer, not 0
-    finished = torch.tensor(m["finished"])
-    assert m["zero_std_frac"] >= 0.25  # group 0 at least (truncation may zero more)
-    assert m["lr"] == pytest.approx(1e-3 / 4)  # warm-up: the first step runs at 1/4 of the rate
-    m2, _ = tr.train_step(1)
-    assert m2["lr"] == pytest.approx(2e-3 / 4)
+def test_overlapped_step_equals_sequential_step(tmp_path):
+    """--rollout-chunks 2: scoring chunk 1 while chunk 2 is generated gives the same samples, the
+    same rewards and the same parameters after the update as scoring each chunk before going on."""
+    results = []
+    for overlap in (False, True):
+        cfg = _tiny(tmp_path, "--val-data", "", "--rollout-chunks", "2", "--kl-coef", "0.04")
+        scorer = SlowScorer(0.3)
+        tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), scorer)
+        real = tr.rollout_and_score
+        tr.rollout_and_score = lambda texts, langs: real(texts, langs, overlap=overlap)
+        metrics, _ = tr.train_step(0)
+        assert scorer.calls == [8, 8]  # two chunks of the 16 rollouts
+        results.append((metrics, {k: v.detach().clone() for k, v in tr.policy.state_dict().items()}))
+    (seq, p_seq), (ovl, p_ovl) = results
+    for key in ("reward_mean", "reward_std", "loss", "entropy", "response_len", "grad_norm"):
+        assert seq[key] == ovl[key], key
+    assert all(torch.equal(p_seq[k], p_ovl[k]) for k in p_seq)
+    # Sequential waits for every chunk's 0.3 s; overlapped hides the first one behind generation.
+    assert seq["time_reward"] >= 0.55 and ovl["time_reward"] < seq["time_reward"]
 
 
-def test_unknown_language_is_rejected_at_load(tmp_path):
-    from grpo import train
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine", "language": "ko"}\n{"text": "oops", "language": "klingon"}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: language 'klingon'"):
-        train(_tiny(tmp_path, "--data", str(bad)))
-    assert not (tmp_path / "run").exists()  # refused before anything was written
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1: language 'ko' is not one Whisper 'tiny.en' knows"):
-        train(_tiny(tmp_path, "--data", str(bad), "--whisper", "tiny.en"))
-    with pytest.raises(ValueError, match=r"--language"):
-        train(_tiny(tmp_path, "--language", "xx"))
+def test_cat_rollouts_pads_to_the_longest():
+    a = sample.Rollout(torch.tensor([[5, 6, 7]]), torch.tensor([3]), torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([True]))
+    b = sample.Rollout(torch.tensor([[8], [9]]), torch.tensor([1, 1]), torch.tensor([[-4.0], [-5.0]]), torch.tensor([False, True]))
+    r = grpo.cat_rollouts([a, b])
+    assert r.tokens.tolist() == [[5, 6, 7], [8, 0, 0], [9, 0, 0]] and r.lengths.tolist() == [3, 1, 1]
+    assert r.logprobs.tolist() == [[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0], [-5.0, 0.0, 0.0]]
+    assert r.finished.tolist() == [True, False, True]
 
 
-def test_out_holding_a_run_is_refused_and_resume_auto_continues(tmp_path, capsys):
-    from grpo import train
-    common = ["--reward", f"{__name__}:tone_reward", "--val-data", "", "--save-every", "1", "--sample-every", "9"]
-    train(_tiny(tmp_path, *common, "--steps", "2"))
-    run = tmp_path / "run"
-    before = (run / "metrics.jsonl").read_bytes()
-    with pytest.raises(FileExistsError, match=r"already holds a run \(metrics.jsonl with 2 steps; checkpoints/"):
-        train(_tiny(tmp_path, *common, "--steps", "3"))
-    assert (run / "metrics.jsonl").read_bytes() == before  # nothing was touched
-    # An incomplete checkpoint (no trainer state) is never picked.
-    (run / "checkpoints" / "step_7").mkdir()
-    resumed = train(_tiny(tmp_path, *common, "--steps", "3", "--resume", "auto"))
-    assert [m["step"] for m in resumed] == [3]
-    assert [json.loads(x)["step"] for x in open(run / "metrics.jsonl")] == [1, 2, 3]
-    capsys.readouterr()
-    assert train(_tiny(tmp_path, *common, "--steps", "3", "--resume", "auto")) == []
-    assert "already complete" in capsys.readouterr().out
-    # A fresh --out with --resume auto simply starts.
-    assert len(train(_tiny(tmp_path / "new", *common, "--steps", "1", "--resume", "auto"))) == 1
+# ---- the prosody guard on toy rewards ------------------------------------------------------------
+
+def short_reward(audio, text):
+    """Toy reward favouring shorter (faster) speech: 1 for an empty clip, 0 at the tiny cap of 64 codes."""
+    return float(max(0.0, 1.0 - len(audio) / (64 * 320)))
 
 
-def test_checkpoint_is_durable_trainer_state_last(tmp_path, monkeypatch):
-    import data
-    import outputs
-    from sample import tiny_llama
-    tok = data.tiny_tokenizer(n_speech=8)
-    model = tiny_llama(len(tok), seed=0)
-    events = []
-    real_fsync, real_replace = outputs._fsync, os.replace
-    monkeypatch.setattr(outputs, "_fsync", lambda p: (events.append(("fsync", os.path.relpath(p, tmp_path))),
-                                                      real_fsync(p)))
-    monkeypatch.setattr(outputs.os, "replace", lambda a, b: (events.append(("rename", os.path.relpath(a, tmp_path))),
-                                                            real_replace(a, b)))
-    outputs.save_checkpoint(str(tmp_path / "ckpt"), model, tok, {"step": 1})
-    synced = [p for kind, p in events if kind == "fsync"]
-    files = [p for p in synced if p.startswith("ckpt.tmp/")]
-    assert "ckpt.tmp/model.safetensors" in files and "ckpt.tmp/tokenizer_config.json" in files
-    assert files[-1] == "ckpt.tmp/trainer_state.pt"  # written and synced after every other file
-    rename = events.index(("rename", "ckpt.tmp"))
-    assert events[rename - 1] == ("fsync", "ckpt.tmp")  # the directory itself, before the rename
-    assert events[rename + 1] == ("fsync", ".")  # and the parent, so the rename is durable
-    assert outputs.checkpoints(str(tmp_path / "x")) == []
+def monotone_reward(audio, text):
+    """Toy reward favouring one repeated code: the fraction of 20 ms frames whose zero-crossing
+    count (the tone codec's pitch) equals the clip's most common one."""
+    n = len(audio) // 320
+    if n == 0:
+        return 0.0
+    frames = audio[:n * 320].reshape(n, 320)
+    return float(np.bincount((np.diff(np.sign(frames), axis=1) != 0).sum(axis=1)).max() / n)
 
+
+def _toy_run(tmp_path, reward, guard, steps=15):
+    flags = ["--preset", "tiny", "--out", str(tmp_path / f"{reward}_{guard}"), "--reward", f"{__name__}:{reward}",
+             "--steps", str(steps), "--kl-coef", "0", "--lr", "3e-3", "--val-every", "1000",
+             "--save-every", "1000", "--sample-every", "1000"] + (["--prosody-guard"] if guard else [])
+    return grpo.train(config.parse_config(flags))
+
+
+@pytest.mark.parametrize("reward, measure, band, faster", [("short_reward", "chars_per_s", 0.25, True),
+                                                           ("monotone_reward", "f0_std_semitones", 0.5, False)])
+def test_prosody_guard_toy_experiment(tmp_path, reward, measure, band, faster):
+    """On the tone codec, a reward favouring shorter audio drives the speaking rate up, and one
+    favouring a repeated code drives the pitch spread down; with --prosody-guard both stay near
+    the initial policy's (the reference measured at the start, reported as ref_*)."""
+    free = [m[measure] for m in _toy_run(tmp_path, reward, False)]
+    guarded_run = _toy_run(tmp_path, reward, True)
+    guarded = [m[measure] for m in guarded_run]
+    ref = guarded_run[0][f"ref_{measure}"]
+    assert all(m[f"ref_{measure}"] == ref for m in guarded_run)
+    edge = ref * (1 + band) if faster else ref / (1 + band)  # the band's edge the reward pushes towards
+    end_free, end_guarded = np.median(free[-5:]), np.median(guarded[-5:])
+    if faster:
+        assert end_free > 1.5 * edge and end_guarded <= 1.25 * edge, (ref, free, guarded)
+    else:
+        assert end_free < edge and end_guarded >= edge / 1.25, (ref, free, guarded)
+    assert all(0 < m["prosody_guard"] <= 1 for m in guarded_run)
+
+
+# ==================================================================================================
+# parallel.py: ranks fail together, FSDP2
+# ==================================================================================================
+
+# ---- rank agreement: one failing rank stops the job ----------------------------------------------
 
 def _failing_rank(rank: int, port: int, out: str, where: str):
     """One rank of a 2-rank tiny run (no torchrun agent: the ranks must stop by themselves)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    import grpo
-    import whisper_worker
     if rank == 1 and where == "reward":
-        real, calls = whisper_worker.WorkerClient.score, []
+        real, calls = ww.WorkerClient.score, []
 
         def score(self, *args):
             calls.append(1)
             if len(calls) == 2:
                 raise TimeoutError("injected: the Whisper worker did not answer (rank 1, step 2)")
             return real(self, *args)
-        whisper_worker.WorkerClient.score = score
+        ww.WorkerClient.score = score
     if rank == 1 and where == "validation":
         real_rollout = grpo.Trainer.rollout
 
@@ -1618,10 +1781,7 @@ def _failing_rank(rank: int, port: int, out: str, where: str):
 def test_one_failing_rank_stops_the_job(tmp_path, where):
     """Rank 1 fails at step 2; both ranks exit non-zero within 60 s (no torchrun agent to kill
     them), rank 1 prints its message, and the step-1 checkpoint on disk is whole."""
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _port()
     out = str(tmp_path / "run")
     code = f"import sys; sys.path.insert(0, {REPO!r}); " \
            f"import test_grpo as t; t._failing_rank(int(sys.argv[1]), {port}, {out!r}, {where!r})"
@@ -1636,67 +1796,40 @@ def test_one_failing_rank_stops_the_job(tmp_path, where):
     assert "injected" in results[1][1] and "[rank 1]" in results[1][1]
     assert "rank 1 failed during" in results[0][1], results[0][1][-2000:]
     ckpt = os.path.join(out, "checkpoints", "step_1")
-    from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)["step"] == 1
     assert not os.path.exists(os.path.join(out, "checkpoints", "step_2"))
 
 
-def test_a_step_where_no_clip_could_be_scored_stops(tmp_path):
-    from grpo import Trainer
-    from parallel import Dist
-    cfg = _tiny(tmp_path, "--val-data", "")
-    tr = Trainer(cfg, Dist(), torch.device("cpu"),
-                 _ScriptedScorer(lambda i: Score(reward=0.0, error="scoring failed: RuntimeError: CUDA error")))
-    with pytest.raises(RuntimeError, match="step 1: not one of 16 clips could be scored: scoring failed"):
-        tr.train_step(0)
-
-
-# ------------------------------------------------------------------------- FSDP2 and the speech-only head
+# ---- FSDP2 ---------------------------------------------------------------------------------------
 
 def _fsdp_update(rank, world, init_method, out_file, ckpt):
     """_one_update's rollouts and settings, with the policy and reference sharded by FSDP2."""
-    import contextlib
-    import torch.distributed as dist
-    from config import Config
-    from grpo import LogProbs, Rollouts, update_policy
-    from outputs import save_checkpoint
-    from parallel import Dist, full_model_state, shard
-    from sample import tiny_llama
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     tok, ro = _fixed_rollouts()
     share = slice(rank * len(ro.prompts) // world, (rank + 1) * len(ro.prompts) // world)
-    ro = Rollouts(ro.prompts[share], ro.tokens[share], ro.lengths[share], ro.advantages[share])
-    policy = shard(LogProbs(tiny_llama(len(tok), seed=1)).train(), torch.device("cpu"))
-    ref = shard(LogProbs(tiny_llama(len(tok), seed=2)), torch.device("cpu"))
-    cfg = Config(kl_coef=0.1, micro_batch=3, updates_per_rollout=2, loss_agg="token-mean", temperature=0.8,
-                 lr=1e-3, grad_clip=1.0, max_new_tokens=7, fsdp=True)
+    ro = grpo.Rollouts(ro.prompts[share], ro.tokens[share], ro.lengths[share], ro.advantages[share])
+    policy = parallel.shard(grpo.LogProbs(sample.tiny_llama(len(tok), seed=1)).train(), torch.device("cpu"))
+    ref = parallel.shard(grpo.LogProbs(sample.tiny_llama(len(tok), seed=2)), torch.device("cpu"))
+    cfg = config.Config(kl_coef=0.1, micro_batch=3, updates_per_rollout=2, loss_agg="token-mean",
+                        temperature=0.8, lr=1e-3, grad_clip=1.0, max_new_tokens=7, fsdp=True)
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    d = Dist(rank=rank, world=world)
-    stats = update_policy(policy, ref, opt, sched, ro, cfg, d, contextlib.nullcontext)
-    weights = full_model_state(policy, d)
+    d = parallel.Dist(rank=rank, world=world)
+    stats = grpo.update_policy(policy, ref, opt, sched, ro, cfg, d, contextlib.nullcontext)
+    weights = parallel.full_model_state(policy, d)
     if rank == 0:
         torch.save({"params": weights, "stats": stats}, out_file)
-        save_checkpoint(ckpt, policy.lm, tok, {"step": 1}, weights=weights)
+        outputs.save_checkpoint(ckpt, policy.lm, tok, {"step": 1}, weights=weights)
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)
 
 
-def _port():
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_fsdp_update_equals_replicated_and_checkpoints_whole_weights(tmp_path):
-    import torch.multiprocessing as mp
-    from transformers import AutoModelForCausalLM
     one, two, ckpt = str(tmp_path / "one.pt"), str(tmp_path / "fsdp.pt"), str(tmp_path / "ckpt")
     _one_update(0, 1, None, one, "token-mean")
     mp.spawn(_fsdp_update, args=(2, f"tcp://127.0.0.1:{_port()}", two, ckpt), nprocs=2, join=True)
@@ -1709,8 +1842,7 @@ def test_fsdp_update_equals_replicated_and_checkpoints_whole_weights(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(ckpt).eval()  # whole weights, a plain HF model
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, b["params"][k]), k
-    from sample import tiny_llama
-    ref = tiny_llama(len(_fixed_rollouts()[0]), seed=1)
+    ref = sample.tiny_llama(len(_fixed_rollouts()[0]), seed=1)
     ref.load_state_dict(b["params"])
     ids = torch.tensor([_fixed_rollouts()[1].prompts[0]])
     with torch.no_grad():
@@ -1719,8 +1851,9 @@ def test_fsdp_update_equals_replicated_and_checkpoints_whole_weights(tmp_path):
 
 def _torchrun(out, *flags, steps):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(REPO, "grpo.py"), "--preset", "tiny", "--fsdp", "--steps", str(steps), "--out", str(out),
-           "--reward", "test_grpo:tone_reward", "--val-data", "", "--save-every", "2", "--sample-every", "9", *flags]
+           os.path.join(REPO, "grpo.py"), "--preset", "tiny", "--fsdp", "--steps", str(steps),
+           "--out", str(out), "--reward", "test_grpo:tone_reward", "--val-data", "", "--save-every", "2",
+           "--sample-every", "9", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -1742,28 +1875,451 @@ def test_fsdp_tiny_preset_runs_and_resumes_exactly(tmp_path):
     for a, b in zip(full[2:], resumed[2:]):
         for key in ("reward_mean", "loss", "kl", "entropy", "response_len", "grad_norm", "lr"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
-    from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "checkpoints" / "step_4")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_disallowed_lm_head_rows_never_change(tmp_path):
-    """The policy is speech-only: after a training step, lm_head rows of text tokens are untouched
-    (AdamW with no gradient moves nothing), and some speech rows did move."""
-    from grpo import Trainer
-    from parallel import Dist
-    from reward import Score
+# ==================================================================================================
+# memory.py: the memory model against real tensors
+# ==================================================================================================
 
-    class Varied(_FakeScorer):
-        def score(self, audios, texts, languages=None):
-            return [Score(reward=float(len(a) % 7) / 7) for a in audios]
+def _peak_bytes(fn) -> int:
+    """Peak rise (bytes) of CPU memory allocated while fn() runs, from the profiler's allocation
+    events (the CPU allocator caches nothing, so this is what tensors really hold)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    cfg = _tiny(tmp_path, "--val-data", "", "--kl-coef", "0")
-    tr = Trainer(cfg, Dist(), torch.device("cpu"), Varied(0.0))
-    before = tr.policy.lm.lm_head.weight.detach().clone()
-    tr.train_step(0)
-    after = tr.policy.lm.lm_head.weight.detach()
-    allowed = torch.zeros(len(before), dtype=torch.bool)
-    allowed[tr.allowed_ids] = True
-    assert torch.equal(before[~allowed], after[~allowed])
-    assert not torch.equal(before[allowed], after[allowed])
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    results = getattr(prof.profiler.kineto_results, "experimental_event_tree", None)
+    if results is None:
+        pytest.skip("this torch's profiler has no experimental_event_tree")
+    events, stack = [], list(results())
+    while stack:
+        e = stack.pop()
+        if str(e.tag).endswith("Allocation"):
+            events.append((e.start_time_ns, e.extra_fields.alloc_size))
+        stack.extend(e.children)
+    peak = now = 0
+    for _, size in sorted(events):
+        now += size
+        peak = max(peak, now)
+    return peak
+
+
+def test_memory_state_bytes_match_real_tensors():
+    # weights, grads and AdamW moments of real models (tied and untied) after one step
+    for tied in (False, True):
+        model = sample.tiny_llama(1003, hidden_size=64, num_layers=2, tie_word_embeddings=tied).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model(torch.randint(0, 1003, (2, 9))).logits.float().sum().backward()
+        opt.step()
+        m = memory.training_memory(model.config)
+        assert m["weights"] == sum(p.nbytes for p in model.parameters())
+        assert m["grads"] == sum(p.grad.nbytes for p in model.parameters())
+        # the moments; AdamW's "step" counters are scalars (on the host for non-capturable AdamW)
+        assert m["optimizer"] == sum(v.nbytes for s in opt.state.values() for k, v in s.items() if k != "step")
+        assert m["optimizer_step"] == m["weights"]
+
+
+def test_memory_fsdp_shards_match_fully_shard():
+    # FSDP2 on a fake 4-rank process group (one process): rank 0's real shards, padded on dim 0
+    # (vocab 1003 is not a multiple of 4), and the whole bf16 copy gathered for rollouts.
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    world, allowed = 4, 100
+    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+    try:
+        model = sample.tiny_llama(1003, hidden_size=64, num_layers=2).train()
+        m = memory.training_memory(model.config, world=world, fsdp=True, allowed=allowed)
+        assert m["weights"] < sum(p.nbytes for p in model.parameters()) / world + 64 * 4 * 2  # about 1/4
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        layer = sum(p.numel() for p in model.model.layers[0].parameters())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        logits = model(torch.randint(0, 1003, (2, 9))).logits
+        # after the forward the root (embeddings, norm, lm_head) stays gathered in bf16 for the
+        # backward, the layers are sharded again: fsdp_unsharded = that root, lm_head's bf16 grad
+        # [V, d], and a layer's bf16 params, the next layer's (prefetched) and its own grads
+        root = {n: p for n, p in model.named_parameters() if not n.startswith("model.layers.")}
+        assert all(type(p) is torch.nn.Parameter and p.dtype == torch.bfloat16 for p in root.values())
+        assert all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.model.layers.parameters())
+        assert m["fsdp_unsharded"] == sum(p.nbytes for p in root.values()) + 2 * 1003 * 64 + 3 * 2 * layer
+        logits.float().sum().backward()
+        opt.step()
+        assert m["weights"] == sum(p.to_local().nbytes for p in model.parameters())
+        assert m["grads"] == sum(p.grad.to_local().nbytes for p in model.parameters())
+        assert m["optimizer"] == sum(v.to_local().nbytes for s in opt.state.values()
+                                     for k, v in s.items() if k != "step")
+        mods = [x for x in model.modules() if isinstance(x, FSDPModule)]
+        for x in mods:
+            x.unshard()
+        gathered = sum(p.nbytes for p in model.parameters())  # bf16, whole
+        for x in mods:
+            x.reshard()
+        assert m["rollout_weights"] == gathered + 2 * allowed * 64  # + head_rows' bf16 copy
+    finally:
+        dist.destroy_process_group()
+
+
+def test_memory_kv_cache_matches_real_cache():
+    model = sample.tiny_llama(500, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2)
+    cache = sample.KVCache.for_model(model, 5, 77, torch.bfloat16)
+    real = cache.k.nbytes + cache.v.nbytes
+    assert memory.kv_cache_bytes(model.config, 5, 77) == real
+    assert memory.training_memory(model.config, rollout_batch=5, rollout_len=77)["kv_cache"] == real
+    # the seed recipe on Llasa-1B: 64 sequences of 1600 slots
+    assert memory.training_memory(memory.LLASA_SHAPES["llasa-1b"])["kv_cache"] == 16 * 2 * 64 * 8 * 1600 * 64 * 2
+
+
+def test_memory_logits_match_the_largest_tensor_of_head_logprobs():
+    # the largest fp32 tensor over the head's rows that sample.head_logprobs creates (forward and
+    # backward) is one chunk's logits [B, chunk, rows]: the logits term is it and its gradient;
+    # unchunked over the whole vocabulary, the old term
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        def __init__(self, rows):
+            super().__init__()
+            self.rows, self.shape, self.nbytes = rows, None, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() and t.shape[-1] == self.rows
+                        and t.nbytes > self.nbytes):
+                    self.shape, self.nbytes = tuple(t.shape), t.nbytes
+            return out
+
+    torch.manual_seed(0)
+    B, T, H, V, A, chunk = 2, 40, 16, 300, 120, 16
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    for rows, c in ((A, chunk), (V, T)):  # speech-only chunked; full vocabulary, one chunk
+        with Largest(rows) as largest:
+            sample.head_logprobs(hidden, weight[:rows], torch.randint(0, rows, (B, T)), 0.8, chunk=c).sum().backward()
+        assert math.prod(largest.shape) == B * c * rows  # (matmuls see [B * c, rows])
+        assert memory.logits_bytes(B, c, rows) == 2 * largest.nbytes == 2 * torch.empty(B, c, rows).nbytes
+    m = memory.training_memory(memory.LLASA_SHAPES["llasa-1b"])
+    assert m["logits"] == 2 * torch.empty(2, 256, 65537, device="meta").nbytes  # 268 MB
+    assert memory.logits_bytes(2, 1500, 193_800) == 2 * torch.empty(2, 1500, 193_800, device="meta").nbytes
+
+
+def test_memory_llasa_param_counts_are_exact():
+    # built on the meta device: Llama-3.2-1B / 3.2-3B / 3.1-8B (1.24B / 3.21B / 8.03B at vocab
+    # 128,256) plus 65,544 more embedding rows (twice for the untied 8B)
+    counts = {name: memory.param_count(shape) for name, shape in memory.LLASA_SHAPES.items()}
+    assert counts == {"llasa-1b": 1_370_048_512, "llasa-3b": 3_414_100_992, "llasa-8b": 8_567_197_696}
+    extra = 193_800 - 128_256
+    assert counts["llasa-1b"] - extra * 2048 == 1_235_814_400  # Llama-3.2-1B's published count
+    assert counts["llasa-8b"] - 2 * extra * 4096 == 8_030_261_248  # Llama-3.1-8B's
+    assert memory.training_memory(memory.LLASA_SHAPES["llasa-8b"])["weights"] == 4 * counts["llasa-8b"]
+
+
+def _saved_bytes(model, batch, length):
+    """Bytes of the distinct non-parameter storages autograd saves in a bf16-autocast forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.model(input_ids=ids, use_cache=False)
+    return sum(saved.values())
+
+
+def test_memory_activation_bytes_match_saved_tensors():
+    # Per layer per token: (2 more layers, 64 more tokens) cancels the rest of the model and the
+    # per-layer constant; the constant itself is the layer's bf16 weight casts.
+    shape = dict(hidden_size=256, num_heads=8, num_kv_heads=2, intermediate_size=1024)
+    small, big = (sample.tiny_llama(512, num_layers=n, **shape).train() for n in (2, 4))
+    b = {(n, L): _saved_bytes(model, 2, L) for n, model in ((2, small), (4, big)) for L in (64, 128)}
+    per_token = (b[4, 128] - b[4, 64] - b[2, 128] + b[2, 64]) / (2 * 2 * 64)  # bytes per layer per token
+    per_layer = (b[4, 64] - b[2, 64]) / 2 - per_token * 2 * 64
+    formula = memory.layer_activation_bytes(small.config)
+    print(f"activations per layer per token: measured {per_token:.0f} B, formula {formula} B")
+    assert abs(per_token - formula) <= 0.1 * formula
+    casts = memory.training_memory(small.config)["weight_casts"] / 2  # per layer
+    assert abs(per_layer - casts) <= 0.01 * casts
+
+
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_memory_update_peak_matches_measurement(grad_checkpointing):
+    # One micro-batch's forward + backward after another (gradients already exist), measured with
+    # the profiler, against the update terms beyond the gradients.
+    B, P, T, A, chunk = 2, 16, 96, 400, 64
+    model = sample.tiny_llama(1200, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_size=512).train()
+    if grad_checkpointing:  # as grpo.Trainer does (transformers 5 renamed it)
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    g = torch.Generator().manual_seed(0)
+    allowed = torch.arange(600, 600 + A)
+    prompts = [torch.randint(0, 600, (P,), generator=g).tolist() for _ in range(B)]
+    tokens = allowed[torch.randint(0, A, (B, T), generator=g)]
+
+    def micro_batch():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp = grpo.response_logprobs(model, prompts, tokens, 0.8, allowed_ids=allowed)
+        (logp.sum() / logp.numel()).backward()
+
+    micro_batch()
+    measured = _peak_bytes(micro_batch)
+    m = memory.training_memory(model.config, micro_batch=B, seq_len=P + T, response_len=T, allowed=A,
+                               chunk=chunk, grad_checkpointing=grad_checkpointing)
+    formula = m["update"] - m["grads"]
+    print(f"update peak (GC {grad_checkpointing}): measured {measured / 1e6:.2f} MB, formula {formula / 1e6:.2f} MB")
+    assert abs(measured - formula) <= 0.1 * formula
+
+
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_memory_fsdp_update_peak_matches_measurement(grad_checkpointing):
+    # The same with FSDP2 (bf16 compute params, fp32 reduction) on a fake 2-rank group, sharded as
+    # parallel.shard does (each layer, then the grpo.LogProbs root). The CPU has no side streams, so
+    # the prefetch overlaps less than on a GPU.
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    B, P, T, A, chunk, world = 2, 16, 96, 400, 64, 2
+    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+    try:
+        lm = sample.tiny_llama(3000, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                        intermediate_size=512).train()
+        if grad_checkpointing:
+            getattr(lm, "activation_checkpointing_enable", lm.gradient_checkpointing_enable)()
+        model = grpo.LogProbs(lm)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in lm.model.layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        g = torch.Generator().manual_seed(0)
+        allowed = torch.arange(600, 600 + A)
+        prompts = [torch.randint(0, 600, (P,), generator=g).tolist() for _ in range(B)]
+        tokens = allowed[torch.randint(0, A, (B, T), generator=g)]
+
+        def micro_batch():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logp = model(prompts, tokens, 0.8, allowed_ids=allowed)
+            (logp.sum() / logp.numel()).backward()
+
+        micro_batch()
+        measured = _peak_bytes(micro_batch)
+    finally:
+        dist.destroy_process_group()
+    m = memory.training_memory(lm.config, world=world, fsdp=True, micro_batch=B, seq_len=P + T, response_len=T,
+                               allowed=A, chunk=chunk, grad_checkpointing=grad_checkpointing)
+    formula = m["update"] - m["grads"]
+    print(f"FSDP update peak (GC {grad_checkpointing}): measured {measured / 1e6:.2f} MB, "
+          f"formula {formula / 1e6:.2f} MB")
+    assert abs(measured - formula) <= 0.15 * formula
+
+
+def test_memory_optimizer_step_and_rollout_peaks_match_measurement():
+    model = sample.tiny_llama(1200, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2, intermediate_size=1024)
+    # foreach AdamW (CUDA's default): one temporary the size of all parameters
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    opt.step()  # the first step creates the moments
+    m = memory.training_memory(model.config, micro_batch=2, seq_len=20, response_len=12, rollout_batch=16,
+                               rollout_len=20, allowed=400)
+    measured = _peak_bytes(opt.step)
+    print(f"optimizer step: measured {measured / 1e6:.2f} MB, formula {m['optimizer_step'] / 1e6:.2f} MB")
+    assert abs(measured - m["optimizer_step"]) <= 0.1 * m["optimizer_step"]
+    # a rollout of 16 sequences (8-token prompts, 12 new tokens) on fp32 weights under bf16 autocast
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 600, (8,), generator=g).tolist() for _ in range(16)]
+
+    def rollout():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            sample.generate(model.eval(), prompts, max_new_tokens=12, temperature=0.8, top_p=0.9,
+                     allowed_ids=torch.arange(600, 1000), generator=g, cache_dtype=torch.bfloat16)
+
+    measured = _peak_bytes(rollout)
+    print(f"rollout: measured {measured / 1e6:.2f} MB, formula {m['rollout'] / 1e6:.2f} MB "
+          f"(kv {m['kv_cache'] / 1e6:.2f}, weights {m['rollout_weights'] / 1e6:.2f}, decode {m['decode'] / 1e6:.2f})")
+    assert abs(measured - m["rollout"]) <= 0.1 * m["rollout"]
+
+
+# ==================================================================================================
+# outputs.py: checkpoints, the --out and --resume rules, metrics
+# ==================================================================================================
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+def test_checkpoint_loads_to_identical_logits(tmp_path):
+    tok = data.tiny_tokenizer(n_speech=64)
+    model = sample.tiny_llama(len(tok), seed=5)
+    path = str(tmp_path / "ckpt")
+    outputs.save_checkpoint(path, model, tok, {"step": 1})
+    outputs.save_checkpoint(path, model, tok, {"step": 2})  # overwriting an existing checkpoint is atomic too
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    loaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([data.prompt_ids(AutoTokenizer.from_pretrained(path), "Hello there.")])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)["step"] == 2
+    with open(os.path.join(path, "tokenizer_config.json")) as f:  # loadable by transformers 4.x too
+        assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+def test_checkpoint_is_durable_trainer_state_last(tmp_path, monkeypatch):
+    tok = data.tiny_tokenizer(n_speech=8)
+    model = sample.tiny_llama(len(tok), seed=0)
+    events = []
+    real_fsync, real_replace = outputs._fsync, os.replace
+    monkeypatch.setattr(outputs, "_fsync", lambda p: (events.append(("fsync", os.path.relpath(p, tmp_path))),
+                                                      real_fsync(p)))
+    monkeypatch.setattr(outputs.os, "replace",
+                        lambda a, b: (events.append(("rename", os.path.relpath(a, tmp_path))),
+                                      real_replace(a, b)))
+    outputs.save_checkpoint(str(tmp_path / "ckpt"), model, tok, {"step": 1})
+    synced = [p for kind, p in events if kind == "fsync"]
+    files = [p for p in synced if p.startswith("ckpt.tmp/")]
+    assert "ckpt.tmp/model.safetensors" in files and "ckpt.tmp/tokenizer_config.json" in files
+    assert files[-1] == "ckpt.tmp/trainer_state.pt"  # written and synced after every other file
+    rename = events.index(("rename", "ckpt.tmp"))
+    assert events[rename - 1] == ("fsync", "ckpt.tmp")  # the directory itself, before the rename
+    assert events[rename + 1] == ("fsync", ".")  # and the parent, so the rename is durable
+    assert outputs.checkpoints(str(tmp_path / "x")) == []
+
+
+# ---- --out and --resume --------------------------------------------------------------------------
+
+def test_resume_continues_exactly(tmp_path):
+    """Stop after 2 steps, resume from that checkpoint: steps 3-4 equal an uninterrupted run's."""
+    common = ["--reward", f"{__name__}:tone_reward", "--val-data", "", "--kl-coef", "0.04",
+              "--save-every", "2"]
+    full = grpo.train(_tiny(tmp_path / "a", *common, "--steps", "4"))
+    grpo.train(_tiny(tmp_path / "b", *common, "--steps", "2"))
+    ckpt = tmp_path / "b" / "run" / "checkpoints" / "step_2"
+    resumed = grpo.train(_tiny(tmp_path / "b", *common, "--steps", "4", "--resume", str(ckpt)))
+    assert [m["step"] for m in resumed] == [3, 4]
+    for a, b in zip(full[2:], resumed):
+        for key in ("reward_mean", "loss", "kl", "entropy", "response_len", "grad_norm", "lr"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    lines = [json.loads(x) for x in open(tmp_path / "b" / "run" / "metrics.jsonl")]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+
+
+def test_out_holding_a_run_is_refused_and_resume_auto_continues(tmp_path, capsys):
+    common = ["--reward", f"{__name__}:tone_reward", "--val-data", "", "--save-every", "1",
+              "--sample-every", "9"]
+    grpo.train(_tiny(tmp_path, *common, "--steps", "2"))
+    run = tmp_path / "run"
+    before = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(FileExistsError,
+                       match=r"already holds a run \(metrics.jsonl with 2 steps; checkpoints/"):
+        grpo.train(_tiny(tmp_path, *common, "--steps", "3"))
+    assert (run / "metrics.jsonl").read_bytes() == before  # nothing was touched
+    # An incomplete checkpoint (no trainer state) is never picked.
+    (run / "checkpoints" / "step_7").mkdir()
+    resumed = grpo.train(_tiny(tmp_path, *common, "--steps", "3", "--resume", "auto"))
+    assert [m["step"] for m in resumed] == [3]
+    assert [json.loads(x)["step"] for x in open(run / "metrics.jsonl")] == [1, 2, 3]
+    capsys.readouterr()
+    assert grpo.train(_tiny(tmp_path, *common, "--steps", "3", "--resume", "auto")) == []
+    assert "already complete" in capsys.readouterr().out
+    # A fresh --out with --resume auto simply starts.
+    assert len(grpo.train(_tiny(tmp_path / "new", *common, "--steps", "1", "--resume", "auto"))) == 1
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+def test_step_metrics_report_errors_too_long_zero_std_and_the_lr_used(tmp_path):
+    cfg = _tiny(tmp_path, "--val-data", "", "--warmup-steps", "4", "--lr", "1e-3", "--max-new-tokens", "200")
+
+    def make(i):  # 4 groups of 4: group 0 all errors (zero std), group 1 too long at clip 4, others vary
+        if i < 4:
+            return Score(reward=0.0, error="audio has 3 NaN or inf samples")
+        if i == 4:
+            return Score(reward=0.0, error="31.0 s is longer than Whisper's 30 s window", too_long=True)
+        return Score(reward=0.1 * (i % 4), transcript="x", cer=0.5, nll=1.0)
+
+    tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), _ScriptedScorer(make))
+    m, _ = tr.train_step(0)
+    assert m["error_frac"] == pytest.approx(5 / 16) and m["too_long_frac"] == pytest.approx(1 / 16)
+    assert m["cer"] == pytest.approx(0.5) and m["nll"] == pytest.approx(1.0)  # errors have no cer, not 0
+    assert m["zero_std_frac"] >= 0.25  # group 0 at least (truncation may zero more)
+    assert m["lr"] == pytest.approx(1e-3 / 4)  # warm-up: the first step runs at 1/4 of the rate
+    m2, _ = tr.train_step(1)
+    assert m2["lr"] == pytest.approx(2e-3 / 4)
+
+
+# ==================================================================================================
+# failures are loud and safe: bad data, non-finite values, dead workers, unscorable steps
+# ==================================================================================================
+
+def test_bad_dataset_line_is_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "fine too"}\n{"txt": "oops"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3"):
+        grpo.train(_tiny(tmp_path, "--data", str(bad)))
+
+
+def test_unknown_language_is_rejected_at_load(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "language": "ko"}\n{"text": "oops", "language": "klingon"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: language 'klingon'"):
+        grpo.train(_tiny(tmp_path, "--data", str(bad)))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: language 'ko' is not one Whisper 'tiny.en' knows"):
+        grpo.train(_tiny(tmp_path, "--data", str(bad), "--whisper", "tiny.en"))
+    with pytest.raises(ValueError, match=r"--language"):
+        grpo.train(_tiny(tmp_path, "--language", "xx"))
+
+
+def test_nan_reward_stops_with_step(tmp_path):
+    cfg = _tiny(tmp_path, "--val-data", "")
+    tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), _FakeScorer(float("nan")))
+    with pytest.raises(FloatingPointError, match="step 1: non-finite reward"):
+        tr.train_step(0)
+
+
+def test_nan_gradient_skips_the_step():
+    """A non-finite gradient raises before the optimizer step: the weights stay as they were."""
+    tok, ro = _fixed_rollouts()
+    policy = sample.tiny_llama(len(tok), seed=1).train()
+    with torch.no_grad():
+        policy.lm_head.weight[ro.tokens[0, 0]] = float("nan")
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        grpo.update_policy(policy, None, opt, sched, ro, config.Config(kl_coef=0.0), parallel.Dist(),
+                           contextlib.nullcontext)
+    after = policy.state_dict()
+    assert all(torch.allclose(before[k], after[k], equal_nan=True) for k in before)
+
+
+def test_a_step_where_no_clip_could_be_scored_stops(tmp_path):
+    cfg = _tiny(tmp_path, "--val-data", "")
+    tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"),
+                      _ScriptedScorer(lambda i: Score(reward=0.0,
+                                                      error="scoring failed: RuntimeError: CUDA error")))
+    with pytest.raises(RuntimeError, match="step 1: not one of 16 clips could be scored: scoring failed"):
+        tr.train_step(0)
+
+
+def dying_reward(audio, text):
+    os._exit(3)
+
+
+def test_dead_worker_stops_training_with_exit_code(tmp_path):
+    t0 = time.time()
+    with pytest.raises(ww.WorkerDiedError, match="3"):
+        grpo.train(_tiny(tmp_path, "--reward", f"{__name__}:dying_reward", "--val-data", ""))
+    assert time.time() - t0 < 90

@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Client, Listener, wait
 
 import numpy as np
@@ -37,6 +38,7 @@ from whisper.model import ModelDimensions, Whisper
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
 
 import data
+from prosody import measure
 from reward import RewardConfig, Score, char_error_rate, normalize_text, tts_reward
 
 WINDOW_S = N_SAMPLES / SAMPLE_RATE  # 30.0: Whisper hears one window
@@ -104,12 +106,18 @@ class WhisperScorer:
                 continue
             clips[i] = (audio, text, target)
             groups.setdefault(language, []).append(i)
-        for language, indices in groups.items():  # whisper.decode pins one language per call
-            indices.sort(key=lambda i: len(clips[i][2]))  # similar targets: similar transcript bounds
-            for start in range(0, len(indices), self.batch_size):
-                batch = indices[start:start + self.batch_size]
-                for i, result in zip(batch, self._score_or_retry([clips[i] for i in batch], language)):
-                    results[i] = result
+        # Prosody in a thread (numpy releases the GIL in its FFTs) while Whisper runs.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            prosody = pool.submit(lambda: {i: measure(audio, text) for i, (audio, text, _) in clips.items()})
+            for language, indices in groups.items():  # whisper.decode pins one language per call
+                indices.sort(key=lambda i: len(clips[i][2]))  # similar targets: similar transcript bounds
+                for start in range(0, len(indices), self.batch_size):
+                    batch = indices[start:start + self.batch_size]
+                    for i, result in zip(batch, self._score_or_retry([clips[i] for i in batch], language)):
+                        results[i] = result
+            for i, measures in prosody.result().items():
+                if results[i].error is None:
+                    results[i] = dataclasses.replace(results[i], **measures)
         return results
 
     def _score_or_retry(self, clips, language) -> list[Score]:
@@ -364,7 +372,7 @@ class CustomRewardScorer:
             value = math.nan
         if not 0.0 <= value <= 1.0:  # NaN fails too
             return _failed(f"reward {self.spec} returned {returned!r}, not a number in [0, 1]")
-        return Score(reward=value)
+        return Score(reward=value, **measure(audio, text))
 
 
 # ---- the worker process ------------------------------------------------------------------------------
