@@ -162,3 +162,26 @@ def tiny_tokenizer(n_speech: int = 512):
     tok.add_tokens(LLASA_MARKERS + [f"<|s_{k}|>" for k in range(n_speech)])
     tok.chat_template = LLAMA3_CHAT_TEMPLATE
     return tok
+
+
+def load_data(cfg) -> tuple[list[Example], list[Example]]:
+    """The run's training and validation examples (cfg: config.Config). With the Whisper reward,
+    every row's language must be one the Whisper model knows: a bad one stops the run here, naming
+    file and line, instead of being scored 0 at every step."""
+    examples = load_dataset(cfg.data)
+    val_examples = load_dataset(cfg.val_data) if cfg.val_data else []
+    if cfg.reward == "whisper":
+        from whisper_worker import language_code, model_languages
+        known = model_languages(cfg.whisper)
+        rows = [("--language", cfg.language)] + [(ex.source, ex.language) for ex in examples + val_examples]
+        for where, language in rows:
+            if not language:
+                continue
+            try:
+                ok = language_code(language) in known
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{where}: language {language!r} is not one Whisper {cfg.whisper!r} knows "
+                                 f"({', '.join(sorted(known)[:12])}{', ...' if len(known) > 12 else ''})")
+    return examples, val_examples

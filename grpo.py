@@ -43,7 +43,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = Tr
     (r - group mean) / (group std + eps), std unbiased as in verl and TRL; scale=False keeps only the
     centering (Dr. GRPO). A group whose rewards are all equal gets advantage 0, never NaN."""
     if group_size < 2 or rewards.numel() % group_size:
-        raise ValueError(f"group_size must be >= 2 and divide the {rewards.numel()} rewards, got {group_size}")
+        raise ValueError(f"group_size must be >= 2 and divide the {rewards.numel()} rewards, "
+                         f"got {group_size}")
     r = rewards.float().view(-1, group_size)  # [groups, G]
     adv = r - r.mean(dim=1, keepdim=True)
     if scale:
@@ -80,7 +81,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps=0.2, kl_
     per_token = torch.where(adv < 0, dual, clipped)  # [B, T]
     kl = torch.zeros_like(logp)
     if kl_coef and ref_logp is not None:
-        log_r = (ref_logp - logp).clamp(-20.0, 20.0)  # exp() stays finite where policy and ref disagree wildly
+        log_r = (ref_logp - logp).clamp(-20.0, 20.0)  # exp() stays finite where the two disagree wildly
         kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(policy || ref), >= 0
         per_token = per_token + kl_coef * kl
     if agg == "token-mean":
@@ -181,7 +182,7 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
     lr = scheduler.get_last_lr()[0]  # the rate of this step (the scheduler moves on after it)
     params = [p for p in policy.parameters() if p.requires_grad]
     sums = torch.zeros(6, device=mask.device)  # loss, kl*n, clip*n, dual clip*n, entropy sum, tokens
-    with d.together("the reference and old log-prob passes"), torch.no_grad():  # fixed targets for all updates
+    with d.together("the reference and old log-prob passes"), torch.no_grad():  # fixed for all updates
         ref_logp = [forward(ref, j) for j in range(len(mbs))] if ref is not None and cfg.kl_coef else None
         old_logp = [forward(policy, j) for j in range(len(mbs))] if cfg.updates_per_rollout > 1 else None
     for update in range(cfg.updates_per_rollout):
@@ -192,13 +193,14 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
                 old = logp.detach() if old_logp is None else old_logp[j]  # one update: ratio = 1, on-policy
                 m = mask[mb, :cut[j]]
                 loss, st = policy_loss(logp, old, ref_logp[j] if ref_logp else None, ro.advantages[mb], m,
-                                       clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, clip_ratio_c=cfg.clip_ratio_c,
-                                       agg=cfg.loss_agg, denom=denom, norm_len=cfg.max_new_tokens)
+                                       clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
+                                       clip_ratio_c=cfg.clip_ratio_c, agg=cfg.loss_agg, denom=denom,
+                                       norm_len=cfg.max_new_tokens)
                 loss.backward()
                 if update == 0:
                     n = m.sum()
-                    sums += torch.stack([loss.detach(), st["kl"] * n, st["clip_frac"] * n, st["dual_clip_frac"] * n,
-                                         (entropy * m).sum(), n])
+                    sums += torch.stack([loss.detach(), st["kl"] * n, st["clip_frac"] * n,
+                                         st["dual_clip_frac"] * n, (entropy * m).sum(), n])
         if not sharded:  # FSDP reduced them in backward
             sync_gradients(params, d)  # sum the ranks' shares of the global mean loss
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -234,6 +236,21 @@ def step_examples(examples: list, step: int, cfg: Config, d: Dist) -> list:
     return out
 
 
+def step_rewards(scores: list, finished: torch.Tensor, guard: list | None, where: str) -> torch.Tensor:
+    """The rewards [N] a step trains on: each Score's reward, 0 where the sample was truncated
+    (finished [N] bool False), times the prosody guard's factor when given. A non-finite reward,
+    or a step where no clip could be scored, stops the run before it steers the policy."""
+    rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)  # [N]
+    if not torch.isfinite(rewards).all():
+        bad = [scores[i] for i in torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()]
+        raise FloatingPointError(f"{where}: non-finite reward for {bad[:3]}")
+    failed = [s.error for s in scores if s.error is not None and not s.too_long]
+    if len(failed) == len(scores):  # a broken scorer or codec, not a policy to correct
+        raise RuntimeError(f"{where}: not one of {len(scores)} clips could be scored: {failed[0]}")
+    rewards[~finished] = 0.0
+    return rewards * torch.tensor(guard) if guard is not None else rewards
+
+
 def cat_rollouts(rolls: list) -> Rollout:
     """Rollouts of several chunks as one: tokens and log-probs right-padded to the longest."""
     T = max(r.tokens.shape[1] for r in rolls)
@@ -242,54 +259,8 @@ def cat_rollouts(rolls: list) -> Rollout:
                    torch.cat([pad(r.logprobs) for r in rolls]), torch.cat([r.finished for r in rolls]))
 
 
-def clip_means(scores: list, rewards: list, finished: list, prefix: str = "") -> dict:
-    """Means over clips: the reward that was used (0 when truncated), every numeric field of the
-    scores (bool fields as `name_frac`; None = not measured, left out; the median where the field
-    says so in its metadata), and the error fraction."""
-    out = {f"{prefix}reward": mean(rewards), f"{prefix}finished": mean([float(f) for f in finished]),
-           f"{prefix}error_frac": mean([float(s.error is not None) for s in scores])}
-    for f in dataclasses.fields(scores[0]) if scores else ():
-        if f.name == "reward":
-            continue
-        values = [getattr(s, f.name) for s in scores]
-        if any(isinstance(v, bool) for v in values):
-            out[f"{prefix}{f.name}_frac"] = mean([float(v) for v in values])
-        elif any(isinstance(v, (int, float)) for v in values):
-            numbers = [v for v in values if isinstance(v, (int, float))]
-            out[f"{prefix}{f.name}"] = float(np.median(numbers)) if f.metadata.get("agg") == "median" else mean(numbers)
-    return out
-
-
-def mean(xs):
-    xs = [x for x in xs if x is not None]
-    return float(np.mean(xs)) if xs else None
-
-
 # ----------------------------------------------------------------------------------------------
 # The trainer
-
-def load_data(cfg: Config) -> tuple[list, list]:
-    """Training and validation examples. With the Whisper reward, every row's language must be one
-    the Whisper model knows: a bad one stops the run here, naming file and line, instead of being
-    scored 0 at every step."""
-    examples = data.load_dataset(cfg.data)
-    val_examples = data.load_dataset(cfg.val_data) if cfg.val_data else []
-    if cfg.reward == "whisper":
-        from whisper_worker import language_code, model_languages
-        known = model_languages(cfg.whisper)
-        rows = [("--language", cfg.language)] + [(ex.source, ex.language) for ex in examples + val_examples]
-        for where, language in rows:
-            if not language:
-                continue
-            try:
-                ok = language_code(language) in known
-            except ValueError:
-                ok = False
-            if not ok:
-                raise ValueError(f"{where}: language {language!r} is not one Whisper {cfg.whisper!r} knows "
-                                 f"({', '.join(sorted(known)[:12])}{', ...' if len(known) > 12 else ''})")
-    return examples, val_examples
-
 
 class Trainer:
     """Holds what a step needs: models, optimizer, codec, reward scorer, RNG, distributed info.
@@ -300,12 +271,13 @@ class Trainer:
     def __init__(self, cfg: Config, d: Dist, device: torch.device, scorer, resume_from: str | None = None,
                  datasets: tuple[list, list] | None = None):
         self.cfg, self.d, self.device, self.scorer = cfg, d, device, scorer
-        self.examples, self.val_examples = datasets or load_data(cfg)
+        self.examples, self.val_examples = datasets or data.load_data(cfg)
         lm, self.tokenizer = self.load_model(resume_from or cfg.model)
         # The reference is the initial model, also on resume; none at all without a KL term.
         self.ref = None
         if cfg.kl_coef:
-            self.ref = LogProbs(copy.deepcopy(lm) if not resume_from else self.load_model(cfg.model)[0]).eval()
+            initial = copy.deepcopy(lm) if not resume_from else self.load_model(cfg.model)[0]
+            self.ref = LogProbs(initial).eval()
             self.ref.requires_grad_(False)
         if cfg.grad_checkpointing:  # transformers 5 renamed it; 4.46 has only the old name
             getattr(lm, "activation_checkpointing_enable", lm.gradient_checkpointing_enable)()
@@ -365,18 +337,10 @@ class Trainer:
             roll, audios, scores, seconds = self.rollout_and_score(texts, langs)
             if not len(scores) == len(audios) == len(texts) == roll.tokens.shape[0]:
                 raise RuntimeError(f"step {step + 1}: {len(scores)} scores for {len(texts)} rollouts")
-            rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)  # [B*G]
-            if not torch.isfinite(rewards).all():  # a broken scorer: stop before it steers the policy
-                bad = [(texts[i], scores[i]) for i in torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()]
-                raise FloatingPointError(f"step {step + 1}: non-finite reward for {bad[:3]}")
-            failed = [s.error for s in scores if s.error is not None and not s.too_long]
-            if len(failed) == len(scores):  # a broken scorer or codec, not a policy to correct
-                raise RuntimeError(f"step {step + 1}: not one of {len(scores)} clips could be scored: {failed[0]}")
-            rewards[~roll.finished.cpu()] = 0.0  # a truncated sample (no stop token) earns 0
-            # With --prosody-guard, rushed or monotone speech earns less (prosody.guard_factor).
-            guard = [self.guard(s) for s in scores] if cfg.prosody_guard else [None] * len(scores)
-            if cfg.prosody_guard:
-                rewards *= torch.tensor(guard)
+            # The rewards trained on [B*G]: 0 for a truncated sample (no stop token); with
+            # --prosody-guard, less for rushed or monotone speech (prosody.guard_factor).
+            guard = [self.guard(s) for s in scores] if cfg.prosody_guard else None
+            rewards = step_rewards(scores, roll.finished.cpu(), guard, f"step {step + 1}")
             # 4. Advantages within each group (whole groups live on one rank).
             advantages = group_advantages(rewards, G, scale=cfg.scale_rewards).to(self.device)  # [B*G]
 
@@ -384,29 +348,15 @@ class Trainer:
         t0 = time.time()
         self.policy.train()
         ro = Rollouts([self.prompt(t) for t in texts], roll.tokens, roll.lengths, advantages)
-        stats = update_policy(self.policy, self.ref, self.optimizer, self.scheduler, ro, cfg, d, self.autocast,
-                              self.allowed_ids)
+        stats = update_policy(self.policy, self.ref, self.optimizer, self.scheduler, ro, cfg, d,
+                              self.autocast, self.allowed_ids)
         if not math.isfinite(stats["loss"]):
             raise FloatingPointError(f"step {step + 1}: non-finite loss {stats['loss']}")
         seconds.append(time.time() - t0)
 
-        # 6. Metrics over every rank's clips; the slowest rank sets the pace.
-        groups = rewards.view(-1, G)
-        local = {"scores": scores, "reward": rewards.tolist(), "finished": roll.finished.tolist(),
-                 "length": roll.lengths.tolist(), "guard": guard,
-                 "zero_std": (groups == groups[:, :1]).all(dim=1).tolist(), "times": seconds}
-        parts = d.gather(local)
-        allv = {k: sum((p[k] for p in parts), []) for k in local if k != "times"}
-        t = np.max([p["times"] for p in parts], axis=0)
-        metrics = {"step": step + 1, **clip_means(allv["scores"], allv["reward"], allv["finished"]),
-                   "reward_std": float(np.std(allv["reward"])), **stats,
-                   "zero_std_frac": mean([float(z) for z in allv["zero_std"]]),
-                   "response_len": mean(allv["length"]), "truncated_frac": 1 - mean(allv["finished"]),
-                   "prosody_guard": mean(allv["guard"]),
-                   **{f"ref_{k}": v for k, v in (self.prosody_reference or {}).items()},
-                   "time_rollout": t[0], "time_codec": t[1], "time_reward": t[2], "time_train": t[3],
-                   "tokens_per_s": sum(allv["length"]) / max(t[0], 1e-9)}
-        metrics["reward_mean"] = metrics.pop("reward")
+        # 6. Metrics over every rank's clips.
+        metrics = {"step": step + 1, **outputs.step_metrics(d, scores, rewards, roll, guard, seconds, G),
+                   **stats, **{f"ref_{k}": v for k, v in (self.prosody_reference or {}).items()}}
         shown = {"audios": audios[:cfg.n_samples], "texts": texts[:cfg.n_samples],
                  "scores": scores[:cfg.n_samples], "finished": roll.finished[:cfg.n_samples].tolist()}
         return metrics, shown
@@ -442,7 +392,8 @@ class Trainer:
         self.policy.eval()
         cuda = self.device.type == "cuda"
         with torch.no_grad(), self.autocast(), gathered(self.policy):  # whole weights, freed after (FSDP)
-            return generate(self.policy.lm, [self.prompt(t) for t in texts], max_new_tokens=self.cfg.max_new_tokens,
+            return generate(self.policy.lm, [self.prompt(t) for t in texts],
+                            max_new_tokens=self.cfg.max_new_tokens,
                             temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
                             repetition_penalty=self.cfg.repetition_penalty, stop_ids=(self.speech.end_id,),
                             allowed_ids=self.allowed_ids, generator=generator,
@@ -463,8 +414,8 @@ class Trainer:
         one training batch of clips. Medians, because a few near-empty clips have huge rates."""
         cfg = self.cfg
         texts = self.val_examples or step_examples(self.examples, 0, cfg, Dist())
-        scores, _, _ = self.sample_and_score([ex for ex in texts for _ in range(cfg.group_size)]
-                                             [:cfg.prompts_per_step * cfg.group_size], "the prosody reference")
+        repeated = [ex for ex in texts for _ in range(cfg.group_size)][:cfg.prompts_per_step * cfg.group_size]
+        scores, _, _ = self.sample_and_score(repeated, "the prosody reference")
         reference = {}
         for name in GUARDED:
             values = [getattr(s, name) for s in scores if getattr(s, name) is not None]
@@ -476,7 +427,7 @@ class Trainer:
 
     def validate(self) -> dict:
         """One sample per validation text with a fixed seed, so steps compare like for like."""
-        return clip_means(*self.sample_and_score(self.val_examples, "validation"), prefix="val_")
+        return outputs.clip_means(*self.sample_and_score(self.val_examples, "validation"), prefix="val_")
 
     @torch.no_grad()
     def sample_and_score(self, examples: list, stage: str) -> tuple[list, list, list]:
@@ -509,41 +460,6 @@ class Trainer:
                 "data_position": step * self.cfg.prompts_per_step, "world_size": self.d.world,
                 "prosody_reference": self.prosody_reference, "config": dataclasses.asdict(self.cfg)}
 
-    def save(self, path: str, state: dict):
-        """Checkpoint `path` (every rank calls it): FSDP gathers the weights to rank 0 and every rank
-        writes its optimizer shard; rank 0 writes the Hugging Face directory and the trainer state."""
-        d, weights = self.d, None
-        if self.cfg.fsdp:
-            weights = parallel.full_model_state(self.policy, d)
-            with d.together(f"preparing checkpoint {path}"):
-                if d.rank == 0:
-                    outputs.begin_checkpoint(path)
-            parallel.save_sharded_optimizer(os.path.join(outputs.tmp_path(path), outputs.OPTIMIZER_DIR),
-                                            self.policy, self.optimizer)
-        with d.together(f"writing checkpoint {path}"):
-            if d.rank == 0:
-                outputs.save_checkpoint(path, self.policy.lm, self.tokenizer, state, weights=weights,
-                                        keep_tmp=self.cfg.fsdp)
-
-
-def start_scorer(cfg: Config, d: Dist):
-    """Local rank 0 starts this node's Whisper worker; every rank of the node connects to it.
-    Returns (worker or None, scorer)."""
-    from whisper_worker import WhisperWorker, WorkerClient
-    worker = None
-    with d.together("starting the Whisper worker"):
-        if d.local_rank == 0:
-            worker = WhisperWorker(dict(model=cfg.whisper, device=cfg.whisper_device, language=cfg.language or None,
-                                        batch_size=cfg.whisper_batch,
-                                        max_transcript_tokens=cfg.whisper_max_tokens or None,
-                                        reward_config=dict(beta_c=cfg.beta_c, tau_n=cfg.tau_n,
-                                                           lambda_c=cfg.lambda_c, lambda_n=cfg.lambda_n)),
-                                   reward=cfg.reward, request_timeout=cfg.worker_timeout,
-                                   threads=cfg.whisper_threads or None)
-            worker.start()
-    infos = d.gather(worker.connect_info() if worker else None)
-    return worker, (worker or WorkerClient(infos[d.node_start], request_timeout=cfg.worker_timeout))
-
 
 def train(cfg: Config) -> list[dict]:
     """Run (or continue) training; returns the metrics of the steps run (every rank)."""
@@ -555,8 +471,8 @@ def train(cfg: Config) -> list[dict]:
     try:
         with d.together("start-up"):  # before anything is written or loaded: the cheap checks
             resume_from = outputs.resolve_resume(cfg.out, cfg.resume)
-            datasets = load_data(cfg)
-        worker, scorer = start_scorer(cfg, d)
+            datasets = data.load_data(cfg)
+        worker, scorer = parallel.start_scorer(cfg, d)
         with d.together("loading the models"):
             tr = Trainer(cfg, d, device, scorer, resume_from, datasets)
         if tr.start_step >= cfg.steps:
@@ -581,9 +497,11 @@ def train(cfg: Config) -> list[dict]:
                     outputs.append_metrics(metrics_path, metrics)
                     if done % cfg.sample_every == 0 or last:
                         outputs.save_samples(os.path.join(cfg.out, "samples", f"step_{done}"), **shown)
-                    bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", s_per_step=f"{metrics['time_step']:.1f}")
+                    bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
+                                    s_per_step=f"{metrics['time_step']:.1f}")
             if done % cfg.save_every == 0 or last:
-                tr.save(os.path.join(cfg.out, "checkpoints", f"step_{done}"), tr.trainer_state(done))
+                outputs.save_everywhere(os.path.join(cfg.out, "checkpoints", f"step_{done}"), tr.policy,
+                                        tr.optimizer, tr.tokenizer, tr.trainer_state(done), d, cfg.fsdp)
         succeeded = True
         return history
     finally:

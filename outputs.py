@@ -12,8 +12,10 @@ import os
 import re
 import shutil
 
+import numpy as np
 import torch
 
+import parallel
 from codec import SAMPLE_RATE
 
 STATE_FILE = "trainer_state.pt"  # written last: its presence marks a complete checkpoint
@@ -118,6 +120,22 @@ def save_checkpoint(path: str, policy, tokenizer, trainer_state: dict, *, weight
     shutil.rmtree(old, ignore_errors=True)
 
 
+def save_everywhere(path: str, policy, optimizer, tokenizer, state: dict, d, fsdp: bool):
+    """Checkpoint `path`; every rank calls it. policy: grpo.LogProbs (its .lm is the Hugging Face
+    model). With FSDP the weights are gathered to rank 0 and every rank writes its optimizer shard;
+    rank 0 writes the Hugging Face directory and the trainer state (save_checkpoint)."""
+    weights = None
+    if fsdp:
+        weights = parallel.full_model_state(policy, d)
+        with d.together(f"preparing checkpoint {path}"):
+            if d.rank == 0:
+                begin_checkpoint(path)
+        parallel.save_sharded_optimizer(os.path.join(tmp_path(path), OPTIMIZER_DIR), policy, optimizer)
+    with d.together(f"writing checkpoint {path}"):
+        if d.rank == 0:
+            save_checkpoint(path, policy.lm, tokenizer, state, weights=weights, keep_tmp=fsdp)
+
+
 def _fsync(path: str):
     """Flush a file, or a directory's entries, to the disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -140,6 +158,50 @@ def portable_tokenizer_config(path: str):
 
 # ----------------------------------------------------------------------------------------------
 # metrics.jsonl and samples
+
+def clip_means(scores: list, rewards: list, finished: list, prefix: str = "") -> dict:
+    """Means over clips: the reward that was used (0 when truncated), every numeric field of the
+    scores (bool fields as `name_frac`; None = not measured, left out; the median where the field
+    says so in its metadata), and the error fraction."""
+    out = {f"{prefix}reward": mean(rewards), f"{prefix}finished": mean([float(f) for f in finished]),
+           f"{prefix}error_frac": mean([float(s.error is not None) for s in scores])}
+    for f in dataclasses.fields(scores[0]) if scores else ():
+        if f.name == "reward":
+            continue
+        values = [getattr(s, f.name) for s in scores]
+        if any(isinstance(v, bool) for v in values):
+            out[f"{prefix}{f.name}_frac"] = mean([float(v) for v in values])
+        elif any(isinstance(v, (int, float)) for v in values):
+            numbers = [v for v in values if isinstance(v, (int, float))]
+            out[f"{prefix}{f.name}"] = float(np.median(numbers)) if f.metadata.get("agg") == "median" else mean(numbers)
+    return out
+
+
+def step_metrics(d, scores: list, rewards, roll, guard: list | None, seconds: list, group_size: int) -> dict:
+    """A step's metrics over every rank's clips (a collective): clip_means, reward std, the fraction
+    of groups whose rewards are all equal (they teach nothing), response lengths, the mean prosody
+    guard factor, and seconds per phase of the slowest rank, which sets the pace."""
+    groups = rewards.view(-1, group_size)
+    local = {"scores": scores, "reward": rewards.tolist(), "finished": roll.finished.tolist(),
+             "length": roll.lengths.tolist(), "guard": guard or [],
+             "zero_std": (groups == groups[:, :1]).all(dim=1).tolist()}
+    parts = d.gather((local, seconds))
+    every = {k: sum((p[0][k] for p in parts), []) for k in local}
+    t = np.max([p[1] for p in parts], axis=0)
+    metrics = clip_means(every["scores"], every["reward"], every["finished"])
+    metrics["reward_mean"] = metrics.pop("reward")
+    return {**metrics, "reward_std": float(np.std(every["reward"])),
+            "zero_std_frac": mean([float(z) for z in every["zero_std"]]), "response_len": mean(every["length"]),
+            "truncated_frac": 1 - metrics["finished"], "prosody_guard": mean(every["guard"]),
+            "time_rollout": t[0], "time_codec": t[1], "time_reward": t[2], "time_train": t[3],
+            "tokens_per_s": sum(every["length"]) / max(t[0], 1e-9)}
+
+
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
 
 def open_metrics(out: str, start_step: int) -> str:
     """OUT/metrics.jsonl ready for appending: on a resumed run, the lines past `start_step` (and a

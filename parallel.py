@@ -91,6 +91,25 @@ def setup_distributed(cfg) -> tuple[Dist, torch.device]:
     return d, device
 
 
+def start_scorer(cfg, d: Dist):
+    """Local rank 0 starts this node's Whisper worker; every rank of the node connects to it.
+    Returns (worker or None, scorer)."""
+    from whisper_worker import WhisperWorker, WorkerClient
+    worker = None
+    with d.together("starting the Whisper worker"):
+        if d.local_rank == 0:
+            worker = WhisperWorker(dict(model=cfg.whisper, device=cfg.whisper_device, language=cfg.language or None,
+                                        batch_size=cfg.whisper_batch,
+                                        max_transcript_tokens=cfg.whisper_max_tokens or None,
+                                        reward_config=dict(beta_c=cfg.beta_c, tau_n=cfg.tau_n,
+                                                           lambda_c=cfg.lambda_c, lambda_n=cfg.lambda_n)),
+                                   reward=cfg.reward, request_timeout=cfg.worker_timeout,
+                                   threads=cfg.whisper_threads or None)
+            worker.start()
+    infos = d.gather(worker.connect_info() if worker else None)
+    return worker, (worker or WorkerClient(infos[d.node_start], request_timeout=cfg.worker_timeout))
+
+
 def sync_gradients(params, d: Dist, bucket_numel: int = 1 << 26):
     """Sum gradients over ranks (replicated weights) in flat buckets of at most `bucket_numel`
     elements: few collectives, and no full-model copy of the gradients (a 1B model would need 4 GB
