@@ -56,6 +56,8 @@ class Config:
     scale_rewards: bool = opt(True, "divide advantages by the group std (off = Dr. GRPO)")
     updates_per_rollout: int = opt(1, "optimizer steps per rollout batch (>1 needs old log-probs)")
     micro_batch: int = opt(4, "sequences per forward/backward in the update")
+    compile: bool | None = opt(None, "compile the decode step once per run (CUDA graphs on a GPU); default: on "
+                                     "for CUDA without --fsdp, off on CPU")
     rollout_chunks: int = opt(1, "generate a rank's rollouts in this many chunks, scoring each while the next "
                                  "is generated (Whisper time hidden; smaller decode batches)")
     fsdp: bool = opt(False, "shard policy and reference with FSDP2 over the ranks (needed for Llasa-3B/8B)")
@@ -114,7 +116,7 @@ def parse_config(argv=None, description: str = "GRPO for LLASA text-to-speech") 
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         flag, d = "--" + f.name.replace("_", "-"), defaults[f.name]
-        if f.type in (bool, "bool"):
+        if f.type in (bool, "bool", bool | None):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=d,
                            help=f"{f.metadata['help']} (default: {d})")
         else:

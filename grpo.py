@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import data
 import outputs
@@ -31,7 +30,7 @@ from config import LOSS_AGGS, Config, parse_config
 import parallel
 from parallel import Dist, gathered, is_sharded, setup_distributed, sync_gradients
 from prosody import GUARDED, guard_factor
-from sample import Rollout, generate, head_logprobs, head_rows, load_model, to_rows
+from sample import Decoder, cat_rollouts, generate, head_logprobs, head_rows, load_model, to_rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,14 +250,6 @@ def step_rewards(scores: list, finished: torch.Tensor, guard: list | None, where
     return rewards * torch.tensor(guard) if guard is not None else rewards
 
 
-def cat_rollouts(rolls: list) -> Rollout:
-    """Rollouts of several chunks as one: tokens and log-probs right-padded to the longest."""
-    T = max(r.tokens.shape[1] for r in rolls)
-    pad = lambda x: F.pad(x, (0, T - x.shape[1]))  # noqa: E731
-    return Rollout(torch.cat([pad(r.tokens) for r in rolls]), torch.cat([r.lengths for r in rolls]),
-                   torch.cat([pad(r.logprobs) for r in rolls]), torch.cat([r.finished for r in rolls]))
-
-
 # ----------------------------------------------------------------------------------------------
 # The trainer
 
@@ -288,6 +279,9 @@ class Trainer:
         self.speech = data.speech_vocab(self.tokenizer)
         self.allowed_ids = torch.tensor(self.speech.allowed_ids(), device=device)  # speech tokens + stop
         self._prompts = {}
+        # The static, compiled decode step: built once, reused by every rollout of the run.
+        compiled = cfg.compile if cfg.compile is not None else device.type == "cuda" and not cfg.fsdp
+        self.decoder = Decoder(lm, compile=True, max_len=cfg.max_new_tokens + 256) if compiled else None
         self.codec = load_codec(cfg.codec, device)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warm = max(cfg.warmup_steps, 0)
@@ -396,7 +390,7 @@ class Trainer:
                             max_new_tokens=self.cfg.max_new_tokens,
                             temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
                             repetition_penalty=self.cfg.repetition_penalty, stop_ids=(self.speech.end_id,),
-                            allowed_ids=self.allowed_ids, generator=generator,
+                            allowed_ids=self.allowed_ids, generator=generator, decoder=self.decoder,
                             cache_dtype=torch.bfloat16 if cuda else None)  # bf16 cache under bf16 autocast
 
     def decode_audio(self, roll) -> list[np.ndarray]:
@@ -519,6 +513,11 @@ def main(argv=None):
     cfg = parse_config(argv, description=__doc__)
     try:
         train(cfg)
+    except FileExistsError as e:  # --out holds another run: a message, not a traceback
+        print(f"grpo.py: {e}", file=sys.stderr, flush=True)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            os._exit(1)  # no teardown that could wait on a peer
+        sys.exit(1)
     except BaseException:
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             raise

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import huggingface_hub
 import numpy as np
@@ -35,11 +36,13 @@ import pytest
 import soundfile as sf
 import torch
 import torch.distributed as dist
+import torch._inductor.config
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import whisper
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
@@ -49,8 +52,8 @@ import codec
 import config
 import data
 import grpo
-import outputs
 import memory
+import outputs
 import parallel
 import prosody
 import sample
@@ -66,7 +69,10 @@ def one_thread():
     # each, or OpenMP's spinning threads oversubscribe the cores and every op gets several times slower.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    # Inductor (the compiled decode step's tests) builds its C++ kernels in this process, scalar:
+    # vectorized C++ takes longer to build, and GPU kernels are Triton's anyway.
+    with torch._inductor.config.patch({"compile_threads": 1, "cpp.vec_isa_ok": False}):
+        yield
     torch.set_num_threads(threads)
 
 
@@ -683,8 +689,9 @@ def left_padded(prompts, pad=0):
 def hf_greedy(model, prompts, n, eos=None):
     ids, mask = left_padded(prompts)
     kw = dict(eos_token_id=eos) if eos is not None else dict(min_new_tokens=n)  # min_new_tokens: no stop
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                         pad_token_id=0, **kw)
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n,
+                         do_sample=False, pad_token_id=0, **kw)
     return out[:, ids.shape[1]:]
 
 
@@ -1047,6 +1054,180 @@ def test_head_rows_train_only_allowed_rows():
     assert full is model.lm_head.weight and torch.equal(full_index, torch.arange(VOCAB))
     with pytest.raises(ValueError, match="allowed_ids must be a non-empty set of ids in \\[0, 300\\)"):
         sample.head_rows(model, [5, VOCAB])
+
+
+# ---- the static decode step and --compile --------------------------------------------------------
+# Compiled graphs are costly on a CPU (inductor builds C++ kernels: ~20-30 s per graph on 2 cores,
+# cold), so the compiled tests use a one-layer model, build each graph once per module and compare
+# against the eager references (the dynamic loop, and the same static step uncompiled).
+
+COMPILE_TEXTS = ["Hi.", "Hello there, how are you today?", "Speech, please!",
+                 "A much longer sentence than the others, to pad."]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.tiny_tokenizer(n_speech=64)
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+    out = [data.prompt_ids(tok, t) for t in COMPILE_TEXTS]
+    assert len({len(p) for p in out}) == len(out)  # left padding differs per row
+    return out
+
+
+def graphs():
+    """Graphs dynamo has compiled in this process so far (a recompile adds one)."""
+    return counters["stats"]["unique_graphs"]
+
+
+def assert_same(a, b, atol=1e-5):
+    assert torch.equal(a.tokens, b.tokens), (a.tokens, b.tokens)
+    assert torch.equal(a.lengths, b.lengths) and torch.equal(a.finished, b.finished)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=atol, rtol=0)
+
+
+def test_static_step_eager_equals_dynamic_loop(tok, prompts):
+    """The static step run eagerly (the function that gets compiled) gives the dynamic loop's
+    tokens and log-probs: greedy with and without the speech head, with stops, seeded sampling with
+    every knob, a bf16 cache; one Decoder reused across calls of other batches and lengths."""
+    sv = data.speech_vocab(tok)
+    model = sample.tiny_llama(len(tok), seed=3)
+    dec = sample.Decoder(model)
+    free = sample.generate(model, prompts, max_new_tokens=24, temperature=0, allowed_ids=sv.allowed_ids())
+    stop = int(free.tokens[2, 8])  # rows meet it at different steps (or never)
+    sampled = dict(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3)
+    cases_0_kw = dict(max_new_tokens=24, temperature=0, allowed_ids=sv.allowed_ids(), stop_ids=(stop,))
+    cases = [
+        (prompts, cases_0_kw),
+        (prompts, dict(max_new_tokens=24, temperature=0)),
+        (prompts[:2], dict(max_new_tokens=30, temperature=0, stop_ids=(int(free.tokens[0, 3]),))),  # new batch
+        (prompts * 2, dict(max_new_tokens=24, allowed_ids=sv.allowed_ids(), stop_ids=(sv.end_id, sv.first + 1),
+                           **sampled)),
+        (prompts[::-1], dict(max_new_tokens=150, temperature=1.0, top_p=0.8, stop_ids=(5, 6))),  # a longer cache
+        (prompts, dict(max_new_tokens=20, temperature=0, repetition_penalty=1.5, cache_dtype=torch.bfloat16)),
+        (prompts[1:] + prompts[:1], dict(cases_0_kw, max_new_tokens=150)),  # case 0's buffers, grown
+    ]
+    finished_some, slots = False, []
+    for ps, kw in cases:
+        def seeded():
+            return dict(generator=torch.Generator().manual_seed(7)) if kw.get("temperature", 1) else {}
+        ref = sample.generate(model, ps, **kw, **seeded())
+        ours = sample.generate(model, ps, decoder=dec, **kw, **seeded())
+        # A bf16 cache: bf16 attention over the whole cache vs over its filled prefix rounds differently.
+        assert_same(ours, ref, atol=1e-3 if "cache_dtype" in kw else 1e-5)
+        finished_some |= bool(ref.finished.any() and not ref.finished.all())
+        slots.append(sorted((key[0], st.cache.k.shape[3]) for key, st in dec.states.items()))
+    assert finished_some
+    # Buffers per batch size (and knobs on or off), P + N slots rounded up to 128, grown when a call needs more.
+    assert slots[0] == [(4, 128)] and slots[2] == [(2, 128), (4, 128), (4, 128)], slots
+    before, after = Counter(slots[-2]), Counter(slots[-1])
+    assert after - before == Counter({(4, 256): 1}) and before - after == Counter({(4, 128): 1})  # replaced
+    # fp32 weights under bf16 autocast (the trainer on CUDA): the step reads bf16 copies of the
+    # weights, made once per call, where eager autocast casts them at each use: the same values, so
+    # the same results as the step reading the fp32 weights (and the dynamic loop's tokens).
+    uncast = sample.Decoder(model)
+    uncast.layer_weights = lambda dtype, f=uncast.layer_weights: f(None)  # the parameters themselves
+    for kw in (cases_0_kw, dict(cases[3][1], cache_dtype=torch.bfloat16)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = sample.generate(model, prompts, generator=torch.Generator().manual_seed(3), **kw)
+            ours = sample.generate(model, prompts, generator=torch.Generator().manual_seed(3), decoder=dec, **kw)
+            plain = sample.generate(model, prompts, generator=torch.Generator().manual_seed(3), decoder=uncast, **kw)
+        assert_same(ours, plain, atol=0)
+        assert_same(ours, ref, atol=5e-3)  # attention runs in bf16 under autocast: see the bf16 cache above
+    assert dec.weight_copies[0].q[0].dtype == torch.bfloat16 and uncast.weight_copies is None
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    dec.release()
+    assert not dec.states and dec.weight_copies is None
+    with pytest.raises(ValueError, match="another model"):
+        sample.generate(sample.tiny_llama(len(tok), seed=4), prompts, max_new_tokens=2, decoder=dec)
+
+
+@pytest.fixture(scope="module")
+def small(tok):
+    """A one-layer model (fewer kernels to build) and its speech head."""
+    return sample.tiny_llama(len(tok), seed=3, num_layers=1), data.speech_vocab(tok)
+
+
+def test_compiled_greedy_equals_eager_and_compiles_once(small, prompts):
+    """Inductor-compiled step == the dynamic loop token for token, log-probs within 1e-5, with the
+    speech head, prompts of different lengths and a stop id that ends rows early; later calls of the
+    same batch (other prompts, other lengths, a fresh Decoder) compile nothing more."""
+    model, sv = small
+    free = sample.generate(model, prompts, max_new_tokens=24, temperature=0, allowed_ids=sv.allowed_ids())
+    kw = dict(max_new_tokens=24, temperature=0, allowed_ids=sv.allowed_ids(), stop_ids=(int(free.tokens[2, 8]),))
+    ref = sample.generate(model, prompts, **kw)
+    assert ref.finished.any() and not ref.finished.all() and len(set(ref.lengths.tolist())) > 1
+
+    dec = sample.Decoder(model, compile=True)
+    before = graphs()
+    out = sample.generate(model, prompts, decoder=dec, **kw)
+    assert graphs() == before + 1  # it really compiled (not a silent fallback to eager)
+    assert_same(out, ref)
+    assert torch.equal(out.tokens, sample.generate(model, prompts, decoder=sample.Decoder(model), **kw).tokens)
+
+    others = prompts[1:] + prompts[:1]  # the same batch, other rows and lengths: same shapes
+    again = sample.generate(model, others, decoder=dec, **kw)
+    assert_same(again, sample.generate(model, others, **kw))
+    assert_same(sample.generate(model, prompts, compile=True, **kw), ref)  # a Decoder per call: no recompile either
+    assert graphs() == before + 1
+
+
+def test_compiled_full_vocab_greedy_equals_eager(small, prompts):
+    """Without allowed_ids the step reads lm_head.weight itself (all rows)."""
+    model, _ = small
+    free = sample.generate(model, prompts, max_new_tokens=16, temperature=0)
+    kw = dict(max_new_tokens=16, temperature=0, stop_ids=(int(free.tokens[0, 5]),))
+    ref = sample.generate(model, prompts, **kw)
+    assert ref.finished.any()
+    before = graphs()
+    assert_same(sample.generate(model, prompts, compile=True, **kw), ref)
+    assert graphs() == before + 1
+
+
+def test_compiled_seeded_sampling_equals_eager(small, prompts):
+    """Sampling draws its uniforms from the caller's generator outside the compiled step, in the
+    same order as the dynamic loop: the same seed gives the same tokens, compiled or not."""
+    model, sv = small
+    kw = dict(max_new_tokens=24, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3,
+              allowed_ids=sv.allowed_ids(), stop_ids=(sv.end_id, sv.first + 1, sv.first + 2))
+    ref = sample.generate(model, prompts, generator=torch.Generator().manual_seed(1), **kw)
+    before = graphs()
+    out = sample.generate(model, prompts, generator=torch.Generator().manual_seed(1), compile=True, **kw)
+    assert_same(out, ref)
+    assert ref.finished.any()
+    other = sample.generate(model, prompts, generator=torch.Generator().manual_seed(2), compile=True, **kw)
+    assert not torch.equal(other.tokens, out.tokens)
+    assert_same(other, sample.generate(model, prompts, generator=torch.Generator().manual_seed(2), **kw))
+    assert graphs() == before + 1
+
+
+def test_bench_gpu_smoke_runs_on_cpu():
+    """`bench.py gpu --smoke`: every part of the GPU benchmark at tiny shapes on a CPU, one JSON line
+    each and no error line (the script's crashes show up here, not on a rented GPU)."""
+    import json
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "bench.py", "gpu", "--smoke"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert rows and not [x for x in rows if "error" in x], r.stdout + r.stderr[-3000:]
+    names = {x["name"] for x in rows}
+    assert {"gpu/decode", "gpu/decode_ratios", "gpu/grpo_step", "gpu/reward"} <= names, names
+    assert {x["engine"] for x in rows if x["name"] == "gpu/decode"} == {"ours_eager", "ours_compiled", "hf_generate",
+                                                                        "hf_static_compiled"}
+    print(f"bench.py gpu --smoke: {time.time() - t0:.1f} s")
+
+
+def test_bench_gpu_without_cuda_says_so(capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    monkeypatch.syspath_prepend(REPO)
+    import bench
+    with pytest.raises(SystemExit, match="no CUDA device is visible"):  # before any model is built
+        bench.main(["gpu"])
+    assert capsys.readouterr().out == ""
 
 
 # ==================================================================================================
@@ -1671,6 +1852,17 @@ class SlowScorer:
         return [Score(reward=float(np.abs(a).mean()) if len(a) else 0.0) for a in audios]
 
 
+def test_compile_flag_builds_one_decoder_per_run(tmp_path):
+    """--compile gives the trainer one Decoder (compiled) for the whole run; on a CPU the default
+    is the eager loop. The static step's equality with it is tested in the sample.py section."""
+    assert grpo.Trainer(_tiny(tmp_path, "--val-data", ""), parallel.Dist(), torch.device("cpu"),
+                        _FakeScorer(0.5)).decoder is None
+    tr = grpo.Trainer(_tiny(tmp_path, "--val-data", "", "--compile"), parallel.Dist(), torch.device("cpu"),
+                      _FakeScorer(0.5))
+    assert isinstance(tr.decoder, sample.Decoder) and tr.decoder.compiled and tr.decoder.model is tr.policy.lm
+    assert tr.decoder.max_len == tr.cfg.max_new_tokens + 256
+
+
 def test_overlapped_step_equals_sequential_step(tmp_path):
     """--rollout-chunks 2: scoring chunk 1 while chunk 2 is generated gives the same samples, the
     same rewards and the same parameters after the update as scoring each chunk before going on."""
@@ -1695,7 +1887,7 @@ def test_overlapped_step_equals_sequential_step(tmp_path):
 def test_cat_rollouts_pads_to_the_longest():
     a = sample.Rollout(torch.tensor([[5, 6, 7]]), torch.tensor([3]), torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([True]))
     b = sample.Rollout(torch.tensor([[8], [9]]), torch.tensor([1, 1]), torch.tensor([[-4.0], [-5.0]]), torch.tensor([False, True]))
-    r = grpo.cat_rollouts([a, b])
+    r = sample.cat_rollouts([a, b])
     assert r.tokens.tolist() == [[5, 6, 7], [8, 0, 0], [9, 0, 0]] and r.lengths.tolist() == [3, 1, 1]
     assert r.logprobs.tolist() == [[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0], [-5.0, 0.0, 0.0]]
     assert r.finished.tolist() == [True, False, True]
@@ -2323,3 +2515,76 @@ def test_dead_worker_stops_training_with_exit_code(tmp_path):
     with pytest.raises(ww.WorkerDiedError, match="3"):
         grpo.train(_tiny(tmp_path, "--reward", f"{__name__}:dying_reward", "--val-data", ""))
     assert time.time() - t0 < 90
+
+
+# ==================================================================================================
+# GPU: the CUDA paths (each test skips without a CUDA device; `.ci/gpu-check` runs them)
+# ==================================================================================================
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _greedy_agree(model, prompts, ours, theirs):
+    """Token for token, or up to the first position where the top two logits of the reference's
+    own forward tie in bf16 (gap < 2^-6 relative): from there either choice is right. Returns the
+    number of positions compared."""
+    for i, p in enumerate(prompts):
+        a, b = ours[i].tolist(), theirs[i].tolist()
+        n = next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if n is None:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([p + b[:n]], device="cuda")).logits[0, -1].float()
+        top2 = logits.topk(2).values
+        assert (top2[0] - top2[1]).abs() <= top2[0].abs() * 2 ** -6 + 1e-3, (i, n, a, b)
+    return len(prompts)
+
+
+@cuda
+def test_cuda_bf16_greedy_equals_hf_generate():
+    tok = data.tiny_tokenizer(n_speech=64)
+    model = sample.tiny_llama(len(tok), seed=1).to("cuda", torch.bfloat16)
+    prompts = [data.prompt_ids(tok, t) for t in ("Hello.", "A longer sentence, to pad the others.", "안녕")]
+    ours = sample.generate(model, prompts, max_new_tokens=24, temperature=0).tokens
+    theirs = torch.cat([hf_greedy(model, [p], 24).cpu() for p in prompts])  # one at a time: no HF padding
+    assert _greedy_agree(model, prompts, ours.cpu(), theirs) == 3
+
+
+@cuda
+def test_cuda_compiled_decode_equals_eager():
+    tok = data.tiny_tokenizer(n_speech=64)
+    sv = data.speech_vocab(tok)
+    model = sample.tiny_llama(len(tok), seed=1).to("cuda", torch.bfloat16)
+    prompts = [data.prompt_ids(tok, t) for t in COMPILE_TEXTS]
+    kw = dict(max_new_tokens=32, temperature=0, stop_ids=(sv.end_id,), allowed_ids=sv.allowed_ids())
+    eager = sample.generate(model, prompts, **kw)
+    decoder = sample.Decoder(model, compile=True, max_len=256)
+    compiled = sample.generate(model, prompts, decoder=decoder, **kw)
+    again = sample.generate(model, prompts, decoder=decoder, **kw)  # the captured graph, replayed
+    assert torch.equal(compiled.tokens, again.tokens)
+    _greedy_agree(model, prompts, compiled.tokens.cpu(), eager.tokens.cpu())
+
+
+@cuda
+def test_cuda_tiny_preset_end_to_end(tmp_path):
+    """The tiny preset with the policy and the Whisper worker both on cuda:0 (and --compile's
+    default, on for CUDA)."""
+    hist = grpo.train(_tiny(tmp_path, "--device", "auto", "--whisper-device", "cuda:0", "--steps", "2",
+                            "--save-every", "2", "--val-every", "2"))
+    assert [m["step"] for m in hist] == [1, 2]
+    for m in hist:
+        for key in ("reward_mean", "loss", "entropy", "grad_norm", "kl", "tokens_per_s"):
+            assert math.isfinite(m[key]), (key, m)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "step_2") is not None
+
+
+@cuda
+def test_cuda_whisper_fp16_scores_match_fp32():
+    audios = [noise(2.0, 1), noise(5.0, 2, scale=0.3), (0.3 * np.sin(np.arange(48000) / 7.0)).astype(np.float32)]
+    texts = ["hello there", "a longer sentence to score", "one two three"]
+    kw = dict(language="en", max_transcript_tokens=8)
+    fp32 = ww.WhisperScorer("random-tiny", "cpu", **kw).score(audios, texts)
+    fp16 = ww.WhisperScorer("random-tiny", "cuda", **kw).score(audios, texts)
+    for a, b in zip(fp32, fp16):
+        assert a.error is None and b.error is None
+        assert b.nll == pytest.approx(a.nll, rel=2e-2), (a, b)
