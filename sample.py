@@ -95,16 +95,22 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
     return Rollout(*(x.clone() for x in out))
 
 
+def left_padded(prompts: list[list[int]], device):
+    """Prompts as ids [B, P] left-padded with 0 (P = the longest), and their lengths lens [B]."""
+    lens = torch.tensor([len(p) for p in prompts], device=device)  # [B] real prompt lengths
+    P = int(max(len(p) for p in prompts))
+    ids = torch.zeros(len(prompts), P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    return ids.to(device), lens
+
+
 def _generate(model, prompts, device, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
               stop_ids, allowed_ids, generator, cache_dtype):
     """The decode loop of `generate`, arguments checked; returns (tokens, lengths, logprobs, finished)."""
     B, N = len(prompts), max_new_tokens
-    lens = torch.tensor([len(p) for p in prompts], device=device)  # [B] real prompt lengths
-    P = int(max(len(p) for p in prompts))
-    ids = torch.zeros(B, P, dtype=torch.long)  # [B, P] left-padded with 0
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-    ids = ids.to(device)
+    ids, lens = left_padded(prompts, device)  # [B, P], [B]
+    P = ids.shape[1]
 
     cache = KVCache.for_model(model, B, P + N, cache_dtype)
     # key_ok [B, P+N]: which cache slots hold a real token (prompt pads never do; generated slots
@@ -626,12 +632,8 @@ def _generate_static(decoder: Decoder, model, prompts, device, max_new_tokens, t
     same random draws in the same order, so the same results; returns (tokens, lengths, logprobs,
     finished), views of the decoder's buffers (generate clones them)."""
     B, N = len(prompts), max_new_tokens
-    lens = torch.tensor([len(p) for p in prompts], device=device)  # [B] real prompt lengths
-    P = int(max(len(p) for p in prompts))
-    ids = torch.zeros(B, P, dtype=torch.long)  # [B, P] left-padded with 0
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-    ids = ids.to(device)
+    ids, lens = left_padded(prompts, device)  # [B, P], [B]
+    P = ids.shape[1]
 
     w = model.lm_head.weight  # [V, H]
     if getattr(model.lm_head, "bias", None) is not None:

@@ -2251,7 +2251,7 @@ def test_memory_update_peak_matches_measurement(grad_checkpointing):
     # the profiler, against the update terms beyond the gradients.
     B, P, T, A, chunk = 2, 16, 96, 400, 64
     model = sample.tiny_llama(1200, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                       intermediate_size=512).train()
+                              intermediate_size=512).train()
     if grad_checkpointing:  # as grpo.Trainer does (transformers 5 renamed it)
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     g = torch.Generator().manual_seed(0)
@@ -2288,7 +2288,7 @@ def test_memory_fsdp_update_peak_matches_measurement(grad_checkpointing):
     dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
     try:
         lm = sample.tiny_llama(3000, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                        intermediate_size=512).train()
+                               intermediate_size=512).train()
         if grad_checkpointing:
             getattr(lm, "activation_checkpointing_enable", lm.gradient_checkpointing_enable)()
         model = grpo.LogProbs(lm)
@@ -2338,7 +2338,7 @@ def test_memory_optimizer_step_and_rollout_peaks_match_measurement():
     def rollout():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             sample.generate(model.eval(), prompts, max_new_tokens=12, temperature=0.8, top_p=0.9,
-                     allowed_ids=torch.arange(600, 1000), generator=g, cache_dtype=torch.bfloat16)
+                            allowed_ids=torch.arange(600, 1000), generator=g, cache_dtype=torch.bfloat16)
 
     measured = _peak_bytes(rollout)
     print(f"rollout: measured {measured / 1e6:.2f} MB, formula {m['rollout'] / 1e6:.2f} MB "
