@@ -11,7 +11,7 @@ Every comparison prints one JSON line with `name`, the measured numbers and `rat
            encoder alone (one pass per clip), the floor of any Whisper scorer.
   gpu      one command for the GPU figures (one H100, under 8 minutes), JSON lines, each part on its own:
            gpu/decode: tokens/s and ms/step at Llasa-1B shapes (bf16, batch 64, 512 new tokens) of ours
-           eager, ours compiled (sample.Decoder, CUDA graphs), HF generate and HF generate with its
+           eager, ours compiled (decode.Decoder, CUDA graphs), HF generate and HF generate with its
            compiled static cache, against the HBM-bandwidth bound; gpu/grpo_step: one grpo.Trainer step
            on a random 1B-shaped policy, seconds per phase and peak memory; gpu/reward: Whisper
            large-v3 shapes, WhisperScorer vs the seed's way. `--smoke` runs it all at tiny shapes on a CPU.
@@ -346,6 +346,7 @@ def _row(name: str, t0: float, **fields) -> None:
 def _gpu_decode(args, device, smoke: bool) -> None:
     """Decode tokens/s of ours (eager dynamic loop, compiled static step) and Hugging Face generate
     (dynamic cache, static cache compiled), same model, prompts, knobs and new-token count."""
+    import decode
     import sample
     from torch._dynamo.utils import counters
 
@@ -374,7 +375,7 @@ def _gpu_decode(args, device, smoke: bool) -> None:
     ids, mask = ids.to(device), mask.to(device)
     knobs = dict(temperature=0.8, top_p=0.9)  # the trainer's sampling (the seed's recipe)
     compile_options = {"backend": "eager"} if smoke else None  # smoke: trace only, no kernels to build
-    decoder = sample.Decoder(model, compile=True, compile_options=compile_options)
+    decoder = decode.Decoder(model, compile=True, compile_options=compile_options)
 
     def ours_eager():
         r = sample.generate(model, prompts, max_new_tokens=N, allowed_ids=allowed,
@@ -472,13 +473,11 @@ class _FakeScorer:
 
 def _gpu_grpo_step(args, device, smoke: bool) -> None:
     """One GRPO step of grpo.Trainer on a random 1B-shaped policy: seconds per phase and peak memory."""
-    import dataclasses
-
     import codec
     import config
     import data
+    import decode
     import grpo
-    import sample
 
     t0 = time.time()
     tok = data.tiny_tokenizer(n_speech=64 if smoke else 65536)  # LLASA-style ids: <|s_k|> and the markers
@@ -488,10 +487,7 @@ def _gpu_grpo_step(args, device, smoke: bool) -> None:
     overrides = dict(model="random", codec="tone", device=str(device), prompts_per_step=args.grpo_prompts,
                      group_size=args.grpo_group, max_new_tokens=args.new_tokens, kl_coef=0.0, steps=2,
                      micro_batch=2 if not smoke else 4, out=os.path.join("runs", "bench-gpu-unused"))
-    cfg = config.Config(**{**config.PRESETS["llasa-1b"], **overrides})
-    has_flag = "compile" in {f.name for f in dataclasses.fields(cfg)}
-    if has_flag:
-        cfg.compile = args.compile
+    cfg = config.Config(**{**config.PRESETS["llasa-1b"], **overrides, "compile": args.compile})
     config.check_config(cfg)
 
     class BenchTrainer(grpo.Trainer):
@@ -503,30 +499,19 @@ def _gpu_grpo_step(args, device, smoke: bool) -> None:
     # XCodec2's decoder at its real shapes (small in smoke runs), random weights.
     xconfig = codec.XCodec2Config(hidden_dim=64, depth=2, n_heads=4) if smoke else codec.XCodec2Config()
     tr.codec = codec.XCodec2Codec(codec.XCodec2Decoder(xconfig), device)
-    # Until grpo.py passes --compile itself, the rollouts get a Decoder of the policy this way.
-    decoder = sample.Decoder(policy, compile=True, compile_options={"backend": "eager"} if smoke else None)
-    original = grpo.generate
-
-    def generate(*a, **kw):
-        if args.compile and not has_flag:
-            kw.setdefault("decoder", decoder)
-        return original(*a, **kw)
-
-    grpo.generate = generate
-    try:
-        if not smoke:
-            tr.train_step(0)  # warm-up: compiles, CUDA graphs, allocator, AdamW state
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        metrics, _ = tr.train_step(1)
-        _sync(device)
-    finally:
-        grpo.generate = original
+    if smoke and tr.decoder is not None:  # trace only: no kernels to build on a CPU
+        tr.decoder = decode.Decoder(policy, compile=True, compile_options={"backend": "eager"})
+    if not smoke:
+        tr.train_step(0)  # warm-up: compiles, CUDA graphs, allocator, AdamW state
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    metrics, _ = tr.train_step(1)
+    _sync(device)
     row = dict(card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                params_b=round(sum(p.numel() for p in policy.parameters()) / 1e9, 3),
                rollouts=cfg.prompts_per_step * cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-               compile=args.compile, compile_via="grpo config" if has_flag else "a Decoder given by the bench",
+               compile=args.compile,
                micro_batch=cfg.micro_batch, response_len=metrics["response_len"],
                **{k: round(metrics[f"time_{k}"], 3) for k in ("rollout", "codec", "reward", "train")},
                rollout_tok_s=round(metrics["tokens_per_s"], 1),

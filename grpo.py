@@ -30,7 +30,8 @@ from config import LOSS_AGGS, Config, parse_config
 import parallel
 from parallel import Dist, gathered, is_sharded, setup_distributed, sync_gradients
 from prosody import GUARDED, guard_factor
-from sample import Decoder, cat_rollouts, generate, head_logprobs, head_rows, load_model, to_rows
+from decode import Decoder
+from sample import cat_rollouts, generate, head_logprobs, head_rows, load_model, to_rows
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from whisper.tokenizer import get_tokenizer
 import codec
 import config
 import data
+import decode
 import grpo
 import memory
 import outputs
@@ -1094,7 +1095,7 @@ def test_static_step_eager_equals_dynamic_loop(tok, prompts):
     every knob, a bf16 cache; one Decoder reused across calls of other batches and lengths."""
     sv = data.speech_vocab(tok)
     model = sample.tiny_llama(len(tok), seed=3)
-    dec = sample.Decoder(model)
+    dec = decode.Decoder(model)
     free = sample.generate(model, prompts, max_new_tokens=24, temperature=0, allowed_ids=sv.allowed_ids())
     stop = int(free.tokens[2, 8])  # rows meet it at different steps (or never)
     sampled = dict(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3)
@@ -1127,7 +1128,7 @@ def test_static_step_eager_equals_dynamic_loop(tok, prompts):
     # fp32 weights under bf16 autocast (the trainer on CUDA): the step reads bf16 copies of the
     # weights, made once per call, where eager autocast casts them at each use: the same values, so
     # the same results as the step reading the fp32 weights (and the dynamic loop's tokens).
-    uncast = sample.Decoder(model)
+    uncast = decode.Decoder(model)
     uncast.layer_weights = lambda dtype, f=uncast.layer_weights: f(None)  # the parameters themselves
     for kw in (cases_0_kw, dict(cases[3][1], cache_dtype=torch.bfloat16)):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -1160,12 +1161,12 @@ def test_compiled_greedy_equals_eager_and_compiles_once(small, prompts):
     ref = sample.generate(model, prompts, **kw)
     assert ref.finished.any() and not ref.finished.all() and len(set(ref.lengths.tolist())) > 1
 
-    dec = sample.Decoder(model, compile=True)
+    dec = decode.Decoder(model, compile=True)
     before = graphs()
     out = sample.generate(model, prompts, decoder=dec, **kw)
     assert graphs() == before + 1  # it really compiled (not a silent fallback to eager)
     assert_same(out, ref)
-    assert torch.equal(out.tokens, sample.generate(model, prompts, decoder=sample.Decoder(model), **kw).tokens)
+    assert torch.equal(out.tokens, sample.generate(model, prompts, decoder=decode.Decoder(model), **kw).tokens)
 
     others = prompts[1:] + prompts[:1]  # the same batch, other rows and lengths: same shapes
     again = sample.generate(model, others, decoder=dec, **kw)
@@ -1859,7 +1860,7 @@ def test_compile_flag_builds_one_decoder_per_run(tmp_path):
                         _FakeScorer(0.5)).decoder is None
     tr = grpo.Trainer(_tiny(tmp_path, "--val-data", "", "--compile"), parallel.Dist(), torch.device("cpu"),
                       _FakeScorer(0.5))
-    assert isinstance(tr.decoder, sample.Decoder) and tr.decoder.compiled and tr.decoder.model is tr.policy.lm
+    assert isinstance(tr.decoder, decode.Decoder) and tr.decoder.compiled and tr.decoder.model is tr.policy.lm
     assert tr.decoder.max_len == tr.cfg.max_new_tokens + 256
 
 
@@ -2558,7 +2559,7 @@ def test_cuda_compiled_decode_equals_eager():
     prompts = [data.prompt_ids(tok, t) for t in COMPILE_TEXTS]
     kw = dict(max_new_tokens=32, temperature=0, stop_ids=(sv.end_id,), allowed_ids=sv.allowed_ids())
     eager = sample.generate(model, prompts, **kw)
-    decoder = sample.Decoder(model, compile=True, max_len=256)
+    decoder = decode.Decoder(model, compile=True, max_len=256)
     compiled = sample.generate(model, prompts, decoder=decoder, **kw)
     again = sample.generate(model, prompts, decoder=decoder, **kw)  # the captured graph, replayed
     assert torch.equal(compiled.tokens, again.tokens)
