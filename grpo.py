@@ -283,6 +283,7 @@ class Trainer:
         # The static, compiled decode step: built once, reused by every rollout of the run.
         compiled = cfg.compile if cfg.compile is not None else device.type == "cuda" and not cfg.fsdp
         self.decoder = Decoder(lm, compile=True, max_len=cfg.max_new_tokens + 256) if compiled else None
+        self.decoder_works = False  # until its first rollout succeeds
         self.codec = load_codec(cfg.codec, device)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warm = max(cfg.warmup_steps, 0)
@@ -383,16 +384,33 @@ class Trainer:
         return cat_rollouts(rolls), audios, scores, seconds
 
     def rollout(self, texts: list[str], generator):
-        """One sample per text from the current policy (speech tokens + stop only)."""
+        """One sample per text from the current policy (speech tokens + stop only). If the compiled
+        step fails on its first use (a torch.compile or CUDA-graph problem on this machine), the run
+        says so and goes on with the eager loop rather than losing the job."""
         self.policy.eval()
         cuda = self.device.type == "cuda"
         with torch.no_grad(), self.autocast(), gathered(self.policy):  # whole weights, freed after (FSDP)
-            return generate(self.policy.lm, [self.prompt(t) for t in texts],
-                            max_new_tokens=self.cfg.max_new_tokens,
-                            temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
-                            repetition_penalty=self.cfg.repetition_penalty, stop_ids=(self.speech.end_id,),
-                            allowed_ids=self.allowed_ids, generator=generator, decoder=self.decoder,
-                            cache_dtype=torch.bfloat16 if cuda else None)  # bf16 cache under bf16 autocast
+            def run(decoder):
+                return generate(self.policy.lm, [self.prompt(t) for t in texts],
+                                max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                top_p=self.cfg.top_p, top_k=self.cfg.top_k,
+                                repetition_penalty=self.cfg.repetition_penalty,
+                                stop_ids=(self.speech.end_id,),
+                                allowed_ids=self.allowed_ids, generator=generator, decoder=decoder,
+                                cache_dtype=torch.bfloat16 if cuda else None)  # bf16 cache under autocast
+            if self.decoder is None or self.decoder_works:
+                return run(self.decoder)
+            rng = generator.get_state()  # the eager retry draws what the failed attempt drew
+            try:
+                out = run(self.decoder)
+            except Exception as e:  # noqa: BLE001 -- reported, and the eager loop is the reference
+                print(f"[rank {self.d.rank}] --compile: the compiled decode step failed on first use "
+                      f"({type(e).__name__}: {str(e)[:300]}); going on with the eager loop", file=sys.stderr)
+                self.decoder = None
+                generator.set_state(rng)
+                return run(None)
+            self.decoder_works = True
+            return out
 
     def decode_audio(self, roll) -> list[np.ndarray]:
         codes = [self.speech.to_codes(roll.tokens[i, :n - int(fin)].tolist())

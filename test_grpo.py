@@ -1864,6 +1864,23 @@ def test_compile_flag_builds_one_decoder_per_run(tmp_path):
     assert tr.decoder.max_len == tr.cfg.max_new_tokens + 256
 
 
+def test_a_compiled_step_that_fails_falls_back_to_the_eager_loop(tmp_path, capsys):
+    """A compile problem on first use is reported and the run goes on eagerly, with the samples of
+    the eager loop; a later failure of a step that has worked is an error like any other."""
+    cfg = _tiny(tmp_path, "--val-data", "")
+    eager = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), _FakeScorer(0.5))
+    tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), _FakeScorer(0.5))
+    def broken_backend(graph, example_inputs):  # what a compiler failing on this machine looks like
+        raise RuntimeError("no kernels for this GPU")
+
+    tr.decoder = decode.Decoder(tr.policy.lm, compile=True, compile_options={"backend": broken_backend})
+    texts = ["Hello there.", "Speech."]
+    ours = tr.rollout(texts, torch.Generator().manual_seed(0))
+    assert torch.equal(ours.tokens, eager.rollout(texts, torch.Generator().manual_seed(0)).tokens)
+    assert tr.decoder is None
+    assert "compiled decode step failed on first use" in capsys.readouterr().err
+
+
 def test_overlapped_step_equals_sequential_step(tmp_path):
     """--rollout-chunks 2: scoring chunk 1 while chunk 2 is generated gives the same samples, the
     same rewards and the same parameters after the update as scoring each chunk before going on."""
