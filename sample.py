@@ -430,15 +430,17 @@ def _check_args(model, prompts, vocab, max_new_tokens, temperature, top_p, top_k
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
-    for name, ids in (("stop_ids", stop_ids), ("allowed_ids", allowed_ids)):
-        bad = [t for t in (ids if ids is not None else ()) if not 0 <= int(t) < vocab]
+    # allowed_ids may hold 65,537 ids on the GPU: checked as one CPU tensor, never id by id.
+    allowed = None if allowed_ids is None else torch.as_tensor(
+        allowed_ids.cpu() if torch.is_tensor(allowed_ids) else list(allowed_ids), dtype=torch.long)
+    for name, ids in (("stop_ids", torch.as_tensor(list(stop_ids), dtype=torch.long)), ("allowed_ids", allowed)):
+        bad = [] if ids is None else ids[(ids < 0) | (ids >= vocab)].tolist()
         if bad:
             raise ValueError(f"{name} has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-    if allowed_ids is not None:
-        allowed = set(int(t) for t in allowed_ids)
-        if not allowed:
+    if allowed is not None:
+        if allowed.numel() == 0:
             raise ValueError("allowed_ids is empty: no token could be generated")
-        missing = [int(t) for t in stop_ids if int(t) not in allowed]
+        missing = [int(t) for t in stop_ids if not bool((allowed == int(t)).any())]
         if missing:
             raise ValueError(f"stop ids {missing} are not in allowed_ids, so no row could ever stop")
     if generator is not None and generator.device.type != device.type:
