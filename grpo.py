@@ -291,7 +291,7 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + d.rank)  # sampling RNG
         self.start_step = 0
-        self.prosody_reference = None  # the initial policy's mean chars_per_s and f0_std_semitones
+        self.prosody_reference = None  # the initial policy's median chars_per_s and f0_std_semitones
         if resume_from:
             state = outputs.read_trainer_state(resume_from, cfg, d.world, device)
             if cfg.fsdp:
