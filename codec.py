@@ -2,8 +2,11 @@
 
 Every codec has `.decode(codes) -> list[np.ndarray]`, where `codes` is a list of code sequences
 (lists or 1-D tensors of ints in [0, 65536), different lengths allowed) and each output clip is
-float32 mono at 16 kHz, exactly SAMPLES_PER_CODE samples per code. `load_codec(name, device)` picks one:
+float32 mono at 16 kHz, exactly SAMPLES_PER_CODE samples per code (the word codec excepted: its codes
+are words). `load_codec(name, device)` picks one:
   "tone"            a deterministic test codec (each code a short tone), for tiny runs and tests;
+  "words[:PATH]"    the CPU demo's codec (demo.py): code k is word k of a small English vocabulary,
+                    a clip spoken by espeak-ng, shipped in data/demo/words.npz;
   "xcodec2"         XCodec2 (HKUSTAudio/xcodec2), 50 codes per second, through XCodec2Decoder below:
                     the decoder half of the model in plain PyTorch, loading only its ~187M weights;
   "xcodec2-package" the same through the `xcodec2` package (pins torch 2.5, loads the encoders too),
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 SAMPLE_RATE = 16000  # Hz
 SAMPLES_PER_CODE = 320  # 16000 / 50 codes per second
 CODEBOOK_SIZE = 65536  # XCodec2's one FSQ codebook: 8 levels of 4 values
+WORDS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo", "words.npz")
 
 
 def _as_lists(codes) -> list[list[int]]:
@@ -61,6 +65,42 @@ class ToneCodec:
             wav = self.amplitude * np.sin(2 * math.pi * freqs[:, None] * t[None, :])  # [T, 320]
             clips.append(wav.reshape(-1).astype(np.float32))
         return clips
+
+
+class WordCodec:
+    """Real speech from a word vocabulary, for the CPU demo (demo.py): code k is word k, a clip
+    spoken once by espeak-ng; a sequence decodes to its words' clips joined with `gap_s` of silence.
+
+    path: an .npz with `clips` (int16, every clip concatenated), `offsets` [n + 1] (clip k is
+    clips[offsets[k]:offsets[k + 1]]), `words` [n] and `sample_rate` (16000)."""
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, path: str, gap_s: float = 0.06):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"word clips not found: {path} (python demo.py build-words makes them)")
+        with np.load(path) as z:
+            if int(z["sample_rate"]) != SAMPLE_RATE:
+                raise ValueError(f"{path}: sample rate {int(z['sample_rate'])}, expected {SAMPLE_RATE}")
+            pcm, offsets = z["clips"].astype(np.float32) / 32768.0, z["offsets"]
+            self.words = [str(w) for w in z["words"]]
+        if len(offsets) != len(self.words) + 1:
+            raise ValueError(f"{path}: {len(offsets)} offsets for {len(self.words)} words, expected words + 1")
+        self.clips = [pcm[a:b] for a, b in zip(offsets[:-1], offsets[1:])]  # float32 [S_k] per word
+        self.gap = np.zeros(int(round(gap_s * SAMPLE_RATE)), dtype=np.float32)
+
+    def decode(self, codes) -> list[np.ndarray]:
+        out = []
+        for i, seq in enumerate(_as_lists(codes)):
+            bad = [c for c in seq if c >= len(self.clips)]
+            if bad:
+                raise ValueError(f"clip {i}: word codes must be in [0, {len(self.clips)}), got {bad[0]}")
+            parts = [p for c in seq for p in (self.gap, self.clips[c])][1:]  # gap between words only
+            out.append(np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32))
+        return out
+
+    def text(self, codes) -> list[str]:
+        """What each code sequence says, as text (for reading samples)."""
+        return [" ".join(self.words[c] for c in seq) for seq in _as_lists(codes)]
 
 
 # ----------------------------------------------------------------------------- XCodec2 decoder
@@ -336,13 +376,18 @@ class XCodec2PackageCodec:
 
 
 def load_codec(name: str, device="cpu"):
-    """'tone', 'xcodec2[:PATH_OR_HUB_ID]' (ours) or 'xcodec2-package[:PATH_OR_HUB_ID]' (the xcodec2 package)."""
+    """'tone', 'words[:PATH]' (the demo's spoken words, default data/demo/words.npz), 'xcodec2[:PATH_OR_HUB_ID]'
+    (ours) or 'xcodec2-package[:PATH_OR_HUB_ID]' (the xcodec2 package)."""
     if name == "tone":
         return ToneCodec()
+    if name == "words" or name.startswith("words:"):
+        _, _, path = name.partition(":")
+        return WordCodec(path or WORDS_FILE)
     if name == "xcodec2-package" or name.startswith("xcodec2-package:"):
         _, _, path = name.partition(":")
         return XCodec2PackageCodec(path or "HKUSTAudio/xcodec2", device)
     if name == "xcodec2" or name.startswith("xcodec2:"):
         _, _, path = name.partition(":")
         return XCodec2Codec(path or "HKUSTAudio/xcodec2", device)
-    raise ValueError(f"unknown codec {name!r}: expected 'tone', 'xcodec2[:PATH]' or 'xcodec2-package[:PATH]'")
+    raise ValueError(f"unknown codec {name!r}: expected 'tone', 'words[:PATH]', 'xcodec2[:PATH]' or "
+                     "'xcodec2-package[:PATH]'")
