@@ -28,6 +28,7 @@ import outputs
 from codec import load_codec
 from config import LOSS_AGGS, Config, parse_config
 import parallel
+from plot import plot
 from parallel import Dist, gathered, is_sharded, setup_distributed, sync_gradients
 from prosody import GUARDED, guard_factor
 from decode import Decoder
@@ -428,7 +429,7 @@ class Trainer:
         cfg = self.cfg
         texts = self.val_examples or step_examples(self.examples, 0, cfg, Dist())
         repeated = [ex for ex in texts for _ in range(cfg.group_size)][:cfg.prompts_per_step * cfg.group_size]
-        scores, _, _ = self.sample_and_score(repeated, "the prosody reference")
+        scores, *_ = self.sample_and_score(repeated, "the prosody reference")
         reference = {}
         for name in GUARDED:
             values = [getattr(s, name) for s in scores if getattr(s, name) is not None]
@@ -438,32 +439,40 @@ class Trainer:
                              "(no speech or no voiced frames in its samples)")
         return reference
 
-    def validate(self) -> dict:
-        """One sample per validation text with a fixed seed, so steps compare like for like."""
-        return outputs.clip_means(*self.sample_and_score(self.val_examples, "validation"), prefix="val_")
+    def validate(self) -> tuple[dict, dict]:
+        """One sample per validation text with a fixed seed, so steps compare like for like: (the
+        val_ metrics, this rank's first --n-samples clips to listen to)."""
+        scores, rewards, finished, shown = self.sample_and_score(self.val_examples, "validation")
+        return outputs.clip_means(scores, rewards, finished, prefix="val_"), shown
 
     @torch.no_grad()
-    def sample_and_score(self, examples: list, stage: str) -> tuple[list, list, list]:
-        """One sample per example (this rank's share), with a fixed seed, in training-sized chunks;
-        every rank's (scores, rewards with truncated ones 0, finished), in rank order."""
+    def sample_and_score(self, examples: list, stage: str) -> tuple[list, list, list, dict]:
+        """One sample per example (this rank's share), with a fixed seed, in training-sized chunks:
+        every rank's (scores, rewards with truncated ones 0, finished), in rank order, and this rank's
+        first --n-samples clips (audios, texts, scores, finished) for outputs.save_samples."""
         cfg, d = self.cfg, self.d
         mine = examples[d.rank::d.world]
-        scores, rewards, finished = [], [], []
+        scores, rewards, finished, audios = [], [], [], []
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 12345 + d.rank)
         chunk = max(1, cfg.prompts_per_step * cfg.group_size // d.world)  # no larger than a training batch
         with d.together(stage):
             for i in range(0, len(mine), chunk):
                 part = mine[i:i + chunk]
                 roll = self.rollout([ex.text for ex in part], gen)
-                part_scores = self.scorer.score(self.decode_audio(roll), [ex.text for ex in part],
+                part_audios = self.decode_audio(roll)
+                part_scores = self.scorer.score(part_audios, [ex.text for ex in part],
                                                 [ex.language or cfg.language or None for ex in part])
                 if len(part_scores) != len(part):
                     raise RuntimeError(f"{stage}: {len(part_scores)} scores for {len(part)} texts")
                 scores += part_scores
                 finished += roll.finished.tolist()
                 rewards += [s.reward if f else 0.0 for s, f in zip(part_scores, roll.finished.tolist())]
+                audios += part_audios[:cfg.n_samples - len(audios)]
+        n = len(audios)
+        shown = {"audios": audios, "texts": [ex.text for ex in mine[:n]], "scores": scores[:n],
+                 "finished": finished[:n]}
         parts = d.gather((scores, rewards, finished))
-        return tuple(sum((p[k] for p in parts), []) for k in range(3))
+        return (*(sum((p[k] for p in parts), []) for k in range(3)), shown)
 
     def trainer_state(self, step: int) -> dict:
         """Everything --resume needs besides the weights (and, with FSDP, the sharded optimizer
@@ -495,23 +504,39 @@ def train(cfg: Config) -> list[dict]:
             succeeded = True
             return history
         metrics_path = outputs.open_metrics(cfg.out, tr.start_step) if d.rank == 0 else None
+        if d.rank == 0:  # what reproduces this run: the same flags, this seed
+            print(f"grpo.py: {cfg.preset or 'no'} preset, seed {cfg.seed}, steps {tr.start_step + 1}-{cfg.steps}, "
+                  f"{d.world} rank(s); metrics, samples and checkpoints in {cfg.out}", flush=True)
+
+        def write(done: int, metrics: dict, samples: dict):
+            """metrics.jsonl, metrics.png and samples/<name> for each name: clips of rank 0."""
+            with d.together(f"writing step {done}'s metrics and samples"):
+                if d.rank == 0:
+                    outputs.append_metrics(metrics_path, metrics)
+                    plot(metrics_path)
+                    for name, shown in samples.items():
+                        outputs.save_samples(os.path.join(cfg.out, "samples", name), **shown)
+
+        if tr.val_examples and tr.start_step == 0:  # the learning curve's "before" point
+            t0 = time.time()
+            val, val_shown = tr.validate()
+            write(0, {"step": 0, **val, "time_step": time.time() - t0}, {"val_step_0": val_shown})
         bar = tqdm(range(tr.start_step, cfg.steps), initial=tr.start_step, total=cfg.steps,
                    disable=d.rank != 0, desc="grpo", dynamic_ncols=True)
         for step in bar:
             t0 = time.time()
             metrics, shown = tr.train_step(step)
             done, last = step + 1, step + 1 == cfg.steps
+            samples = {f"step_{done}": shown} if done % cfg.sample_every == 0 or last else {}
             if tr.val_examples and (done % cfg.val_every == 0 or last):
-                metrics.update(tr.validate())
+                val, val_shown = tr.validate()
+                metrics.update(val)
+                if samples:
+                    samples[f"val_step_{done}"] = val_shown
             metrics["time_step"] = time.time() - t0
             history.append(metrics)
-            with d.together(f"writing step {done}'s metrics and samples"):
-                if d.rank == 0:
-                    outputs.append_metrics(metrics_path, metrics)
-                    if done % cfg.sample_every == 0 or last:
-                        outputs.save_samples(os.path.join(cfg.out, "samples", f"step_{done}"), **shown)
-                    bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
-                                    s_per_step=f"{metrics['time_step']:.1f}")
+            write(done, metrics, samples)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", s_per_step=f"{metrics['time_step']:.1f}")
             if done % cfg.save_every == 0 or last:
                 outputs.save_everywhere(os.path.join(cfg.out, "checkpoints", f"step_{done}"), tr.policy,
                                         tr.optimizer, tr.tokenizer, tr.trainer_state(done), d, cfg.fsdp)

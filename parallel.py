@@ -101,6 +101,7 @@ def start_scorer(cfg, d: Dist):
             worker = WhisperWorker(dict(model=cfg.whisper, device=cfg.whisper_device, language=cfg.language or None,
                                         batch_size=cfg.whisper_batch,
                                         max_transcript_tokens=cfg.whisper_max_tokens or None,
+                                        window_s=cfg.whisper_window,
                                         reward_config=dict(beta_c=cfg.beta_c, tau_n=cfg.tau_n,
                                                            lambda_c=cfg.lambda_c, lambda_n=cfg.lambda_n)),
                                    reward=cfg.reward, request_timeout=cfg.worker_timeout,

@@ -472,8 +472,9 @@ TINY_SPEECH_TOKENS = 64  # a random tiny policy then emits the stop token within
 def load_model(name: str, device="cpu", dtype=torch.bfloat16, *, seed: int = 0):
     """(model, tokenizer), the model in eval mode on `device` in `dtype`.
 
-    `name`: a Hugging Face directory or hub id, or "tiny": a random `tiny_llama` (init `seed`) over
-    data.tiny_tokenizer's vocabulary with 64 speech tokens, for offline runs and tests."""
+    `name`: a Hugging Face directory or hub id, "tiny": a random `tiny_llama` (init `seed`) over
+    data.tiny_tokenizer's vocabulary with 64 speech tokens, for offline runs and tests, or "demo": the
+    CPU demo's warm-started policy (demo.ensure_policy, built into runs/demo-policy when missing)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -481,6 +482,9 @@ def load_model(name: str, device="cpu", dtype=torch.bfloat16, *, seed: int = 0):
         tokenizer = data.tiny_tokenizer(n_speech=TINY_SPEECH_TOKENS)
         model = tiny_llama(len(tokenizer), seed=seed, max_positions=4096)
         return model.to(device=device, dtype=dtype).eval(), tokenizer
+    if name == "demo":  # the CPU demo's warm-started policy, built on first use
+        import demo
+        name = demo.ensure_policy()
     if (os.path.isabs(name) or name.startswith(".")) and not os.path.isdir(name):
         raise FileNotFoundError(f"model directory not found: {name}")
     # transformers renamed `torch_dtype` to `dtype` in 4.56; 4.46 knows only the old name.

@@ -24,10 +24,12 @@ import os
 import pickle
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections import Counter
 
 import huggingface_hub
@@ -52,10 +54,12 @@ import codec
 import config
 import data
 import decode
+import demo
 import grpo
 import memory
 import outputs
 import parallel
+import plot
 import prosody
 import sample
 import whisper_worker as ww
@@ -155,6 +159,7 @@ def noise(seconds, seed, scale=0.1):
 
 REWARD_MODULE = '''
 import time
+import zlib
 import numpy as np
 
 def peak(audio, text):
@@ -576,6 +581,38 @@ def test_whisper_worker_layout():
     assert max(map(len, source.splitlines())) < 110
 
 
+def test_whisper_name_without_network_says_to_pass_a_path(monkeypatch, tmp_path):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(whisper, "load_model", offline)
+    with pytest.raises(FileNotFoundError, match=r"'tiny.en' is not in .*could not be downloaded.*--whisper PATH"):
+        ww.load_whisper("tiny.en", "cpu", download_root=str(tmp_path))
+
+
+def test_whisper_window_cuts_the_encoder_to_the_window_and_leaves_the_model_alone(tiny_model):
+    model = tiny_model  # random-tiny: 1500 encoder positions, as every Whisper
+    short = ww.windowed(model, 10.0)
+    assert ww.windowed(model, 30.0) is model
+    assert short.dims.n_audio_ctx == 500 and short.encoder.positional_embedding.shape[0] == 500
+    assert model.dims.n_audio_ctx == 1500 and model.encoder.positional_embedding.shape[0] == 1500
+    assert short.encoder.conv1.weight is model.encoder.conv1.weight  # the same weights, not a copy
+    mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(noise(2.0, 0), 10 * 16000), 80)
+    with torch.no_grad():
+        assert short.encoder(mel[None]).shape == (1, 500, model.dims.n_audio_state)
+    for bad in (0.0, -1.0, 30.02, 0.015):
+        with pytest.raises(ValueError, match="multiple of 0.02 s"):
+            ww.windowed(model, bad)
+    with pytest.raises(SystemExit):
+        config.parse_config(["--whisper-window", "0.015"])
+    scorer = ww.WhisperScorer(model, window_s=2.0, max_transcript_tokens=4)
+    ok, long = scorer.score([noise(1.5, 1), noise(2.5, 2)], ["short", "long"])
+    assert ok.error is None and math.isfinite(ok.nll)
+    assert long.too_long and long.reward == 0.0 and "2.50 s is longer than Whisper's 2 s window" in long.error
+
+
 def test_real_whisper_ranks_clean_above_noisy_above_silence():
     checkpoint, clips_file = (os.path.join(ASSETS, "whisper-tiny.en.pt"),
                               os.path.join(ASSETS, "speech", "clips.jsonl"))
@@ -618,6 +655,12 @@ def test_real_whisper_ranks_clean_above_noisy_above_silence():
     [long] = by_kind["long"]  # clean speech, but past Whisper's window: refused, not judged on its first 30 s
     assert long.reward == 0.0 and long.too_long and long.cer is None
     assert f"{len(long_clip) / 16000:.2f} s is longer than Whisper's 30 s window" in long.error
+    # A 10 s window (faster on a CPU) hears the clean clips (3-5 s) as well, and silence as silence.
+    short = ww.WhisperScorer(checkpoint, "cpu", "en", window_s=10.0).score(
+        [audios[i] for i in clean + silences], [rows[i]["text"] for i in clean + silences])
+    print("10 s window: clean CER", [round(r.cer, 3) for r in short[:len(clean)]])
+    assert np.mean([r.cer for r in short[:len(clean)]]) < np.mean([r.cer for r in by_kind["clean"]]) + 0.05
+    assert all(r.cer == 1.0 and r.reward < 0.05 for r in short[len(clean):])
 
 
 # ==================================================================================================
@@ -1794,8 +1837,9 @@ def test_validation_in_training_sized_chunks(tmp_path):
             return super().score(audios, texts, languages)
 
     tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), Counting(0.5))
-    val = tr.validate()
+    val, shown = tr.validate()
     assert calls == [2, 2, 2]
+    assert shown["texts"] == [ex.text for ex in tr.val_examples[:cfg.n_samples]] and len(shown["audios"]) == 2
     assert 0 < val["val_finished"] <= 1 and val["val_reward"] == pytest.approx(0.5 * val["val_finished"])
 
 
@@ -1828,8 +1872,9 @@ def test_torchrun_two_ranks_tiny_preset(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
-    assert [m["step"] for m in lines] == [1, 2]
-    for m in lines:
+    assert [m["step"] for m in lines] == [0, 1, 2]  # 0: the validation before any update
+    assert math.isfinite(lines[0]["val_reward"]) and "reward_mean" not in lines[0]
+    for m in lines[1:]:
         for key in ("reward_mean", "loss", "kl", "entropy", "cer", "nll", "tokens_per_s", "time_reward"):
             assert math.isfinite(m[key]), (key, m)
     assert "val_reward" in lines[-1]
@@ -1969,18 +2014,20 @@ def _failing_rank(rank: int, port: int, out: str, where: str):
     if rank == 1 and where == "reward":
         real, calls = ww.WorkerClient.score, []
 
-        def score(self, *args):
+        def score(self, *args):  # call 1: the validation before step 1; 2: step 1; 3: step 2
             calls.append(1)
-            if len(calls) == 2:
+            if len(calls) == 3:
                 raise TimeoutError("injected: the Whisper worker did not answer (rank 1, step 2)")
             return real(self, *args)
         ww.WorkerClient.score = score
     if rank == 1 and where == "validation":
-        real_rollout = grpo.Trainer.rollout
+        real_rollout, validations = grpo.Trainer.rollout, []
 
         def rollout(self, texts, generator):
             if generator is not self.gen:
-                raise RuntimeError("injected: validation broke on rank 1")
+                validations.append(1)
+                if len(validations) == 2:  # the validation after step 2 (the first is before step 1)
+                    raise RuntimeError("injected: validation broke on rank 1")
             return real_rollout(self, texts, generator)
         grpo.Trainer.rollout = rollout
     grpo.main(["--preset", "tiny", "--steps", "4", "--out", out, "--save-every", "1", "--val-every", "2",
@@ -2533,6 +2580,191 @@ def test_dead_worker_stops_training_with_exit_code(tmp_path):
     with pytest.raises(ww.WorkerDiedError, match="3"):
         grpo.train(_tiny(tmp_path, "--reward", f"{__name__}:dying_reward", "--val-data", ""))
     assert time.time() - t0 < 90
+
+
+# ==================================================================================================
+# demo.py, plot.py: the CPU demo (word codec, texts, warm start, learning curve)
+# ==================================================================================================
+
+def test_word_codec_decodes_codes_to_the_stored_clips_joined_by_gaps():
+    wc = codec.load_codec("words")
+    with np.load(codec.WORDS_FILE) as z:
+        pcm, offsets, words = z["clips"], z["offsets"], [str(w) for w in z["words"]]
+    assert words == demo.VOCAB and len(offsets) == len(words) + 1
+
+    def clip(k):
+        return pcm[offsets[k]:offsets[k + 1]].astype(np.float32) / 32768.0
+
+    gap = np.zeros(int(round(0.06 * codec.SAMPLE_RATE)), dtype=np.float32)
+    out = wc.decode([[3, 0, 7], torch.tensor([5]), []])
+    assert [a.dtype for a in out] == [np.float32] * 3
+    np.testing.assert_array_equal(out[0], np.concatenate([clip(3), gap, clip(0), gap, clip(7)]))
+    np.testing.assert_array_equal(out[1], clip(5))
+    assert len(out[2]) == 0
+    assert wc.text([[3, 0, 7]]) == [f"{words[3]} {words[0]} {words[7]}"]
+    assert all(len(clip(k)) > 0.1 * codec.SAMPLE_RATE for k in range(len(words)))  # every word is speech
+    for bad in ([len(words)], [-1], [1.5], [True]):
+        with pytest.raises(ValueError, match="clip 0"):
+            wc.decode([bad])
+    assert isinstance(codec.load_codec(f"words:{codec.WORDS_FILE}"), codec.WordCodec)
+    with pytest.raises(FileNotFoundError, match="build-words"):
+        codec.load_codec("words:/nonexistent/words.npz")
+
+
+def test_demo_texts_use_only_the_vocabulary_and_validation_is_held_out():
+    train_pool, val_pool = demo.make_texts(0)
+    train = [ex.text for ex in data.load_dataset(demo.TRAIN_FILE)]
+    val = [ex.text for ex in data.load_dataset(demo.VAL_FILE)]
+    kept = [ex.text for ex in data.load_dataset(demo.VAL_DEMO_FILE)]
+    # The shipped files are the script's output: every held-out candidate in val.jsonl, and kept
+    # candidates, in the pools' order, in train.jsonl and val_demo.jsonl.
+    assert val == val_pool and not set(train_pool) & set(val_pool)
+    assert len(train) == demo.N_TRAIN and len(kept) == demo.N_VAL
+    assert train == [t for t in train_pool if t in set(train)] and kept == [t for t in val_pool if t in set(kept)]
+    vocab = set(demo.VOCAB)
+    assert all(w in vocab for t in train + val for w in t.split())
+    tok = demo.demo_tokenizer()
+    speech = data.speech_vocab(tok)
+    assert speech.n == len(demo.VOCAB)
+    ids, attn, target = demo.warm_start_batch(tok, val[:2])
+    for i, text in enumerate(val[:2]):  # the response is the words' speech tokens, then the stop token
+        response = ids[i][target[i].bool()].tolist()
+        assert response == [speech.first + demo.VOCAB.index(w) for w in text.split()] + [speech.end_id]
+        assert int(attn[i].sum()) == len(data.prompt_ids(tok, text)) + len(response)
+
+
+def _val_nll(model, tok, texts):
+    """Mean NLL (nats) of the texts' word tokens and stop token after their prompts."""
+    ids, attn, target = demo.warm_start_batch(tok, texts)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+    logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
+    return float(-(logp * target[:, 1:]).sum() / target[:, 1:].sum())
+
+
+def test_demo_sentences_are_those_whisper_hears_right():
+    """build-texts kept the candidates that tiny.en transcribes exactly when said right: a sample of
+    the kept ones passes `heard_right`, the candidates it skipped before them do not."""
+    checkpoint = os.path.join(ASSETS, "whisper-tiny.en.pt")
+    if not os.path.exists(checkpoint):
+        pytest.skip(f"{checkpoint} not found (set TEST_ASSETS to the shared assets folder)")
+    train_pool, _ = demo.make_texts(0)
+    train = [ex.text for ex in data.load_dataset(demo.TRAIN_FILE)]
+    kept = [ex.text for ex in data.load_dataset(demo.VAL_DEMO_FILE)]
+    skipped = [t for t in train_pool[:train_pool.index(train[9]) + 1] if t not in set(train)]
+    assert len(skipped) >= 3
+    ok = demo.heard_right(train[:5] + kept[:3] + skipped[:5], checkpoint)
+    assert ok == [True] * 8 + [False] * len(skipped[:5])
+
+
+def test_warm_start_is_deterministic_reads_then_confuses_word_pairs():
+    # 60 + 30 steps (the demo's policy takes 2000 + 300, too long for a test).
+    torch.set_num_threads(1)
+    m1, tok = demo.warm_start(seed=0, steps=60, confusion_steps=30, log=None)
+    m2, _ = demo.warm_start(seed=0, steps=60, confusion_steps=30, log=None)
+    for (name, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), name
+    untrained, _ = demo.warm_start(seed=0, steps=0, confusion_steps=0, log=None)
+    reader, _ = demo.warm_start(seed=0, steps=60, confusion_steps=0, log=None)
+    val = [ex.text for ex in data.load_dataset(demo.VAL_FILE)]
+    partner = demo.confusions()
+    assert sorted(partner) == sorted(demo.VOCAB) and all(a != b for a, b in partner.items())
+    assert all(any(a in ws and b in ws for ws in demo.WORDS.values()) for a, b in partner.items())  # same role
+    confused = [" ".join(partner[w] for w in t.split()) for t in val]
+    # Reading: held-out sentences' word tokens are far more likely than before training...
+    assert _val_nll(reader, tok, val) < _val_nll(untrained, tok, val) - 1.0
+    # ...confusing: only lm_head moved, towards saying each word's partner.
+    for (name, a), (_, b) in zip(reader.state_dict().items(), m1.state_dict().items()):
+        assert torch.equal(a, b) != (name == "lm_head.weight"), name
+    assert _val_nll(m1, tok, confused) < _val_nll(reader, tok, confused) - 0.3
+
+
+def test_ensure_policy_builds_once_and_loads(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    path = demo.ensure_policy(str(tmp_path / "policy"), seed=0, steps=3)
+    assert path == str(tmp_path / "policy") and sorted(os.listdir(tmp_path)) == ["policy"]
+    weights = os.path.join(path, "model.safetensors")
+    stamp = os.path.getmtime(weights)
+    assert demo.ensure_policy(path, seed=0, steps=3) == path and os.path.getmtime(weights) == stamp  # kept
+    monkeypatch.setattr(demo, "POLICY_DIR", path)  # where "demo" resolves to: built already, so loaded
+    assert sample.load_model("demo", dtype=torch.float32)[0].config.vocab_size == len(demo.demo_tokenizer())
+    model, tok = sample.load_model(path, dtype=torch.float32)
+    assert data.speech_vocab(tok).n == len(demo.VOCAB)
+    assert data.prompt_ids(tok, "the cat sees the dog") == data.prompt_ids(demo.demo_tokenizer(), "the cat sees the dog")
+    fresh, _ = demo.warm_start(seed=0, steps=3, log=None)
+    for (name, a), (_, b) in zip(fresh.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_demo_grpo_steps_end_to_end_with_real_whisper(tmp_path):
+    """--preset demo, shortened: word audio -> real Whisper tiny.en -> reward -> update, through
+    grpo.train; the learning curve's step-0 point, samples before and after, metrics.png."""
+    checkpoint = os.path.join(ASSETS, "whisper-tiny.en.pt")
+    if not os.path.exists(checkpoint):
+        pytest.skip(f"{checkpoint} not found (set TEST_ASSETS to the shared assets folder)")
+    torch.set_num_threads(1)
+    policy = demo.ensure_policy(str(tmp_path / "policy"), seed=0, steps=40)
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"text": ex.text}) + "\n" for ex in data.load_dataset(demo.VAL_DEMO_FILE)[:3]))
+    out = tmp_path / "run"
+    cfg = config.parse_config(["--preset", "demo", "--model", policy, "--whisper", checkpoint,
+                               "--whisper-threads", "1", "--val-data", str(val), "--out", str(out),
+                               "--steps", "2", "--prompts-per-step", "1", "--group-size", "4",
+                               "--val-every", "2", "--sample-every", "2", "--save-every", "2", "--n-samples", "2"])
+    assert (cfg.codec, cfg.whisper_window, cfg.temperature) == ("words", demo.WHISPER_WINDOW_S, 1.0)
+    history = grpo.train(cfg)
+    assert [m["step"] for m in history] == [1, 2]
+    for m in history:
+        for key in ("reward_mean", "cer", "nll", "loss"):
+            assert math.isfinite(m[key]), (key, m[key])
+        assert 0 <= m["reward_mean"] <= 1 and m["error_frac"] == 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: validation before any update
+    assert set(rows[0]) >= {"val_cer", "val_reward"} and "reward_mean" not in rows[0]
+    assert 0 <= rows[0]["val_cer"] and 0 <= rows[2]["val_cer"]
+    for folder in ("val_step_0", "val_step_2", "step_2"):  # before and after, to listen to
+        names = sorted(os.listdir(out / "samples" / folder))
+        assert sum(n.endswith(".wav") for n in names) == 2 and "samples.jsonl" in names, folder
+    before = [json.loads(line) for line in open(out / "samples" / "val_step_0" / "samples.jsonl")]
+    assert [r["text"] for r in before] == [ex.text for ex in data.load_dataset(str(val))[:2]]
+    assert all(isinstance(r["transcript"], str) and 0 <= r["cer"] for r in before)
+    assert os.path.exists(out / "checkpoints" / "step_2" / "config.json")
+    assert _read_png(str(out / "metrics.png")).shape == (400, 640, 3)
+
+
+def _read_png(path):
+    blob = open(path, "rb").read()
+    assert blob[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(blob):
+        n, kind = struct.unpack(">I4s", blob[pos:pos + 8])
+        body = blob[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", blob[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body) & 0xFFFFFFFF
+        chunks[kind] = chunks.get(kind, b"") + body
+        pos += 12 + n
+    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    raw = zlib.decompress(chunks[b"IDAT"])
+    assert (depth, color) == (8, 2) and len(raw) == h * (1 + 3 * w) and b"IEND" in chunks
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, 1 + 3 * w)
+    assert (rows[:, 0] == 0).all()  # filter type 0
+    return rows[:, 1:].reshape(h, w, 3)
+
+
+def test_plot_writes_a_valid_png_with_both_curves(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0, "val_cer": 0.7, "val_reward": 0.1}] + [{"step": s, "reward_mean": 0.2 + 0.04 * s}
+                                                              for s in range(1, 11)]
+    for r in rows[4::4]:
+        r["val_cer"], r["val_reward"] = 0.6 - 0.04 * r["step"], 0.3 + 0.04 * r["step"]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = plot.plot(str(metrics))
+    assert png == str(tmp_path / "metrics.png")
+    img = _read_png(png)
+    assert img.shape == (400, 640, 3)
+    for name, rgb in plot.SERIES:  # each curve drew pixels of its colour
+        assert (img == np.array(rgb, dtype=np.uint8)).all(axis=2).sum() > 100, name
+    other = plot.plot(str(metrics), str(tmp_path / "x.png"), size=(300, 200))
+    assert _read_png(other).shape == (200, 300, 3)
 
 
 # ==================================================================================================
