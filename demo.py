@@ -292,6 +292,9 @@ def ensure_policy(out_dir: str | None = None, seed: int = 0, steps: int | None =
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    if os.path.exists(os.path.join(out_dir, "config.json")):  # another rank finished first: the same policy
+        shutil.rmtree(tmp)
+        return out_dir
     shutil.rmtree(out_dir, ignore_errors=True)  # a directory without config.json: an earlier build's remains
     os.replace(tmp, out_dir)
     print(f"wrote the demo's starting policy to {out_dir}")
