@@ -279,15 +279,15 @@ def warm_start(seed: int = 0, steps: int | None = None, log=print, **overrides):
     return model.eval(), tok
 
 
-def ensure_policy(out_dir: str | None = None, seed: int = 0, steps: int | None = None) -> str:
+def ensure_policy(out_dir: str | None = None, seed: int = 0, **overrides) -> str:
     """The demo's starting policy as a Hugging Face directory (sample.load_model loads it), built by
-    `warm_start` when `out_dir` (default runs/demo-policy) has none; returns `out_dir`. Written
+    `warm_start(seed, **overrides)` when `out_dir` (default runs/demo-policy) has none; returns `out_dir`. Written
     under a temporary name and renamed, so an interrupted build leaves nothing that looks done."""
     out_dir = out_dir or POLICY_DIR
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
     print(f"building the demo's starting policy in {out_dir} (once; about a minute on 2 CPU cores)")
-    model, tok = warm_start(seed=seed, steps=steps)
+    model, tok = warm_start(seed=seed, **overrides)
     tmp = f"{out_dir.rstrip('/')}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

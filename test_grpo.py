@@ -2681,17 +2681,17 @@ def test_warm_start_is_deterministic_reads_then_confuses_word_pairs():
 
 def test_ensure_policy_builds_once_and_loads(tmp_path, monkeypatch):
     torch.set_num_threads(1)
-    path = demo.ensure_policy(str(tmp_path / "policy"), seed=0, steps=3)
+    path = demo.ensure_policy(str(tmp_path / "policy"), seed=0, steps=3, confusion_steps=2)
     assert path == str(tmp_path / "policy") and sorted(os.listdir(tmp_path)) == ["policy"]
     weights = os.path.join(path, "model.safetensors")
     stamp = os.path.getmtime(weights)
-    assert demo.ensure_policy(path, seed=0, steps=3) == path and os.path.getmtime(weights) == stamp  # kept
+    assert demo.ensure_policy(path, seed=0, steps=3, confusion_steps=2) == path and os.path.getmtime(weights) == stamp  # kept
     monkeypatch.setattr(demo, "POLICY_DIR", path)  # where "demo" resolves to: built already, so loaded
     assert sample.load_model("demo", dtype=torch.float32)[0].config.vocab_size == len(demo.demo_tokenizer())
     model, tok = sample.load_model(path, dtype=torch.float32)
     assert data.speech_vocab(tok).n == len(demo.VOCAB)
     assert data.prompt_ids(tok, "the cat sees the dog") == data.prompt_ids(demo.demo_tokenizer(), "the cat sees the dog")
-    fresh, _ = demo.warm_start(seed=0, steps=3, log=None)
+    fresh, _ = demo.warm_start(seed=0, steps=3, confusion_steps=2, log=None)
     for (name, a), (_, b) in zip(fresh.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -2703,7 +2703,7 @@ def test_demo_grpo_steps_end_to_end_with_real_whisper(tmp_path):
     if not os.path.exists(checkpoint):
         pytest.skip(f"{checkpoint} not found (set TEST_ASSETS to the shared assets folder)")
     torch.set_num_threads(1)
-    policy = demo.ensure_policy(str(tmp_path / "policy"), seed=0, steps=40)
+    policy = demo.ensure_policy(str(tmp_path / "policy"), seed=0, steps=40, confusion_steps=20)
     val = tmp_path / "val.jsonl"
     val.write_text("".join(json.dumps({"text": ex.text}) + "\n" for ex in data.load_dataset(demo.VAL_DEMO_FILE)[:3]))
     out = tmp_path / "run"
@@ -2717,7 +2717,8 @@ def test_demo_grpo_steps_end_to_end_with_real_whisper(tmp_path):
     for m in history:
         for key in ("reward_mean", "cer", "nll", "loss"):
             assert math.isfinite(m[key]), (key, m[key])
-        assert 0 <= m["reward_mean"] <= 1 and m["error_frac"] == 0
+        # a 60-step policy may ramble past Whisper's 8 s: refused as too long, the only error allowed
+        assert 0 <= m["reward_mean"] <= 1 and m["error_frac"] == m["too_long_frac"]
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: validation before any update
     assert set(rows[0]) >= {"val_cer", "val_reward"} and "reward_mean" not in rows[0]
