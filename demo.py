@@ -82,18 +82,23 @@ GAP_S = 0.06  # silence between words in WordCodec.decode
 
 # ----------------------------------------------------------------------------- assets (maintainers)
 
+def fill(template: str, rng: random.Random) -> str:
+    """The template's {role} slots filled left to right, each with a fresh draw from WORDS[role]."""
+    text = template
+    while "{" in text:
+        a = text.index("{")
+        b = text.index("}", a)
+        text = text[:a] + rng.choice(WORDS[text[a + 1:b]]) + text[b + 1:]
+    return text
+
+
 def make_texts(seed: int = 0) -> tuple[list[str], list[str]]:
     """Deterministic candidate sentences from the templates, all distinct: (N_TRAIN_POOL for
     training, N_VAL_POOL held out)."""
     rng = random.Random(seed)
     seen, texts = set(), []
     while len(texts) < N_TRAIN_POOL + N_VAL_POOL:
-        template = TEMPLATES[len(texts) % len(TEMPLATES)]
-        text = template
-        while "{" in text:  # fill the slots left to right, each with a fresh draw
-            a = text.index("{")
-            b = text.index("}", a)
-            text = text[:a] + rng.choice(WORDS[text[a + 1:b]]) + text[b + 1:]
+        text = fill(TEMPLATES[len(texts) % len(TEMPLATES)], rng)
         if text not in seen:
             seen.add(text)
             texts.append(text)
@@ -194,12 +199,7 @@ def demo_tokenizer():
 
 
 def random_sentence(rng: random.Random) -> str:
-    text = TEMPLATES[rng.randrange(len(TEMPLATES))]
-    while "{" in text:
-        a = text.index("{")
-        b = text.index("}", a)
-        text = text[:a] + rng.choice(WORDS[text[a + 1:b]]) + text[b + 1:]
-    return text
+    return fill(TEMPLATES[rng.randrange(len(TEMPLATES))], rng)
 
 
 def confusions(seed: int = 0) -> dict[str, str]:

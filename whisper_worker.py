@@ -107,7 +107,7 @@ class WhisperScorer:
             except _BadInput as e:
                 results[i] = _failed(str(e))
                 continue
-            if len(audio) > self.n_samples:  # its first 30 s scored against the whole text would mislead
+            if len(audio) > self.n_samples:  # its first window scored against the whole text would mislead
                 results[i] = _failed(f"the clip's {len(audio) / SAMPLE_RATE:.2f} s is longer than Whisper's "
                                      f"{self.window_s:g} s window: refused, not scored", too_long=True)
                 continue
