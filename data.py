@@ -171,7 +171,7 @@ def load_data(cfg) -> tuple[list[Example], list[Example]]:
     examples = load_dataset(cfg.data)
     val_examples = load_dataset(cfg.val_data) if cfg.val_data else []
     if cfg.reward == "whisper":
-        from whisper_worker import language_code, model_languages
+        from scorer import language_code, model_languages
         known = model_languages(cfg.whisper)
         rows = [("--language", cfg.language)] + [(ex.source, ex.language) for ex in examples + val_examples]
         for where, language in rows:

@@ -15,8 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from sample import (KVCache, _find_rows, left_padded, prefill, process_logits, rotate, sample_token,
-                    token_logprobs)
+from llama import KVCache, find_rows, left_padded, prefill, process_logits, rotate, sample_token, token_logprobs
 
 
 def attention_static(x, cos, sin, k_cache, v_cache, slot, mask, w: "LayerWeights"):
@@ -277,7 +276,7 @@ def generate_static(decoder: Decoder, model, prompts, device, max_new_tokens, te
     for x in (s.done, s.lengths, s.tokens, s.logprobs, s.token):
         x.zero_()
     if s.seen is not None:  # the prompt's allowed tokens, as in `_generate`
-        rows, allowed = _find_rows(ids, s.index)
+        rows, allowed = find_rows(ids, s.index)
         seen = torch.zeros(B, s.index.numel() + 1, dtype=torch.bool, device=device)
         seen.scatter_(1, torch.where(allowed & s.key_ok[:, :P], rows, s.index.numel()), True)
         s.seen.copy_(seen[:, :-1])

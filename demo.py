@@ -110,7 +110,7 @@ def heard_right(texts: list[str], whisper_model: str = "tiny.en") -> list[bool]:
     """Whether Whisper (the demo's: `whisper_model`, an 8 s window, on the CPU) transcribes each
     text exactly (CER 0 after normalization) when its words are said right by the word codec."""
     from codec import WordCodec
-    from whisper_worker import WhisperScorer
+    from scorer import WhisperScorer
     audios = WordCodec(WORDS_FILE).decode([[VOCAB.index(w) for w in t.split()] for t in texts])
     scorer = WhisperScorer(whisper_model, "cpu", "en", window_s=WHISPER_WINDOW_S)
     return [s.cer == 0.0 for s in scorer.score(audios, texts)]
@@ -243,11 +243,11 @@ def warm_start(seed: int = 0, steps: int | None = None, log=print, **overrides):
     on targets where each word is its partner (`confusions`) with probability `confusion`: the
     policy then mixes up word pairs in its output layer, as a TTS model mispronounces, and samples
     a wrong word about half the time at temperature 1 (greedy: about one in three)."""
-    import sample
+    from models import tiny_llama
     cfg = {**WARM_START, **overrides, **({} if steps is None else {"steps": steps})}
     tok = demo_tokenizer()
-    model = sample.tiny_llama(len(tok), seed=seed, hidden_size=cfg["hidden_size"], num_layers=cfg["num_layers"],
-                              num_heads=cfg["num_heads"], num_kv_heads=cfg["num_kv_heads"], max_positions=512)
+    model = tiny_llama(len(tok), seed=seed, hidden_size=cfg["hidden_size"], num_layers=cfg["num_layers"],
+                       num_heads=cfg["num_heads"], num_kv_heads=cfg["num_kv_heads"], max_positions=512)
     model.train()
     held_out = {r.text for r in data.load_dataset(VAL_FILE)} if os.path.exists(VAL_FILE) else set()
     rng = random.Random(seed)
@@ -279,8 +279,14 @@ def warm_start(seed: int = 0, steps: int | None = None, log=print, **overrides):
     return model.eval(), tok
 
 
+def resolve_model(name: str) -> str:
+    """A --model value as models.load_model takes it: "demo" is this demo's starting policy
+    (`ensure_policy`, built on first use), any other name is itself."""
+    return ensure_policy() if name == "demo" else name
+
+
 def ensure_policy(out_dir: str | None = None, seed: int = 0, **overrides) -> str:
-    """The demo's starting policy as a Hugging Face directory (sample.load_model loads it), built by
+    """The demo's starting policy as a Hugging Face directory (models.load_model loads it), built by
     `warm_start(seed, **overrides)` when `out_dir` (default runs/demo-policy) has none; returns `out_dir`. Written
     under a temporary name and renamed, so an interrupted build leaves nothing that looks done."""
     out_dir = out_dir or POLICY_DIR

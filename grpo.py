@@ -7,7 +7,8 @@ One training step (`Trainer.train_step`): prompts -> G rollouts each (sample.gen
 (codec) -> rewards (Whisper worker process) -> group-normalized advantages -> clipped policy loss
 with KL to a frozen reference -> gradients summed over ranks -> AdamW step. Each rank owns whole
 prompt groups; the gradient is that of the global token-mean loss, so 2 ranks step exactly like 1.
-This file is the algorithm; config.py holds the flags, parallel.py the collectives, outputs.py
+This file is the algorithm; config.py holds the flags, rollout.py the rollout stage (generation,
+codec, scorer), llama.py the log-prob formula, parallel.py the collectives, outputs.py
 what a run writes.
 """
 import copy
@@ -17,22 +18,23 @@ import os
 import sys
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import data
+import demo
 import outputs
 from codec import load_codec
 from config import LOSS_AGGS, Config, parse_config
 import parallel
 from plot import plot
-from parallel import Dist, gathered, is_sharded, setup_distributed, sync_gradients
+from parallel import Dist, is_sharded, setup_distributed, sync_gradients
 from prosody import GUARDED, guard_factor
-from decode import Decoder
-from sample import cat_rollouts, generate, head_logprobs, head_rows, load_model, to_rows
+from models import load_model
+from llama import LogProbs
+from rollout import Sampler
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,44 +107,6 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps=0.2, kl_
 
 # ----------------------------------------------------------------------------------------------
 # Log-probs of responses under a model, and the policy update
-
-def response_logprobs(model, prompts: list[list[int]], tokens: torch.Tensor, temperature: float,
-                      with_entropy: bool = False, allowed_ids=None):
-    """Teacher-forced log-probs (nats) of `tokens` [B, T] after each prompt, at logits / temperature,
-    under the policy restricted to `allowed_ids` (None: the whole vocabulary), as sampled.
-
-    Rows are [prompt | response] right-padded, so positions match generation (0 at the first prompt
-    token) and no attention mask is needed: the pads come after every position that is read.
-    Logits exist only at response positions, only for the allowed rows of lm_head, and only a chunk
-    of positions at a time (sample.head_logprobs). Returns logp [B, T] (and entropy [B, T] of the
-    tempered policy when asked, without grad); padding positions hold junk, masked by the caller."""
-    device = tokens.device
-    B, T = tokens.shape
-    P = torch.tensor([len(p) for p in prompts], device=device)  # [B]
-    ids = torch.zeros(B, int(P.max()) + T, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p, device=device)
-        ids[i, len(p):len(p) + T] = tokens[i]
-    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # [B, L, H]
-    pos = (P[:, None] - 1 + torch.arange(T, device=device)[None, :])  # [B, T]: position predicting token t
-    h = hidden.gather(1, pos[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
-    weight, index = head_rows(model, allowed_ids)  # [A, H]: only these rows get a gradient
-    valid = torch.isin(tokens, index)  # [B, T]: padding (id 0) may lie outside the allowed ids
-    return head_logprobs(h, weight, to_rows(tokens, index, valid), temperature, with_entropy=with_entropy)
-
-
-class LogProbs(torch.nn.Module):
-    """A causal LM whose forward is `response_logprobs`. The trainer's passes go through it, so that
-    FSDP2 (parallel.shard) sees them as forwards: its hooks gather the embeddings, final norm and
-    lm_head around each pass, which calls the model's parts directly."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, prompts, tokens, temperature, with_entropy=False, allowed_ids=None):
-        return response_logprobs(self.lm, prompts, tokens, temperature, with_entropy, allowed_ids)
-
 
 @dataclass
 class Rollouts:
@@ -263,7 +227,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, d: Dist, device: torch.device, scorer, resume_from: str | None = None,
                  datasets: tuple[list, list] | None = None):
-        self.cfg, self.d, self.device, self.scorer = cfg, d, device, scorer
+        self.cfg, self.d, self.device = cfg, d, device
         self.examples, self.val_examples = datasets or data.load_data(cfg)
         lm, self.tokenizer = self.load_model(resume_from or cfg.model)
         # The reference is the initial model, also on resume; none at all without a KL term.
@@ -278,14 +242,9 @@ class Trainer:
         if cfg.fsdp:  # before the optimizer, which then holds (and shards) the AdamW state of the shards
             self.policy = parallel.shard(self.policy, device)
             self.ref = parallel.shard(self.ref, device) if self.ref is not None else None
-        self.speech = data.speech_vocab(self.tokenizer)
-        self.allowed_ids = torch.tensor(self.speech.allowed_ids(), device=device)  # speech tokens + stop
-        self._prompts = {}
-        # The static, compiled decode step: built once, reused by every rollout of the run.
-        compiled = cfg.compile if cfg.compile is not None else device.type == "cuda" and not cfg.fsdp
-        self.decoder = Decoder(lm, compile=True, max_len=cfg.max_new_tokens + 256) if compiled else None
-        self.decoder_works = False  # until its first rollout succeeds
-        self.codec = load_codec(cfg.codec, device)
+        # Rollouts: generation (the compiled decode step, built once per run), codec and scorer.
+        self.sampler = Sampler(cfg, d, device, self.policy, self.tokenizer, load_codec(cfg.codec, device), scorer,
+                               self.autocast)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warm = max(cfg.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -308,17 +267,12 @@ class Trainer:
     def load_model(self, name: str):
         # fp32 master weights (bf16 autocast on CUDA); 'tiny' is a seeded random model with 64 speech
         # tokens, so that a random policy emits the stop token within 64 steps most of the time.
-        return load_model(name, self.device, torch.float32, seed=self.cfg.seed)
+        return load_model(demo.resolve_model(name), self.device, torch.float32, seed=self.cfg.seed)
 
     def autocast(self):
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
-
-    def prompt(self, text: str) -> list[int]:
-        if text not in self._prompts:
-            self._prompts[text] = data.prompt_ids(self.tokenizer, text)
-        return self._prompts[text]
 
     # -- one GRPO step ------------------------------------------------------------------------
     def train_step(self, step: int) -> tuple[dict, dict]:
@@ -331,7 +285,7 @@ class Trainer:
         with d.together(f"step {step + 1}'s rollouts and rewards"):
             # 1-3. Rollouts: G samples per prompt from the current policy -> audio (the speech tokens
             # before the stop token) -> scores from the Whisper worker, chunk by chunk, overlapped.
-            roll, audios, scores, seconds = self.rollout_and_score(texts, langs)
+            roll, audios, scores, seconds = self.sampler.rollout_and_score(texts, langs, self.gen)
             if not len(scores) == len(audios) == len(texts) == roll.tokens.shape[0]:
                 raise RuntimeError(f"step {step + 1}: {len(scores)} scores for {len(texts)} rollouts")
             # The rewards trained on [B*G]: 0 for a truncated sample (no stop token); with
@@ -344,9 +298,9 @@ class Trainer:
         # 5. Clipped policy-gradient update with KL to the reference, gradients summed over ranks.
         t0 = time.time()
         self.policy.train()
-        ro = Rollouts([self.prompt(t) for t in texts], roll.tokens, roll.lengths, advantages)
+        ro = Rollouts([self.sampler.prompt(t) for t in texts], roll.tokens, roll.lengths, advantages)
         stats = update_policy(self.policy, self.ref, self.optimizer, self.scheduler, ro, cfg, d,
-                              self.autocast, self.allowed_ids)
+                              self.autocast, self.sampler.allowed_ids)
         if not math.isfinite(stats["loss"]):
             raise FloatingPointError(f"step {step + 1}: non-finite loss {stats['loss']}")
         seconds.append(time.time() - t0)
@@ -357,66 +311,6 @@ class Trainer:
         shown = {"audios": audios[:cfg.n_samples], "texts": texts[:cfg.n_samples],
                  "scores": scores[:cfg.n_samples], "finished": roll.finished[:cfg.n_samples].tolist()}
         return metrics, shown
-
-    def rollout_and_score(self, texts: list[str], langs: list, overlap: bool = True):
-        """Rollouts, audio and scores for `texts`, generated in --rollout-chunks chunks: each chunk's
-        audio goes to the scorer (in a thread) as soon as it is decoded, so scoring of chunk k runs
-        while chunk k+1 is generated. overlap=False waits for each chunk's scores (the same samples
-        and scores: the generator is only used here, in order). Returns (rollout, audios, scores,
-        seconds [rollout, codec, the reward wait that was not hidden])."""
-        n, k = len(texts), self.cfg.rollout_chunks
-        bounds = sorted({n * i // k for i in range(k + 1)})
-        rolls, audios, pending, seconds = [], [], [], [0.0, 0.0, 0.0]
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            for a, b in zip(bounds, bounds[1:]):
-                t0 = time.time()
-                rolls.append(self.rollout(texts[a:b], self.gen))
-                t1 = time.time()
-                audios += self.decode_audio(rolls[-1])
-                seconds[0], seconds[1] = seconds[0] + t1 - t0, seconds[1] + time.time() - t1
-                pending.append(pool.submit(self.scorer.score, audios[a:b], texts[a:b], langs[a:b]))
-                if not overlap:
-                    t0 = time.time()
-                    pending[-1].result()
-                    seconds[2] += time.time() - t0
-            t0 = time.time()
-            scores = [s for job in pending for s in job.result()]
-            seconds[2] += time.time() - t0
-        return cat_rollouts(rolls), audios, scores, seconds
-
-    def rollout(self, texts: list[str], generator):
-        """One sample per text from the current policy (speech tokens + stop only). If the compiled
-        step fails on its first use (a torch.compile or CUDA-graph problem on this machine), the run
-        says so and goes on with the eager loop rather than losing the job."""
-        self.policy.eval()
-        cuda = self.device.type == "cuda"
-        with torch.no_grad(), self.autocast(), gathered(self.policy):  # whole weights, freed after (FSDP)
-            def run(decoder):
-                return generate(self.policy.lm, [self.prompt(t) for t in texts],
-                                max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                top_p=self.cfg.top_p, top_k=self.cfg.top_k,
-                                repetition_penalty=self.cfg.repetition_penalty,
-                                stop_ids=(self.speech.end_id,),
-                                allowed_ids=self.allowed_ids, generator=generator, decoder=decoder,
-                                cache_dtype=torch.bfloat16 if cuda else None)  # bf16 cache under autocast
-            if self.decoder is None or self.decoder_works:
-                return run(self.decoder)
-            rng = generator.get_state()  # the eager retry draws what the failed attempt drew
-            try:
-                out = run(self.decoder)
-            except Exception as e:  # noqa: BLE001 -- reported, and the eager loop is the reference
-                print(f"[rank {self.d.rank}] --compile: the compiled decode step failed on first use "
-                      f"({type(e).__name__}: {str(e)[:300]}); going on with the eager loop", file=sys.stderr)
-                self.decoder = None
-                generator.set_state(rng)
-                return run(None)
-            self.decoder_works = True
-            return out
-
-    def decode_audio(self, roll) -> list[np.ndarray]:
-        codes = [self.speech.to_codes(roll.tokens[i, :n - int(fin)].tolist())
-                 for i, (n, fin) in enumerate(zip(roll.lengths.tolist(), roll.finished.tolist()))]
-        return self.codec.decode(codes)
 
     def guard(self, score) -> float:
         return guard_factor(score, self.prosody_reference, rate_band=self.cfg.guard_rate_band,
@@ -429,7 +323,7 @@ class Trainer:
         cfg = self.cfg
         texts = self.val_examples or step_examples(self.examples, 0, cfg, Dist())
         repeated = [ex for ex in texts for _ in range(cfg.group_size)][:cfg.prompts_per_step * cfg.group_size]
-        scores, *_ = self.sample_and_score(repeated, "the prosody reference")
+        scores, *_ = self.sampler.sample_and_score(repeated, "the prosody reference")
         reference = {}
         for name in GUARDED:
             values = [getattr(s, name) for s in scores if getattr(s, name) is not None]
@@ -442,37 +336,8 @@ class Trainer:
     def validate(self) -> tuple[dict, dict]:
         """One sample per validation text with a fixed seed, so steps compare like for like: (the
         val_ metrics, this rank's first --n-samples clips to listen to)."""
-        scores, rewards, finished, shown = self.sample_and_score(self.val_examples, "validation")
+        scores, rewards, finished, shown = self.sampler.sample_and_score(self.val_examples, "validation")
         return outputs.clip_means(scores, rewards, finished, prefix="val_"), shown
-
-    @torch.no_grad()
-    def sample_and_score(self, examples: list, stage: str) -> tuple[list, list, list, dict]:
-        """One sample per example (this rank's share), with a fixed seed, in training-sized chunks:
-        every rank's (scores, rewards with truncated ones 0, finished), in rank order, and this rank's
-        first --n-samples clips (audios, texts, scores, finished) for outputs.save_samples."""
-        cfg, d = self.cfg, self.d
-        mine = examples[d.rank::d.world]
-        scores, rewards, finished, audios = [], [], [], []
-        gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 12345 + d.rank)
-        chunk = max(1, cfg.prompts_per_step * cfg.group_size // d.world)  # no larger than a training batch
-        with d.together(stage):
-            for i in range(0, len(mine), chunk):
-                part = mine[i:i + chunk]
-                roll = self.rollout([ex.text for ex in part], gen)
-                part_audios = self.decode_audio(roll)
-                part_scores = self.scorer.score(part_audios, [ex.text for ex in part],
-                                                [ex.language or cfg.language or None for ex in part])
-                if len(part_scores) != len(part):
-                    raise RuntimeError(f"{stage}: {len(part_scores)} scores for {len(part)} texts")
-                scores += part_scores
-                finished += roll.finished.tolist()
-                rewards += [s.reward if f else 0.0 for s, f in zip(part_scores, roll.finished.tolist())]
-                audios += part_audios[:cfg.n_samples - len(audios)]
-        n = len(audios)
-        shown = {"audios": audios, "texts": [ex.text for ex in mine[:n]], "scores": scores[:n],
-                 "finished": finished[:n]}
-        parts = d.gather((scores, rewards, finished))
-        return (*(sum((p[k] for p in parts), []) for k in range(3)), shown)
 
     def trainer_state(self, step: int) -> dict:
         """Everything --resume needs besides the weights (and, with FSDP, the sharded optimizer

@@ -138,7 +138,7 @@ def logits_bytes(micro_batch: int, positions: int, rows: int) -> int:
 
 
 def kv_cache_bytes(config, batch: int, max_len: int, dtype_bytes: int = 2) -> int:
-    """sample.KVCache: k and v [layers, batch, kv_heads, max_len, head_dim], bf16 by default."""
+    """llama.KVCache: k and v [layers, batch, kv_heads, max_len, head_dim], bf16 by default."""
     c = _dims(config)
     return 2 * c["num_hidden_layers"] * batch * c["num_key_value_heads"] * max_len * c["head_dim"] * dtype_bytes
 

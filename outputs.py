@@ -121,7 +121,7 @@ def save_checkpoint(path: str, policy, tokenizer, trainer_state: dict, *, weight
 
 
 def save_everywhere(path: str, policy, optimizer, tokenizer, state: dict, d, fsdp: bool):
-    """Checkpoint `path`; every rank calls it. policy: grpo.LogProbs (its .lm is the Hugging Face
+    """Checkpoint `path`; every rank calls it. policy: llama.LogProbs (its .lm is the Hugging Face
     model). With FSDP the weights are gathered to rank 0 and every rank writes its optimizer shard;
     rank 0 writes the Hugging Face directory and the trainer state (save_checkpoint)."""
     weights = None

@@ -57,11 +57,14 @@ import decode
 import demo
 import grpo
 import memory
+import models
 import outputs
 import parallel
 import plot
+import llama
 import prosody
 import sample
+import scorer as scoring
 import whisper_worker as ww
 from reward import RewardConfig, Score, char_error_rate, normalize_text, tts_reward
 
@@ -188,14 +191,14 @@ def reward_module(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    return ww.random_tiny_whisper(seed=0)
+    return scoring.random_tiny_whisper(seed=0)
 
 
 def test_random_tiny_is_deterministic(tiny_model):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    other = ww.random_tiny_whisper(seed=0)
+    other = scoring.random_tiny_whisper(seed=0)
     assert torch.equal(torch.rand(3), expected)  # the caller's random state is left alone
     for (name, a), b in zip(tiny_model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), name
@@ -206,7 +209,7 @@ def test_batched_nll_matches_clip_by_clip(tiny_model):
     audios = [noise(s, seed) for seed, s in enumerate([1.0, 2.5, 0.5, 4.0, 3.0])]
     texts = ["Hi.", "The quick brown fox jumps over the lazy dog.", "안녕하세요, 반갑습니다.", "One two three.", "네"]
     languages = ["en", "en", "ko", None, "ko"]  # None: the scorer's default, en
-    scorer = ww.WhisperScorer(tiny_model, "cpu", "en", batch_size=3, max_transcript_tokens=6)
+    scorer = scoring.WhisperScorer(tiny_model, "cpu", "en", batch_size=3, max_transcript_tokens=6)
     results = scorer.score(audios, texts, languages)
     with torch.no_grad():
         for audio, text, language, result in zip(audios, texts, languages, results):
@@ -221,7 +224,7 @@ def test_batched_nll_matches_clip_by_clip(tiny_model):
             assert isinstance(result, Score) and result.error is None and not result.too_long
             assert result.nll == pytest.approx(expected, abs=1e-4)
             assert result.reward == pytest.approx(tts_reward(result.cer, result.nll))
-    one_by_one = ww.WhisperScorer(tiny_model, "cpu", "en", batch_size=1, max_transcript_tokens=6).score(
+    one_by_one = scoring.WhisperScorer(tiny_model, "cpu", "en", batch_size=1, max_transcript_tokens=6).score(
         audios, texts, languages)
     assert [r.transcript for r in one_by_one] == [r.transcript for r in results]
 
@@ -244,7 +247,7 @@ def test_bad_inputs_are_answered_not_fatal(tiny_model):
     texts = (["a good clip"] + [c[1] for c in cases]
              + ["another good clip", "a long clip", "another good clip"])
     languages = [None] + [c[2] for c in cases] + [None, None, None]
-    scorer = ww.WhisperScorer(tiny_model, "cpu", "en", batch_size=4, max_transcript_tokens=6)
+    scorer = scoring.WhisperScorer(tiny_model, "cpu", "en", batch_size=4, max_transcript_tokens=6)
     results = scorer.score(audios, texts, languages)
     for (_, _, _, words), result in zip(cases, results[1:-3]):
         assert result.reward == 0.0 and result.cer is None and result.nll is None
@@ -259,7 +262,7 @@ def test_bad_inputs_are_answered_not_fatal(tiny_model):
     assert results[-1].nll == pytest.approx(results[-3].nll, abs=1e-4)  # float64 is converted
     # an English-only vocabulary
     dims = whisper.model.ModelDimensions(**{**vars(tiny_model.dims), "n_vocab": 51864})
-    english_only = ww.WhisperScorer(whisper.model.Whisper(dims), "cpu", max_transcript_tokens=2)
+    english_only = scoring.WhisperScorer(whisper.model.Whisper(dims), "cpu", max_transcript_tokens=2)
     assert "English-only" in english_only.score([good[0]], ["hello"], ["ko"])[0].error
     with pytest.raises(ValueError, match="match one to one"):
         scorer.score(good, ["only one text"])
@@ -270,7 +273,7 @@ def test_silence_is_scored_not_refused(tiny_model, reward_module):
     silences = [np.zeros(0, np.float32), np.zeros(16000, np.float32), np.zeros(48000, np.float32)]
     texts = ["hello", "hello there", "안녕하세요"]
     for language in ("en", None):  # None: no decode to read the language from, so it is detected
-        scorer = ww.WhisperScorer(tiny_model, "cpu", language, batch_size=4, max_transcript_tokens=6)
+        scorer = scoring.WhisperScorer(tiny_model, "cpu", language, batch_size=4, max_transcript_tokens=6)
         results = scorer.score(silences + [noise(1.0, 4)], texts + ["a clip"])
         with torch.no_grad():
             mel = whisper.log_mel_spectrogram(np.zeros(whisper.audio.N_SAMPLES, np.float32), 80)[None]
@@ -288,7 +291,7 @@ def test_silence_is_scored_not_refused(tiny_model, reward_module):
                 assert result.nll == pytest.approx(nll, abs=1e-4)
                 assert result.reward == pytest.approx(tts_reward(1.0, result.nll)) and result.reward < 0.01
         assert results[-1].error is None  # a clip beside them is scored as usual
-    custom = ww.CustomRewardScorer(reward_module)  # a user's reward hears silence too: empty stays empty
+    custom = scoring.CustomRewardScorer(reward_module)  # a user's reward hears silence too: empty stays empty
     no_speech = dict(f0_std_semitones=0.0, voiced_frac=0.0, chars_per_s=0.0)  # prosody of silence
     assert custom.score(silences[:2], ["empty?", "silent"]) == [Score(reward=0.75, **no_speech),
                                                                  Score(reward=0.0, **no_speech)]
@@ -305,8 +308,8 @@ CHINESE = ("今天天气非常好，我们一家人一起去公园散步，然�
 
 def test_whisper_transcript_bound_follows_the_target(tiny_model, monkeypatch):
     """A long Korean or Chinese transcript is not cut by a fixed cap: the bound derives from the target."""
-    assert ww.transcript_bound(10, limit=444) == 30 and ww.transcript_bound(10, limit=444, cap=16) == 16
-    assert ww.transcript_bound(300, limit=444) == 444 and ww.transcript_bound(0, limit=444, cap=None) == 10
+    assert scoring.transcript_bound(10, limit=444) == 30 and scoring.transcript_bound(10, limit=444, cap=16) == 16
+    assert scoring.transcript_bound(300, limit=444) == 444 and scoring.transcript_bound(0, limit=444, cap=None) == 10
     tokenizer = get_tokenizer(True, num_languages=tiny_model.num_languages)
     n_target = {text: len(tokenizer.encode(" " + text)) for text in (KOREAN_150, CHINESE, "Hi.")}
     assert len(KOREAN_150) >= 150 and len(CHINESE) >= 50
@@ -317,8 +320,8 @@ def test_whisper_transcript_bound_follows_the_target(tiny_model, monkeypatch):
         seen.append((options.sample_len, [len(r.tokens) for r in results]))
         return results
 
-    monkeypatch.setattr(ww.whisper, "decode", spy)
-    scorer = ww.WhisperScorer(tiny_model, "cpu", batch_size=4)  # no cap; languages detected per clip
+    monkeypatch.setattr(scoring.whisper, "decode", spy)
+    scorer = scoring.WhisperScorer(tiny_model, "cpu", batch_size=4)  # no cap; languages detected per clip
     audios = [noise(1.0, 7), noise(8.0, 8), noise(6.0, 9)]
     texts = ["Hi.", KOREAN_150, CHINESE]
     results = scorer.score(audios, texts, [None, "korean", "Chinese"])
@@ -336,14 +339,14 @@ def test_whisper_transcript_bound_follows_the_target(tiny_model, monkeypatch):
                 for _ in features]
 
     seen.clear()
-    monkeypatch.setattr(ww.whisper, "decode", chatty)
-    mixed = ww.WhisperScorer(tiny_model, "cpu", "en", batch_size=4).score(audios, texts)  # one batch
+    monkeypatch.setattr(scoring.whisper, "decode", chatty)
+    mixed = scoring.WhisperScorer(tiny_model, "cpu", "en", batch_size=4).score(audios, texts)  # one batch
     # the batch decodes to its longest bound
     assert [length for length, _ in seen] == [2 * n_target[KOREAN_150] + 10]
     # Each transcript is cut at its own target's bound, as if decoded alone.
     assert [len(tokenizer.encode(" " + r.transcript)) for r in mixed] == [2 * n_target[t] + 10 for t in texts]
     seen.clear()
-    ww.WhisperScorer(tiny_model, "cpu", "ko", max_transcript_tokens=16).score(audios[1:2], texts[1:2])
+    scoring.WhisperScorer(tiny_model, "cpu", "ko", max_transcript_tokens=16).score(audios[1:2], texts[1:2])
     assert [length for length, _ in seen] == [16]
 
 
@@ -353,9 +356,9 @@ def test_whisper_failed_batch_is_retried_clip_by_clip(tiny_model, monkeypatch):
     poison = tokenizer.encode(" poisoned clip") + [tokenizer.eot]
     audios = [noise(1.0 + i / 2, 20 + i) for i in range(5)]
     texts = ["first clip", "second clip", "poisoned clip", "fourth clip", "fifth clip"]
-    scorer = ww.WhisperScorer(tiny_model, "cpu", "en", batch_size=4, max_transcript_tokens=6)
+    scorer = scoring.WhisperScorer(tiny_model, "cpu", "en", batch_size=4, max_transcript_tokens=6)
     expected = [scorer.score([a], [t])[0] for a, t in zip(audios, texts)]  # each clip alone, unpatched
-    nll = ww.teacher_forced_nll
+    nll = scoring.teacher_forced_nll
     for how, error in [("nan", "scoring failed: FloatingPointError: "
                                "non-finite NLL (nan) of the text 'poisoned clip'"),
                        ("raise", "scoring failed: RuntimeError: decoder exploded")]:
@@ -365,7 +368,7 @@ def test_whisper_failed_batch_is_retried_clip_by_clip(tiny_model, monkeypatch):
                 raise RuntimeError("decoder exploded")
             return [math.nan if p else v for p, v in zip(poisoned, nll(model, features, sequences, n_prefix))]
 
-        monkeypatch.setattr(ww, "teacher_forced_nll", failing)
+        monkeypatch.setattr(scoring, "teacher_forced_nll", failing)
         results = scorer.score(audios, texts)
         assert results[2] == Score(reward=0.0, error=error)
         for result, reference in zip(results[:2] + results[3:], expected[:2] + expected[3:]):
@@ -376,26 +379,26 @@ def test_whisper_failed_batch_is_retried_clip_by_clip(tiny_model, monkeypatch):
 
 def test_whisper_model_languages_and_language_code(tiny_model):
     languages = list(whisper.tokenizer.LANGUAGES)
-    assert ww.model_languages("tiny.en") == ww.model_languages("medium.en") == frozenset({"en"})
+    assert scoring.model_languages("tiny.en") == scoring.model_languages("medium.en") == frozenset({"en"})
     for name in ("large-v3", "large-v3-turbo", "turbo"):
-        assert ww.model_languages(name) == frozenset(languages[:100]) and "yue" in ww.model_languages(name)
+        assert scoring.model_languages(name) == frozenset(languages[:100]) and "yue" in scoring.model_languages(name)
     for name in ("random-tiny", "tiny", "large-v2"):
-        assert ww.model_languages(name) == frozenset(languages[:99]) and "yue" not in ww.model_languages(name)
-    assert ww.model_languages(tiny_model) == frozenset(languages[:99])
+        assert scoring.model_languages(name) == frozenset(languages[:99]) and "yue" not in scoring.model_languages(name)
+    assert scoring.model_languages(tiny_model) == frozenset(languages[:99])
     # large-v3's vocabulary
     dims = whisper.model.ModelDimensions(**{**vars(tiny_model.dims), "n_vocab": 51866})
-    assert "yue" in ww.model_languages(whisper.model.Whisper(dims))
+    assert "yue" in scoring.model_languages(whisper.model.Whisper(dims))
     with pytest.raises(FileNotFoundError, match="no-such-model"):
-        ww.model_languages("no-such-model")
+        scoring.model_languages("no-such-model")
     checkpoint = os.path.join(ASSETS, "whisper-tiny.en.pt")
     if os.path.isfile(checkpoint):  # read from its dims, without loading the weights
-        assert ww.model_languages(checkpoint) == frozenset({"en"})
-    assert [ww.language_code(x) for x in ("korean", "Korean", " ko ", "KO", "Mandarin", "yue")] == \
+        assert scoring.model_languages(checkpoint) == frozenset({"en"})
+    assert [scoring.language_code(x) for x in ("korean", "Korean", " ko ", "KO", "Mandarin", "yue")] == \
         ["ko", "ko", "ko", "ko", "zh", "yue"]
     for bad in ("klingon", "", None):
         with pytest.raises(ValueError, match=f"unknown language {bad!r}"):
-            ww.language_code(bad)
-    scorer = ww.WhisperScorer(tiny_model, "cpu", "Korean", max_transcript_tokens=2)
+            scoring.language_code(bad)
+    scorer = scoring.WhisperScorer(tiny_model, "cpu", "Korean", max_transcript_tokens=2)
     assert scorer.language == "ko" and scorer.languages == frozenset(languages[:99])
     assert "not one of this Whisper model's 99 languages" in \
         scorer.score([noise(1.0, 0)], ["x"], ["yue"])[0].error
@@ -418,7 +421,7 @@ def tiny_worker():
 def test_worker_serves_concurrent_clients(tiny_worker):
     requests = [([noise(1.0 + i, 10 * k + i) for i in range(3)], [f"clip {k} {i}" for i in range(3)])
                 for k in range(2)]
-    scorer = ww.WhisperScorer(**TINY)
+    scorer = scoring.WhisperScorer(**TINY)
     expected = [scorer.score(audios, texts) for audios, texts in requests]
     info = pickle.loads(pickle.dumps(tiny_worker.connect_info()))  # as another rank receives it
     answers, errors = {}, []
@@ -488,7 +491,7 @@ def test_worker_start_errors(reward_module):
     with pytest.raises(ww.WorkerError, match="No module named 'no_such_reward_module'"):
         ww.WhisperWorker({}, reward="no_such_reward_module:f", start_timeout=120, threads=1).start()
     with pytest.raises(AttributeError, match="has no function 'missing'"):
-        ww.CustomRewardScorer(reward_module.replace("peak", "missing"))
+        scoring.CustomRewardScorer(reward_module.replace("peak", "missing"))
 
 
 def test_killed_worker_is_detected(reward_module):
@@ -551,7 +554,7 @@ def test_cli_scores_a_jsonl(tmp_path, capsys):
                for r in rows)
     assert rows[0]["reward"] == pytest.approx(tts_reward(rows[0]["cer"], rows[0]["nll"], tau_n=50))
     assert rows[2]["cer"] == 1.0 and rows[2]["transcript"] == ""
-    stereo_as_mono = ww.WhisperScorer("random-tiny", "cpu", "en").score([0.75 * mono], ["hello"])[0]
+    stereo_as_mono = scoring.WhisperScorer("random-tiny", "cpu", "en").score([0.75 * mono], ["hello"])[0]
     assert rows[1]["nll"] == pytest.approx(stereo_as_mono.nll, abs=1e-4)
     sf.write(tmp_path / "narrow.wav", mono, 8000)
     with pytest.raises(ValueError, match="narrow.wav: sample rate 8000 Hz"):
@@ -564,14 +567,15 @@ def test_cli_scores_a_jsonl(tmp_path, capsys):
             ww.main(["--model", "random-tiny", "--jsonl", str(tmp_path / "bad.jsonl")])
 
 
-def test_whisper_worker_layout():
+@pytest.mark.parametrize("module, public", [
+    (scoring, ["WhisperScorer", "model_languages", "language_code", "teacher_forced_nll", "load_whisper",
+               "random_tiny_whisper", "check_audio", "check_text", "CustomRewardScorer"]),
+    (ww, ["WhisperWorker", "WorkerClient", "WorkerError", "WorkerDiedError", "read_wav", "main"])])
+def test_scorer_and_worker_layout(module, public):
     """Public names first, in reading order; each private helper after the first public one it serves."""
-    source = open(ww.__file__, encoding="utf-8").read()
+    source = open(module.__file__, encoding="utf-8").read()
     defs = [node for node in ast.parse(source).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
     names = [node.name for node in defs]
-    public = ["WhisperScorer", "model_languages", "language_code", "teacher_forced_nll", "load_whisper",
-              "random_tiny_whisper", "check_audio", "check_text", "CustomRewardScorer", "WhisperWorker",
-              "WorkerClient", "WorkerError", "WorkerDiedError", "read_wav", "main"]
     assert [n for n in names if n in public] == public
     for i, node in enumerate(defs):
         if node.name.startswith("_"):
@@ -589,13 +593,13 @@ def test_whisper_name_without_network_says_to_pass_a_path(monkeypatch, tmp_path)
 
     monkeypatch.setattr(whisper, "load_model", offline)
     with pytest.raises(FileNotFoundError, match=r"'tiny.en' is not in .*could not be downloaded.*--whisper PATH"):
-        ww.load_whisper("tiny.en", "cpu", download_root=str(tmp_path))
+        scoring.load_whisper("tiny.en", "cpu", download_root=str(tmp_path))
 
 
 def test_whisper_window_cuts_the_encoder_to_the_window_and_leaves_the_model_alone(tiny_model):
     model = tiny_model  # random-tiny: 1500 encoder positions, as every Whisper
-    short = ww.windowed(model, 10.0)
-    assert ww.windowed(model, 30.0) is model
+    short = scoring.windowed(model, 10.0)
+    assert scoring.windowed(model, 30.0) is model
     assert short.dims.n_audio_ctx == 500 and short.encoder.positional_embedding.shape[0] == 500
     assert model.dims.n_audio_ctx == 1500 and model.encoder.positional_embedding.shape[0] == 1500
     assert short.encoder.conv1.weight is model.encoder.conv1.weight  # the same weights, not a copy
@@ -604,10 +608,10 @@ def test_whisper_window_cuts_the_encoder_to_the_window_and_leaves_the_model_alon
         assert short.encoder(mel[None]).shape == (1, 500, model.dims.n_audio_state)
     for bad in (0.0, -1.0, 30.02, 0.015):
         with pytest.raises(ValueError, match="multiple of 0.02 s"):
-            ww.windowed(model, bad)
+            scoring.windowed(model, bad)
     with pytest.raises(SystemExit):
         config.parse_config(["--whisper-window", "0.015"])
-    scorer = ww.WhisperScorer(model, window_s=2.0, max_transcript_tokens=4)
+    scorer = scoring.WhisperScorer(model, window_s=2.0, max_transcript_tokens=4)
     ok, long = scorer.score([noise(1.5, 1), noise(2.5, 2)], ["short", "long"])
     assert ok.error is None and math.isfinite(ok.nll)
     assert long.too_long and long.reward == 0.0 and "2.50 s is longer than Whisper's 2 s window" in long.error
@@ -629,7 +633,7 @@ def test_real_whisper_ranks_clean_above_noisy_above_silence():
     long_clip = np.concatenate([audios[clean[k % len(clean)]] for k in range(2 * len(clean))])
     while len(long_clip) <= whisper.audio.N_SAMPLES:  # enough clean speech to pass 30 s
         long_clip = np.concatenate([long_clip, audios[clean[0]]])
-    results = ww.WhisperScorer(checkpoint, "cpu", "en").score(
+    results = scoring.WhisperScorer(checkpoint, "cpu", "en").score(
         audios + dithered + [long_clip],
         [r["text"] for r in rows] + [rows[i]["text"] for i in silences]
         + [" ".join(rows[i]["text"] for i in clean)])
@@ -656,7 +660,7 @@ def test_real_whisper_ranks_clean_above_noisy_above_silence():
     assert long.reward == 0.0 and long.too_long and long.cer is None
     assert f"{len(long_clip) / 16000:.2f} s is longer than Whisper's 30 s window" in long.error
     # A 10 s window (faster on a CPU) hears the clean clips (3-5 s) as well, and silence as silence.
-    short = ww.WhisperScorer(checkpoint, "cpu", "en", window_s=10.0).score(
+    short = scoring.WhisperScorer(checkpoint, "cpu", "en", window_s=10.0).score(
         [audios[i] for i in clean + silences], [rows[i]["text"] for i in clean + silences])
     print("10 s window: clean CER", [round(r.cer, 3) for r in short[:len(clean)]])
     assert np.mean([r.cer for r in short[:len(clean)]]) < np.mean([r.cer for r in by_kind["clean"]]) + 0.05
@@ -742,7 +746,7 @@ def hf_greedy(model, prompts, n, eos=None):
 @pytest.mark.parametrize("overrides", [{}, dict(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE)],
                          ids=["untied", "tied-llama3rope"])
 def test_greedy_equals_hf_generate(overrides):
-    model = sample.tiny_llama(VOCAB, seed=1, **overrides)
+    model = models.tiny_llama(VOCAB, seed=1, **overrides)
     if overrides:
         assert model.lm_head.weight is model.model.embed_tokens.weight
         assert model.config.rope_scaling["rope_type"] == "llama3"
@@ -768,7 +772,7 @@ def test_greedy_equals_hf_generate(overrides):
 def test_greedy_repetition_penalty_equals_hf_generate():
     """The penalty covers prompt and generated ids, as HF's does. HF is run one prompt at a time:
     in a left-padded batch it would penalize the pad token too."""
-    model = sample.tiny_llama(VOCAB, seed=1)
+    model = models.tiny_llama(VOCAB, seed=1)
     n = 30
     ours = sample.generate(model, PROMPTS, max_new_tokens=n, temperature=0, repetition_penalty=1.5)
     for i, p in enumerate(PROMPTS):
@@ -780,7 +784,7 @@ def test_greedy_repetition_penalty_equals_hf_generate():
 
 
 def test_greedy_bf16_runs_and_logprobs_are_finite():
-    model = sample.tiny_llama(VOCAB, seed=1).to(torch.bfloat16)
+    model = models.tiny_llama(VOCAB, seed=1).to(torch.bfloat16)
     out = sample.generate(model, PROMPTS, max_new_tokens=12, temperature=0)
     assert out.tokens.shape == (len(PROMPTS), 12) and out.logprobs.dtype == torch.float32
     assert torch.isfinite(out.logprobs).all() and (out.logprobs < 0).all()
@@ -790,7 +794,7 @@ def test_greedy_bf16_runs_and_logprobs_are_finite():
 def test_logprobs_equal_teacher_forced_forward():
     """Rollout log-probs are log_softmax(logits / T) of the unfiltered policy, as the trainer recomputes
     them, even with top-k and the repetition penalty shaping what is sampled."""
-    model = sample.tiny_llama(VOCAB, seed=2)
+    model = models.tiny_llama(VOCAB, seed=2)
     T = 0.8
     g = torch.Generator().manual_seed(0)
     out = sample.generate(model, PROMPTS, max_new_tokens=30, temperature=T, top_k=40, repetition_penalty=1.3,
@@ -810,7 +814,7 @@ def test_logprobs_equal_teacher_forced_forward():
 
 
 def test_seeded_sampling_is_reproducible():
-    model = sample.tiny_llama(VOCAB, seed=3)
+    model = models.tiny_llama(VOCAB, seed=3)
 
     def run(seed):
         return sample.generate(model, PROMPTS, max_new_tokens=20, temperature=1.0, top_p=0.9,
@@ -824,7 +828,7 @@ def test_seeded_sampling_is_reproducible():
 def test_sample_token_follows_the_distribution():
     probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
     logits = probs.log().expand(40000, -1)  # 40000 independent draws in one batch
-    draws = sample.sample_token(logits, greedy=False, generator=torch.Generator().manual_seed(0))
+    draws = llama.sample_token(logits, greedy=False, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=5).float() / len(draws)
     torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
     assert freq[4] == 0
@@ -837,16 +841,16 @@ def test_logits_processing_matches_transformers():
     seen = torch.zeros(6, 64, dtype=torch.bool).scatter_(1, ids, True)
     close = dict(atol=1e-6, rtol=1e-6)
 
-    torch.testing.assert_close(sample.apply_repetition_penalty(logits, seen, 1.3),
+    torch.testing.assert_close(llama.apply_repetition_penalty(logits, seen, 1.3),
                                RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()), **close)
     for k in (1, 5, 64, 100):
-        torch.testing.assert_close(sample.apply_top_k(logits, k), TopKLogitsWarper(k)(ids, logits.clone()),
+        torch.testing.assert_close(llama.apply_top_k(logits, k), TopKLogitsWarper(k)(ids, logits.clone()),
                                    **close)
     for p in (0.05, 0.5, 0.9, 0.999):
-        torch.testing.assert_close(sample.apply_top_p(logits, p), TopPLogitsWarper(p)(ids, logits.clone()),
+        torch.testing.assert_close(llama.apply_top_p(logits, p), TopPLogitsWarper(p)(ids, logits.clone()),
                                    **close)
     torch.testing.assert_close(
-        sample.process_logits(logits, temperature=0.7, top_k=0, top_p=1.0, repetition_penalty=1.0),
+        llama.process_logits(logits, temperature=0.7, top_k=0, top_p=1.0, repetition_penalty=1.0),
         TemperatureLogitsWarper(0.7)(ids, logits.clone()), **close)
 
     # The whole chain, in HF's order: repetition penalty, temperature, top-k, top-p.
@@ -854,14 +858,14 @@ def test_logits_processing_matches_transformers():
     for proc in (RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.8), TopKLogitsWarper(20),
                  TopPLogitsWarper(0.9)):
         expected = proc(ids, expected)
-    got = sample.process_logits(logits, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2,
+    got = llama.process_logits(logits, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2,
                                 seen=seen)
     torch.testing.assert_close(got, expected, **close)
     assert torch.isinf(got).any() and torch.isfinite(got).any()  # the filters did something
 
 
 def test_allowed_ids_and_stops():
-    model = sample.tiny_llama(VOCAB, seed=4)
+    model = models.tiny_llama(VOCAB, seed=4)
     stop = 299
     allowed = list(range(150, 170)) + [stop]
     # A near-uniform model over 21 tokens stops within 16 steps with p ~ 0.54 per row: among 24 rows,
@@ -892,7 +896,7 @@ def test_allowed_ids_and_stops():
 
 
 def test_bad_inputs_raise_clear_errors():
-    model = sample.tiny_llama(VOCAB, max_positions=64)
+    model = models.tiny_llama(VOCAB, max_positions=64)
     gen = lambda prompts=PROMPTS, **kw: \
         sample.generate(model, prompts, **{"max_new_tokens": 4, **kw})  # noqa: E731
     with pytest.raises(ValueError, match="prompts is empty"):
@@ -930,31 +934,31 @@ def test_cli_tiny_model_writes_wav(tmp_path, capsys):
     assert sr == codec.SAMPLE_RATE and n_speech > 0
     assert len(wav) == 320 * n_speech
     assert "wrote" in capsys.readouterr().out
-    vocab = data.speech_vocab(sample.load_model("tiny")[1])  # the CLI's tiny model: 64 speech tokens
+    vocab = data.speech_vocab(models.load_model("tiny")[1])  # the CLI's tiny model: 64 speech tokens
     assert vocab.n == 64 and vocab.to_codes(r.tokens[0, :n_speech].tolist())  # all speech tokens
 
 
 def test_load_model_round_trip(tmp_path):
-    model, tok = sample.tiny_llama(len(data.tiny_tokenizer()), seed=5), data.tiny_tokenizer()
+    model, tok = models.tiny_llama(len(data.tiny_tokenizer()), seed=5), data.tiny_tokenizer()
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    loaded, loaded_tok = sample.load_model(str(tmp_path), "cpu", torch.float32)
+    loaded, loaded_tok = models.load_model(str(tmp_path), "cpu", torch.float32)
     assert loaded_tok.get_vocab() == tok.get_vocab()
     a = sample.generate(model, PROMPTS, max_new_tokens=8, temperature=0)
     b = sample.generate(loaded, PROMPTS, max_new_tokens=8, temperature=0)
     assert torch.equal(a.tokens, b.tokens)
     with pytest.raises(FileNotFoundError, match="model directory not found: .*nope"):
-        sample.load_model(str(tmp_path / "nope"), "cpu", torch.float32)
+        models.load_model(str(tmp_path / "nope"), "cpu", torch.float32)
 
 
 def test_load_model_tiny():
     """'tiny' is the trainer's and the CLI's offline model: 64 speech tokens, a seeded tiny Llama."""
-    model, tok = sample.load_model("tiny", "cpu", torch.float32, seed=7)
+    model, tok = models.load_model("tiny", "cpu", torch.float32, seed=7)
     assert data.speech_vocab(tok).n == 64 and model.config.vocab_size == len(tok)
     assert not model.training and model.config.max_position_embeddings == 4096
-    ref = sample.tiny_llama(len(tok), seed=7, max_positions=4096)
+    ref = models.tiny_llama(len(tok), seed=7, max_positions=4096)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
-    other, _ = sample.load_model("tiny", "cpu", torch.bfloat16, seed=8)
+    other, _ = models.load_model("tiny", "cpu", torch.bfloat16, seed=8)
     assert next(other.parameters()).dtype == torch.bfloat16
     assert not torch.equal(other.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())
 
@@ -981,7 +985,7 @@ def masked_hf_greedy(model, prompts, n, allowed, **kw):
 def test_allowed_ids_greedy_equals_masked_hf_generate():
     """Logits of the allowed rows only pick the same tokens as masking the full logits, with a
     stop id, and with the repetition penalty over the allowed ids of prompt and output."""
-    model = sample.tiny_llama(VOCAB, seed=1)
+    model = models.tiny_llama(VOCAB, seed=1)
     n = 24
     free = sample.generate(model, PROMPTS, max_new_tokens=n, temperature=0, allowed_ids=ALLOWED)
     assert torch.equal(free.tokens, masked_hf_greedy(model, PROMPTS, n, ALLOWED, min_new_tokens=n))
@@ -1001,7 +1005,7 @@ def test_allowed_ids_greedy_equals_masked_hf_generate():
 def test_allowed_ids_logprobs_are_the_restricted_policy():
     """Rollout log-probs with allowed_ids are log_softmax over the allowed ids of a teacher-forced
     forward's logits / T, at the sampled token, whatever top-k and the penalty did to sampling."""
-    model = sample.tiny_llama(VOCAB, seed=2)
+    model = models.tiny_llama(VOCAB, seed=2)
     T = 0.8
     out = sample.generate(model, PROMPTS * 2, max_new_tokens=20, temperature=T, top_k=10,
                           repetition_penalty=1.3, stop_ids=(299, 150), allowed_ids=ALLOWED,
@@ -1039,7 +1043,7 @@ def test_head_logprobs_chunks_equal_the_unchunked_computation():
         weight = torch.randn(A, H, generator=g, dtype=torch.float64).mul(0.3).to(dtype).requires_grad_()
         ref = direct_logprobs(hidden, weight, targets, temp)
         ref_grads = torch.autograd.grad(ref, (hidden, weight), upstream.to(dtype))
-        logp, entropy = sample.head_logprobs(hidden, weight, targets, temp, chunk=8, with_entropy=True)
+        logp, entropy = llama.head_logprobs(hidden, weight, targets, temp, chunk=8, with_entropy=True)
         grads = torch.autograd.grad(logp, (hidden, weight), upstream.to(dtype))
         assert logp.shape == (B, T) and logp.dtype == dtype
         torch.testing.assert_close(logp, ref, atol=tol, rtol=0)
@@ -1049,7 +1053,7 @@ def test_head_logprobs_chunks_equal_the_unchunked_computation():
         torch.testing.assert_close(entropy, -(p * p.log()).sum(-1).detach(), atol=tol, rtol=0)
         assert not entropy.requires_grad
         with torch.no_grad():  # the no-grad path (old and reference log-probs) is the same formula
-            torch.testing.assert_close(sample.head_logprobs(hidden, weight, targets, temp, chunk=8),
+            torch.testing.assert_close(llama.head_logprobs(hidden, weight, targets, temp, chunk=8),
                                        ref.detach(), atol=tol, rtol=0)
 
     def saved_shapes(fn):
@@ -1060,7 +1064,7 @@ def test_head_logprobs_chunks_equal_the_unchunked_computation():
         return shapes
 
     # Checkpointed chunks: autograd keeps only the chunks' inputs, never logits ([..., A]).
-    kept = saved_shapes(lambda: sample.head_logprobs(hidden, weight, targets, temp, chunk=8))
+    kept = saved_shapes(lambda: llama.head_logprobs(hidden, weight, targets, temp, chunk=8))
     assert kept and all(s[-1] != A for s in kept), kept
     # the hook sees them
     assert (B, T, A) in saved_shapes(lambda: direct_logprobs(hidden, weight, targets, temp))
@@ -1069,21 +1073,21 @@ def test_head_logprobs_chunks_equal_the_unchunked_computation():
 def test_head_rows_train_only_allowed_rows():
     """The trainer's recipe (hidden states of a teacher-forced forward -> head_logprobs over the
     allowed rows) gives the rollout policy's log-probs, and only allowed rows of lm_head get gradient."""
-    model = sample.tiny_llama(VOCAB, seed=6)
+    model = models.tiny_llama(VOCAB, seed=6)
     allowed_ids = [299] + list(range(159, 99, -1)) + [120]  # any order, duplicates allowed
-    weight, index = sample.head_rows(model, allowed_ids)
+    weight, index = llama.head_rows(model, allowed_ids)
     assert index.tolist() == sorted(ALLOWED) and weight.shape == (len(ALLOWED), model.config.hidden_size)
     assert torch.equal(weight, model.lm_head.weight[index])
     tokens = torch.tensor([[150, 101, 299, 0, 0], [100, 159, 159, 120, 299]])  # row 0 right-padded
     valid = tokens != 0
-    rows = sample.to_rows(tokens, index, valid)
+    rows = llama.to_rows(tokens, index, valid)
     assert torch.equal(index[rows][valid], tokens[valid]) and (rows[~valid] == 0).all()
     with pytest.raises(ValueError, match=r"token ids \[0\] are not among the 61 allowed ids"):
-        sample.to_rows(tokens, index)  # pads not marked invalid are not allowed ids
+        llama.to_rows(tokens, index)  # pads not marked invalid are not allowed ids
     prompt = [5, 6, 7, 8]
     ids = torch.cat([torch.tensor([prompt] * 2), tokens], dim=1)  # [2, 9]
     hidden = model.model(input_ids=ids).last_hidden_state[:, len(prompt) - 1:-1]  # [2, 5, H]: predicts tokens
-    logp = sample.head_logprobs(hidden, weight, rows, 0.9, chunk=2)
+    logp = llama.head_logprobs(hidden, weight, rows, 0.9, chunk=2)
     with torch.no_grad():
         logits = model(ids).logits[:, len(prompt) - 1:-1, index] / 0.9
     torch.testing.assert_close(logp, torch.log_softmax(logits, -1).gather(-1, rows[..., None])[..., 0],
@@ -1094,10 +1098,10 @@ def test_head_rows_train_only_allowed_rows():
     outside[index] = False
     assert (grad[outside] == 0).all()
     assert (grad[index].abs().sum(-1) > 0).all()  # every allowed row is in the softmax's gradient
-    full, full_index = sample.head_rows(model)  # None: the full head, no copy
+    full, full_index = llama.head_rows(model)  # None: the full head, no copy
     assert full is model.lm_head.weight and torch.equal(full_index, torch.arange(VOCAB))
     with pytest.raises(ValueError, match="allowed_ids must be a non-empty set of ids in \\[0, 300\\)"):
-        sample.head_rows(model, [5, VOCAB])
+        llama.head_rows(model, [5, VOCAB])
 
 
 # ---- the static decode step and --compile --------------------------------------------------------
@@ -1137,7 +1141,7 @@ def test_static_step_eager_equals_dynamic_loop(tok, prompts):
     tokens and log-probs: greedy with and without the speech head, with stops, seeded sampling with
     every knob, a bf16 cache; one Decoder reused across calls of other batches and lengths."""
     sv = data.speech_vocab(tok)
-    model = sample.tiny_llama(len(tok), seed=3)
+    model = models.tiny_llama(len(tok), seed=3)
     dec = decode.Decoder(model)
     free = sample.generate(model, prompts, max_new_tokens=24, temperature=0, allowed_ids=sv.allowed_ids())
     stop = int(free.tokens[2, 8])  # rows meet it at different steps (or never)
@@ -1185,13 +1189,13 @@ def test_static_step_eager_equals_dynamic_loop(tok, prompts):
     dec.release()
     assert not dec.states and dec.weight_copies is None
     with pytest.raises(ValueError, match="another model"):
-        sample.generate(sample.tiny_llama(len(tok), seed=4), prompts, max_new_tokens=2, decoder=dec)
+        sample.generate(models.tiny_llama(len(tok), seed=4), prompts, max_new_tokens=2, decoder=dec)
 
 
 @pytest.fixture(scope="module")
 def small(tok):
     """A one-layer model (fewer kernels to build) and its speech head."""
-    return sample.tiny_llama(len(tok), seed=3, num_layers=1), data.speech_vocab(tok)
+    return models.tiny_llama(len(tok), seed=3, num_layers=1), data.speech_vocab(tok)
 
 
 def test_compiled_greedy_equals_eager_and_compiles_once(small, prompts):
@@ -1510,14 +1514,14 @@ def test_band_factor_by_hand():
 def test_scorers_measure_prosody(tmp_path):
     """Every scorer fills the prosody fields of a clip it heard; a refused clip has none."""
     tone = (0.3 * np.sin(2 * np.pi * 150 * np.arange(32000) / 16000)).astype(np.float32)  # 2 s at 150 Hz
-    scorer = ww.WhisperScorer("random-tiny", "cpu", "en", max_transcript_tokens=4)
+    scorer = scoring.WhisperScorer("random-tiny", "cpu", "en", max_transcript_tokens=4)
     heard, refused = scorer.score([tone, np.full(5, np.nan, np.float32)], ["hello there", "x"])
     expect = prosody.measure(tone, "hello there")
     for name in ("f0_std_semitones", "voiced_frac", "chars_per_s"):
         assert getattr(heard, name) == pytest.approx(expect[name]) and getattr(refused, name) is None
     assert heard.voiced_frac > 0.9 and heard.f0_std_semitones < 0.1
     assert heard.chars_per_s == pytest.approx(10 / 2.0, rel=0.05)  # "hellothere" over 2 s
-    custom = ww.CustomRewardScorer(f"{__name__}:short_reward").score([tone], ["hello there"])[0]
+    custom = scoring.CustomRewardScorer(f"{__name__}:short_reward").score([tone], ["hello there"])[0]
     assert custom.chars_per_s == pytest.approx(expect["chars_per_s"])
 
 
@@ -1676,13 +1680,13 @@ def test_response_logprobs_match_generate():
     """The trainer's teacher-forced log-probs equal the rollout's: importance ratios start at 1."""
     tok = data.tiny_tokenizer()
     sv = data.speech_vocab(tok)
-    model = sample.tiny_llama(len(tok), seed=3)
+    model = models.tiny_llama(len(tok), seed=3)
     prompts = [data.prompt_ids(tok, t) for t in ["One.", "Two words here.", "셋"]]
     for allowed in (sv.allowed_ids(), None):  # the speech-only policy, and the whole vocabulary
         roll = sample.generate(model, prompts, max_new_tokens=12, temperature=0.8, stop_ids=(sv.end_id,),
                                allowed_ids=allowed, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            logp = grpo.response_logprobs(model, prompts, roll.tokens, 0.8, allowed_ids=allowed)
+            logp = llama.response_logprobs(model, prompts, roll.tokens, 0.8, allowed_ids=allowed)
         mask = torch.arange(roll.tokens.shape[1])[None] < roll.lengths[:, None]
         assert torch.allclose(logp[mask], roll.logprobs[mask], atol=1e-4)
 
@@ -1715,8 +1719,8 @@ def _one_update(rank, world, init_method, out_file, agg, updates=2):
     tok, ro = _fixed_rollouts()
     share = slice(rank * len(ro.prompts) // world, (rank + 1) * len(ro.prompts) // world)
     ro = grpo.Rollouts(ro.prompts[share], ro.tokens[share], ro.lengths[share], ro.advantages[share])
-    policy = sample.tiny_llama(len(tok), seed=1).train()
-    ref = sample.tiny_llama(len(tok), seed=2)  # a different reference, so the KL term has a gradient
+    policy = models.tiny_llama(len(tok), seed=1).train()
+    ref = models.tiny_llama(len(tok), seed=2)  # a different reference, so the KL term has a gradient
     cfg = config.Config(kl_coef=0.1, micro_batch=3, updates_per_rollout=updates, loss_agg=agg,
                         temperature=0.8, lr=1e-3, grad_clip=1.0, max_new_tokens=7)
     # SGD, not AdamW: Adam divides by sqrt(v) + eps, which turns the float-rounding noise of a
@@ -1752,7 +1756,7 @@ def test_update_two_ranks_equals_one(tmp_path, agg):
         assert torch.allclose(a["params"][k], b["params"][k], atol=1e-6, rtol=0), k
     assert a["stats"]["loss"] == pytest.approx(b["stats"]["loss"], abs=1e-6)
     assert a["stats"]["kl"] == pytest.approx(b["stats"]["kl"], rel=1e-5)
-    init = sample.tiny_llama(len(_fixed_rollouts()[0]), seed=1).state_dict()
+    init = models.tiny_llama(len(_fixed_rollouts()[0]), seed=1).state_dict()
     assert any(not torch.equal(init[k], a["params"][k]) for k in init)  # the step did move the weights
 
 
@@ -1760,7 +1764,7 @@ def test_grad_checkpointing_gives_the_same_update():
     tok, ro = _fixed_rollouts()
     params = []
     for checkpointing in (False, True):
-        policy = sample.tiny_llama(len(tok), seed=1).train()
+        policy = models.tiny_llama(len(tok), seed=1).train()
         if checkpointing:
             getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
             assert policy.model.gradient_checkpointing
@@ -1857,7 +1861,7 @@ def test_disallowed_lm_head_rows_never_change(tmp_path):
     tr.train_step(0)
     after = tr.policy.lm.lm_head.weight.detach()
     allowed = torch.zeros(len(before), dtype=torch.bool)
-    allowed[tr.allowed_ids] = True
+    allowed[tr.sampler.allowed_ids] = True
     assert torch.equal(before[~allowed], after[~allowed])
     assert not torch.equal(before[allowed], after[allowed])
 
@@ -1902,11 +1906,11 @@ def test_compile_flag_builds_one_decoder_per_run(tmp_path):
     """--compile gives the trainer one Decoder (compiled) for the whole run; on a CPU the default
     is the eager loop. The static step's equality with it is tested in the sample.py section."""
     assert grpo.Trainer(_tiny(tmp_path, "--val-data", ""), parallel.Dist(), torch.device("cpu"),
-                        _FakeScorer(0.5)).decoder is None
+                        _FakeScorer(0.5)).sampler.decoder is None
     tr = grpo.Trainer(_tiny(tmp_path, "--val-data", "", "--compile"), parallel.Dist(), torch.device("cpu"),
                       _FakeScorer(0.5))
-    assert isinstance(tr.decoder, decode.Decoder) and tr.decoder.compiled and tr.decoder.model is tr.policy.lm
-    assert tr.decoder.max_len == tr.cfg.max_new_tokens + 256
+    assert isinstance(tr.sampler.decoder, decode.Decoder) and tr.sampler.decoder.compiled
+    assert tr.sampler.decoder.model is tr.policy.lm and tr.sampler.decoder.max_len == tr.cfg.max_new_tokens + 256
 
 
 def test_a_compiled_step_that_fails_falls_back_to_the_eager_loop(tmp_path, capsys):
@@ -1918,11 +1922,11 @@ def test_a_compiled_step_that_fails_falls_back_to_the_eager_loop(tmp_path, capsy
     def broken_backend(graph, example_inputs):  # what a compiler failing on this machine looks like
         raise RuntimeError("no kernels for this GPU")
 
-    tr.decoder = decode.Decoder(tr.policy.lm, compile=True, compile_options={"backend": broken_backend})
+    tr.sampler.decoder = decode.Decoder(tr.policy.lm, compile=True, compile_options={"backend": broken_backend})
     texts = ["Hello there.", "Speech."]
-    ours = tr.rollout(texts, torch.Generator().manual_seed(0))
-    assert torch.equal(ours.tokens, eager.rollout(texts, torch.Generator().manual_seed(0)).tokens)
-    assert tr.decoder is None
+    ours = tr.sampler.rollout(texts, torch.Generator().manual_seed(0))
+    assert torch.equal(ours.tokens, eager.sampler.rollout(texts, torch.Generator().manual_seed(0)).tokens)
+    assert tr.sampler.decoder is None
     assert "compiled decode step failed on first use" in capsys.readouterr().err
 
 
@@ -1934,8 +1938,8 @@ def test_overlapped_step_equals_sequential_step(tmp_path):
         cfg = _tiny(tmp_path, "--val-data", "", "--rollout-chunks", "2", "--kl-coef", "0.04")
         scorer = SlowScorer(0.3)
         tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), scorer)
-        real = tr.rollout_and_score
-        tr.rollout_and_score = lambda texts, langs: real(texts, langs, overlap=overlap)
+        real = tr.sampler.rollout_and_score
+        tr.sampler.rollout_and_score = lambda texts, langs, gen: real(texts, langs, gen, overlap=overlap)
         metrics, _ = tr.train_step(0)
         assert scorer.calls == [8, 8]  # two chunks of the 16 rollouts
         results.append((metrics, {k: v.detach().clone() for k, v in tr.policy.state_dict().items()}))
@@ -2021,15 +2025,22 @@ def _failing_rank(rank: int, port: int, out: str, where: str):
             return real(self, *args)
         ww.WorkerClient.score = score
     if rank == 1 and where == "validation":
-        real_rollout, validations = grpo.Trainer.rollout, []
+        import rollout as rollouts
+        real_rollout, real_stage, validations = rollouts.Sampler.rollout, rollouts.Sampler.sample_and_score, []
+
+        def sample_and_score(self, examples, stage):
+            validations.append(stage == "validation")
+            try:
+                return real_stage(self, examples, stage)
+            finally:
+                validations.append(False)
 
         def rollout(self, texts, generator):
-            if generator is not self.gen:
-                validations.append(1)
-                if len(validations) == 2:  # the validation after step 2 (the first is before step 1)
-                    raise RuntimeError("injected: validation broke on rank 1")
+            # inside the validation after step 2 (the first is before step 1)
+            if validations and validations[-1] and validations.count(True) == 2:
+                raise RuntimeError("injected: validation broke on rank 1")
             return real_rollout(self, texts, generator)
-        grpo.Trainer.rollout = rollout
+        rollouts.Sampler.sample_and_score, rollouts.Sampler.rollout = sample_and_score, rollout
     grpo.main(["--preset", "tiny", "--steps", "4", "--out", out, "--save-every", "1", "--val-every", "2",
                "--sample-every", "9"])
 
@@ -2068,8 +2079,8 @@ def _fsdp_update(rank, world, init_method, out_file, ckpt):
     tok, ro = _fixed_rollouts()
     share = slice(rank * len(ro.prompts) // world, (rank + 1) * len(ro.prompts) // world)
     ro = grpo.Rollouts(ro.prompts[share], ro.tokens[share], ro.lengths[share], ro.advantages[share])
-    policy = parallel.shard(grpo.LogProbs(sample.tiny_llama(len(tok), seed=1)).train(), torch.device("cpu"))
-    ref = parallel.shard(grpo.LogProbs(sample.tiny_llama(len(tok), seed=2)), torch.device("cpu"))
+    policy = parallel.shard(llama.LogProbs(models.tiny_llama(len(tok), seed=1)).train(), torch.device("cpu"))
+    ref = parallel.shard(llama.LogProbs(models.tiny_llama(len(tok), seed=2)), torch.device("cpu"))
     cfg = config.Config(kl_coef=0.1, micro_batch=3, updates_per_rollout=2, loss_agg="token-mean",
                         temperature=0.8, lr=1e-3, grad_clip=1.0, max_new_tokens=7, fsdp=True)
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
@@ -2099,7 +2110,7 @@ def test_fsdp_update_equals_replicated_and_checkpoints_whole_weights(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(ckpt).eval()  # whole weights, a plain HF model
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, b["params"][k]), k
-    ref = sample.tiny_llama(len(_fixed_rollouts()[0]), seed=1)
+    ref = models.tiny_llama(len(_fixed_rollouts()[0]), seed=1)
     ref.load_state_dict(b["params"])
     ids = torch.tensor([_fixed_rollouts()[1].prompts[0]])
     with torch.no_grad():
@@ -2166,7 +2177,7 @@ def _peak_bytes(fn) -> int:
 def test_memory_state_bytes_match_real_tensors():
     # weights, grads and AdamW moments of real models (tied and untied) after one step
     for tied in (False, True):
-        model = sample.tiny_llama(1003, hidden_size=64, num_layers=2, tie_word_embeddings=tied).train()
+        model = models.tiny_llama(1003, hidden_size=64, num_layers=2, tie_word_embeddings=tied).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         model(torch.randint(0, 1003, (2, 9))).logits.float().sum().backward()
         opt.step()
@@ -2190,7 +2201,7 @@ def test_memory_fsdp_shards_match_fully_shard():
     world, allowed = 4, 100
     dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
     try:
-        model = sample.tiny_llama(1003, hidden_size=64, num_layers=2).train()
+        model = models.tiny_llama(1003, hidden_size=64, num_layers=2).train()
         m = memory.training_memory(model.config, world=world, fsdp=True, allowed=allowed)
         assert m["weights"] < sum(p.nbytes for p in model.parameters()) / world + 64 * 4 * 2  # about 1/4
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -2225,8 +2236,8 @@ def test_memory_fsdp_shards_match_fully_shard():
 
 
 def test_memory_kv_cache_matches_real_cache():
-    model = sample.tiny_llama(500, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2)
-    cache = sample.KVCache.for_model(model, 5, 77, torch.bfloat16)
+    model = models.tiny_llama(500, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2)
+    cache = llama.KVCache.for_model(model, 5, 77, torch.bfloat16)
     real = cache.k.nbytes + cache.v.nbytes
     assert memory.kv_cache_bytes(model.config, 5, 77) == real
     assert memory.training_memory(model.config, rollout_batch=5, rollout_len=77)["kv_cache"] == real
@@ -2235,7 +2246,7 @@ def test_memory_kv_cache_matches_real_cache():
 
 
 def test_memory_logits_match_the_largest_tensor_of_head_logprobs():
-    # the largest fp32 tensor over the head's rows that sample.head_logprobs creates (forward and
+    # the largest fp32 tensor over the head's rows that llama.head_logprobs creates (forward and
     # backward) is one chunk's logits [B, chunk, rows]: the logits term is it and its gradient;
     # unchunked over the whole vocabulary, the old term
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -2259,7 +2270,7 @@ def test_memory_logits_match_the_largest_tensor_of_head_logprobs():
     weight = torch.randn(V, H, requires_grad=True)
     for rows, c in ((A, chunk), (V, T)):  # speech-only chunked; full vocabulary, one chunk
         with Largest(rows) as largest:
-            sample.head_logprobs(hidden, weight[:rows], torch.randint(0, rows, (B, T)), 0.8, chunk=c).sum().backward()
+            llama.head_logprobs(hidden, weight[:rows], torch.randint(0, rows, (B, T)), 0.8, chunk=c).sum().backward()
         assert math.prod(largest.shape) == B * c * rows  # (matmuls see [B * c, rows])
         assert memory.logits_bytes(B, c, rows) == 2 * largest.nbytes == 2 * torch.empty(B, c, rows).nbytes
     m = memory.training_memory(memory.LLASA_SHAPES["llasa-1b"])
@@ -2299,7 +2310,7 @@ def test_memory_activation_bytes_match_saved_tensors():
     # Per layer per token: (2 more layers, 64 more tokens) cancels the rest of the model and the
     # per-layer constant; the constant itself is the layer's bf16 weight casts.
     shape = dict(hidden_size=256, num_heads=8, num_kv_heads=2, intermediate_size=1024)
-    small, big = (sample.tiny_llama(512, num_layers=n, **shape).train() for n in (2, 4))
+    small, big = (models.tiny_llama(512, num_layers=n, **shape).train() for n in (2, 4))
     b = {(n, L): _saved_bytes(model, 2, L) for n, model in ((2, small), (4, big)) for L in (64, 128)}
     per_token = (b[4, 128] - b[4, 64] - b[2, 128] + b[2, 64]) / (2 * 2 * 64)  # bytes per layer per token
     per_layer = (b[4, 64] - b[2, 64]) / 2 - per_token * 2 * 64
@@ -2315,7 +2326,7 @@ def test_memory_update_peak_matches_measurement(grad_checkpointing):
     # One micro-batch's forward + backward after another (gradients already exist), measured with
     # the profiler, against the update terms beyond the gradients.
     B, P, T, A, chunk = 2, 16, 96, 400, 64
-    model = sample.tiny_llama(1200, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+    model = models.tiny_llama(1200, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                               intermediate_size=512).train()
     if grad_checkpointing:  # as grpo.Trainer does (transformers 5 renamed it)
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
@@ -2326,7 +2337,7 @@ def test_memory_update_peak_matches_measurement(grad_checkpointing):
 
     def micro_batch():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logp = grpo.response_logprobs(model, prompts, tokens, 0.8, allowed_ids=allowed)
+            logp = llama.response_logprobs(model, prompts, tokens, 0.8, allowed_ids=allowed)
         (logp.sum() / logp.numel()).backward()
 
     micro_batch()
@@ -2341,7 +2352,7 @@ def test_memory_update_peak_matches_measurement(grad_checkpointing):
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
 def test_memory_fsdp_update_peak_matches_measurement(grad_checkpointing):
     # The same with FSDP2 (bf16 compute params, fp32 reduction) on a fake 2-rank group, sharded as
-    # parallel.shard does (each layer, then the grpo.LogProbs root). The CPU has no side streams, so
+    # parallel.shard does (each layer, then the llama.LogProbs root). The CPU has no side streams, so
     # the prefetch overlaps less than on a GPU.
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -2352,11 +2363,11 @@ def test_memory_fsdp_update_peak_matches_measurement(grad_checkpointing):
     B, P, T, A, chunk, world = 2, 16, 96, 400, 64, 2
     dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
     try:
-        lm = sample.tiny_llama(3000, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        lm = models.tiny_llama(3000, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                                intermediate_size=512).train()
         if grad_checkpointing:
             getattr(lm, "activation_checkpointing_enable", lm.gradient_checkpointing_enable)()
-        model = grpo.LogProbs(lm)
+        model = llama.LogProbs(lm)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in lm.model.layers:
             fully_shard(layer, mp_policy=policy)
@@ -2384,7 +2395,7 @@ def test_memory_fsdp_update_peak_matches_measurement(grad_checkpointing):
 
 
 def test_memory_optimizer_step_and_rollout_peaks_match_measurement():
-    model = sample.tiny_llama(1200, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2, intermediate_size=1024)
+    model = models.tiny_llama(1200, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2, intermediate_size=1024)
     # foreach AdamW (CUDA's default): one temporary the size of all parameters
     params = list(model.parameters())
     for p in params:
@@ -2419,7 +2430,7 @@ def test_memory_optimizer_step_and_rollout_peaks_match_measurement():
 
 def test_checkpoint_loads_to_identical_logits(tmp_path):
     tok = data.tiny_tokenizer(n_speech=64)
-    model = sample.tiny_llama(len(tok), seed=5)
+    model = models.tiny_llama(len(tok), seed=5)
     path = str(tmp_path / "ckpt")
     outputs.save_checkpoint(path, model, tok, {"step": 1})
     outputs.save_checkpoint(path, model, tok, {"step": 2})  # overwriting an existing checkpoint is atomic too
@@ -2435,7 +2446,7 @@ def test_checkpoint_loads_to_identical_logits(tmp_path):
 
 def test_checkpoint_is_durable_trainer_state_last(tmp_path, monkeypatch):
     tok = data.tiny_tokenizer(n_speech=8)
-    model = sample.tiny_llama(len(tok), seed=0)
+    model = models.tiny_llama(len(tok), seed=0)
     events = []
     real_fsync, real_replace = outputs._fsync, os.replace
     monkeypatch.setattr(outputs, "_fsync", lambda p: (events.append(("fsync", os.path.relpath(p, tmp_path))),
@@ -2549,7 +2560,7 @@ def test_nan_reward_stops_with_step(tmp_path):
 def test_nan_gradient_skips_the_step():
     """A non-finite gradient raises before the optimizer step: the weights stay as they were."""
     tok, ro = _fixed_rollouts()
-    policy = sample.tiny_llama(len(tok), seed=1).train()
+    policy = models.tiny_llama(len(tok), seed=1).train()
     with torch.no_grad():
         policy.lm_head.weight[ro.tokens[0, 0]] = float("nan")
     before = {k: v.clone() for k, v in policy.state_dict().items()}
@@ -2687,8 +2698,8 @@ def test_ensure_policy_builds_once_and_loads(tmp_path, monkeypatch):
     stamp = os.path.getmtime(weights)
     assert demo.ensure_policy(path, seed=0, steps=3, confusion_steps=2) == path and os.path.getmtime(weights) == stamp  # kept
     monkeypatch.setattr(demo, "POLICY_DIR", path)  # where "demo" resolves to: built already, so loaded
-    assert sample.load_model("demo", dtype=torch.float32)[0].config.vocab_size == len(demo.demo_tokenizer())
-    model, tok = sample.load_model(path, dtype=torch.float32)
+    assert models.load_model(demo.resolve_model("demo"), dtype=torch.float32)[0].config.vocab_size == len(demo.demo_tokenizer())
+    model, tok = models.load_model(path, dtype=torch.float32)
     assert data.speech_vocab(tok).n == len(demo.VOCAB)
     assert data.prompt_ids(tok, "the cat sees the dog") == data.prompt_ids(demo.demo_tokenizer(), "the cat sees the dog")
     fresh, _ = demo.warm_start(seed=0, steps=3, confusion_steps=2, log=None)
@@ -2794,7 +2805,7 @@ def _greedy_agree(model, prompts, ours, theirs):
 @cuda
 def test_cuda_bf16_greedy_equals_hf_generate():
     tok = data.tiny_tokenizer(n_speech=64)
-    model = sample.tiny_llama(len(tok), seed=1).to("cuda", torch.bfloat16)
+    model = models.tiny_llama(len(tok), seed=1).to("cuda", torch.bfloat16)
     prompts = [data.prompt_ids(tok, t) for t in ("Hello.", "A longer sentence, to pad the others.", "안녕")]
     ours = sample.generate(model, prompts, max_new_tokens=24, temperature=0).tokens
     theirs = torch.cat([hf_greedy(model, [p], 24).cpu() for p in prompts])  # one at a time: no HF padding
@@ -2805,7 +2816,7 @@ def test_cuda_bf16_greedy_equals_hf_generate():
 def test_cuda_compiled_decode_equals_eager():
     tok = data.tiny_tokenizer(n_speech=64)
     sv = data.speech_vocab(tok)
-    model = sample.tiny_llama(len(tok), seed=1).to("cuda", torch.bfloat16)
+    model = models.tiny_llama(len(tok), seed=1).to("cuda", torch.bfloat16)
     prompts = [data.prompt_ids(tok, t) for t in COMPILE_TEXTS]
     kw = dict(max_new_tokens=32, temperature=0, stop_ids=(sv.end_id,), allowed_ids=sv.allowed_ids())
     eager = sample.generate(model, prompts, **kw)
@@ -2834,8 +2845,8 @@ def test_cuda_whisper_fp16_scores_match_fp32():
     audios = [noise(2.0, 1), noise(5.0, 2, scale=0.3), (0.3 * np.sin(np.arange(48000) / 7.0)).astype(np.float32)]
     texts = ["hello there", "a longer sentence to score", "one two three"]
     kw = dict(language="en", max_transcript_tokens=8)
-    fp32 = ww.WhisperScorer("random-tiny", "cpu", **kw).score(audios, texts)
-    fp16 = ww.WhisperScorer("random-tiny", "cuda", **kw).score(audios, texts)
+    fp32 = scoring.WhisperScorer("random-tiny", "cpu", **kw).score(audios, texts)
+    fp16 = scoring.WhisperScorer("random-tiny", "cuda", **kw).score(audios, texts)
     for a, b in zip(fp32, fp16):
         assert a.error is None and b.error is None
         assert b.nll == pytest.approx(a.nll, rel=2e-2), (a, b)

@@ -1,0 +1,399 @@
+"""Whisper scoring of TTS clips: transcript, CER, NLL and reward, in this process.
+
+WhisperScorer batches clips, runs the Whisper encoder once per clip, and uses those features twice:
+for the greedy transcript (whisper.decode, the batched layer, bounded by the target's length) and for
+the teacher-forced NLL of the intended text (DESIGN.md §2). Every scorer answers a reward.Score per
+clip. Silence (empty or all-zero audio) is an answer: transcript "", CER 1, its NLL measured, reward
+about 0. A clip over Whisper's 30 s window is refused (too_long, reward 0), never scored on its first
+30 s. `window_s` below 30 runs the encoder on that many seconds only (`windowed`: faster on a CPU,
+for short clips), and refuses clips longer than it the same way. A bad clip, or one whose scoring
+fails in a batch, gets reward 0 and `error`; the others are scored as if alone. CustomRewardScorer
+takes a user's `module:function` reward instead. model_languages and language_code check a
+dataset's languages before any model is loaded. whisper_worker.py serves these scorers from a
+process of their own.
+"""
+import copy
+import dataclasses
+import importlib
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import whisper
+from whisper.audio import N_SAMPLES, SAMPLE_RATE  # 480000 samples = the 30 s window, 16000 Hz
+from whisper.model import ModelDimensions, Whisper
+from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
+
+from prosody import measure
+from reward import RewardConfig, Score, char_error_rate, normalize_text, tts_reward
+
+WINDOW_S = N_SAMPLES / SAMPLE_RATE  # 30.0: Whisper hears one window
+SAMPLES_PER_AUDIO_FRAME = N_SAMPLES // 1500  # 320: one encoder position (two 10 ms mel frames)
+RANDOM_TINY_DIMS = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2,
+                                   n_audio_layer=1, n_vocab=51865, n_text_ctx=448, n_text_state=64,
+                                   n_text_head=2, n_text_layer=1)
+
+
+class WhisperScorer:
+    """Scores clips against their intended texts with one Whisper model on one device.
+
+    model: an openai-whisper name ("large-v3", "tiny.en", ...), a checkpoint path, "random-tiny"
+    (seeded random multilingual weights, for offline smoke runs) or a whisper.model.Whisper.
+    language: default language code or name (None: detected per clip; English-only models use "en").
+    max_transcript_tokens: None, or a cap on every greedy transcript below the bound that each
+    clip's target sets (transcript_bound), which is what stops random-weight Whisper.
+    fp16: None = half precision on CUDA (the weights converted, LayerNorms kept float32), float32
+    on CPU.
+    window_s: seconds of audio Whisper hears, in (0, 30]; below 30 the encoder runs on that window
+    only (`windowed`), and longer clips are refused as too long."""
+
+    def __init__(self, model, device="cpu", language=None, *, batch_size=16, max_transcript_tokens=None,
+                 fp16=None, reward_config=None, download_root=None, window_s=WINDOW_S):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_transcript_tokens is not None and max_transcript_tokens < 1:
+            raise ValueError(f"max_transcript_tokens must be None (no cap) or >= 1, "
+                             f"got {max_transcript_tokens}")
+        self.batch_size, self.max_transcript_tokens = batch_size, max_transcript_tokens
+        if not isinstance(reward_config, RewardConfig):
+            reward_config = RewardConfig(**(reward_config or {}))
+        self.reward_config = reward_config
+        self.device = torch.device(device)
+        self.model = windowed(load_whisper(model, self.device, download_root).eval(), window_s)
+        self.window_s, self.n_samples = window_s, self.model.dims.n_audio_ctx * SAMPLES_PER_AUDIO_FRAME
+        self.fp16 = self.device.type == "cuda" if fp16 is None else bool(fp16)
+        if self.fp16 and self.device.type != "cuda":
+            raise ValueError(f"fp16=True needs a CUDA device, got device={device!r}")
+        if self.fp16:
+            _half_except_layernorm(self.model)
+        self.languages = model_languages(self.model)
+        self.language = self._language_code(language)
+        tokenizer = self._tokenizer(self.language)
+        self._eot, self._n_prefix = tokenizer.eot, len(tokenizer.sot_sequence_including_notimestamps)
+
+    def score(self, audios, texts, languages=None) -> list[Score]:
+        """One reward.Score per clip, in order.
+
+        audios: float32 arrays [S] at 16 kHz; texts: what each should say; languages: None or one
+        code or name per clip (None entries use the default). Clips that cannot be scored get
+        reward 0 and `error` (too_long over the window, 30 s); the others are scored as if alone."""
+        languages = check_lengths(audios, texts, languages)
+        results, groups, clips = [None] * len(audios), {}, {}
+        for i, (audio, text, language) in enumerate(zip(audios, texts, languages)):
+            try:
+                language = self._language_code(self.language if language is None else language)
+                audio, text = check_audio(audio), check_text(text)
+                target = self._tokenizer(language).encode(" " + text)
+                if self._n_prefix + len(target) + 1 > self.model.dims.n_text_ctx:
+                    raise _BadInput(f"text is {len(target)} tokens, too long for Whisper's "
+                                    f"{self.model.dims.n_text_ctx}-token context")
+            except _BadInput as e:
+                results[i] = _failed(str(e))
+                continue
+            if len(audio) > self.n_samples:  # its first window scored against the whole text would mislead
+                results[i] = _failed(f"the clip's {len(audio) / SAMPLE_RATE:.2f} s is longer than Whisper's "
+                                     f"{self.window_s:g} s window: refused, not scored", too_long=True)
+                continue
+            clips[i] = (audio, text, target)
+            groups.setdefault(language, []).append(i)
+        # Prosody in a thread (numpy releases the GIL in its FFTs) while Whisper runs.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            prosody = pool.submit(lambda: {i: measure(audio, text) for i, (audio, text, _) in clips.items()})
+            for language, indices in groups.items():  # whisper.decode pins one language per call
+                indices.sort(key=lambda i: len(clips[i][2]))  # similar targets: similar transcript bounds
+                for start in range(0, len(indices), self.batch_size):
+                    batch = indices[start:start + self.batch_size]
+                    for i, result in zip(batch, self._score_or_retry([clips[i] for i in batch], language)):
+                        results[i] = result
+            for i, measures in prosody.result().items():
+                if results[i].error is None:
+                    results[i] = dataclasses.replace(results[i], **measures)
+        return results
+
+    def _score_or_retry(self, clips, language) -> list[Score]:
+        """_score_batch; where it fails, clip by clip, so that one failing clip (an fp16 overflow,
+        say) costs only its own score and not its batch's."""
+        try:
+            return self._score_batch(clips, language)
+        except Exception as e:  # noqa: BLE001 -- answered in the clip's Score, like a bad input
+            if len(clips) == 1:
+                return [_failed(f"scoring failed: {type(e).__name__}: {e}")]
+        return [self._score_or_retry([clip], language)[0] for clip in clips]
+
+    @torch.inference_mode()
+    def _score_batch(self, clips, language) -> list[Score]:
+        """clips: (audio float32 [S <= self.n_samples], text, target token ids) of one language (None:
+        detected). Raises FloatingPointError on a non-finite NLL rather than answer it."""
+        dtype = torch.float16 if self.fp16 else torch.float32
+        # Per clip: log_mel_spectrogram clamps to (max - 8) over its whole input, so a batched call
+        # would let one clip's loudness change another's features. Empty audio is zero-padded.
+        mel = torch.stack([whisper.log_mel_spectrogram(whisper.pad_or_trim(audio, self.n_samples),
+                                                       self.model.dims.n_mels,
+                                                       device=self.device) for audio, _, _ in clips])
+        features = self.model.encoder(mel.to(dtype))  # [B, n_audio_ctx, n_audio_state], the one encoder pass
+        transcripts, languages = [""] * len(clips), [language] * len(clips)
+        # Silence says nothing: not decoded (a decode of it would be a hallucination or a loop).
+        heard = [b for b, (audio, _, _) in enumerate(clips) if audio.any()]
+        if heard:
+            bounds = {b: self._transcript_bound(len(clips[b][2])) for b in heard}
+            options = whisper.DecodingOptions(language=language, without_timestamps=True, fp16=self.fp16,
+                                              sample_len=max(bounds.values()), temperature=0.0)
+            for b, d in zip(heard, whisper.decode(self.model, features[heard], options)):
+                # Cut at its own bound, as if decoded alone; text tokens only: a weak model may emit
+                # special tokens, which decode() would spell out.
+                tokens = [t for t in d.tokens[:bounds[b]] if t < self._eot]
+                transcripts[b], languages[b] = self._tokenizer(d.language).decode(tokens).strip(), d.language
+        unknown = [b for b, lang in enumerate(languages) if lang is None]  # silence, no language given
+        if unknown:  # the NLL's prefix needs one: what Whisper detects in that window
+            _, probs = whisper.decoding.detect_language(self.model, features[unknown])
+            for b, p in zip(unknown, probs):
+                languages[b] = max(p, key=p.get)
+        sequences, n_prefix = [], []
+        for (_, _, target), lang in zip(clips, languages):
+            tokenizer = self._tokenizer(lang)
+            prefix = list(tokenizer.sot_sequence_including_notimestamps)
+            sequences.append(prefix + target + [tokenizer.eot])
+            n_prefix.append(len(prefix))
+        nlls = teacher_forced_nll(self.model, features, sequences, n_prefix)
+        results = []
+        for (_, text, _), transcript, nll in zip(clips, transcripts, nlls):
+            if not math.isfinite(nll):  # e.g. fp16 overflow: no reward can be read from it
+                raise FloatingPointError(f"non-finite NLL ({nll}) of the text {text!r}")
+            cer = char_error_rate(text, transcript)  # 1.0 for silence's "" transcript
+            reward = tts_reward(cer, nll, **vars(self.reward_config))
+            results.append(Score(reward=reward, transcript=transcript, cer=cer, nll=nll))
+        return results
+
+    def _transcript_bound(self, n_target: int) -> int:
+        limit = self.model.dims.n_text_ctx - self._n_prefix
+        return transcript_bound(n_target, limit, self.max_transcript_tokens)
+
+    def _tokenizer(self, language):
+        return get_tokenizer(self.model.is_multilingual, num_languages=self.model.num_languages,
+                             language=language, task="transcribe")
+
+    def _language_code(self, language):
+        """The code of a language code or name, checked against this model; None stays None
+        (detected per clip) on a multilingual model and is "en" on an English-only one."""
+        if language is None:
+            return None if self.model.is_multilingual else "en"
+        try:
+            code = language_code(language)
+        except ValueError as e:
+            raise _BadInput(str(e)) from None
+        if code not in self.languages:
+            raise _BadInput(f"language {language!r}: this Whisper model is English-only"
+                            if not self.model.is_multilingual else
+                            f"language {language!r} ({code}) is not one of this Whisper model's "
+                            f"{len(self.languages)} languages")
+        return code
+
+
+def model_languages(model) -> frozenset[str]:
+    """The Whisper language codes that `model` (anything WhisperScorer takes) knows, without loading
+    its weights: for checking a dataset at loading time. English-only models know {"en"}; large-v3
+    and turbo 100 languages ("yue" the 100th); the other multilingual ones the first 99 of
+    whisper.tokenizer.LANGUAGES. A checkpoint file is opened lazily (mmap) for its dims only."""
+    if isinstance(model, Whisper):
+        n_vocab = model.dims.n_vocab
+    elif model == "random-tiny":
+        n_vocab = RANDOM_TINY_DIMS.n_vocab
+    elif model in whisper.available_models():  # their vocabularies, known without downloading them
+        # "large" is large-v3's checkpoint in openai-whisper; v3's vocabulary has one more language.
+        v3 = model in ("large-v3", "large", "large-v3-turbo", "turbo")
+        n_vocab = 51864 if model.endswith(".en") else 51866 if v3 else 51865
+    elif isinstance(model, (str, os.PathLike)) and os.path.isfile(model):
+        n_vocab = torch.load(model, map_location="cpu", mmap=True, weights_only=True)["dims"]["n_vocab"]
+    else:
+        raise FileNotFoundError(_unknown_model(model))
+    if n_vocab < 51865:  # whisper.model.Whisper.is_multilingual
+        return frozenset({"en"})
+    return frozenset(list(LANGUAGES)[:n_vocab - 51765 - 1])  # its num_languages, multilingual
+
+
+def language_code(language: str) -> str:
+    """Whisper's code for a language code or name, in any case: "ko", "Korean", "korean" -> "ko".
+    Whether a given model knows it is model_languages' question."""
+    key = language.strip().lower() if isinstance(language, str) else None
+    if key in LANGUAGES:
+        return key
+    if key in TO_LANGUAGE_CODE:  # names and aliases ("mandarin" -> "zh")
+        return TO_LANGUAGE_CODE[key]
+    raise ValueError(f"unknown language {language!r}: use a Whisper code such as 'en' or 'ko', "
+                     f"or a name such as 'korean'")
+
+
+def teacher_forced_nll(model, features, sequences, n_prefix) -> list[float]:
+    """Mean cross-entropy (nats/token) of each sequence's tokens after its prefix, in one decoder pass.
+
+    features [B, n_audio_ctx, n_audio_state]; sequences: B token lists (SOT prefix + text + eot) of
+    different lengths, right-padded here to [B, L + 1]; n_prefix[b]: prefix length of sequence b."""
+    batch, length = len(sequences), max(map(len, sequences)) - 1
+    tokens = torch.zeros(batch, length + 1, dtype=torch.long)
+    scored = torch.zeros(batch, length, dtype=torch.bool)  # [B, L]: True where the next token is text or eot
+    for b, sequence in enumerate(sequences):
+        tokens[b, :len(sequence)] = torch.tensor(sequence)
+        scored[b, n_prefix[b] - 1:len(sequence) - 1] = True
+    tokens, scored = tokens.to(features.device), scored.to(features.device)
+    logits = model.decoder(tokens[:, :-1], features)  # [B, L, n_vocab], float32; causal, so padding is inert
+    ce = torch.zeros(batch, length, device=features.device)
+    ce[scored] = F.cross_entropy(logits[scored], tokens[:, 1:][scored], reduction="none")
+    return (ce.sum(1) / scored.sum(1)).tolist()
+
+
+def transcript_bound(n_target: int, limit: int, cap: int | None = None) -> int:
+    """Most tokens the greedy transcript of a clip may take, from its target's token count n_target.
+
+    2 * n_target + 10 leaves room for a transcript spelled otherwise than the target (digits read
+    out, other spacing or tokenization) but not for a loop: a transcript twice the target's length
+    has a CER near 1 already (U_cer(1) = 0.005), so cutting it there changes no reward. `cap`
+    (max_transcript_tokens, None = none) lowers it; `limit`, the tokens that fit in Whisper's
+    context after the SOT prefix (whisper.decode stops once its tokens exceed n_text_ctx), always
+    bounds it. A fixed cap instead would cut long Korean or Chinese transcripts into deletions."""
+    bound = 2 * n_target + 10
+    if cap is not None:
+        bound = min(bound, cap)
+    return max(1, min(bound, limit))
+
+
+def load_whisper(model, device, download_root=None) -> Whisper:
+    if isinstance(model, Whisper):
+        return model.to(device)
+    if model == "random-tiny":
+        return random_tiny_whisper().to(device)
+    if model not in whisper.available_models() and not os.path.isfile(model):
+        raise FileNotFoundError(_unknown_model(model))
+    try:
+        return whisper.load_model(model, device=device, download_root=download_root)
+    except OSError as e:  # a name not cached yet, and no network (urllib's errors are OSErrors)
+        if os.path.isfile(model):
+            raise
+        cache = download_root or os.path.join(os.path.expanduser("~"), ".cache", "whisper")
+        raise FileNotFoundError(f"Whisper {model!r} is not in {cache} and could not be downloaded "
+                                f"({type(e).__name__}: {e}); pass --whisper PATH to a local checkpoint"
+                                ) from e
+
+
+def windowed(model: Whisper, window_s: float) -> Whisper:
+    """`model` hearing `window_s` seconds (a multiple of 0.02 s in (0, 30]) instead of 30: the same
+    weights, the encoder's positions cut to the window. Whisper was trained on 30 s windows padded
+    with silence; a shorter one skips computing the padding, which is most of a CPU's scoring time
+    for short clips (tiny.en, 2 CPU threads, 1-4 s clips: 0.60 s per clip at 30 s, 0.16 at 10 s,
+    mean CER of correct speech 0.152 and 0.161). The model passed in is left unchanged."""
+    n_ctx = window_s * SAMPLE_RATE / SAMPLES_PER_AUDIO_FRAME
+    if not 0 < window_s <= WINDOW_S or abs(n_ctx - round(n_ctx)) > 1e-6:
+        raise ValueError(f"Whisper window must be a multiple of 0.02 s in (0, {WINDOW_S:g}], got {window_s}")
+    n_ctx = int(round(n_ctx))
+    if n_ctx == model.dims.n_audio_ctx:
+        return model
+    encoder = copy.copy(model.encoder)  # shallow: the blocks and weights are shared
+    encoder._buffers = dict(encoder._buffers)  # ... but not the buffer table, so the cut stays here
+    encoder.positional_embedding = model.encoder.positional_embedding[:n_ctx]
+    short = copy.copy(model)
+    short._modules = dict(short._modules)
+    short.encoder = encoder
+    short.dims = dataclasses.replace(model.dims, n_audio_ctx=n_ctx)  # whisper.decode checks features by it
+    return short
+
+
+def random_tiny_whisper(seed: int = 0) -> Whisper:
+    """A small multilingual Whisper with seeded random weights: same model for the same seed, and the
+    caller's random state is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Whisper(RANDOM_TINY_DIMS)
+        torch.nn.init.normal_(model.decoder.positional_embedding, std=0.01)  # Whisper leaves it torch.empty
+    return model
+
+
+def check_audio(audio) -> np.ndarray:
+    """The clip as float32 [S], or _BadInput saying why it cannot be scored. Silence (empty or all
+    zeros) passes: it is an answer to be scored, not a broken input."""
+    try:
+        audio = np.asarray(audio)
+    except (TypeError, ValueError) as e:  # a ragged list, a CUDA tensor, ...
+        raise _BadInput(f"audio is not an array of samples ({type(audio).__name__}: {e})") from None
+    if audio.dtype.kind != "f":
+        raise _BadInput(f"audio dtype {audio.dtype} is not floating point "
+                        f"(expected float32 samples at 16 kHz)")
+    if audio.ndim != 1:
+        raise _BadInput(f"audio must be 1-D (mono samples), got shape {audio.shape}")
+    if not np.isfinite(audio).all():
+        raise _BadInput(f"audio has {int((~np.isfinite(audio)).sum())} NaN or inf samples")
+    return audio.astype(np.float32, copy=False)
+
+
+def check_text(text) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise _BadInput(f"text is empty ({text!r})")
+    if not normalize_text(text):
+        raise _BadInput(f"text {text!r} has no characters left after normalization "
+                        f"(punctuation, symbols removed)")
+    return text.strip()
+
+
+def _half_except_layernorm(model):
+    # Whisper's LayerNorm computes in float32 (it upcasts its input); its Linear and Conv1d cast their
+    # weights to the input's dtype on every call, which half-precision weights make free.
+    model.half()
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.float()
+
+
+class _BadInput(ValueError):
+    """One clip cannot be scored; the scorer answers it with reward 0 and this reason."""
+
+
+def check_lengths(audios, texts, languages) -> list:
+    languages = [None] * len(audios) if languages is None else list(languages)
+    if not len(audios) == len(texts) == len(languages):
+        raise ValueError(f"got {len(audios)} audios, {len(texts)} texts and {len(languages)} languages; "
+                         "they must match one to one")
+    return languages
+
+
+def _failed(reason: str, too_long: bool = False) -> Score:
+    return Score(reward=0.0, error=reason, too_long=too_long)
+
+
+def _unknown_model(model) -> str:
+    return (f"Whisper model {model!r} is neither a checkpoint file nor one of {whisper.available_models()} "
+            f"nor 'random-tiny'")
+
+
+class CustomRewardScorer:
+    """A user's reward instead of Whisper: spec "module:function", function(audio float32 [S] at
+    16 kHz, text) -> float in [0, 1]. Silence is passed on like any clip (an empty array stays
+    empty); there is no 30 s limit. Bad clips and non-finite or out-of-range values get reward 0."""
+
+    def __init__(self, spec: str):
+        module_name, _, function_name = spec.partition(":")
+        if not module_name or not function_name:
+            raise ValueError(f"reward {spec!r} must be 'whisper' or 'module:function'")
+        module = importlib.import_module(module_name)
+        self.function, self.spec = getattr(module, function_name, None), spec
+        if not callable(self.function):
+            raise AttributeError(f"reward {spec!r}: module {module_name!r} ({module.__file__}) "
+                                 f"has no function {function_name!r}")
+
+    def score(self, audios, texts, languages=None) -> list[Score]:
+        check_lengths(audios, texts, languages)
+        return [self._score_one(audio, text) for audio, text in zip(audios, texts)]
+
+    def _score_one(self, audio, text) -> Score:
+        try:
+            audio, text = check_audio(audio), check_text(text)
+        except _BadInput as e:
+            return _failed(str(e))
+        returned = self.function(audio, text)
+        try:
+            value = float(returned)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not 0.0 <= value <= 1.0:  # NaN fails too
+            return _failed(f"reward {self.spec} returned {returned!r}, not a number in [0, 1]")
+        return Score(reward=value, **measure(audio, text))
