@@ -4,6 +4,8 @@ Every comparison prints one JSON line with `name`, the measured numbers and `rat
 (ours / reference speed, > 1 means ours is faster). Sections:
   sample   tokens/s of sample.generate vs Hugging Face `generate` on the same model, batch and
            number of new tokens; on CUDA also ms per step against the memory-bandwidth bound.
+  step     ms per step of the compiled static decode step at a 256-slot cache and at the trainer's
+           1,792 slots (it should cost the same), and of the eager loop.
   codec    seconds per second of audio of codec.XCodec2Decoder vs the xcodec2 package's decode_code
            (same random weights, full model shapes), if that package is importable; else ours only.
   reward   clips/s of scorer.WhisperScorer vs the seed's way (per clip: an NLL forward with its
@@ -16,6 +18,7 @@ Every comparison prints one JSON line with `name`, the measured numbers and `rat
 import argparse
 import json
 import sys
+import time
 
 import torch
 
@@ -123,6 +126,61 @@ def bench_sample(argv):
                        bound_ms_per_step=round(bound_ms, 3), fraction_of_bound=round(bound_ms / step_ms, 3),
                        peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 2))
         print(json.dumps(row), flush=True)
+
+
+# ----------------------------------------------------------------------------- step
+
+def bench_step(argv):
+    """ms per decode step of the compiled static step (decode.Decoder) at a short cache and at the
+    trainer's (max_new_tokens + 256 = 1,756, rounded up to 1,792 slots), and of the eager loop:
+    the compiled step should cost the same at both, since it writes one slot per layer in place and
+    reads only the filled part of the cache (decode.spans)."""
+    import decode
+    import models
+    import sample
+
+    p = argparse.ArgumentParser(prog="bench.py step", description=bench_step.__doc__)
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (default: 4)")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size (default: 256)")
+    p.add_argument("--vocab", type=int, default=1024, help="vocabulary size (default: 1024)")
+    p.add_argument("--batch", type=int, default=16, help="sequences (default: 16)")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default: 32)")
+    p.add_argument("--new-tokens", type=int, default=96, help="tokens generated per sequence (default: 96)")
+    p.add_argument("--caches", default="256,1792", help="cache lengths in slots (default: 256,1792)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs, median (default: 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads, as on CI (default: 2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = models.tiny_llama(args.vocab, seed=0, hidden_size=args.hidden, num_layers=args.layers,
+                              num_heads=8, num_kv_heads=4).to(device)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, args.vocab, (args.batch, args.prompt_len), generator=g).tolist()
+    N = args.new_tokens
+    kw = dict(max_new_tokens=N, temperature=0)
+    engines = {"eager": None}
+    for L in map(int, args.caches.split(",")):
+        engines[f"compiled_{L}"] = decode.Decoder(model, compile=True, max_len=L)
+    ms = {}
+    for name, decoder in engines.items():
+        def run(decoder=decoder):
+            return sample.generate(model, prompts, decoder=decoder, **kw)
+        t0 = time.time()
+        first = run()  # compiles (and allocates the decoder's state)
+        compile_s = time.time() - t0
+        (t,) = timed([run], device, args.repeats)
+        ms[name] = 1000 * t / N
+        slots = None if decoder is None else max(s.cache.length for s in decoder.states.values())
+        print(json.dumps(dict(name=f"step/{name}", cache_slots=slots, batch=args.batch, prompt_len=args.prompt_len,
+                              new_tokens=N, ms_per_step=round(ms[name], 2), first_call_s=round(compile_s, 1),
+                              tokens_equal_eager=None if decoder is None else bool(torch.equal(
+                                  first.tokens, sample.generate(model, prompts, **kw).tokens))), ), flush=True)
+    names = [n for n in ms if n != "eager"]
+    print(json.dumps(dict(name="step/ratios", **{f"{b}_over_{a}": round(ms[b] / ms[a], 2) for a, b in zip(names, names[1:])},
+                          **{f"eager_over_{n}": round(ms["eager"] / ms[n], 2) for n in names},
+                          note="ms-per-step ratios: 1 means a longer cache costs nothing; "
+                               "eager_over_x > 1 means the compiled step is faster")), flush=True)
 
 
 # ----------------------------------------------------------------------------- codec
@@ -269,7 +327,7 @@ def bench_reward(argv):
                           fraction_of_encoder_bound=round(t_encoder / t_ours, 3))), flush=True)
 
 
-SECTIONS = {"sample": bench_sample, "codec": bench_codec, "reward": bench_reward, "gpu": bench_gpu.bench_gpu}
+SECTIONS = {"sample": bench_sample, "step": bench_step, "codec": bench_codec, "reward": bench_reward, "gpu": bench_gpu.bench_gpu}
 
 
 def main(argv=None):

@@ -20,6 +20,7 @@ the audio of the shorter clips of a batch; XCodec2Codec passes the clip lengths 
 padded frames out of every step that mixes frames. (Of 823M parameters in the published checkpoint,
 581M are the w2v-bert-2.0 semantic encoder, which decoding never uses.)
 """
+import contextlib
 import math
 import numbers
 import os
@@ -321,14 +322,45 @@ class XCodec2Decoder(nn.Module):
         return overlap_add(frames) / overlap_add(weights).clamp(min=1e-11)
 
 
+PRECISIONS = ("tf32", "bf16", "fp32")
+
+
 class XCodec2Codec:
-    """XCodec2 through XCodec2Decoder: reads only the decoder's weights, needs no xcodec2 package."""
+    """XCodec2 through XCodec2Decoder: reads only the decoder's weights, needs no xcodec2 package.
+
+    precision, on CUDA (a CPU always computes in fp32, except "bf16"): "tf32" (default) fp32
+    weights with TF32 matmuls and convolutions, about 8x the strict-fp32 throughput of an H100's
+    tensor cores at ~1e-3 relative error per product; "bf16" autocast, 2x more, 37 dB SNR against
+    fp32 (max error 0.0015 at a 0.09 peak, measured on the test file's and the full-size random
+    decoder); "fp32" strict."""
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, model="HKUSTAudio/xcodec2", device="cpu", config: XCodec2Config = XCodec2Config()):
-        self.device = torch.device(device)
+    def __init__(self, model="HKUSTAudio/xcodec2", device="cpu", config: XCodec2Config = XCodec2Config(),
+                 precision: str = "tf32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"codec precision {precision!r}: expected one of {PRECISIONS}")
+        self.device, self.precision = torch.device(device), precision
         decoder = model if isinstance(model, XCodec2Decoder) else XCodec2Decoder.from_pretrained(model, config)
         self.model = decoder.eval().to(self.device)
+
+    @contextlib.contextmanager
+    def _numerics(self):
+        """The precision's settings for one decode, restored after (they are process-wide)."""
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                yield
+            return
+        if self.precision == "fp32" or self.device.type != "cuda":
+            yield
+            return
+        matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = True  # TF32 convolutions
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(matmul)
+            torch.backends.cudnn.allow_tf32 = cudnn
 
     @torch.no_grad()
     def decode(self, codes) -> list[np.ndarray]:
@@ -343,7 +375,8 @@ class XCodec2Codec:
             batch[i, 0, :len(s)] = torch.tensor(s, dtype=torch.long)
         # An empty clip decodes one padding frame (cut below) rather than none; no padding, no mask.
         frames = torch.tensor([max(n, 1) for n in lengths])
-        wav = self.model(batch.to(self.device), frames if int(frames.min()) < T else None)  # [B, 1, T * 320]
+        with self._numerics():
+            wav = self.model(batch.to(self.device), frames if int(frames.min()) < T else None)  # [B, 1, T * 320]
         wav = wav.float().cpu().numpy()
         return [wav[i, 0, :n * SAMPLES_PER_CODE].copy() for i, n in enumerate(lengths)]
 
@@ -375,9 +408,10 @@ class XCodec2PackageCodec:
         return clips
 
 
-def load_codec(name: str, device="cpu"):
+def load_codec(name: str, device="cpu", precision: str = "tf32"):
     """'tone', 'words[:PATH]' (the demo's spoken words, default data/demo/words.npz), 'xcodec2[:PATH_OR_HUB_ID]'
-    (ours) or 'xcodec2-package[:PATH_OR_HUB_ID]' (the xcodec2 package)."""
+    (ours, computing in `precision` on CUDA: XCodec2Codec) or 'xcodec2-package[:PATH_OR_HUB_ID]' (the
+    xcodec2 package)."""
     if name == "tone":
         return ToneCodec()
     if name == "words" or name.startswith("words:"):
@@ -388,6 +422,6 @@ def load_codec(name: str, device="cpu"):
         return XCodec2PackageCodec(path or "HKUSTAudio/xcodec2", device)
     if name == "xcodec2" or name.startswith("xcodec2:"):
         _, _, path = name.partition(":")
-        return XCodec2Codec(path or "HKUSTAudio/xcodec2", device)
+        return XCodec2Codec(path or "HKUSTAudio/xcodec2", device, precision=precision)
     raise ValueError(f"unknown codec {name!r}: expected 'tone', 'words[:PATH]', 'xcodec2[:PATH]' or "
                      "'xcodec2-package[:PATH]'")

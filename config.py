@@ -25,6 +25,8 @@ class Config:
     # models
     model: str = opt("HKUSTAudio/Llasa-1B", "policy: Hugging Face id or directory; 'tiny' = tiny random Llama")
     codec: str = opt("xcodec2", "speech codec: 'xcodec2[:PATH]', 'xcodec2-package[:PATH]' or 'tone' (test codec)")
+    codec_precision: str = opt("tf32", "XCodec2's arithmetic on CUDA: 'tf32' (TF32 matmuls, ~1e-3 relative), 'bf16' "
+                                       "(autocast, 37 dB SNR against fp32) or 'fp32' (strict, ~8x slower)")
     whisper: str = opt("large-v3", "Whisper model name, checkpoint path, or 'random-tiny'")
     whisper_device: str = opt("cuda:2", "device of the Whisper worker process (one per node)")
     whisper_batch: int = opt(16, "clips per Whisper batch")
@@ -60,7 +62,7 @@ class Config:
     updates_per_rollout: int = opt(1, "optimizer steps per rollout batch (>1 needs old log-probs)")
     micro_batch: int = opt(4, "sequences per forward/backward in the update")
     compile: bool | None = opt(None, "compile the decode step once per run (CUDA graphs on a GPU); default: on "
-                                     "for CUDA without --fsdp, off on CPU")
+                                     "for CUDA without --fsdp, off on CPU; refused with --fsdp")
     rollout_chunks: int = opt(1, "generate a rank's rollouts in this many chunks, scoring each while the next "
                                  "is generated (Whisper time hidden; smaller decode batches)")
     fsdp: bool = opt(False, "shard policy and reference with FSDP2 over the ranks (needed for Llasa-3B/8B)")
@@ -98,7 +100,9 @@ PRESETS = {
     # The seed's recipe, except responses capped at Whisper's 30 s window (1500 tokens, not 2048).
     "llasa-1b": dict(model="HKUSTAudio/Llasa-1B", codec="xcodec2", whisper="large-v3", whisper_device="cuda:2",
                      steps=200, prompts_per_step=8, group_size=16, max_new_tokens=1500, temperature=0.8,
-                     top_p=0.9, lr=1e-6, kl_coef=0.0, updates_per_rollout=1, micro_batch=2),
+                     top_p=0.9, lr=1e-6, kl_coef=0.0, updates_per_rollout=1, micro_batch=2,
+                     # One GPU worker serves both ranks' 64 clips a step: one batch per rank.
+                     whisper_batch=64),
 }
 # The CPU demo (demo.py): a small warm-started Llama that speaks through spoken-word clips, rewarded by
 # the real Whisper tiny.en hearing 8 s windows; about 5 minutes on 2 CPU cores.
@@ -171,6 +175,14 @@ def check_config(cfg: Config, world: int = 1):
                          "(whole prompt groups live on one rank)")
     if cfg.fsdp and world < 2:
         raise ValueError("--fsdp shards over ranks: run it under torchrun with --nproc_per_node >= 2")
+    if cfg.codec_precision not in ("tf32", "bf16", "fp32"):
+        raise ValueError(f"--codec-precision {cfg.codec_precision!r}: expected tf32, bf16 or fp32")
+    if cfg.fsdp and cfg.compile:
+        # CUDA graphs read weights at fixed addresses; FSDP2 gathers them into new memory at every
+        # rollout and frees it after, so the graphs would be recorded again at every rollout.
+        raise ValueError("--fsdp --compile: the compiled decode step needs weights at fixed addresses, and FSDP2 "
+                         "gathers them into new memory for every rollout; drop --compile (FSDP runs use the eager "
+                         "decode loop)")
     if world > 1 and cfg.device not in ("auto", "cpu"):
         raise ValueError(f"--device {cfg.device!r} would put every rank on one device; under torchrun use "
                          "'auto' (rank r on cuda:LOCAL_RANK) or 'cpu'")

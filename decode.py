@@ -1,9 +1,11 @@
 """The static-shape decode step behind `--compile` (gpt-fast's design), for `sample.generate`.
 
-A fixed batch and cache length per run, the KV cache written in place at a position tensor,
-attention over the whole preallocated cache under a boolean mask, sampling as tensor ops with no
-host sync: a step `torch.compile` captures once per shape (CUDA graphs on a GPU). `Decoder` owns
-the buffers and the compiled step; the caller keeps one per run and passes it to
+A fixed batch and cache length per run, the KV cache (one tensor per layer) written in place at a
+position tensor, sampling as tensor ops with no host sync: a step `torch.compile` captures once per
+shape (CUDA graphs on a GPU). Attention reads only a prefix of the cache, the smallest of a few
+`spans` (256, 512, 1024, ... slots, then the whole cache) that holds every filled slot, under a
+boolean mask: a short response reads a short cache, at the price of one graph per span used.
+`Decoder` owns the buffers and the compiled step; the caller keeps one per run and passes it to
 `sample.generate(..., decoder=...)`. The dynamic loop in sample.py stays the reference that this
 step is tested against token for token.
 """
@@ -15,14 +17,16 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from llama import KVCache, find_rows, left_padded, prefill, process_logits, rotate, sample_token, token_logprobs
+from llama import (KVCache, find_rows, head_logits, left_padded, prefill, process_logits, rotate, sample_token,
+                   token_logprobs)
 
 
 def attention_static(x, cos, sin, k_cache, v_cache, slot, mask, w: "LayerWeights"):
     """`attention` for one new token per row, with shapes that never change: x [B, 1, hidden] is
-    written in place at cache slot `slot` ([1] long tensor, not a Python int) of k_cache/v_cache
-    [B, kv_heads, T_max, head_dim], and attends over the whole cache under mask [B, 1, 1, T_max]
-    bool (True = a filled, real slot). w: the layer's projections. Returns [B, 1, hidden]."""
+    written in place at cache slot `slot` ([1] long tensor, not a Python int) of one layer's
+    k_cache/v_cache [B, kv_heads, T_max, head_dim], and attends over their first `span` slots under
+    mask [B, 1, 1, span] bool (True = a filled, real slot; span = the mask's length, a constant of
+    the graph). w: the layer's projections. Returns [B, 1, hidden]."""
     B = x.shape[0]
     Hkv, D = k_cache.shape[1], k_cache.shape[3]
     q = F.linear(x, *w.q).view(B, 1, -1, D).transpose(1, 2)  # [B, H, 1, D]
@@ -31,16 +35,17 @@ def attention_static(x, cos, sin, k_cache, v_cache, slot, mask, w: "LayerWeights
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     k_cache.index_copy_(2, slot, k.to(k_cache.dtype))
     v_cache.index_copy_(2, slot, v.to(v_cache.dtype))
-    H = q.shape[1]
+    H, span = q.shape[1], mask.shape[-1]
     q = q.reshape(B, Hkv, H // Hkv, D)  # GQA as in `attention`: KV head g's query heads as rows
-    out = F.scaled_dot_product_attention(q.to(k_cache.dtype), k_cache, v_cache, attn_mask=mask)
+    out = F.scaled_dot_product_attention(q.to(k_cache.dtype), k_cache[:, :, :span], v_cache[:, :, :span],
+                                         attn_mask=mask)
     return F.linear(out.to(x.dtype).reshape(B, 1, H * D), *w.o)  # [B, Hkv, n_rep, D]: heads in HF order
 
 
 def forward_static(model, cache: KVCache, ids, pos, slot, mask, weights: list):
-    """`forward` for one token per row at cache slot `slot` ([1] long), attending over the whole
-    cache under mask [B, 1, 1, T_max] bool; weights: `LayerWeights` per layer (the projections
-    and MLP, `Decoder.layer_weights`). Returns the final-norm hidden states [B, 1, hidden]."""
+    """`forward` for one token per row at cache slot `slot` ([1] long), attending over the cache's
+    first span slots under mask [B, 1, 1, span] bool; weights: `LayerWeights` per layer (the
+    projections and MLP, `Decoder.layer_weights`). Returns the final-norm hidden states [B, 1, hidden]."""
     m = model.model
     x = m.embed_tokens(ids)
     cos, sin = m.rotary_emb(x, pos)
@@ -77,13 +82,13 @@ class DecodeState:
     """Every tensor the static step reads or writes, preallocated by `Decoder` for one shape and
     reused across calls; the step mutates them in place, so their addresses never change (what
     CUDA graphs need). B rows, L cache slots, A policy rows (`head_rows`)."""
-    cache: KVCache  # [layers, B, kv_heads, L, head_dim] each, zero-initialized: masked slots stay finite
+    cache: KVCache  # layers x [B, kv_heads, L, head_dim] for K and V, zeros: masked slots stay finite
     key_ok: torch.Tensor  # [B, L] bool: False on prompt pads, True elsewhere (later slots: cut by the step)
     lens: torch.Tensor  # [B] long, real prompt lengths: rotary position of generated token t is lens + t
     start: torch.Tensor  # [1] long, P: the cache slot of generated token 0
     t: torch.Tensor  # [1] long, tokens generated so far; the step feeds token t - 1 and emits token t
     token: torch.Tensor  # [B] long, the last emitted token (the next step's input)
-    weight: torch.Tensor  # [A, H] head rows (a copy refreshed per call, or lm_head.weight itself)
+    weight: torch.Tensor  # [A, H] head rows, fp32 (a copy refreshed per call, or an fp32 lm_head.weight itself)
     index: torch.Tensor  # [A] long, row -> vocab id
     stop: torch.Tensor  # [S] long stop ids (S may be 0)
     seen: torch.Tensor | None  # [B, A] bool, tokens the repetition penalty applies to (None: off)
@@ -114,18 +119,29 @@ def emit_token(logits, s: DecodeState, k: Sampling):
     s.t.add_(1)
 
 
-def decode_step(model, weights: list, s: DecodeState, k: Sampling):
+def decode_step(model, weights: list, s: DecodeState, k: Sampling, span: int):
     """One static-shape decode step, the function `Decoder` compiles: feed `s.token` (generated
     token t - 1) at cache slot start + t - 1 and rotary position lens + t - 1, attend over the
-    whole cache (slots up to that one, pads masked), then `emit_token` token t. weights:
-    `LayerWeights` per layer. Returns nothing: every result is written into `s`."""
+    cache's first `span` slots (a Python int: one graph per span; they must hold that slot), pads
+    and later slots masked, then `emit_token` token t. weights: `LayerWeights` per layer. Returns
+    nothing: every result is written into `s`."""
     slot = s.start + s.t - 1  # [1] long
-    L = s.cache.k.shape[3]
-    mask = s.key_ok & (torch.arange(L, device=slot.device) <= slot)  # [B, L]
+    mask = s.key_ok[:, :span] & (torch.arange(span, device=slot.device) <= slot)  # [B, span]
     hidden = forward_static(model, s.cache, s.token[:, None], (s.lens + s.t - 1)[:, None], slot,
                             mask[:, None, None, :], weights)
-    logits = F.linear(hidden[:, 0], s.weight).float()  # [B, A]
-    emit_token(logits, s, k)
+    emit_token(head_logits(hidden[:, 0], s.weight), s, k)  # logits [B, A] fp32
+
+
+def spans(length: int, first: int = 256) -> list[int]:
+    """The attention spans of a cache of `length` slots: first, 2 * first, 4 * first, ... below
+    length, then length itself. A step reads the smallest span holding its slot, so a response of
+    n tokens reads at most twice the slots it needs (or `first`), with one graph per span used
+    (4 at the trainer's 1,792-slot cache: 256, 512, 1024, 1792)."""
+    out = []
+    while first < length:
+        out.append(first)
+        first *= 2
+    return out + [length]
 
 
 class Decoder:
@@ -138,14 +154,16 @@ class Decoder:
     same step run eagerly (the reference for the compiled one).
 
     Buffers (`DecodeState`) are kept between calls, one set per batch size (and policy rows, cache
-    dtype, knobs on or off): calls with the same batch reuse them, and reuse the compiled graph.
-    Their cache length L is `max_len` when given (e.g. the longest prompt + max_new_tokens), else
-    the first call's P + N rounded up to 128; a call that needs more reallocates them (L only
-    grows), which compiles once more, as does a new batch size. The sampling knobs are constants
-    of the graph: other values compile another graph. Under autocast to a dtype other than the
-    weights' (the trainer's fp32 master weights under bf16), it also keeps copies of the decoder
-    layers' linear weights in that dtype (`layer_weights`; ~2 GB at Llasa-1B). `release()` frees
-    every buffer (the KV cache is 2 * layers * B * kv_heads * L * head_dim values per batch size).
+    dtype, knobs on or off): calls with the same batch reuse them, and reuse the compiled graphs
+    (one per attention span used, `spans`). The trainer pads every rollout to one batch, so a run
+    has one set. Their cache length L is `max_len` when given (e.g. the longest prompt +
+    max_new_tokens), else the first call's P + N rounded up to 128; a call that needs more
+    reallocates them (L only grows), which compiles once more, as does a new batch size. The
+    sampling knobs are constants of the graph: other values compile another graph. Under autocast
+    to a dtype other than the weights' (the trainer's fp32 master weights under bf16), it also
+    keeps copies of the decoder layers' linear weights in that dtype (`layer_weights`; ~2 GB at
+    Llasa-1B). The head rows are an fp32 copy (`head_logits`). `release()` frees every buffer (the
+    KV cache is 2 * layers * B * kv_heads * L * head_dim values per batch size).
 
     dynamo keeps at most torch._dynamo.config.recompile_limit (8) graphs of `decode_step` per
     process, shared by every Decoder; past that it runs the step eagerly (correct, not fast)."""
@@ -170,11 +188,11 @@ class Decoder:
         self.states.clear()
         self.weight_copies = None
 
-    def step(self, weights: list, s: DecodeState, k: Sampling):
+    def step(self, weights: list, s: DecodeState, k: Sampling, span: int):
         if self.cuda_graphs:
             # A new iteration for CUDA-graph trees: the step returns nothing, all its outputs live in `s`.
             torch.compiler.cudagraph_mark_step_begin()
-        self.step_fn(self.model, weights, s, k)
+        self.step_fn(self.model, weights, s, k, span)
 
     def layer_weights(self, dtype: torch.dtype | None) -> list:
         """`LayerWeights` of every decoder layer: the parameters themselves, or with `dtype` (the
@@ -213,15 +231,14 @@ class Decoder:
         dtype = cache_dtype or p.dtype
         key = (batch, rows, dtype, head_dtype, with_seen, with_noise, n_stop)
         s = self.states.pop(key, None)  # a too-short one is freed before its successor is allocated
-        if s is not None and s.cache.k.shape[3] >= length:
+        if s is not None and s.cache.length >= length:
             self.states[key] = s
             return s
-        L = max(length, self.max_len or 0, s.cache.k.shape[3] if s is not None else 0)
+        L = max(length, self.max_len or 0, s.cache.length if s is not None else 0)
         L = -(-L // 128) * 128
         del s
-        cache = KVCache.for_model(model, batch, L, dtype)
-        cache.k.zero_()  # slots past the filled ones are read (masked) by SDPA: they must be finite
-        cache.v.zero_()
+        # zeros: slots past the filled ones are read (masked) by SDPA, so they must be finite
+        cache = KVCache.for_model(model, batch, L, dtype, zeros=True)
         zeros = functools.partial(torch.zeros, device=p.device)
         s = DecodeState(
             cache=cache, key_ok=zeros(batch, L, dtype=torch.bool), lens=zeros(batch, dtype=torch.long),
@@ -235,7 +252,7 @@ class Decoder:
             tokens=zeros(batch, L, dtype=torch.long), logprobs=zeros(batch, L, dtype=torch.float32))
         for f in dataclasses.fields(s):  # fixed addresses: CUDA graphs read them in place, no copies
             x = getattr(s, f.name)
-            for t in ((x.k, x.v) if isinstance(x, KVCache) else (x,)):
+            for t in ((*x.k, *x.v) if isinstance(x, KVCache) else (x,)):
                 if torch.is_tensor(t) and not isinstance(t, torch.nn.Parameter):
                     torch._dynamo.mark_static_address(t)
         self.states[key] = s
@@ -258,13 +275,15 @@ def generate_static(decoder: Decoder, model, prompts, device, max_new_tokens, te
              torch.unique(torch.as_tensor(allowed_ids, dtype=torch.long).to(device)))  # as `head_rows`
     cast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     weights = decoder.layer_weights(cast)  # under autocast: copies cast once per call (same values)
-    head_dtype = None  # None: the step reads lm_head.weight itself (no allowed_ids, nothing to copy)
-    if allowed_ids is not None:  # a copy of the allowed rows, in the autocast dtype if any (as above)
-        head_dtype = cast or w.dtype
+    # The head in fp32 (`head_logits`): a copy of the allowed rows (or of all rows when lm_head is
+    # in a lower precision); None: the step reads an fp32 lm_head.weight itself.
+    head_dtype = torch.promote_types(w.dtype, torch.float32)
+    if allowed_ids is None and head_dtype == w.dtype:
+        head_dtype = None
     s = decoder.state_for(B, P + N, index.numel(), head_dtype, cache_dtype, repetition_penalty != 1.0,
                           temperature != 0, len(stop_ids))
     if head_dtype is not None:
-        s.weight.copy_(w.index_select(0, index))  # this call's policy rows (`head_rows`)
+        s.weight.copy_(w if allowed_ids is None else w.index_select(0, index))  # this call's policy rows
     s.index.copy_(index)
     if len(stop_ids):
         s.stop.copy_(torch.as_tensor(list(stop_ids), dtype=torch.long))
@@ -290,10 +309,11 @@ def generate_static(decoder: Decoder, model, prompts, device, max_new_tokens, te
     logits = prefill(model, s.cache, ids, s.key_ok[:, :P], s.weight)  # eager; writes slots [0, P)
     draw()
     emit_token(logits, s, knobs)
-    for n in range(1, N):  # n tokens emitted so far
+    widths = spans(s.cache.length)
+    for n in range(1, N):  # n tokens emitted so far; this step fills slot P + n - 1
         if n % sync_every == 0 and bool(s.done.all()):
             break
         draw()
-        decoder.step(weights, s, knobs)
+        decoder.step(weights, s, knobs, next(w for w in widths if w >= P + n))
     T = int(s.lengths.max())
     return s.tokens[:, :T], s.lengths, s.logprobs[:, :T], s.done

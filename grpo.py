@@ -17,7 +17,6 @@ import math
 import os
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +32,7 @@ from plot import plot
 from parallel import Dist, is_sharded, setup_distributed, sync_gradients
 from prosody import GUARDED, guard_factor
 from models import load_model
-from llama import LogProbs
+from llama import LogProbs, to_rows
 from rollout import Sampler
 
 
@@ -56,7 +55,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = Tr
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps=0.2, kl_coef=0.04, clip_ratio_c=3.0,
-                agg="token-mean", denom=None, norm_len=None):
+                agg="token-mean", denom=None, norm_len=None, tensor_stats=False):
     """Clipped GRPO objective with dual clip and a k3 KL penalty, as a loss to minimize.
 
     logp, old_logp, ref_logp (None when kl_coef == 0): [B, T] log-probs (nats) of the sampled
@@ -72,7 +71,8 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps=0.2, kl_
       seq-mean-token-sum-norm  mean over sequences of token sums / norm_len (Dr. GRPO; default T)
     `denom` overrides the divisor (tokens, or sequences for the seq-* modes): the trainer passes the
     global count over all ranks and micro-batches so that summed gradients are the global mean's.
-    Returns (loss, stats): kl, clip_frac, dual_clip_frac as token means over `mask` (floats)."""
+    Returns (loss, stats): kl, clip_frac, dual_clip_frac as token means over `mask` (floats, or
+    0-dim tensors with tensor_stats, which spares the trainer a host sync per micro-batch)."""
     if agg not in LOSS_AGGS:
         raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {LOSS_AGGS}")
     mask = mask.float()
@@ -100,9 +100,9 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps=0.2, kl_
     with torch.no_grad():
         took_clip = (loss2 > loss1).float()  # the clipped branch set the loss
         took_dual = ((adv < 0) & (clipped > -adv * clip_ratio_c)).float()
-        stats = {"kl": ((kl * mask).sum() / n).item(), "clip_frac": ((took_clip * mask).sum() / n).item(),
-                 "dual_clip_frac": ((took_dual * mask).sum() / n).item()}
-    return loss, stats
+        stats = {"kl": (kl * mask).sum() / n, "clip_frac": (took_clip * mask).sum() / n,
+                 "dual_clip_frac": (took_dual * mask).sum() / n}
+    return loss, (stats if tensor_stats else {k: v.item() for k, v in stats.items()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,6 +115,7 @@ class Rollouts:
     tokens: torch.Tensor  # [B, T] response ids, right-padded
     lengths: torch.Tensor  # [B] response lengths, stop token included
     advantages: torch.Tensor  # [B]
+    logprobs: torch.Tensor | None = None  # [B, T] float32, the rollout's own log-probs (sample.generate)
 
 
 def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, d: Dist, autocast,
@@ -124,48 +125,69 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
     Every micro-batch's loss is divided by the global token (or sequence) count, and gradients are
     summed over ranks: the step is exactly that of the global mean loss, whatever the world size.
     policy and ref: causal LMs or LogProbs (sharded or not). Returns loss, kl, clip fractions,
-    entropy (nats), grad_norm and the lr the step was taken with."""
+    entropy (nats), grad_norm, the lr the step was taken with and, when the rollout's log-probs are
+    given, logp_mismatch / logp_mismatch_max: mean and max |rollout - training| log-prob (nats) over
+    response tokens (the same policy computed twice: 0 up to float rounding on a CPU, the bf16
+    noise of the decode path on a GPU). A handful of host syncs per step, none per micro-batch."""
     policy, ref = (m if m is None or isinstance(m, LogProbs) else LogProbs(m) for m in (policy, ref))
     sharded = is_sharded(policy)
+    device = ro.tokens.device
     B, T = ro.tokens.shape
-    mask = (torch.arange(T, device=ro.tokens.device)[None, :] < ro.lengths[:, None]).float()  # [B, T]
-    count = mask.sum() if cfg.loss_agg == "token-mean" else torch.tensor(float(B), device=mask.device)
+    mask = (torch.arange(T, device=device)[None, :] < ro.lengths[:, None]).float()  # [B, T]
+    count = mask.sum() if cfg.loss_agg == "token-mean" else torch.tensor(float(B), device=device)
     # FSDP averages gradients over ranks where the replicated path sums them: divide by world less.
     denom = d.all_reduce(count.clone()).item() / (d.world if sharded else 1)
     # Micro-batches of similar lengths, each cut to its longest response: one long sample must not
-    # pad every micro-batch to --max-new-tokens.
-    order = torch.argsort(ro.lengths.cpu(), descending=True).tolist()
+    # pad every micro-batch to --max-new-tokens. Decided on the host, from one copy of the lengths.
+    lengths = ro.lengths.tolist()
+    order = sorted(range(B), key=lambda i: -lengths[i])  # longest first (stable: ties keep their order)
     mbs = [order[i:i + cfg.micro_batch] for i in range(0, B, cfg.micro_batch)]
-    cut = [int(ro.lengths[mb].max()) for mb in mbs]
+    cut = [max(lengths[i] for i in mb) for mb in mbs]
+    order_dev = torch.tensor(order, device=device)
+    rows_of = [order_dev[i:i + cfg.micro_batch] for i in range(0, B, cfg.micro_batch)]  # [mb] each, on device
+    # The head's sorted ids and every response token's row in it, once for all passes (`to_rows`
+    # checks the tokens: one sync here instead of one per micro-batch and pass).
+    if allowed_ids is None:
+        index, rows = None, ro.tokens.masked_fill(mask == 0, 0)
+    else:
+        ids = allowed_ids if torch.is_tensor(allowed_ids) else torch.tensor(list(allowed_ids))
+        index = torch.unique(ids.to(device=device, dtype=torch.long))
+        rows = to_rows(ro.tokens, index, mask.bool())
 
     def forward(model, j, **kw):
-        mb = mbs[j]
+        r = rows_of[j]
         with autocast():
-            return model([ro.prompts[i] for i in mb], ro.tokens[mb, :cut[j]], cfg.temperature,
-                         allowed_ids=allowed_ids, **kw)
+            return model([ro.prompts[i] for i in mbs[j]], ro.tokens[r, :cut[j]], cfg.temperature,
+                         allowed_ids=allowed_ids, index=index, rows=rows[r, :cut[j]], **kw)
 
     lr = scheduler.get_last_lr()[0]  # the rate of this step (the scheduler moves on after it)
     params = [p for p in policy.parameters() if p.requires_grad]
-    sums = torch.zeros(6, device=mask.device)  # loss, kl*n, clip*n, dual clip*n, entropy sum, tokens
+    # loss, kl*n, clip*n, dual clip*n, entropy sum, tokens, |rollout - training| log-prob sum
+    sums = torch.zeros(7, device=device)
+    mismatch_max = torch.zeros((), device=device)
     with d.together("the reference and old log-prob passes"), torch.no_grad():  # fixed for all updates
         ref_logp = [forward(ref, j) for j in range(len(mbs))] if ref is not None and cfg.kl_coef else None
         old_logp = [forward(policy, j) for j in range(len(mbs))] if cfg.updates_per_rollout > 1 else None
     for update in range(cfg.updates_per_rollout):
         with d.together("the update's forward and backward passes"):
-            for j, mb in enumerate(mbs):
+            for j, r in enumerate(rows_of):
                 out = forward(policy, j, with_entropy=update == 0)
                 logp, entropy = out if update == 0 else (out, None)
                 old = logp.detach() if old_logp is None else old_logp[j]  # one update: ratio = 1, on-policy
-                m = mask[mb, :cut[j]]
-                loss, st = policy_loss(logp, old, ref_logp[j] if ref_logp else None, ro.advantages[mb], m,
+                m = mask[r, :cut[j]]
+                loss, st = policy_loss(logp, old, ref_logp[j] if ref_logp else None, ro.advantages[r], m,
                                        clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
                                        clip_ratio_c=cfg.clip_ratio_c, agg=cfg.loss_agg, denom=denom,
-                                       norm_len=cfg.max_new_tokens)
+                                       norm_len=cfg.max_new_tokens, tensor_stats=True)
                 loss.backward()
                 if update == 0:
                     n = m.sum()
+                    gap = torch.zeros_like(m)
+                    if ro.logprobs is not None:  # the rollout's log-probs against this pass's
+                        gap = (logp.detach() - ro.logprobs[r, :cut[j]]).abs() * m
+                        mismatch_max = torch.maximum(mismatch_max, gap.max())
                     sums += torch.stack([loss.detach(), st["kl"] * n, st["clip_frac"] * n,
-                                         st["dual_clip_frac"] * n, (entropy * m).sum(), n])
+                                         st["dual_clip_frac"] * n, (entropy * m).sum(), n, gap.sum()])
         if not sharded:  # FSDP reduced them in backward
             sync_gradients(params, d)  # sum the ranks' shares of the global mean loss
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -179,10 +201,14 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
     scheduler.step()  # the schedule counts rollout steps, whatever --updates-per-rollout
     sums = d.all_reduce(sums)
     n = sums[5].clamp(min=1)
-    return {"loss": sums[0].item() / (d.world if sharded else 1),  # FSDP: each share was scaled by world
-            "kl": (sums[1] / n).item(), "clip_frac": (sums[2] / n).item(),
-            "dual_clip_frac": (sums[3] / n).item(), "entropy": (sums[4] / n).item(),
-            "grad_norm": gnorm.item(), "lr": lr}
+    stats = {"loss": sums[0].item() / (d.world if sharded else 1),  # FSDP: each share was scaled by world
+             "kl": (sums[1] / n).item(), "clip_frac": (sums[2] / n).item(),
+             "dual_clip_frac": (sums[3] / n).item(), "entropy": (sums[4] / n).item(),
+             "grad_norm": gnorm.item(), "lr": lr}
+    if ro.logprobs is not None:
+        stats["logp_mismatch"] = (sums[6] / n).item()
+        stats["logp_mismatch_max"] = d.all_reduce(mismatch_max, op="max").item()
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,8 +269,8 @@ class Trainer:
             self.policy = parallel.shard(self.policy, device)
             self.ref = parallel.shard(self.ref, device) if self.ref is not None else None
         # Rollouts: generation (the compiled decode step, built once per run), codec and scorer.
-        self.sampler = Sampler(cfg, d, device, self.policy, self.tokenizer, load_codec(cfg.codec, device), scorer,
-                               self.autocast)
+        codec = load_codec(cfg.codec, device, cfg.codec_precision)
+        self.sampler = Sampler(cfg, d, device, self.policy, self.tokenizer, codec, scorer, self.autocast)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warm = max(cfg.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -253,7 +279,7 @@ class Trainer:
         self.start_step = 0
         self.prosody_reference = None  # the initial policy's median chars_per_s and f0_std_semitones
         if resume_from:
-            state = outputs.read_trainer_state(resume_from, cfg, d.world, device)
+            state = outputs.read_trainer_state(resume_from, cfg, d.world)
             if cfg.fsdp:
                 parallel.load_sharded_optimizer(os.path.join(resume_from, outputs.OPTIMIZER_DIR), self.policy,
                                                 self.optimizer)
@@ -298,7 +324,8 @@ class Trainer:
         # 5. Clipped policy-gradient update with KL to the reference, gradients summed over ranks.
         t0 = time.time()
         self.policy.train()
-        ro = Rollouts([self.sampler.prompt(t) for t in texts], roll.tokens, roll.lengths, advantages)
+        ro = Rollouts([self.sampler.prompt(t) for t in texts], roll.tokens, roll.lengths, advantages,
+                      roll.logprobs)
         stats = update_policy(self.policy, self.ref, self.optimizer, self.scheduler, ro, cfg, d,
                               self.autocast, self.sampler.allowed_ids)
         if not math.isfinite(stats["loss"]):
@@ -337,7 +364,7 @@ class Trainer:
         """One sample per validation text with a fixed seed, so steps compare like for like: (the
         val_ metrics, this rank's first --n-samples clips to listen to)."""
         scores, rewards, finished, shown = self.sampler.sample_and_score(self.val_examples, "validation")
-        return outputs.clip_means(scores, rewards, finished, prefix="val_"), shown
+        return {**outputs.clip_means(scores, rewards, finished, prefix="val_"), "val_clips": len(scores)}, shown
 
     def trainer_state(self, step: int) -> dict:
         """Everything --resume needs besides the weights (and, with FSDP, the sharded optimizer
@@ -353,7 +380,7 @@ def train(cfg: Config) -> list[dict]:
     from tqdm import tqdm
     d, device = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)
-    worker = scorer = None
+    worker = scorer = tr = None
     history, succeeded = [], False
     try:
         with d.together("start-up"):  # before anything is written or loaded: the cheap checks
@@ -408,6 +435,8 @@ def train(cfg: Config) -> list[dict]:
         succeeded = True
         return history
     finally:
+        if tr is not None:
+            tr.sampler.close()
         if scorer is not None and scorer is not worker:
             scorer.close()
         if worker is not None:
@@ -427,14 +456,12 @@ def main(argv=None):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             os._exit(1)  # no teardown that could wait on a peer
         sys.exit(1)
-    except BaseException:
+    except BaseException as e:
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             raise
-        # Under torchrun: print this rank's error and leave now, without interpreter or NCCL
-        # teardown (either may block on a peer); torchrun then stops the job with a non-zero code.
-        sys.stderr.write(f"[rank {os.environ.get('RANK')}] {traceback.format_exc()}")
-        sys.stderr.flush()
-        sys.stdout.flush()
+        # Under torchrun: print this rank's error (unless Dist.together has) and leave now, without
+        # interpreter or NCCL teardown (either may block on a peer); torchrun then stops the job.
+        parallel.report_failure(int(os.environ.get("RANK", "0")), e)
         os._exit(1)
 
 

@@ -20,17 +20,21 @@ from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------- the (speech-only) head
 
-def head_rows(model, allowed_ids=None):
+def head_rows(model, allowed_ids=None, *, index=None):
     """The policy's output rows: (weight [A, H], index [A] long), index = the allowed vocab ids,
     sorted and unique (row r of weight is lm_head row index[r]).
 
     With `allowed_ids` (ids or a tensor), weight is an index_select of model.lm_head.weight: a
     copy that carries gradient back to those rows only (A * H elements, e.g. 537 MB in fp32 at
-    Llasa-1B's 65,537 x 2048). None: lm_head.weight itself and index = arange(vocab)."""
+    Llasa-1B's 65,537 x 2048). None: lm_head.weight itself and index = arange(vocab). `index`
+    instead of allowed_ids: ids already sorted, unique and in range, on the weight's device (the
+    index an earlier call returned), used as they are: no checks, no sort, no host sync."""
     head = model.lm_head
     if getattr(head, "bias", None) is not None:
         raise TypeError("head_rows expects a bias-free lm_head (as in Llama)")
     w = head.weight  # [V, H]
+    if index is not None:
+        return w.index_select(0, index), index
     if allowed_ids is None:
         return w, torch.arange(w.shape[0], device=w.device)
     ids = allowed_ids if torch.is_tensor(allowed_ids) else torch.tensor(list(allowed_ids), dtype=torch.long)
@@ -71,6 +75,16 @@ def token_logprobs(logits, targets, temperature: float):
     return scaled.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(scaled, dim=-1)
 
 
+def head_logits(hidden, weight):
+    """Logits [..., A] float32 (float64 stays) of final-norm hidden states [..., H] through head
+    rows weight [A, H], computed in fp32 even under autocast: a bf16 matmul would round logits of
+    magnitude 16-32 to steps of 0.125, ~0.05 nat of noise in every log-prob, ratio and KL. The one
+    head of rollouts (eager and compiled) and training, so their log-probs agree."""
+    dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return F.linear(hidden.to(dtype), weight.to(dtype))
+
+
 def head_logprobs(hidden, weight, targets, temperature: float, *, chunk: int = 256,
                   with_entropy: bool = False):
     """`token_logprobs` of hidden states through the head: hidden [B, T, H] (final-norm),
@@ -80,10 +94,9 @@ def head_logprobs(hidden, weight, targets, temperature: float, *, chunk: int = 2
     Positions go `chunk` at a time, so at most [B, chunk, A] logits exist at once. When autograd
     is on, each chunk runs under activation checkpointing: only its inputs are kept, and its
     logits are recomputed in backward, so the peak stays one chunk's logits there too. Gradients
-    equal the unchunked computation's (up to float summation order). Under autocast the weight
-    is cast once per call, not once per chunk."""
-    if torch.is_autocast_enabled(hidden.device.type):
-        weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
+    equal the unchunked computation's (up to float summation order). The logits are fp32 even under
+    autocast (`head_logits`); a bf16 weight (FSDP's gathered params) is cast once per call, not per chunk."""
+    weight = weight.to(torch.promote_types(weight.dtype, torch.float32))
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         run = functools.partial(checkpoint, _chunk_logprobs, use_reentrant=False)
     else:
@@ -99,8 +112,7 @@ def head_logprobs(hidden, weight, targets, temperature: float, *, chunk: int = 2
 
 def _chunk_logprobs(h, weight, targets, temperature, with_entropy):
     """One chunk of `head_logprobs`: h [B, c, H], weight [A, H], targets [B, c] -> (logp, entropy|None)."""
-    logits = F.linear(h, weight)  # [B, c, A], as lm_head(h) computes each row
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
+    logits = head_logits(h, weight)  # [B, c, A], as lm_head(h) computes each row, in fp32
     logp = token_logprobs(logits, targets, temperature)
     if not with_entropy:  # (either way, checkpoint's recompute in backward stops once logp is rebuilt)
         return logp, None
@@ -109,11 +121,10 @@ def _chunk_logprobs(h, weight, targets, temperature, with_entropy):
         return logp, torch.special.entr(p).sum(-1)  # [B, c]
 
 
-
 # ----------------------------------------------------------------------------- teacher-forced log-probs (training)
 
 def response_logprobs(model, prompts: list[list[int]], tokens: torch.Tensor, temperature: float,
-                      with_entropy: bool = False, allowed_ids=None):
+                      with_entropy: bool = False, allowed_ids=None, *, index=None, rows=None):
     """Teacher-forced log-probs (nats) of `tokens` [B, T] after each prompt, at logits / temperature,
     under the policy restricted to `allowed_ids` (None: the whole vocabulary), as sampled.
 
@@ -121,20 +132,28 @@ def response_logprobs(model, prompts: list[list[int]], tokens: torch.Tensor, tem
     token) and no attention mask is needed: the pads come after every position that is read.
     Logits exist only at response positions, only for the allowed rows of lm_head, and only a chunk
     of positions at a time (`head_logprobs`). Returns logp [B, T] (and entropy [B, T] of the
-    tempered policy when asked, without grad); padding positions hold junk, masked by the caller."""
+    tempered policy when asked, without grad); padding positions hold junk, masked by the caller.
+    `index` (`head_rows`' sorted ids) and `rows` ([B, T], `to_rows` of tokens), when the caller has
+    them, spare this pass its host syncs (the sort of the ids and the check of the tokens)."""
     device = tokens.device
     B, T = tokens.shape
-    P = torch.tensor([len(p) for p in prompts], device=device)  # [B]
-    ids = torch.zeros(B, int(P.max()) + T, dtype=torch.long, device=device)
+    lens = [len(p) for p in prompts]
+    ids = torch.zeros(B, max(lens) + T, dtype=torch.long)  # built on the CPU: one copy to the device
     for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p, device=device)
-        ids[i, len(p):len(p) + T] = tokens[i]
+        ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+    P = torch.tensor(lens)  # [B]
+    if device.type == "cuda":  # pinned: the copies are queued, the CPU does not wait for the GPU
+        ids, P = ids.pin_memory(), P.pin_memory()
+    ids, P = ids.to(device, non_blocking=True), P.to(device, non_blocking=True)
+    pos = P[:, None] + torch.arange(T, device=device)[None, :]  # [B, T]: where response token t sits
+    ids.scatter_(1, pos, tokens)
     hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # [B, L, H]
-    pos = (P[:, None] - 1 + torch.arange(T, device=device)[None, :])  # [B, T]: position predicting token t
-    h = hidden.gather(1, pos[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
-    weight, index = head_rows(model, allowed_ids)  # [A, H]: only these rows get a gradient
-    valid = torch.isin(tokens, index)  # [B, T]: padding (id 0) may lie outside the allowed ids
-    return head_logprobs(h, weight, to_rows(tokens, index, valid), temperature, with_entropy=with_entropy)
+    h = hidden.gather(1, (pos - 1)[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [B, T, H]: predicting t
+    weight, index = head_rows(model, allowed_ids, index=index)  # [A, H]: only these rows get a gradient
+    if rows is None:
+        valid = torch.isin(tokens, index)  # [B, T]: padding (id 0) may lie outside the allowed ids
+        rows = to_rows(tokens, index, valid)
+    return head_logprobs(h, weight, rows, temperature, with_entropy=with_entropy)
 
 
 class LogProbs(torch.nn.Module):
@@ -146,8 +165,8 @@ class LogProbs(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, prompts, tokens, temperature, with_entropy=False, allowed_ids=None):
-        return response_logprobs(self.lm, prompts, tokens, temperature, with_entropy, allowed_ids)
+    def forward(self, prompts, tokens, temperature, with_entropy=False, allowed_ids=None, **kw):
+        return response_logprobs(self.lm, prompts, tokens, temperature, with_entropy, allowed_ids, **kw)
 
 
 # ----------------------------------------------------------------------------- logits processing
@@ -216,20 +235,32 @@ def sample_token(logits, *, greedy: bool, generator=None, noise=None):
 
 @dataclass
 class KVCache:
-    k: torch.Tensor  # [layers, B, kv_heads, T_max, head_dim]
-    v: torch.Tensor  # [layers, B, kv_heads, T_max, head_dim]
+    """The keys and values of every layer: one tensor per layer for K and one for V, each
+    [B, kv_heads, T_max, head_dim]. Separate tensors, not slices of one stacked tensor, so that a
+    compiled step's in-place write of one slot stays a write: inductor turns an in-place write into
+    a slice of a larger tensor into a copy of the whole tensor (DESIGN.md §5)."""
+    k: list  # layers x [B, kv_heads, T_max, head_dim]
+    v: list  # layers x [B, kv_heads, T_max, head_dim]
 
     @staticmethod
-    def for_model(model, batch: int, max_len: int, dtype: torch.dtype | None = None) -> "KVCache":
+    def for_model(model, batch: int, max_len: int, dtype: torch.dtype | None = None, *,
+                  zeros: bool = False) -> "KVCache":
+        """Uninitialized (fine for the eager loop: prefill writes every prompt slot, pads too, and
+        decoding reads only the slots written so far), or zeros (for a step that reads unwritten,
+        masked slots: they must be finite)."""
         cfg = model.config
         head_dim = model.model.layers[0].self_attn.k_proj.out_features // cfg.num_key_value_heads
         p = next(model.parameters())
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, head_dim)
-        # Uninitialized is fine: prefill writes every prompt slot (pads too) and decoding reads
-        # only the slots written so far.
+        shape = (batch, cfg.num_key_value_heads, max_len, head_dim)
         dtype = dtype or p.dtype  # bf16 under autocast: half the memory, no per-step casts of the cache
-        return KVCache(torch.empty(shape, dtype=dtype, device=p.device),
-                       torch.empty(shape, dtype=dtype, device=p.device))
+        new = torch.zeros if zeros else torch.empty
+        n = cfg.num_hidden_layers
+        return KVCache([new(shape, dtype=dtype, device=p.device) for _ in range(n)],
+                       [new(shape, dtype=dtype, device=p.device) for _ in range(n)])
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[2]
 
 
 def rotate(x, cos, sin):
@@ -282,7 +313,7 @@ def forward(model, cache: KVCache, ids, pos, start: int, mask):
 
 def prefill(model, cache: KVCache, ids, key_ok, weight):
     """Left-padded prompts ids [B, P], key_ok [B, P] bool (False on pads), head weight [A, H]
-    (`head_rows`) -> next-token logits [B, A] float32."""
+    (`head_rows`) -> next-token logits [B, A] float32 (`head_logits`)."""
     B, P = ids.shape
     pads = P - key_ok.sum(dim=1, keepdim=True)  # [B, 1]
     pos = (torch.arange(P, device=ids.device) - pads).clamp(min=0)  # [B, P], 0 at each first real token
@@ -291,16 +322,15 @@ def prefill(model, cache: KVCache, ids, key_ok, weight):
     # and that NaN would reach the real rows through the pads' cached values.
     mask = (causal & key_ok[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)  # [B, P, P]
     hidden = forward(model, cache, ids, pos, 0, mask)
-    return F.linear(hidden[:, -1], weight).float()  # only the last position is needed
+    return head_logits(hidden[:, -1], weight)  # only the last position is needed
 
 
 def decode_one_token(model, cache: KVCache, token, pos, slot: int, key_ok, weight):
     """token [B] at rotary position pos [B], written to cache slot `slot`; key_ok [B, T_max] bool;
-    head weight [A, H]. Returns next-token logits [B, A] float32."""
+    head weight [A, H]. Returns next-token logits [B, A] float32 (`head_logits`)."""
     mask = key_ok[:, None, :slot + 1]  # [B, 1, slot+1]
     hidden = forward(model, cache, token[:, None], pos[:, None], slot, mask)
-    return F.linear(hidden[:, 0], weight).float()
-
+    return head_logits(hidden[:, 0], weight)
 
 
 def left_padded(prompts: list[list[int]], device):

@@ -65,9 +65,13 @@ def resolve_resume(out: str, resume: str) -> str | None:
     return None
 
 
-def read_trainer_state(path: str, cfg, world: int, device) -> dict:
-    """The trainer state of checkpoint `path`, checked against this run's config and world size."""
-    state = torch.load(os.path.join(path, STATE_FILE), map_location=device, weights_only=False)
+def read_trainer_state(path: str, cfg, world: int) -> dict:
+    """The trainer state of checkpoint `path`, checked against this run's config and world size.
+
+    Loaded on the CPU: optimizer.load_state_dict moves AdamW's moments to their parameters' device
+    and keeps each `step` a CPU scalar, as a fresh AdamW has it (loaded onto the GPU, every step
+    count would cost a host sync per parameter per step); the generator states are CPU tensors."""
+    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
     if state["world_size"] != world:
         raise ValueError(f"--resume {path}: checkpoint was written by {state['world_size']} ranks, this run has "
                          f"{world}; the sampling streams cannot continue exactly")

@@ -3,14 +3,21 @@ process, rank agreement at the points where ranks can diverge, and gradient sync
 
 Ranks fail together: every stage where one rank may raise while the others go on into a
 collective (rollouts and scoring, the backward passes, validation, checkpoint writes) runs inside
-`Dist.together(stage)`, which all-reduces a failure flag at its end. A rank that failed re-raises
-its own error; the others raise `RankFailed` naming it. Nobody is left waiting in a collective for
-the 30-minute NCCL watchdog. Rules that keep this sound: every rank enters the same `together`
-blocks in the same order, blocks do not nest, and no other collective runs inside one.
+`Dist.together(stage)`. A rank that fails prints its error at once (a peer that learns of it first
+may end the job, and torchrun then kills this rank before it could print). Replicated weights: the
+stage ends with an all-reduce of a failure flag, which a failing rank joins too; it re-raises its
+own error, the others raise `RankFailed` naming it. Under FSDP the peers may be inside a collective
+of the stage itself (every forward, backward and rollout gathers weights), where an agreement
+would never meet theirs: the failing rank leaves the process at once (os._exit), their collective
+fails on the lost peer, and torchrun stops the job. Nobody is left waiting for the 30-minute NCCL
+watchdog. Rules that keep this sound: every rank enters the same `together` blocks in the same
+order, blocks do not nest, and only FSDP's own collectives run inside one.
 """
 import contextlib
 import datetime
 import os
+import sys
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -28,11 +35,12 @@ class Dist:
     local_rank: int = 0
     node_start: int = 0  # global rank of this node's local rank 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives run
+    fsdp: bool = False  # stages hold FSDP collectives: a failing rank leaves without agreeing
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks, in place (a no-op on one process)."""
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or "max") over ranks, in place (a no-op on one process)."""
         if self.world > 1:
-            dist.all_reduce(t)
+            dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
         return t
 
     def gather(self, obj) -> list:
@@ -47,12 +55,16 @@ class Dist:
     def together(self, stage: str):
         """Run a stage that may fail on some ranks only; on exit every rank knows whether any failed.
 
-        One small all-reduce per use. The failing rank re-raises its own exception (after telling
-        the others); every other rank raises RankFailed naming the failed ranks and the stage."""
+        One small all-reduce per use. The failing rank prints its error, then re-raises it (after
+        telling the others), or under FSDP leaves the process at once; every other rank raises
+        RankFailed naming the failed ranks and the stage."""
         try:
             yield
-        except BaseException:
+        except BaseException as e:
             if self.world > 1:
+                report_failure(self.rank, e, stage)
+                if self.fsdp:  # no agreement: the peers may sit in an FSDP collective of this stage
+                    os._exit(1)
                 with contextlib.suppress(Exception):  # our own error is the one to report
                     self._failed_ranks(True)
             raise
@@ -70,6 +82,19 @@ class Dist:
         return [r for r in range(self.world) if flags[r] > 0]
 
 
+def report_failure(rank: int, error: BaseException, stage: str | None = None):
+    """Print this rank's traceback to stderr now, once (marked on the error, which main() checks)."""
+    if getattr(error, "rank_reported", False):
+        return
+    where = f" during {stage}" if stage else ""
+    tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    sys.stderr.write(f"[rank {rank}] failed{where}:\n{tb}")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    with contextlib.suppress(AttributeError, TypeError):
+        error.rank_reported = True
+
+
 def setup_distributed(cfg) -> tuple[Dist, torch.device]:
     """(Dist, training device) from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or one
     plain process. NCCL on CUDA, gloo on CPU."""
@@ -77,7 +102,7 @@ def setup_distributed(cfg) -> tuple[Dist, torch.device]:
         d = Dist()
     else:
         d = Dist(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]),
-                 local_rank=int(os.environ["LOCAL_RANK"]))
+                 local_rank=int(os.environ["LOCAL_RANK"]), fsdp=cfg.fsdp)
         d.node_start = d.rank - d.local_rank
     use_cuda = cfg.device == "auto" and torch.cuda.is_available()
     device = torch.device(f"cuda:{d.local_rank}" if use_cuda else ("cpu" if cfg.device == "auto" else cfg.device))
@@ -86,8 +111,10 @@ def setup_distributed(cfg) -> tuple[Dist, torch.device]:
         if use_cuda:
             torch.cuda.set_device(device)
         # The timeout is a last resort: failures are agreed on (Dist.together), not waited out.
+        # device_id binds NCCL's communicator to this rank's GPU at once (no guessing, no lazy init).
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=max(1800, 2 * cfg.worker_timeout)))
+                                timeout=datetime.timedelta(seconds=max(1800, 2 * cfg.worker_timeout)),
+                                **({"device_id": device} if device.type == "cuda" else {}))
     return d, device
 
 

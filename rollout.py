@@ -16,7 +16,7 @@ import torch
 import data
 from decode import Decoder
 from parallel import Dist, gathered
-from sample import cat_rollouts, generate
+from sample import Rollout, cat_rollouts, generate
 
 
 class Sampler:
@@ -34,6 +34,15 @@ class Sampler:
         compiled = cfg.compile if cfg.compile is not None else device.type == "cuda" and not cfg.fsdp
         self.decoder = Decoder(policy.lm, compile=True, max_len=cfg.max_new_tokens + 256) if compiled else None
         self.decoder_works = False  # until its first rollout succeeds
+        # Rows per generate call: a training chunk (this rank's samples / --rollout-chunks, rounded
+        # up). With the compiled step every call is padded to it: one shape, one set of buffers.
+        per_rank = cfg.prompts_per_step * cfg.group_size // d.world
+        self.batch = -(-per_rank // cfg.rollout_chunks)
+
+    def close(self):
+        """Free the compiled step's buffers (KV cache, weight copies) at the end of a run."""
+        if self.decoder is not None:
+            self.decoder.release()
 
     def prompt(self, text: str) -> list[int]:
         if text not in self._prompts:
@@ -66,10 +75,21 @@ class Sampler:
             seconds[2] += time.time() - t0
         return cat_rollouts(rolls), audios, scores, seconds
 
-    def rollout(self, texts: list[str], generator):
-        """One sample per text from the current policy (speech tokens + stop only). If the compiled
-        step fails on its first use (a torch.compile or CUDA-graph problem on this machine), the run
-        says so and goes on with the eager loop rather than losing the job."""
+    def rollout(self, texts: list[str], generator) -> Rollout:
+        """One sample per text (at most `self.batch` texts) from the current policy (speech tokens
+        + stop only). With the compiled step the batch is padded to `self.batch` rows with copies of
+        the last text, whose samples are dropped: every call of a run has the decoder's one shape
+        (no graph and no KV cache per odd batch size). If the compiled step fails on its first use
+        (a torch.compile or CUDA-graph problem on this machine), the run says so and goes on with
+        the eager loop rather than losing the job."""
+        if not 0 < len(texts) <= self.batch:
+            raise ValueError(f"rollout of {len(texts)} texts: expected 1 to {self.batch}")
+        n = len(texts)
+        if self.decoder is not None:
+            texts = texts + [texts[-1]] * (self.batch - n)
+        return self._generate(texts, generator).head(n)
+
+    def _generate(self, texts: list[str], generator) -> Rollout:
         self.policy.eval()
         cuda = self.device.type == "cuda"
         with torch.no_grad(), self.autocast(), gathered(self.policy):  # whole weights, freed after (FSDP)
@@ -102,18 +122,24 @@ class Sampler:
 
     @torch.no_grad()
     def sample_and_score(self, examples: list, stage: str) -> tuple[list, list, list, dict]:
-        """One sample per example (this rank's share), with a fixed seed, in training-sized chunks:
+        """One sample per example (this rank's share), with a fixed seed, in rollout-sized chunks:
         every rank's (scores, rewards with truncated ones 0, finished), in rank order, and this rank's
         first --n-samples clips (audios, texts, scores, finished) for outputs.save_samples."""
         cfg, d = self.cfg, self.d
         mine = examples[d.rank::d.world]
         scores, rewards, finished, audios = [], [], [], []
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 12345 + d.rank)
-        chunk = max(1, cfg.prompts_per_step * cfg.group_size // d.world)  # no larger than a training batch
+        # Every rank runs as many rollouts as the largest share needs, a short or empty share too
+        # (with a stand-in text, its sample dropped): under FSDP each rollout is a collective, and a
+        # rank that stopped early would leave the others waiting in it.
+        share = -(-len(examples) // d.world)
         with d.together(stage):
-            for i in range(0, len(mine), chunk):
-                part = mine[i:i + chunk]
-                roll = self.rollout([ex.text for ex in part], gen)
+            for i in range(0, share, self.batch):
+                part = mine[i:i + self.batch]
+                roll = self.rollout([ex.text for ex in part] or [examples[0].text], gen)
+                if not part:
+                    continue
+                roll = roll.head(len(part))
                 part_audios = self.decode_audio(roll)
                 part_scores = self.scorer.score(part_audios, [ex.text for ex in part],
                                                 [ex.language or cfg.language or None for ex in part])

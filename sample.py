@@ -19,6 +19,7 @@ CLI (TTS inference):
     (--compile / --no-compile: the compiled static-shape step; default on for cuda, off for cpu)
 """
 import argparse
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -38,6 +39,13 @@ class Rollout:
     lengths: torch.Tensor  # [B] long, generated tokens per row, the stop token included
     logprobs: torch.Tensor  # [B, T] float32, log-prob of each generated token, 0 past the length
     finished: torch.Tensor  # [B] bool, True if the row ended with a stop id (False: hit max_new_tokens)
+
+    def head(self, n: int) -> "Rollout":
+        """The first n rows, cut to their longest response (e.g. without a padded batch's extra rows)."""
+        if n == self.tokens.shape[0]:
+            return self
+        T = int(self.lengths[:n].max())
+        return Rollout(self.tokens[:n, :T], self.lengths[:n], self.logprobs[:n, :T], self.finished[:n])
 
 
 def cat_rollouts(rolls: list) -> Rollout:
@@ -77,12 +85,21 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
     _check_args(model, prompts, vocab, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                 stop_ids, allowed_ids, generator, device)
     # inference_mode skips autograd's per-op bookkeeping (~5% per step on CPU); the outputs are
-    # cloned outside it so the trainer may use them in autograd (e.g. as old log-probs).
+    # cloned outside it so the trainer may use them in autograd (e.g. as old log-probs). Under
+    # autocast, no_grad instead: autocast caches its weight casts only outside inference_mode, and
+    # without that cache the eager loop would cast every fp32 weight to bf16 again at every step.
+    # A Decoder's buffers, kept across calls, are written in place: never inference tensors.
     if decoder is None and compile:
         decoder = Decoder(model, compile=True)
     if decoder is not None and decoder.model is not model:
         raise ValueError("decoder was built for another model: build one Decoder per model")
-    with torch.inference_mode():
+    autocast = torch.is_autocast_enabled(device.type)
+    plain = decoder is None and not autocast
+    with torch.inference_mode() if plain else torch.no_grad(), contextlib.ExitStack() as stack:
+        if decoder is not None and autocast:  # the step has its own weight copies: the eager prefill
+            # casts each weight as it goes rather than cache a second copy of them all.
+            stack.enter_context(torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
+                                               cache_enabled=False))
         if decoder is None:
             run = _generate
         else:  # the static, compilable step (decode.py)
@@ -106,6 +123,7 @@ def _generate(model, prompts, device, max_new_tokens, temperature, top_p, top_k,
     key_ok = torch.ones(B, P + N, dtype=torch.bool, device=device)
     key_ok[:, :P] = torch.arange(P, device=device) >= (P - lens)[:, None]
     weight, index = head_rows(model, allowed_ids)  # [A, H] rows of lm_head, index [A]: row -> vocab id
+    weight = weight.to(torch.promote_types(weight.dtype, torch.float32))  # fp32 head, cast once (head_logits)
     A = index.numel()
     seen = None  # [B, A] bool: allowed tokens in the prompt or generated so far (repetition penalty)
     if repetition_penalty != 1.0:

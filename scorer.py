@@ -48,10 +48,13 @@ class WhisperScorer:
     fp16: None = half precision on CUDA (the weights converted, LayerNorms kept float32), float32
     on CPU.
     window_s: seconds of audio Whisper hears, in (0, 30]; below 30 the encoder runs on that window
-    only (`windowed`), and longer clips are refused as too long."""
+    only (`windowed`), and longer clips are refused as too long.
+    prosody_threads: CPU threads measuring prosody while Whisper runs (~55 ms per 10 s clip each);
+    None: 1 beside a CPU Whisper (which wants the cores), up to 8 beside a GPU one, which serves
+    every rank's clips and would otherwise wait for one thread's pitch tracking."""
 
     def __init__(self, model, device="cpu", language=None, *, batch_size=16, max_transcript_tokens=None,
-                 fp16=None, reward_config=None, download_root=None, window_s=WINDOW_S):
+                 fp16=None, reward_config=None, download_root=None, window_s=WINDOW_S, prosody_threads=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_transcript_tokens is not None and max_transcript_tokens < 1:
@@ -62,6 +65,11 @@ class WhisperScorer:
             reward_config = RewardConfig(**(reward_config or {}))
         self.reward_config = reward_config
         self.device = torch.device(device)
+        if prosody_threads is None:
+            prosody_threads = min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 1
+        if prosody_threads < 1:
+            raise ValueError(f"prosody_threads must be None or >= 1, got {prosody_threads}")
+        self.prosody_threads = prosody_threads
         self.model = windowed(load_whisper(model, self.device, download_root).eval(), window_s)
         self.window_s, self.n_samples = window_s, self.model.dims.n_audio_ctx * SAMPLES_PER_AUDIO_FRAME
         self.fp16 = self.device.type == "cuda" if fp16 is None else bool(fp16)
@@ -99,18 +107,18 @@ class WhisperScorer:
                 continue
             clips[i] = (audio, text, target)
             groups.setdefault(language, []).append(i)
-        # Prosody in a thread (numpy releases the GIL in its FFTs) while Whisper runs.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            prosody = pool.submit(lambda: {i: measure(audio, text) for i, (audio, text, _) in clips.items()})
+        # Prosody in threads (numpy releases the GIL in its FFTs) while Whisper runs.
+        with ThreadPoolExecutor(max_workers=self.prosody_threads) as pool:
+            prosody = {i: pool.submit(measure, audio, text) for i, (audio, text, _) in clips.items()}
             for language, indices in groups.items():  # whisper.decode pins one language per call
                 indices.sort(key=lambda i: len(clips[i][2]))  # similar targets: similar transcript bounds
                 for start in range(0, len(indices), self.batch_size):
                     batch = indices[start:start + self.batch_size]
                     for i, result in zip(batch, self._score_or_retry([clips[i] for i in batch], language)):
                         results[i] = result
-            for i, measures in prosody.result().items():
+            for i, measures in prosody.items():
                 if results[i].error is None:
-                    results[i] = dataclasses.replace(results[i], **measures)
+                    results[i] = dataclasses.replace(results[i], **measures.result())
         return results
 
     def _score_or_retry(self, clips, language) -> list[Score]:

@@ -1,0 +1,118 @@
+"""outputs.py: checkpoints, the --out and --resume rules, metrics.
+
+Runs name `test_grpo:tone_reward` as their --reward (the Whisper worker imports test_grpo)."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import data
+import grpo
+import models
+import outputs
+import parallel
+from helpers import _ScriptedScorer, _tiny
+from reward import Score
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+def test_checkpoint_loads_to_identical_logits(tmp_path):
+    tok = data.tiny_tokenizer(n_speech=64)
+    model = models.tiny_llama(len(tok), seed=5)
+    path = str(tmp_path / "ckpt")
+    outputs.save_checkpoint(path, model, tok, {"step": 1})
+    outputs.save_checkpoint(path, model, tok, {"step": 2})  # overwriting an existing checkpoint is atomic too
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    loaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([data.prompt_ids(AutoTokenizer.from_pretrained(path), "Hello there.")])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)["step"] == 2
+    with open(os.path.join(path, "tokenizer_config.json")) as f:  # loadable by transformers 4.x too
+        assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+def test_checkpoint_is_durable_trainer_state_last(tmp_path, monkeypatch):
+    tok = data.tiny_tokenizer(n_speech=8)
+    model = models.tiny_llama(len(tok), seed=0)
+    events = []
+    real_fsync, real_replace = outputs._fsync, os.replace
+    monkeypatch.setattr(outputs, "_fsync", lambda p: (events.append(("fsync", os.path.relpath(p, tmp_path))),
+                                                      real_fsync(p)))
+    monkeypatch.setattr(outputs.os, "replace",
+                        lambda a, b: (events.append(("rename", os.path.relpath(a, tmp_path))),
+                                      real_replace(a, b)))
+    outputs.save_checkpoint(str(tmp_path / "ckpt"), model, tok, {"step": 1})
+    synced = [p for kind, p in events if kind == "fsync"]
+    files = [p for p in synced if p.startswith("ckpt.tmp/")]
+    assert "ckpt.tmp/model.safetensors" in files and "ckpt.tmp/tokenizer_config.json" in files
+    assert files[-1] == "ckpt.tmp/trainer_state.pt"  # written and synced after every other file
+    rename = events.index(("rename", "ckpt.tmp"))
+    assert events[rename - 1] == ("fsync", "ckpt.tmp")  # the directory itself, before the rename
+    assert events[rename + 1] == ("fsync", ".")  # and the parent, so the rename is durable
+    assert outputs.checkpoints(str(tmp_path / "x")) == []
+
+
+# ---- --out and --resume --------------------------------------------------------------------------
+
+def test_resume_continues_exactly(tmp_path):
+    """Stop after 2 steps, resume from that checkpoint: steps 3-4 equal an uninterrupted run's."""
+    common = ["--reward", "test_grpo:tone_reward", "--val-data", "", "--kl-coef", "0.04",
+              "--save-every", "2"]
+    full = grpo.train(_tiny(tmp_path / "a", *common, "--steps", "4"))
+    grpo.train(_tiny(tmp_path / "b", *common, "--steps", "2"))
+    ckpt = tmp_path / "b" / "run" / "checkpoints" / "step_2"
+    resumed = grpo.train(_tiny(tmp_path / "b", *common, "--steps", "4", "--resume", str(ckpt)))
+    assert [m["step"] for m in resumed] == [3, 4]
+    for a, b in zip(full[2:], resumed):
+        for key in ("reward_mean", "loss", "kl", "entropy", "response_len", "grad_norm", "lr"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    lines = [json.loads(x) for x in open(tmp_path / "b" / "run" / "metrics.jsonl")]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+
+
+def test_out_holding_a_run_is_refused_and_resume_auto_continues(tmp_path, capsys):
+    common = ["--reward", "test_grpo:tone_reward", "--val-data", "", "--save-every", "1",
+              "--sample-every", "9"]
+    grpo.train(_tiny(tmp_path, *common, "--steps", "2"))
+    run = tmp_path / "run"
+    before = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(FileExistsError,
+                       match=r"already holds a run \(metrics.jsonl with 2 steps; checkpoints/"):
+        grpo.train(_tiny(tmp_path, *common, "--steps", "3"))
+    assert (run / "metrics.jsonl").read_bytes() == before  # nothing was touched
+    # An incomplete checkpoint (no trainer state) is never picked.
+    (run / "checkpoints" / "step_7").mkdir()
+    resumed = grpo.train(_tiny(tmp_path, *common, "--steps", "3", "--resume", "auto"))
+    assert [m["step"] for m in resumed] == [3]
+    assert [json.loads(x)["step"] for x in open(run / "metrics.jsonl")] == [1, 2, 3]
+    capsys.readouterr()
+    assert grpo.train(_tiny(tmp_path, *common, "--steps", "3", "--resume", "auto")) == []
+    assert "already complete" in capsys.readouterr().out
+    # A fresh --out with --resume auto simply starts.
+    assert len(grpo.train(_tiny(tmp_path / "new", *common, "--steps", "1", "--resume", "auto"))) == 1
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+def test_step_metrics_report_errors_too_long_zero_std_and_the_lr_used(tmp_path):
+    cfg = _tiny(tmp_path, "--val-data", "", "--warmup-steps", "4", "--lr", "1e-3", "--max-new-tokens", "200")
+
+    def make(i):  # 4 groups of 4: group 0 all errors (zero std), group 1 too long at clip 4, others vary
+        if i < 4:
+            return Score(reward=0.0, error="audio has 3 NaN or inf samples")
+        if i == 4:
+            return Score(reward=0.0, error="31.0 s is longer than Whisper's 30 s window", too_long=True)
+        return Score(reward=0.1 * (i % 4), transcript="x", cer=0.5, nll=1.0)
+
+    tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), _ScriptedScorer(make))
+    m, _ = tr.train_step(0)
+    assert m["error_frac"] == pytest.approx(5 / 16) and m["too_long_frac"] == pytest.approx(1 / 16)
+    assert m["cer"] == pytest.approx(0.5) and m["nll"] == pytest.approx(1.0)  # errors have no cer, not 0
+    assert m["zero_std_frac"] >= 0.25  # group 0 at least (truncation may zero more)
+    assert m["lr"] == pytest.approx(1e-3 / 4)  # warm-up: the first step runs at 1/4 of the rate
+    m2, _ = tr.train_step(1)
+    assert m2["lr"] == pytest.approx(2e-3 / 4)

@@ -1,0 +1,237 @@
+"""sample.py: batched generation against transformers' generate, seeded sampling, stops and allowed
+ids, input checks, concatenated rollouts; models.py: loading models; the TTS CLI."""
+import pytest
+import soundfile as sf
+import torch
+
+import codec
+import data
+import models
+import sample
+from helpers import PROMPTS, VOCAB, hf_greedy
+
+
+# ---- generation against transformers' generate ---------------------------------------------------
+
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE)],
+                         ids=["untied", "tied-llama3rope"])
+def test_greedy_equals_hf_generate(overrides):
+    model = models.tiny_llama(VOCAB, seed=1, **overrides)
+    if overrides:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert model.config.rope_scaling["rope_type"] == "llama3"
+    n = 40
+    ours = sample.generate(model, PROMPTS, max_new_tokens=n, temperature=0)
+    ref = hf_greedy(model, PROMPTS, n)
+    assert torch.equal(ours.tokens, ref)
+    assert ours.lengths.tolist() == [n] * len(PROMPTS) and not ours.finished.any()
+
+    # A stop id that row 0 emits mid-way: that row ends there, the others run on (or stop too).
+    stop = int(ref[0, 10])
+    ours = sample.generate(model, PROMPTS, max_new_tokens=n, temperature=0, stop_ids=(stop,))
+    ref_stop = hf_greedy(model, PROMPTS, n, eos=stop)  # HF fills finished rows with pad_token_id 0
+    assert torch.equal(ours.tokens, ref_stop)
+    for i in range(len(PROMPTS)):
+        hits = (ref[i] == stop).nonzero()
+        expected_len = int(hits[0]) + 1 if len(hits) else n
+        assert int(ours.lengths[i]) == expected_len
+        assert bool(ours.finished[i]) == bool(len(hits))
+    assert ours.lengths[0] <= 11 and ours.finished[0]
+
+
+def test_greedy_repetition_penalty_equals_hf_generate():
+    """The penalty covers prompt and generated ids, as HF's does. HF is run one prompt at a time:
+    in a left-padded batch it would penalize the pad token too."""
+    model = models.tiny_llama(VOCAB, seed=1)
+    n = 30
+    ours = sample.generate(model, PROMPTS, max_new_tokens=n, temperature=0, repetition_penalty=1.5)
+    for i, p in enumerate(PROMPTS):
+        ref = model.generate(input_ids=torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             repetition_penalty=1.5, pad_token_id=0)[0, len(p):]
+        assert ours.tokens[i].tolist() == ref.tolist()
+    plain = sample.generate(model, PROMPTS, max_new_tokens=n, temperature=0)
+    assert not torch.equal(ours.tokens, plain.tokens)  # the penalty changed something
+
+
+def test_greedy_bf16_runs_and_logprobs_are_finite():
+    model = models.tiny_llama(VOCAB, seed=1).to(torch.bfloat16)
+    out = sample.generate(model, PROMPTS, max_new_tokens=12, temperature=0)
+    assert out.tokens.shape == (len(PROMPTS), 12) and out.logprobs.dtype == torch.float32
+    assert torch.isfinite(out.logprobs).all() and (out.logprobs < 0).all()
+    assert torch.equal(out.tokens, hf_greedy(model, PROMPTS, 12))
+
+
+def test_logprobs_equal_teacher_forced_forward():
+    """Rollout log-probs are log_softmax(logits / T) of the unfiltered policy, as the trainer recomputes
+    them, even with top-k and the repetition penalty shaping what is sampled."""
+    model = models.tiny_llama(VOCAB, seed=2)
+    T = 0.8
+    g = torch.Generator().manual_seed(0)
+    out = sample.generate(model, PROMPTS, max_new_tokens=30, temperature=T, top_k=40, repetition_penalty=1.3,
+                          stop_ids=(7, 8, 9), generator=g)
+    assert out.finished.any()  # some rows stop early, so the zero padding is exercised too
+    # Computed under inference_mode, returned as ordinary tensors: autograd may save them (old log-probs).
+    w = torch.ones((), requires_grad=True)
+    (out.logprobs * w).sum().backward()
+    for i, p in enumerate(PROMPTS):
+        n = int(out.lengths[i])
+        gen = out.tokens[i, :n]
+        with torch.no_grad():
+            logits = model(torch.tensor([p + gen.tolist()])).logits[0, len(p) - 1:len(p) - 1 + n]  # [n, V]
+        expected = torch.log_softmax(logits.float() / T, dim=-1).gather(1, gen[:, None])[:, 0]
+        torch.testing.assert_close(out.logprobs[i, :n], expected, atol=1e-4, rtol=0)
+        assert (out.logprobs[i, n:] == 0).all() and (out.tokens[i, n:] == 0).all()
+
+
+def test_seeded_sampling_is_reproducible():
+    model = models.tiny_llama(VOCAB, seed=3)
+
+    def run(seed):
+        return sample.generate(model, PROMPTS, max_new_tokens=20, temperature=1.0, top_p=0.9,
+                               generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_allowed_ids_and_stops():
+    model = models.tiny_llama(VOCAB, seed=4)
+    stop = 299
+    allowed = list(range(150, 170)) + [stop]
+    # A near-uniform model over 21 tokens stops within 16 steps with p ~ 0.54 per row: among 24 rows,
+    # "all stopped" or "none stopped" has probability ~1e-6 whatever the random stream.
+    prompts = PROMPTS * 6
+    n = 16
+
+    def run(stop_ids):
+        return sample.generate(model, prompts, max_new_tokens=n, temperature=1.0, stop_ids=stop_ids,
+                               allowed_ids=allowed, generator=torch.Generator().manual_seed(0))
+
+    free, out = run(()), run((stop,))
+    assert set(free.tokens.flatten().tolist()) <= set(allowed)
+    assert out.finished.any() and not out.finished.all()
+    for i in range(len(prompts)):
+        n_i = int(out.lengths[i])
+        row = out.tokens[i, :n_i].tolist()
+        assert set(row) <= set(allowed)
+        if out.finished[i]:
+            assert row[-1] == stop and stop not in row[:-1]
+        else:
+            assert n_i == n and stop not in row
+        # Rows are independent and draw the same random numbers: up to its stop a row is exactly
+        # the unstopped run's row; after it, nothing changes (zeros, log-prob 0).
+        assert row == free.tokens[i, :n_i].tolist()
+        assert (out.tokens[i, n_i:] == 0).all() and (out.logprobs[i, n_i:] == 0).all()
+        assert (out.logprobs[i, :n_i] < 0).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = models.tiny_llama(VOCAB, max_positions=64)
+    gen = lambda prompts=PROMPTS, **kw: \
+        sample.generate(model, prompts, **{"max_new_tokens": 4, **kw})  # noqa: E731
+    with pytest.raises(ValueError, match="prompts is empty"):
+        gen([])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        gen([[1, 2], []])
+    with pytest.raises(ValueError, match="prompt 0 has token ids outside the vocabulary"):
+        gen([[1, VOCAB]])
+    with pytest.raises(ValueError,
+                       match="prompt of 14 tokens \\+ max_new_tokens=60 exceeds .* context of 64"):
+        gen(max_new_tokens=60)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        gen(max_new_tokens=0)
+    for kw, msg in [(dict(top_p=0.0), "top_p must be in \\(0, 1\\], got 0.0"), (dict(top_p=1.5), "got 1.5"),
+                    (dict(temperature=-0.1), "temperature must be >= 0"),
+                    (dict(top_k=-1), "top_k must be >= 0"),
+                    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+                    (dict(allowed_ids=[1, VOCAB + 5]), f"allowed_ids has ids outside .*{VOCAB + 5}"),
+                    (dict(stop_ids=[-1]), "stop_ids has ids outside"),
+                    (dict(allowed_ids=[1, 2], stop_ids=[3]), "stop ids \\[3\\] are not in allowed_ids")]:
+        with pytest.raises(ValueError, match=msg):
+            gen(**kw)
+    with pytest.raises(KeyError, match="<\\|s_9999\\|>"):
+        data.token_id(data.tiny_tokenizer(), "<|s_9999|>")
+
+
+def test_cat_rollouts_pads_to_the_longest():
+    a = sample.Rollout(torch.tensor([[5, 6, 7]]), torch.tensor([3]), torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([True]))
+    b = sample.Rollout(torch.tensor([[8], [9]]), torch.tensor([1, 1]), torch.tensor([[-4.0], [-5.0]]), torch.tensor([False, True]))
+    r = sample.cat_rollouts([a, b])
+    assert r.tokens.tolist() == [[5, 6, 7], [8, 0, 0], [9, 0, 0]] and r.lengths.tolist() == [3, 1, 1]
+    assert r.logprobs.tolist() == [[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0], [-5.0, 0.0, 0.0]]
+    assert r.finished.tolist() == [True, False, True]
+
+
+# ---- loading models and the CLI ------------------------------------------------------------------
+
+def test_cli_tiny_model_writes_wav(tmp_path, capsys):
+    out_path = tmp_path / "tts.wav"
+    r = sample.main(["--model", "tiny", "--codec", "tone", "--text", "Hello there.", "--out", str(out_path),
+                     "--max-new-tokens", "24", "--device", "cpu", "--seed", "3"])
+    wav, sr = sf.read(out_path)
+    n_speech = int(r.lengths[0]) - int(r.finished[0])
+    assert sr == codec.SAMPLE_RATE and n_speech > 0
+    assert len(wav) == 320 * n_speech
+    assert "wrote" in capsys.readouterr().out
+    vocab = data.speech_vocab(models.load_model("tiny")[1])  # the CLI's tiny model: 64 speech tokens
+    assert vocab.n == 64 and vocab.to_codes(r.tokens[0, :n_speech].tolist())  # all speech tokens
+
+
+def test_load_model_round_trip(tmp_path):
+    model, tok = models.tiny_llama(len(data.tiny_tokenizer()), seed=5), data.tiny_tokenizer()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, loaded_tok = models.load_model(str(tmp_path), "cpu", torch.float32)
+    assert loaded_tok.get_vocab() == tok.get_vocab()
+    a = sample.generate(model, PROMPTS, max_new_tokens=8, temperature=0)
+    b = sample.generate(loaded, PROMPTS, max_new_tokens=8, temperature=0)
+    assert torch.equal(a.tokens, b.tokens)
+    with pytest.raises(FileNotFoundError, match="model directory not found: .*nope"):
+        models.load_model(str(tmp_path / "nope"), "cpu", torch.float32)
+
+
+def test_load_model_tiny():
+    """'tiny' is the trainer's and the CLI's offline model: 64 speech tokens, a seeded tiny Llama."""
+    model, tok = models.load_model("tiny", "cpu", torch.float32, seed=7)
+    assert data.speech_vocab(tok).n == 64 and model.config.vocab_size == len(tok)
+    assert not model.training and model.config.max_position_embeddings == 4096
+    ref = models.tiny_llama(len(tok), seed=7, max_positions=4096)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    other, _ = models.load_model("tiny", "cpu", torch.bfloat16, seed=8)
+    assert next(other.parameters()).dtype == torch.bfloat16
+    assert not torch.equal(other.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())
+
+
+def test_eager_loop_under_autocast_casts_each_weight_once():
+    """Under autocast the eager loop runs with no_grad, where autocast caches its bf16 casts of the
+    fp32 weights: a call casts each weight once, however many tokens it decodes (under
+    inference_mode it would cast every weight again at every step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = models.tiny_llama(VOCAB, seed=0)
+    shapes = {tuple(p.shape) for name, p in model.named_parameters() if name.endswith("proj.weight")}
+
+    class CountWeightCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) in shapes \
+                    and kwargs.get("dtype") == torch.bfloat16:
+                self.n += 1
+            return func(*args, **kwargs)
+
+    counts = []
+    for n in (4, 16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), CountWeightCasts() as mode:
+            out = sample.generate(model, PROMPTS, max_new_tokens=n, temperature=0)
+        assert out.tokens.shape[1] == n
+        counts.append(mode.n)
+    assert counts[0] == counts[1] and 0 < counts[0] <= 2 * 7 * model.config.num_hidden_layers, counts
