@@ -2,7 +2,8 @@
 each part on its own: gpu/decode (ours eager and compiled, HF generate and HF's compiled static cache
 at Llasa-1B shapes, against the HBM-bandwidth bound), gpu/grpo_step (one grpo.Trainer step on a random
 1B-shaped policy, seconds per phase and peak memory), gpu/reward (Whisper large-v3 shapes,
-WhisperScorer vs the seed's way). `--smoke` runs it all at tiny shapes on a CPU.
+WhisperScorer vs the seed's way). `--smoke` runs it all at tiny shapes on a CPU. gpu_check.py (the
+acceptance run) builds its trainer, Whisper, clips and memory cases with the helpers here.
 """
 import argparse
 import json
@@ -23,6 +24,8 @@ LLASA_SPEECH_IDS = list(range(128264, 193800)) + [128261]
 WHISPER_LARGE_V3 = dict(n_mels=128, n_audio_ctx=1500, n_audio_state=1280, n_audio_head=20, n_audio_layer=32,
                         n_vocab=51866, n_text_ctx=448, n_text_state=1280, n_text_head=20, n_text_layer=32)
 HBM_TB_S = {"H100": 3.35, "H200": 4.8}  # SXM parts; others report achieved GB/s only
+TINY = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256, vocab=512,
+            tie_word_embeddings=True, max_positions=4096)  # the smoke runs' model (vocab: the tokenizer's in grpo)
 
 
 def _hbm_tb_s(device: torch.device):
@@ -63,42 +66,29 @@ def _gpu_decode(args, device, smoke: bool) -> None:
     (dynamic cache, static cache compiled), same model, prompts, knobs and new-token count."""
     import decode
     import sample
+    from llama import left_padded
     from torch._dynamo.utils import counters
 
     t_start = time.time()
-    if smoke:
-        shape = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256, vocab=512,
-                     tie_word_embeddings=True, max_positions=4096)
-        allowed = list(range(256, 512))
-    else:
-        shape, allowed = dict(LLAMA_1B), LLASA_SPEECH_IDS
+    shape, allowed = (TINY, list(range(256, 512))) if smoke else (dict(LLAMA_1B), LLASA_SPEECH_IDS)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = _random_llama(shape, device, dtype)
     cfg = model.config
     B, N = args.batch, args.new_tokens
     g = torch.Generator().manual_seed(0)
     lo = max(1, args.prompt_len // 2)
-    text_ids = 256 if smoke else 128000  # prompts of text-token ids
     lengths = torch.randint(lo, args.prompt_len + 1, (B,), generator=g).tolist()
-    prompts = [torch.randint(0, text_ids, (n,), generator=g).tolist() for n in lengths]
-    P = max(len(x) for x in prompts)
-    ids = torch.zeros(B, P, dtype=torch.long)
-    mask = torch.zeros(B, P, dtype=torch.long)
-    for i, x in enumerate(prompts):
-        ids[i, P - len(x):] = torch.tensor(x)
-        mask[i, P - len(x):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    prompts = [torch.randint(0, 256 if smoke else 128000, (n,), generator=g).tolist() for n in lengths]  # text ids
+    ids, lens = left_padded(prompts, device)  # HF's batched input: left-padded ids and their attention mask
+    P = ids.shape[1]
+    mask = (torch.arange(P, device=device) >= P - lens[:, None]).long()
     knobs = dict(temperature=0.8, top_p=0.9)  # the trainer's sampling (the seed's recipe)
     compile_options = {"backend": "eager"} if smoke else None  # smoke: trace only, no kernels to build
-    decoder = decode.Decoder(model, compile=True, compile_options=compile_options)
+    # The trainer's cache: --max-new-tokens + 256 slots (1,792 at the llasa-1b preset's 1500), of which
+    # each step reads the smallest span (decode.spans) that holds its slot.
+    decoder = decode.Decoder(model, compile=True, max_len=args.max_len, compile_options=compile_options)
 
-    def ours_eager():
-        r = sample.generate(model, prompts, max_new_tokens=N, allowed_ids=allowed,
-                            generator=torch.Generator(device).manual_seed(1), **knobs)
-        assert r.tokens.shape == (B, N), r.tokens.shape
-        return r
-
-    def ours_compiled():
+    def ours(decoder=None):
         r = sample.generate(model, prompts, max_new_tokens=N, allowed_ids=allowed, decoder=decoder,
                             generator=torch.Generator(device).manual_seed(1), **knobs)
         assert r.tokens.shape == (B, N), r.tokens.shape
@@ -120,7 +110,7 @@ def _gpu_decode(args, device, smoke: bool) -> None:
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     kv_bytes = 2 * cfg.num_hidden_layers * B * cfg.num_key_value_heads * head_dim * (P + N / 2) * elt
     card, tb_s = _hbm_tb_s(device) if device.type == "cuda" else ("cpu", None)
-    engines = [("ours_eager", ours_eager, len(allowed)), ("ours_compiled", ours_compiled, len(allowed)),
+    engines = [("ours_eager", ours, len(allowed)), ("ours_compiled", lambda: ours(decoder), len(allowed)),
                ("hf_generate", lambda: hf(False), cfg.vocab_size),
                ("hf_static_compiled", lambda: hf(True), cfg.vocab_size)]
     wanted, tok_s = args.engines.split(","), {}
@@ -171,8 +161,7 @@ def _free(device):
     import gc
     torch._dynamo.reset()  # compiled graphs and their CUDA-graph memory pools
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # a no-op without CUDA
 
 
 class _FakeScorer:
@@ -186,23 +175,25 @@ class _FakeScorer:
         return [Score(reward=self.rng.random()) for _ in audios]
 
 
-def _gpu_grpo_step(args, device, smoke: bool) -> None:
-    """One GRPO step of grpo.Trainer on a random 1B-shaped policy: seconds per phase and peak memory."""
+def grpo_trainer(device, smoke: bool, prompts: int, group: int, new_tokens: int, compile: bool = True,
+                 cache_tokens: int | None = None):
+    """A grpo.Trainer as `--preset llasa-1b` builds it, on a random 1B-shaped policy (tiny in smoke runs) of
+    fp32 master weights, XCodec2's decoder at its real shapes (random weights) and a fake scorer, its decode
+    step built for `cache_tokens` new tokens (default new_tokens: max_len = that + 256), its rollouts of
+    `new_tokens`; smoke runs compile with the 'eager' backend."""
     import codec
     import config
     import data
     import decode
     import grpo
 
-    t0 = time.time()
     tok = data.tiny_tokenizer(n_speech=64 if smoke else 65536)  # LLASA-style ids: <|s_k|> and the markers
-    shape = (dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
-                  vocab=len(tok), tie_word_embeddings=True) if smoke else dict(LLAMA_1B))
+    shape = dict(TINY, vocab=len(tok)) if smoke else dict(LLAMA_1B)
     policy = _random_llama(shape, device, torch.float32)  # fp32 master weights, as the trainer loads them
-    overrides = dict(model="random", codec="tone", device=str(device), prompts_per_step=args.grpo_prompts,
-                     group_size=args.grpo_group, max_new_tokens=args.new_tokens, kl_coef=0.0, steps=2,
+    overrides = dict(model="random", codec="tone", device=str(device), prompts_per_step=prompts, group_size=group,
+                     max_new_tokens=cache_tokens or new_tokens, kl_coef=0.0, steps=2, compile=compile,
                      micro_batch=2 if not smoke else 4, out=os.path.join("runs", "bench-gpu-unused"))
-    cfg = config.Config(**{**config.PRESETS["llasa-1b"], **overrides, "compile": args.compile})
+    cfg = config.Config(**{**config.PRESETS["llasa-1b"], **overrides})
     config.check_config(cfg)
 
     class BenchTrainer(grpo.Trainer):
@@ -215,9 +206,30 @@ def _gpu_grpo_step(args, device, smoke: bool) -> None:
     xconfig = codec.XCodec2Config(hidden_dim=64, depth=2, n_heads=4) if smoke else codec.XCodec2Config()
     tr.sampler.codec = codec.XCodec2Codec(codec.XCodec2Decoder(xconfig), device)
     if smoke and tr.sampler.decoder is not None:  # trace only: no kernels to build on a CPU
-        tr.sampler.decoder = decode.Decoder(policy, compile=True, compile_options={"backend": "eager"})
-    if not smoke:
-        tr.train_step(0)  # warm-up: compiles, CUDA graphs, allocator, AdamW state
+        tr.sampler.decoder = decode.Decoder(policy, compile=True, max_len=tr.sampler.decoder.max_len,
+                                            compile_options={"backend": "eager"})
+    cfg.max_new_tokens = new_tokens  # the rollouts' length (the sampler reads this cfg at each call)
+    return tr, policy
+
+
+def record_spans(decoder) -> list:
+    """The attention span of every step `decoder` (a decode.Decoder) runs from now on: one graph per span."""
+    spans, step = [], decoder.step
+    decoder.step = lambda w, s, k, span: (spans.append(span), step(w, s, k, span))
+    return spans
+
+
+def grpo_step(device, smoke: bool, prompts: int, group: int, new_tokens: int, compile: bool = True,
+              cache_tokens: int | None = None):
+    """Two steps of a `grpo_trainer` (the first a warm-up: compiles, CUDA graphs, allocator, AdamW state)
+    and the second's figures: seconds per phase, tokens/s, peak memory, and with the compiled step its
+    spans, graphs and CUDA-graph skips over both steps and decoder_works. Returns (figures, trainer, metrics)."""
+    from torch._dynamo.utils import counters
+    tr, policy = grpo_trainer(device, smoke, prompts, group, new_tokens, compile, cache_tokens)
+    cfg, spans = tr.cfg, record_spans(tr.sampler.decoder) if tr.sampler.decoder else []
+    graphs, skips, t0 = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"], time.time()
+    tr.train_step(0)
+    warm = time.time() - t0
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -225,15 +237,151 @@ def _gpu_grpo_step(args, device, smoke: bool) -> None:
     sync(device)
     row = dict(card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                params_b=round(sum(p.numel() for p in policy.parameters()) / 1e9, 3),
-               rollouts=cfg.prompts_per_step * cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-               compile=args.compile,
+               rollouts=cfg.prompts_per_step * cfg.group_size, max_new_tokens=cfg.max_new_tokens, compile=compile,
                micro_batch=cfg.micro_batch, response_len=metrics["response_len"],
                **{k: round(metrics[f"time_{k}"], 3) for k in ("rollout", "codec", "reward", "train")},
-               rollout_tok_s=round(metrics["tokens_per_s"], 1),
-               reward_note="fake scorer (no Whisper): see gpu/reward", codec_note="XCodec2 decoder, random weights")
+               rollout_tok_s=round(metrics["tokens_per_s"], 1), warmup_step_s=round(warm, 2),
+               decoder_works=tr.sampler.decoder_works, spans_used=sorted(set(spans)),
+               graphs=counters["stats"]["unique_graphs"] - graphs,
+               cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips)
     if device.type == "cuda":
         row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
-    print_row("gpu/grpo_step", t0, **row)
+    return row, tr, metrics
+
+
+def _gpu_grpo_step(args, device, smoke: bool) -> None:
+    """One GRPO step of grpo.Trainer on a random 1B-shaped policy: seconds per phase and peak memory."""
+    t0 = time.time()
+    row, _, _ = grpo_step(device, smoke, args.grpo_prompts, args.grpo_group, args.new_tokens, args.compile)
+    print_row("gpu/grpo_step", t0, **row, reward_note="fake scorer (no Whisper): see gpu/reward",
+              codec_note="XCodec2 decoder, random weights")
+
+
+def whisper_model(device, smoke: bool):
+    """(Whisper with large-v3's shapes and random weights, its name); smoke: the seeded tiny one."""
+    import scorer as scoring
+    from whisper.model import ModelDimensions, Whisper
+
+    if smoke:
+        return scoring.random_tiny_whisper().to(device), "random-tiny"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Whisper(ModelDimensions(**WHISPER_LARGE_V3))
+        torch.nn.init.normal_(model.decoder.positional_embedding, std=0.01)  # Whisper leaves it torch.empty
+    return model, "large-v3 shapes, random weights"
+
+
+def sample_clips(n: int, smoke: bool, seed: int = 0):
+    """(n clips of 3-8 s, 16 kHz float32 (a quarter of that in smoke runs): a voiced-like harmonic tone
+    under noise, content moot with random weights; n English texts of the sample data)."""
+    import numpy as np
+
+    import data
+    texts = [ex.text for ex in data.load_dataset(data.SAMPLE_DATA) if (ex.language or "en") == "en"]
+    rng, audios = np.random.default_rng(seed), []
+    for i in range(n):
+        t = np.arange(int(16000 * rng.uniform(3, 8) * (0.25 if smoke else 1))) / 16000
+        audios.append((0.1 * np.sin(2 * np.pi * (120 + 10 * i) * t) * (1 + np.sin(2 * np.pi * 3 * t))
+                       + 0.02 * rng.standard_normal(len(t))).astype(np.float32))
+    return audios, [texts[i % len(texts)] for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- memory (gpu_check.py's part d)
+
+def autocast(device):
+    """The trainer's autocast (grpo.Trainer.autocast): bf16 on CUDA, none elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def peak_bytes(fn, dev):
+    """Bytes allocated above the level before fn() at its peak (CUDA's allocator statistics; None on a
+    CPU, where fn just runs: tests/test_memory.py measures the CPU's peaks)."""
+    if dev.type != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize(dev)
+    before = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    fn()
+    torch.cuda.synchronize(dev)
+    return torch.cuda.max_memory_allocated(dev) - before
+
+
+def memory_case(name, shape, world, fsdp, mb, gc, dev, smoke) -> dict:
+    """An update micro-batch, an AdamW step and a rollout call of R x (P + T) tokens (every row stops at
+    once: the eager loop's cache and prefill are a whole rollout's) on a model of zero weights (under FSDP
+    over a fake group: its gathers move no data)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import llama
+    import memory
+    import parallel
+    import sample
+    P, T, R, A = (8, 24, 8, 200) if smoke else (100, 1500, 64, memory.SPEECH_ROWS)
+    if fsdp:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        config = LlamaConfig(**shape)
+        with torch.device("meta"):
+            lm = LlamaForCausalLM(config)
+        lm.to_empty(device=dev)  # whole on the device first (sharding frees it): to_empty unties the head
+        lm.tie_weights()
+        with torch.no_grad():
+            for t in lm.parameters():
+                t.zero_()
+        lm.model.rotary_emb = type(lm.model.rotary_emb)(config=config).to(dev)  # real buffers, not meta ones
+        if gc:
+            getattr(lm, "activation_checkpointing_enable", lm.gradient_checkpointing_enable)()
+        model = llama.LogProbs(lm.train())
+        if fsdp:
+            parallel.shard(model, dev)
+        torch.cuda.empty_cache()  # the whole weights that sharding left (a no-op without CUDA)
+        V, g = config.vocab_size, torch.Generator().manual_seed(0)
+        allowed = torch.arange(V - A, V, device=dev)  # the speech rows: the last A of the vocabulary
+        prompts = [torch.randint(0, V - A, (P,), generator=g).tolist() for _ in range(R)]
+        tokens = allowed[torch.randint(0, A, (mb, T), generator=g).to(dev)]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+        def update():
+            with autocast(dev):
+                logp = model(prompts[:mb], tokens, 0.8, allowed_ids=allowed)
+            (logp.sum() / logp.numel()).backward()
+
+        def rollout():  # the whole (gathered) weights set so that every row emits the stop token first
+            with torch.no_grad(), autocast(dev), parallel.gathered(model):
+                for t in lm.parameters():  # layers of zeros pass the embedding on; its stop row wins the head
+                    t.fill_(1.0 if t is lm.model.norm.weight else 0.0)
+                for w in (lm.model.embed_tokens.weight, lm.lm_head.weight):
+                    w.fill_(1.0)[V - 1] = 2.0
+                sample.generate(lm, prompts, max_new_tokens=T, temperature=0.8, top_p=0.9, allowed_ids=allowed,
+                                stop_ids=(V - 1,), cache_dtype=torch.bfloat16 if dev.type == "cuda" else None,
+                                generator=torch.Generator(dev).manual_seed(0))
+
+        update()  # warm-up: AdamW's moments, the kernels, the allocator's pools
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in [*model.parameters(), *(
+            v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))]]  # this rank's shards
+        measured = dict(held=torch.cuda.memory_allocated(dev) if dev.type == "cuda" else
+                        sum(t.numel() * t.element_size() for t in local),
+                        update=peak_bytes(update, dev), step=peak_bytes(opt.step, dev))
+        opt.zero_grad(set_to_none=True)
+        model.eval()  # as rollout.Sampler does
+        measured["rollout"] = peak_bytes(rollout, dev)
+    finally:
+        if fsdp:
+            dist.destroy_process_group()
+    m = memory.training_memory(config, world=world, fsdp=fsdp, compile=False, micro_batch=mb, seq_len=P + T,
+                               response_len=T, rollout_batch=R, rollout_len=P + T, allowed=A, grad_checkpointing=gc,
+                               codec=None)
+    predicted = dict(held=m["weights"] + m["optimizer"], update=m["update"], step=m["step"] - m["grads"],
+                     rollout=m["rollout"])  # the rises beyond what the phase starts with (step: the grads)
+    gb = lambda x: None if x is None else round(x / 1e9, 3)  # noqa: E731
+    return dict(model=name, world=world, fsdp=fsdp, grad_checkpointing=gc, micro_batch=mb, tokens=P + T, rollout_rows=R,
+                **{f"{k}_gb": [gb(measured[k]), gb(predicted[k])] for k in measured},
+                **{f"{k}_ratio": round(measured[k] / predicted[k], 3) for k in measured if measured[k] and predicted[k]})
 
 
 def _gpu_reward(args, device, smoke: bool) -> None:
@@ -241,33 +389,14 @@ def _gpu_reward(args, device, smoke: bool) -> None:
     import numpy as np
     import torch.nn.functional as F
     import whisper
-    from whisper.model import ModelDimensions, Whisper
     from whisper.tokenizer import get_tokenizer
 
-    import data
     import scorer as scoring
     from reward import char_error_rate, tts_reward
 
     t0 = time.time()
-    if smoke:
-        model = scoring.random_tiny_whisper().to(device)
-        name = "random-tiny"
-    else:
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = Whisper(ModelDimensions(**WHISPER_LARGE_V3))
-            torch.nn.init.normal_(model.decoder.positional_embedding, std=0.01)  # Whisper leaves it torch.empty
-        name = "large-v3 shapes, random weights"
-    texts = [ex.text for ex in data.load_dataset(data.SAMPLE_DATA) if (ex.language or "en") == "en"]
-    texts = [texts[i % len(texts)] for i in range(args.clips)]
-    rng = np.random.default_rng(0)
-    # 3-8 s clips: a voiced-like harmonic tone under noise (content is moot with random weights).
-    audios = []
-    for i in range(args.clips):
-        n = int(16000 * rng.uniform(3, 8) * (0.25 if smoke else 1))
-        t = np.arange(n) / 16000
-        audios.append((0.1 * np.sin(2 * np.pi * (120 + 10 * i) * t) * (1 + np.sin(2 * np.pi * 3 * t))
-                       + 0.02 * rng.standard_normal(n)).astype(np.float32))
+    model, name = whisper_model(device, smoke)
+    audios, texts = sample_clips(args.clips, smoke)
     scorer = scoring.WhisperScorer(model, device, "en", batch_size=args.whisper_batch)
     model, dtype = scorer.model, torch.float16 if scorer.fp16 else torch.float32
     tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language="en")
@@ -322,6 +451,9 @@ def bench_gpu(argv):
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per sequence (default: 512; smoke: 6)")
     p.add_argument("--prompt-len", type=int, default=None,
                    help="longest prompt; prompts vary from half this to this (default: 96; smoke: 12)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="the compiled step's KV-cache slots, as the trainer builds it: --max-new-tokens + 256 "
+                        "(default: 1500 + 256; smoke: new tokens + 256)")
     p.add_argument("--repeats", type=int, default=1, help="timed decode runs after the warm-up, median (default: 1)")
     p.add_argument("--grpo-prompts", type=int, default=None, help="prompts in the GRPO step (default: 4; smoke: 2)")
     p.add_argument("--grpo-group", type=int, default=None, help="samples per prompt (default: 16; smoke: 2)")
@@ -340,6 +472,7 @@ def bench_gpu(argv):
                              ("grpo_group", 16, 2), ("clips", 16, 2)]:
         if getattr(args, name) is None:
             setattr(args, name, tiny if smoke else full)
+    args.max_len = args.max_len or (args.new_tokens + 256 if smoke else 1500 + 256)
     device = torch.device(args.device or ("cpu" if smoke else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py gpu: no CUDA device is visible (torch.cuda.is_available() is False), so there "

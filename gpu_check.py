@@ -1,0 +1,499 @@
+"""The single-GPU acceptance run of `.ci/gpu-check`: `python gpu_check.py [--smoke] [--out DIR] [--parts a,b]`.
+Six parts, each in a process of its own under its own timeout (500 s in all at most on one H100/H200):
+  a  the compiled decode step as the trainer builds it against the eager loop: tokens, graphs, skips, ms/step
+  b  real NCCL on a 1-rank group: the trainer's collectives; FSDP2 in bf16: gathered() + generate, the update
+     against the replicated one, the full state dict, a distributed-checkpoint resume
+  c  FSDP2 over 2 thread-ranks on one GPU (torch's threaded process group) against the replicated update
+  d  peak memory of Llasa-1B replicated and 3B/8B under FSDP2 (a fake 2/4-rank group) beside memory.py's
+  e  one Llasa-1B-shaped grpo.Trainer step: phases, decoder_works, graphs, peak memory
+  f  Whisper large-v3 shapes (random weights) through WhisperScorer: batch 16 vs 64, prosody time
+JSON lines go to stdout and OUT/gpu-check.jsonl; the exit status is 1 if a part failed or timed out. --smoke:
+the same code at tiny shapes on the CPU (gloo for NCCL, the 'eager' backend, a tiny Whisper), tested in the suite.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import config
+import data
+import decode
+import grpo
+import llama
+import models
+import parallel
+import sample
+from bench_common import LLAMA_1B, timed
+from bench_gpu import LLASA_SPEECH_IDS, TINY, _hbm_tb_s, _random_llama, autocast as _autocast, record_spans
+
+# part -> (timeout in seconds, what it checks), run in this order: a fills inductor's caches that e reuses
+PARTS = {"a": (140, "compiled decode == eager, graphs, skips, ms/step"), "b": (60, "NCCL on 1 rank, FSDP2 bf16"),
+         "c": (60, "FSDP2 over 2 thread-ranks"), "d": (80, "peak memory vs memory.py"),
+         "e": (110, "Llasa-1B trainer step"), "f": (50, "Whisper large-v3 batch 16 vs 64")}
+TIE_TOL = 0.15  # a token whose log(p / race) is within this of the race's best: a bf16 near-tie
+
+
+def emit(**row):
+    print(json.dumps(row, default=str), flush=True)
+
+
+def first_divergences(a, b) -> list[tuple[int, int]]:
+    """(row, position) where two Rollouts' tokens first differ (a row that ended earlier counts)."""
+    out = []
+    for i in range(a.tokens.shape[0]):
+        x, y = a.tokens[i, :int(a.lengths[i])].tolist(), b.tokens[i, :int(b.lengths[i])].tolist()
+        n = next((t for t, (u, v) in enumerate(zip(x, y)) if u != v), None)
+        if n is not None or len(x) != len(y):
+            out.append((i, min(len(x), len(y)) if n is None else n))
+    return out
+
+
+def tie_gaps(model, prompts, a, b, divs, allowed, knobs, seed, dev) -> list[float]:
+    """Per divergence: how far each path's token falls behind the race's best under a reference forward
+    (the HF layers on prompt + common prefix, the fp32 head) with the uniform draws both paths used
+    there (replayed from `seed`): ~0 for both at a bf16 near-tie, large for a wrong token."""
+    weight, index = llama.head_rows(model, allowed)
+    gen, noise, gaps = torch.Generator(dev).manual_seed(seed), {}, []
+    for t in range(max((n for _, n in divs), default=-1) + 1):  # token t's draws: the (t+1)-th [B, A]
+        u = torch.rand((len(prompts), index.numel()), generator=gen, device=dev)
+        noise.update({(i, t): u[i].clone() for i, n in divs if n == t})
+    for i, n in divs:
+        if n >= min(int(a.lengths[i]), int(b.lengths[i])):
+            gaps.append(math.inf)  # one stopped where the other went on
+            continue
+        with torch.no_grad(), _autocast(dev):
+            h = model.model(input_ids=torch.tensor([prompts[i] + a.tokens[i, :n].tolist()], device=dev))[0][:, -1]
+        p = llama.process_logits(llama.head_logits(h, weight.float()), **knobs).softmax(-1)[0]
+        score = p.log() - noise[i, n].log().neg().log()  # log(p / race): the race picks its max
+        rows = llama.find_rows(torch.stack([a.tokens[i, n], b.tokens[i, n]]), index)[0]
+        gaps.append(float((score.max() - score[rows]).max()))
+    return gaps
+
+
+def part_a(dev, smoke):
+    from torch._dynamo.utils import counters
+    B, P, N = (4, 12, 260) if smoke else (64, 96, 256)  # cache: the trainer's --max-new-tokens + 256 (1,792 slots)
+    max_len = N + 256 if smoke else 1500 + 256
+    model = _random_llama(TINY if smoke else dict(LLAMA_1B), dev, torch.float32)  # fp32 master weights
+    allowed, g = list(range(256, 512)) if smoke else LLASA_SPEECH_IDS, torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256 if smoke else 128000, (n,), generator=g).tolist()
+               for n in torch.randint(P // 2, P + 1, (B,), generator=g).tolist()]
+    knobs = dict(temperature=0.8, top_k=0, top_p=0.9, repetition_penalty=1.0)  # the llasa-1b preset's
+    kw = dict(stop_ids=(allowed[-1] if smoke else 128261,), allowed_ids=torch.tensor(allowed), **knobs,
+              cache_dtype=torch.bfloat16 if dev.type == "cuda" else None)  # the trainer's bf16 cache
+    dec = decode.Decoder(model, compile=True, max_len=max_len,  # as rollout.Sampler builds it
+                         compile_options={"backend": "eager"} if smoke else None)
+    steps, cuda = record_spans(dec), dev.type == "cuda"
+
+    def run(decoder, n=N, seed=1):
+        with torch.no_grad(), _autocast(dev):
+            return sample.generate(model, prompts, max_new_tokens=n, decoder=decoder,
+                                   generator=torch.Generator(dev).manual_seed(seed), **kw)
+
+    g0, s0 = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
+    t0 = time.time()
+    comp = run(dec)  # the first call compiles and records the CUDA graphs
+    compile_s, graphs, first = time.time() - t0, counters["stats"]["unique_graphs"] - g0, steps[:]
+    eager = run(None)  # the reference: sample.py's dynamic loop
+    t_n, t_1, t_eager = timed([lambda: run(dec), lambda: run(dec, 1), lambda: run(None)], dev, 1)
+    recompiled = counters["stats"]["unique_graphs"] - g0 - graphs
+    ms, eager_ms = (t_n - t_1) / (N - 1) * 1e3, (t_eager - t_1) / (N - 1) * 1e3  # the prefill taken out
+    divs = first_divergences(comp, eager)
+    gaps = tie_gaps(model, prompts, comp, eager, divs, allowed, knobs, 1, dev)
+    other = run(None, n=4, seed=2)  # the checker itself: another seed's tokens are no near-ties
+    flagged = [x > TIE_TOL for x in tie_gaps(model, prompts, comp, other, first_divergences(comp, other),
+                                             allowed, knobs, 1, dev)]
+    upto = [dict(divs).get(i, int(comp.lengths[i])) for i in range(B)]  # each row's common prefix
+    lp = max((float((comp.logprobs[i, :n] - eager.logprobs[i, :n]).abs().max()) for i, n in enumerate(upto) if n),
+             default=0.0)
+    s = next(iter(dec.states.values()))
+    k0, layers = s.cache.k[0], len(s.cache.k)
+    kv_slot = 2 * layers * B * k0.shape[1] * k0.shape[3] * k0.element_size()  # K and V of one slot, all layers
+    read = sum(t.numel() * t.element_size() for x in dec.layer_weights(k0.dtype if cuda else None)
+               for pair in x for t in pair if t is not None) + s.weight.numel() * s.weight.element_size()
+    read_gb = (read + kv_slot * sum(first) / len(first)) / 1e9  # a step: weights, fp32 head rows, its span
+    exact = torch.equal(comp.tokens, eager.tokens) and torch.equal(comp.lengths, eager.lengths)
+    card, tb_s = _hbm_tb_s(dev) if cuda else ("cpu", None)
+    row = dict(card=card, batch=B, prompt_len=max(map(len, prompts)), new_tokens=N, max_len=max_len,
+               cache_slots=s.cache.length, spans_used=sorted(set(first)), graphs=graphs,
+               recompiled_in_timed_runs=recompiled, cudagraph_skips=counters["inductor"]["cudagraph_skips"] - s0,
+               compile_s=round(compile_s, 1), ms_per_step=round(ms, 3), eager_ms_per_step=round(eager_ms, 3),
+               speedup=round(eager_ms / ms, 2), gb_read_per_step=round(read_gb, 3),
+               tokens_equal=exact, rows_identical=B - len(divs), first_divergences=[n for _, n in divs][:16],
+               max_tie_gap=round(max(gaps, default=0.0), 4), logprob_max_diff_common=lp,
+               cache_tensors=len({t.untyped_storage().data_ptr() for t in s.cache.k + s.cache.v}))
+    if tb_s:  # GB / (TB/s) = ms
+        row.update(hbm_tb_s=tb_s, bound_ms_per_step=round(read_gb / tb_s, 3),
+                   fraction_of_bound=round(read_gb / tb_s / ms, 3))
+    row["checks"] = dict(graph_per_span=graphs == len(set(first)), no_recompile=recompiled == 0,
+                         no_cudagraph_skips=row["cudagraph_skips"] == 0,
+                         cache_one_tensor_per_layer=row["cache_tensors"] == 2 * layers,
+                         checker_flags_other_seed=len(flagged) > 0 and sum(flagged) >= 0.9 * len(flagged),
+                         tokens=all(x <= TIE_TOL for x in gaps) if cuda else exact)
+    return row
+
+
+# ----------------------------------------------------------------------------- b, c: NCCL and FSDP2
+
+def _small(dev, smoke):
+    """A small Llama with tied embeddings (odd vocabulary and MLP widths: FSDP2's padded shards), its
+    reference, 8 fixed rollouts of speech tokens in groups of 2, the update's settings, the allowed ids."""
+    sv = data.speech_vocab(tok := data.tiny_tokenizer())
+    size = dict(hidden_size=64) if smoke else dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2)
+    lm, ref = (models.tiny_llama(len(tok), seed=s, tie_word_embeddings=True, intermediate_size=4 * size["hidden_size"]
+                                 + 1, **size).to(dev) for s in (1, 2))
+    g = torch.Generator().manual_seed(0)
+    prompts = [data.prompt_ids(tok, t) for t in ["Hello.", "A longer sentence here.", "Hi", "안녕"] for _ in range(2)]
+    tokens = torch.randint(sv.first, sv.first + sv.n, (8, 7), generator=g)
+    lengths, rewards = torch.tensor([7, 3, 5, 1, 6, 2, 7, 4]), torch.rand(8, generator=g)
+    ro = grpo.Rollouts(prompts, tokens.to(dev), lengths.to(dev), grpo.group_advantages(rewards, 2).to(dev))
+    cfg = config.Config(kl_coef=0.1, micro_batch=3, temperature=0.8, lr=1e-3, grad_clip=1.0, max_new_tokens=7)
+    return lm, ref, ro, cfg, torch.tensor(sv.allowed_ids())
+
+
+def _update(policy, ref, opt, ro, cfg, d, dev, allowed):
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return grpo.update_policy(policy.train(), ref, opt, sched, ro, cfg, d, lambda: _autocast(dev), allowed.to(dev))
+
+
+def _state(lm) -> dict:
+    return {k: v.detach().float().cpu().clone() for k, v in lm.state_dict().items()}
+
+
+def _full(policy, d) -> dict | None:  # the full state dict, cloned: on a CPU it may hold the parameters themselves
+    return (state := parallel.full_model_state(policy, d)) and {k: v.float().clone() for k, v in state.items()}
+
+
+def _rel(a: dict, b: dict, base: dict) -> float:
+    """|a - b| / |b - base| over every tensor: two updates from `base`, apart relative to the step."""
+    norm = lambda x, y: sum(float((x[k] - y[k]).double().square().sum()) for k in b)  # noqa: E731
+    return math.sqrt(norm(a, b) / max(norm(b, base), 1e-30))
+
+
+def _replicated(lm0, ref0, ro, cfg, dev, allowed):  # the reference: one update, one process, no process group
+    rep = copy.deepcopy(lm0)
+    return _update(llama.LogProbs(rep), llama.LogProbs(copy.deepcopy(ref0)), torch.optim.SGD(rep.parameters(), lr=0.5),
+                   ro, cfg, parallel.Dist(device=dev), dev, allowed), _state(rep)
+
+
+def _collectives(dev) -> dict:
+    """Dist's collectives over the real 1-rank group. Dist skips them at world 1, so world=2 here (a
+    1-rank sum is the identity): all_reduce, together (clean and failing), the gradient buckets."""
+    dn, t = parallel.Dist(rank=0, world=2, device=dev), torch.arange(4.0, device=dev)
+    reduced = dn.all_reduce(t.clone()).tolist() == dn.all_reduce(t.clone(), "max").tolist() == t.tolist()
+    with dn.together("a clean stage"):
+        pass
+    with contextlib.suppress(KeyError), dn.together("an injected failure (gpu_check: expected)"):
+        raise KeyError("injected")  # re-raised to this rank after the agreement, and suppressed here
+    grads = [torch.arange(n, device=dev, dtype=torch.float32) for n in (700, 5, 1300)]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    parallel.sync_gradients(params, dn, bucket_numel=1000)  # 3 buckets
+    dist.all_gather_object(objs := [None], {"rank": 0})
+    return dict(all_reduce=reduced, gather=objs == [{"rank": 0}],
+                sync_gradients=all(torch.equal(p.grad, g) for p, g in zip(params, grads)))
+
+
+def part_b(dev, smoke):
+    cuda, backend = dev.type == "cuda", "nccl" if dev.type == "cuda" else "gloo"
+    if cuda:  # the math SDPA kernel: a deterministic backward, so that a resumed update is the same update
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            **({"device_id": dev} if cuda else {}))  # as parallel.setup_distributed binds NCCL
+    try:
+        checks = _collectives(dev)
+        lm0, ref0, ro, cfg, allowed = _small(dev, smoke)
+        base, d1 = _state(lm0), parallel.Dist(rank=0, world=1, device=dev, fsdp=True)
+        st_r, rep = _replicated(lm0, ref0, ro, cfg, dev, allowed)
+        pol = parallel.shard(llama.LogProbs(copy.deepcopy(lm0)), dev)
+        with torch.no_grad(), _autocast(dev):  # the rollout's way: whole weights gathered around generate
+            kw = dict(max_new_tokens=8, temperature=0, allowed_ids=allowed)
+            with parallel.gathered(pol):
+                greedy_fsdp = sample.generate(pol.lm, ro.prompts, **kw).tokens
+            greedy_rep = sample.generate(lm0, ro.prompts, **kw).tokens
+        st_f = _update(pol, parallel.shard(llama.LogProbs(copy.deepcopy(ref0)), dev),
+                       torch.optim.SGD(pol.parameters(), lr=0.5), ro, cfg, d1, dev, allowed)
+        full = _full(pol, d1)
+        own = {n.removeprefix("lm."): p.full_tensor().detach().float().cpu() for n, p in pol.named_parameters()}
+        copy.deepcopy(lm0).load_state_dict(full)  # strict: every key of the Hugging Face model, the tied head too
+        # Distributed-checkpoint resume (AdamW): update 1, save the weights and the sharded optimizer, update 2;
+        # then a fresh model from the saved weights and optimizer shard, update 2 again: the same weights.
+        def adam(weights=None):  # a sharded copy of lm0 (or of it with `weights`) and its AdamW
+            lm = copy.deepcopy(lm0)
+            lm.load_state_dict(weights or lm.state_dict())
+            policy = parallel.shard(llama.LogProbs(lm), dev)
+            return policy, torch.optim.AdamW(policy.parameters(), lr=1e-3)
+        with tempfile.TemporaryDirectory() as folder:
+            a, opt_a = adam()
+            for i in range(2):
+                _update(a, None, opt_a, ro, cfg, d1, dev, allowed)
+                if i == 0:
+                    w1 = _full(a, d1)
+                    parallel.save_sharded_optimizer(folder, a, opt_a)
+            wa, (b, opt_b) = _full(a, d1), adam(w1)
+            parallel.load_sharded_optimizer(folder, b, opt_b)
+            _update(b, None, opt_b, ro, cfg, d1, dev, allowed)
+            wb = _full(b, d1)
+        diff, step = (max(float((x[k] - y[k]).abs().max()) for k in wa) for x, y in ((wa, wb), (wa, w1)))
+        rel = _rel(full, rep, base)
+        checks.update(update_equals_replicated=rel <= (0.05 if cuda else 1e-4), full_state_keys=set(full) == set(base),
+                      full_state_is_the_shards=all(torch.equal(full[k], own[k]) for k in own),
+                      resume_equal=step > 0 and diff <= (1e-2 * step if cuda else 1e-6))
+        if not cuda:  # fp32 on both sides: the same greedy tokens (bf16 FSDP params on a GPU: near-ties may differ)
+            checks["generate_equal"] = torch.equal(greedy_fsdp, greedy_rep)
+        return dict(backend=backend, fsdp_dtype="bf16" if cuda else "fp32", update_rel_err=rel,
+                    loss=[st_r["loss"], st_f["loss"]], grad_norm=[st_r["grad_norm"], st_f["grad_norm"]],
+                    generate_tokens_equal=torch.equal(greedy_fsdp, greedy_rep), resume_max_diff=diff,
+                    resume_step_max=step, checks=checks)
+    finally:
+        dist.destroy_process_group()
+
+
+class _ThreadDist(parallel.Dist):
+    """Dist for thread-ranks: a failing stage raises in its thread (the group wakes the peer), no os._exit."""
+    @contextlib.contextmanager
+    def together(self, stage):
+        yield
+
+
+def part_c(dev, smoke, world=2):
+    from torch.testing._internal.distributed import multi_threaded_pg as mt
+    lm0, ref0, ro, cfg, allowed = _small(dev, smoke)
+    base, (st_r, rep) = _state(lm0), _replicated(lm0, ref0, ro, cfg, dev, allowed)
+    copies = [(copy.deepcopy(lm0), copy.deepcopy(ref0)) for _ in range(world)]  # here: seeding is global
+    results, errors, store, join = {}, {}, dist.HashStore(), mt.Collective.join
+    if dev.type == "cuda":  # rank 0's thread copies every rank's tensors on its own stream: order it with theirs
+        mt.Collective.join = lambda self, rank, data: (torch.cuda.synchronize(), join(self, rank, data),
+                                                       torch.cuda.synchronize())[1]
+
+    def rank_main(r):
+        try:
+            dist.init_process_group("threaded", rank=r, world_size=world, store=store)
+            d = _ThreadDist(rank=r, world=world, device=dev, fsdp=True)
+            pol, ref = (parallel.shard(llama.LogProbs(m), dev) for m in copies[r])
+            s = slice(r * 8 // world, (r + 1) * 8 // world)  # 4 rows each: micro-batches of 3 and 1
+            mine = grpo.Rollouts(ro.prompts[s], ro.tokens[s], ro.lengths[s], ro.advantages[s])
+            stats = _update(pol, ref, torch.optim.SGD(pol.parameters(), lr=0.5), mine, cfg, d, dev, allowed)
+            results[r] = (stats, _full(pol, d))
+        except BaseException as e:  # noqa: BLE001 -- reported below; the peer is woken from its collective
+            errors[r] = e
+            mt.ProcessLocalGroup.exception_handle(e)
+        finally:
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+    isolate = torch._C._distributed_c10d._set_thread_isolation_mode  # each thread its own registry of groups
+    isolate(True)
+    mt._install_threaded_pg()
+    try:
+        threads = [threading.Thread(target=rank_main, args=(r,), daemon=True) for r in range(world)]
+        for t in threads:
+            t.start()
+        if any(t.join(timeout=40) or t.is_alive() for t in threads):
+            mt.ProcessLocalGroup.exception_handle(TimeoutError())
+            raise TimeoutError("a thread-rank did not finish within 40 s")
+    finally:
+        mt._uninstall_threaded_pg()
+        mt.ProcessLocalGroup.reset()
+        mt.Collective.join = join
+        isolate(False)
+    error = next((e for e in errors.values() if not isinstance(e, SystemExit)), None)
+    frames = traceback.extract_tb(error.__traceback__) if error else []
+    if isinstance(error, NotImplementedError) or any("multi_threaded_pg" in f.filename for f in frames):
+        return dict(status="skipped", reason=f"torch's threaded process group cannot run FSDP2 here: "
+                                             f"{type(error).__name__}: {error}"[:500])  # its limits, not ours
+    if error:
+        raise error
+    (st0, full), (st1, _), rel = results[0], results[1], _rel(results[0][1], rep, base)
+    return dict(world=world, backend="threaded", fsdp_dtype="bf16" if dev.type == "cuda" else "fp32",
+                update_rel_err=rel, loss=[st_r["loss"], st0["loss"], st1["loss"]],
+                checks=dict(update_equals_replicated=rel <= (0.05 if dev.type == "cuda" else 1e-4),
+                            ranks_agree=st0["loss"] == st1["loss"], full_state_keys=set(full) == set(base)))
+
+
+# ----------------------------------------------------------------------------- d, e, f: memory, a step, Whisper
+
+def part_d(dev, smoke):
+    import gc
+    import memory
+    from bench_gpu import memory_case
+    tiny = dict(vocab_size=1200, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    off = []
+    for name, world, fsdp, mb, gcp in [("llasa-1b", 1, False, 2, False), ("llasa-3b", 2, True, 2, True),
+                                       ("llasa-8b", 4, True, 1, True)]:  # as the presets train them
+        row = memory_case(name, tiny if smoke else memory.LLASA_SHAPES[name], world, fsdp, mb, gcp, dev, smoke)
+        emit(name="gpu-check/d/" + name, **row)
+        off += [f"{name}:{k[:-6]}" for k in row if k.endswith("_ratio") and not 0.75 <= row[k] <= 1.25]
+        gc.collect()  # FSDP's modules hold cycles
+        torch.cuda.empty_cache()
+    return dict(note="[measured, predicted] GB: held (weights + AdamW state), and the rise of an update micro-batch, "
+                     "an AdamW step and a rollout call (measured on CUDA only)", off_by_over_25pct=off)
+
+
+def part_e(dev, smoke):
+    import memory
+    from bench_gpu import grpo_step
+    prompts, G, N = (2, 2, 6) if smoke else (4, 16, 256)  # the decode step built for 1500 new tokens, as the trainer's
+    row, tr, metrics = grpo_step(dev, smoke, prompts, G, N, cache_tokens=8 if smoke else 1500)
+    s = next(iter(tr.sampler.decoder.states.values()), None) if tr.sampler.decoder else None
+    row.update(batch=tr.sampler.batch, cache_slots=s and s.cache.length,
+               **{k: metrics[k] for k in ("loss", "grad_norm", "logp_mismatch", "logp_mismatch_max")})
+    if "peak_mem_gb" in row and s is not None:  # memory.py at this step's shapes and cache, no CUDA context
+        c, R = tr.sampler.policy.lm.config, tr.sampler.batch
+        P = max(len(tr.sampler.prompt(ex.text)) for ex in tr.examples)
+        m = memory.training_memory(c, micro_batch=tr.cfg.micro_batch, seq_len=P + N, response_len=N, rollout_batch=R,
+                                   rollout_len=P + N)
+        kv = memory.kv_cache_bytes(c, R, s.cache.length) - m["decoder_cache"]
+        row["predicted_gb"] = round((m["total"] + kv - m["cuda_context"]) / 1e9, 2)
+    row["checks"] = dict(decoder_works=row["decoder_works"] is True, no_cudagraph_skips=row["cudagraph_skips"] == 0,
+                         graph_per_span=row["graphs"] == len(row["spans_used"]),
+                         finite=all(math.isfinite(row[k]) for k in ("loss", "grad_norm", "logp_mismatch")))
+    if not dev.type == "cuda":  # fp32 both ways: the rollout's log-probs are the update's
+        row["checks"]["logp_mismatch_fp32"] = row["logp_mismatch_max"] < 1e-4
+    return row
+
+
+def part_f(dev, smoke):
+    from concurrent.futures import ThreadPoolExecutor
+    import prosody
+    import scorer as scoring
+    from bench_gpu import sample_clips, whisper_model
+    n, batches = (4, (2, 4)) if smoke else (64, (16, 64))
+    model, name = whisper_model(dev, smoke)
+    audios, texts = sample_clips(n, smoke)
+    row, out = dict(model=name, clips=n, audio_s=round(sum(map(len, audios)) / 16000, 1)), {}  # 3-8 s clips
+    for bs in batches:
+        sc = scoring.WhisperScorer(model, dev, "en", batch_size=bs, **(dict(max_transcript_tokens=8) if smoke else {}))
+        sc.score(audios[:bs], texts[:bs])  # warm-up: kernels, cuDNN's choices
+        t0 = time.perf_counter()
+        out[bs] = sc.score(audios, texts)
+        row[f"batch_{bs}_clips_per_s"] = round(n / (time.perf_counter() - t0), 2)
+    times = [time.perf_counter()]
+    for threads in (1, sc.prosody_threads):  # one thread, and the scorer's threads beside Whisper
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(prosody.measure, audios, texts))
+        times.append(time.perf_counter())
+    a, b = out[batches[0]], out[batches[1]]
+    nll = max(abs(x.nll - y.nll) / max(abs(x.nll), 1e-6) for x, y in zip(a, b))
+    row.update(speedup=round(row[f"batch_{batches[1]}_clips_per_s"] / row[f"batch_{batches[0]}_clips_per_s"], 2),
+               prosody_ms_per_clip=round((times[1] - times[0]) / n * 1e3, 1), prosody_threads=sc.prosody_threads,
+               prosody_wall_s=round(times[2] - times[1], 3), nll_max_rel_diff=nll,
+               mean_transcript_chars=round(sum(len(s.transcript) for s in b) / n, 1))
+    row["checks"] = dict(scored=all(s.error is None and math.isfinite(s.reward) for s in a + b),
+                         batches_agree=nll <= (0.05 if dev.type == "cuda" else 1e-4))
+    return row
+
+
+# ----------------------------------------------------------------------------- the runner
+
+def child(part: str, smoke: bool):
+    """One part in this process, and its result line: status ok / failed / skipped, figures, checks."""
+    t0, dev = time.time(), torch.device("cpu" if smoke else "cuda:0")
+    torch.set_num_threads(1 if smoke else torch.get_num_threads())  # tiny shapes: more threads only contend
+    try:
+        row = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e, "f": part_f}[part](dev, smoke)
+        failed = [k for k, v in row.get("checks", {}).items() if not v]
+        status = row.pop("status", "failed" if failed else "ok")
+        row.update({"failed_checks": failed} if failed else {})
+    except Exception as e:  # noqa: BLE001 -- the result line says what broke, the log has the traceback
+        traceback.print_exc()
+        status, row = "failed", dict(error=f"{type(e).__name__}: {e}"[:2000])
+    emit(name=f"gpu-check/{part}", status=status, what=PARTS[part][1], **row, seconds=round(time.time() - t0, 1))
+
+
+def run_part(part: str, args, timeout: float, out) -> str:
+    """`gpu_check.py --part X` under `timeout` in a session of its own (killed whole on time-out, or when
+    this process is told to stop): its JSON lines go to `out`, the rest to OUT/gpu-check-X.log. Its status."""
+    log_path, t0, rows = os.path.join(args.out, f"gpu-check-{part}.log"), time.time(), []
+    if timeout < 10:
+        out(dict(name=f"gpu-check/{part}", status="timeout", error="no time left in --budget", seconds=0))
+        return "timeout"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--part", part] + ["--smoke"] * args.smoke,
+                                stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)))
+        signal.signal(signal.SIGTERM, lambda *_: (os.killpg(proc.pid, signal.SIGKILL), sys.exit(143)))
+
+        def pump():  # result lines to `out` as they come, anything else the part prints to its log
+            for line in proc.stdout:
+                with contextlib.suppress(ValueError):
+                    if isinstance(row := json.loads(line), dict):
+                        rows.append(row)
+                        out(row)
+                        continue
+                log.write(line)
+        (reader := threading.Thread(target=pump, daemon=True)).start()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        reader.join(timeout=10)
+    status = next((r.get("status") for r in rows if r.get("name") == f"gpu-check/{part}"), None)
+    if status is None:
+        status = "timeout" if time.time() - t0 >= timeout else "failed"  # killed for time, or died
+        out(dict(name=f"gpu-check/{part}", status=status, what=PARTS[part][1], timeout_s=round(timeout),
+                 error=f"no result line (exit status {proc.returncode})", seconds=round(time.time() - t0, 1)))
+    if status in ("failed", "timeout"):
+        tail = "\n".join(open(log_path, errors="replace").read().splitlines()[-25:])
+        sys.stderr.write(f"--- gpu-check part {part}: {status}; the end of {log_path}:\n{tail}\n")
+    return status
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: the code paths, not the figures")
+    p.add_argument("--out", default="gpu-check-out", help="folder for gpu-check.jsonl and each part's log")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run (default: all)")
+    p.add_argument("--budget", type=float, default=sum(t for t, _ in PARTS.values()),
+                   help="seconds for all parts (default: their timeouts' sum, 500); a part gets at most what is left")
+    p.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)  # one part, in this process
+    args = p.parse_args(argv)
+    if args.part:
+        return child(args.part, args.smoke) or 0
+    parts = args.parts.split(",")
+    if set(parts) - set(PARTS):
+        p.error(f"unknown --parts {sorted(set(parts) - set(PARTS))}: expected some of {list(PARTS)}")
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("gpu_check.py: no CUDA device is visible; `python gpu_check.py --smoke` checks it on a CPU")
+    import transformers
+    os.makedirs(args.out, exist_ok=True)
+    t0, jsonl = time.time(), open(os.path.join(args.out, "gpu-check.jsonl"), "w")
+
+    def out(row):
+        print(line := json.dumps(row, default=str), flush=True)
+        jsonl.write(line + "\n")
+        jsonl.flush()
+
+    card = dict(card="cpu") if args.smoke else dict(card=torch.cuda.get_device_name(0), memory_gb=round(
+        torch.cuda.get_device_properties(0).total_memory / 1e9, 1), cuda=torch.version.cuda)
+    out(dict(name="gpu-check/setup", smoke=args.smoke, **card, torch=torch.__version__,
+             transformers=transformers.__version__, python=sys.version.split()[0],
+             timeouts={k: PARTS[k][0] for k in parts}, budget_s=args.budget))
+    statuses = {part: run_part(part, args, min(PARTS[part][0], args.budget - (time.time() - t0)), out)
+                for part in parts}
+    bad = [k for k, v in statuses.items() if v in ("failed", "timeout")]
+    out(dict(name="gpu-check/summary", status="failed" if bad else "ok", parts=statuses, failed=bad,
+             seconds=round(time.time() - t0, 1)))
+    jsonl.close()
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""gpu_check.py: the single-GPU acceptance run's CPU dry run (`--smoke`), so that the script cannot rot
+between the rare runs on a rented GPU: every part runs its code at tiny shapes, each in its own
+process, and the figures that must hold on any device hold."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+from helpers import REPO
+
+
+def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
+    t0 = time.time()
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "gpu_check.py", "--smoke", "--out", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=180)
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    with open(out / "gpu-check.jsonl") as f:  # the same lines in $OUT
+        assert [json.loads(line) for line in f] == rows
+    parts = {x["name"].removeprefix("gpu-check/"): x for x in rows if x["name"].count("/") == 1}
+    assert set(parts) == {"setup", "a", "b", "c", "d", "e", "f", "summary"}, sorted(parts)
+    for name in "abcdef":
+        x = parts[name]
+        # A CPU can skip only what it cannot run, and then says why; nothing may fail.
+        assert x["status"] == "ok" or (x["status"] == "skipped" and x.get("reason")), x
+        assert not x.get("failed_checks"), x
+        assert all(x.get("checks", {}).values()), x
+    assert parts["summary"]["status"] == "ok" and parts["summary"]["failed"] == []
+    a, b, e = parts["a"], parts["b"], parts["e"]
+    # (a) the compiled step (eager backend) and the eager loop: the same tokens; one graph per span used
+    assert a["tokens_equal"] is True and a["graphs"] == len(a["spans_used"]) >= 2, a
+    assert a["cudagraph_skips"] == 0 and a["recompiled_in_timed_runs"] == 0
+    # (b) FSDP2 on a 1-rank mesh equals the replicated update, and a resumed update the uninterrupted one
+    assert b["update_rel_err"] < 1e-4 and b["resume_step_max"] > 0 and b["resume_max_diff"] <= 1e-6, b
+    # (c) FSDP2 over two thread-ranks, when torch's threaded group can run it here
+    if parts["c"]["status"] == "ok":
+        assert parts["c"]["update_rel_err"] < 1e-4, parts["c"]
+    # (d) one row per memory case beside memory.py's prediction
+    assert {x["model"] for x in rows if x["name"].startswith("gpu-check/d/")} == {"llasa-1b", "llasa-3b", "llasa-8b"}
+    # (e) the trainer's compiled decode step worked (no fallback to the eager loop)
+    assert e["decoder_works"] is True and e["graphs"] == len(e["spans_used"]), e
+    assert all(os.path.exists(out / f"gpu-check-{p}.log") for p in "abcdef")
+    print(f"gpu_check.py --smoke: {time.time() - t0:.1f} s")
