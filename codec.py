@@ -1,26 +1,22 @@
-"""Speech codecs: codes (ints) -> 16 kHz float32 audio.
+"""Speech codecs: codes (ints) <-> 16 kHz float32 audio.
 
-Every codec has `.decode(codes) -> list[np.ndarray]`, where `codes` is a list of code sequences
-(lists or 1-D tensors of ints in [0, 65536), different lengths allowed) and each output clip is
-float32 mono at 16 kHz, exactly SAMPLES_PER_CODE samples per code (the word codec excepted: its codes
-are words). `load_codec(name, device)` picks one:
-  "tone"            a deterministic test codec (each code a short tone), for tiny runs and tests;
-  "words[:PATH]"    the CPU demo's codec (demo.py): code k is word k of a small English vocabulary,
-                    a clip spoken by espeak-ng, shipped in data/demo/words.npz;
-  "xcodec2"         XCodec2 (HKUSTAudio/xcodec2), 50 codes per second, through XCodec2Decoder below:
-                    the decoder half of the model in plain PyTorch, loading only its ~187M weights;
-  "xcodec2-package" the same through the `xcodec2` package (pins torch 2.5, loads the encoders too),
-                    kept as a cross-check.
+Every codec has `.decode(codes) -> list[np.ndarray]` (code sequences: lists or 1-D tensors of ints in [0, 65536),
+any lengths -> float32 mono 16 kHz clips, SAMPLES_PER_CODE samples per code; the word codec's codes are words) and
+`.encode(audios) -> list[list[int]]` (1-D float32 16 kHz clips -> 50 codes per second; `PromptCodes` encodes each
+distinct voice prompt once). `load_codec(name, device)` picks one: "tone" (a test codec: each code a short tone),
+"words[:PATH]" (the CPU demo's: code k is word k of a small vocabulary, spoken by espeak-ng), "xcodec2[:PATH]"
+(XCodec2, decoded by XCodec2Decoder below, the decoder half in plain PyTorch, ~187M weights; encoded by
+transformers' Xcodec2Model, HKUSTAudio/xcodec2-hf, loaded on the first encode) or "xcodec2-package[:PATH]" (the
+`xcodec2` package, which pins torch 2.5 and loads the encoders even to decode).
 
-XCodec2Decoder reproduces `XCodec2Model.decode_code` of the xcodec2 package (v0.1.5): FSQ code ->
-8 level values -> project_out -> fc_post_a -> Vocos backbone (conv, 2 ResNet blocks, 12 transformer
-blocks, 2 ResNet blocks, LayerNorm) -> linear head to a magnitude/phase spectrum -> ISTFT.
-Its attention is bidirectional and its GroupNorms pool over time, so plain right-padding would change
-the audio of the shorter clips of a batch; XCodec2Codec passes the clip lengths and the decoder keeps
-padded frames out of every step that mixes frames. (Of 823M parameters in the published checkpoint,
-581M are the w2v-bert-2.0 semantic encoder, which decoding never uses.)
+XCodec2Decoder reproduces `XCodec2Model.decode_code` of the xcodec2 package (v0.1.5): FSQ code -> 8 level values ->
+project_out -> fc_post_a -> Vocos backbone (conv, 2 ResNet blocks, 12 transformer blocks, 2 ResNet blocks,
+LayerNorm) -> linear head to a magnitude/phase spectrum -> ISTFT. Its attention is bidirectional and its GroupNorms
+pool over time, so plain right-padding would change the audio of the shorter clips of a batch: XCodec2Codec passes
+the clip lengths, and the decoder keeps padded frames out of every step that mixes frames.
 """
 import contextlib
+import hashlib
 import math
 import numbers
 import os
@@ -34,6 +30,7 @@ import torch.nn.functional as F
 SAMPLE_RATE = 16000  # Hz
 SAMPLES_PER_CODE = 320  # 16000 / 50 codes per second
 CODEBOOK_SIZE = 65536  # XCodec2's one FSQ codebook: 8 levels of 4 values
+XCODEC2, XCODEC2_HF = "HKUSTAudio/xcodec2", "HKUSTAudio/xcodec2-hf"  # original and transformers checkpoints
 WORDS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo", "words.npz")
 
 
@@ -49,10 +46,31 @@ def _as_lists(codes) -> list[list[int]]:
     return out
 
 
-class ToneCodec:
-    """Deterministic test codec: code k becomes a 20 ms sine at 100 + 15 * (k % 256) Hz.
+def _as_audio(audios) -> list[np.ndarray]:
+    out = [np.ascontiguousarray(a, dtype=np.float32) for a in audios]
+    if bad := [i for i, a in enumerate(out) if a.ndim != 1]:
+        raise ValueError(f"clip {bad[0]}: audio must be 1-D (mono, 16 kHz), got shape {out[bad[0]].shape}")
+    return out
 
-    Distinct codes give distinct, audible sounds, so rewards on its audio are learnable."""
+
+class PromptCodes:
+    """A run's cache of prompt codes: each distinct audio content (sha1 of its float32 samples) encoded once."""
+
+    def __init__(self, codec):
+        self.codec, self.codes = codec, {}  # sha1 hex -> codes
+
+    def encode(self, audios) -> list[list[int]]:
+        """As codec.encode, encoding only content not seen before (once, even if repeated in `audios`)."""
+        audios = _as_audio(audios)
+        keys = [hashlib.sha1(a.tobytes()).hexdigest() for a in audios]
+        new = {k: a for k, a in zip(keys, audios) if k not in self.codes}
+        self.codes.update(zip(new, self.codec.encode(list(new.values())) if new else []))
+        return [list(self.codes[k]) for k in keys]
+
+
+class ToneCodec:
+    """Deterministic test codec: code k becomes a 20 ms sine at 100 + 15 * (k % 256) Hz; distinct codes (mod 256)
+    give distinct, audible sounds, so rewards on its audio are learnable."""
     sample_rate = SAMPLE_RATE
 
     def __init__(self, amplitude: float = 0.3):
@@ -67,11 +85,18 @@ class ToneCodec:
             clips.append(wav.reshape(-1).astype(np.float32))
         return clips
 
+    def encode(self, audios) -> list[list[int]]:
+        """Each 320-sample frame -> the code in [0, 256) of the nearest tone (least squares), samples // 320
+        codes. The inverse of decode on its own audio: encode(decode(c)) == [k % 256 for k in c] (k and k + 256
+        sound the same), so decode(encode(a)) == a. Other audio gets the nearest tones: meaningless, no error."""
+        tones = self.decode([range(256)])[0].reshape(256, SAMPLES_PER_CODE).astype(np.float64)  # [256, 320]
+        frames = [a[:len(a) - len(a) % SAMPLES_PER_CODE].reshape(-1, SAMPLES_PER_CODE) for a in _as_audio(audios)]
+        return [np.argmin((tones ** 2).sum(1) - 2 * f.astype(np.float64) @ tones.T, axis=1).tolist() for f in frames]
+
 
 class WordCodec:
     """Real speech from a word vocabulary, for the CPU demo (demo.py): code k is word k, a clip
     spoken once by espeak-ng; a sequence decodes to its words' clips joined with `gap_s` of silence.
-
     path: an .npz with `clips` (int16, every clip concatenated), `offsets` [n + 1] (clip k is
     clips[offsets[k]:offsets[k + 1]]), `words` [n] and `sample_rate` (16000)."""
     sample_rate = SAMPLE_RATE
@@ -97,6 +122,24 @@ class WordCodec:
                 raise ValueError(f"clip {i}: word codes must be in [0, {len(self.clips)}), got {bad[0]}")
             parts = [p for c in seq for p in (self.gap, self.clips[c])][1:]  # gap between words only
             out.append(np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32))
+        return out
+
+    def encode(self, audios) -> list[list[int]]:
+        """The exact inverse of decode, by matching its clips and gaps (longest word first). Audio that
+        decode did not make (a recording) has no word codes: ValueError."""
+        order, out = sorted(range(len(self.clips)), key=lambda k: -len(self.clips[k])), []
+        for i, a in enumerate(_as_audio(audios)):
+            p, seq = 0, []
+            while p < len(a):
+                g = len(self.gap) if seq else 0  # the gap before every word but the first
+                k = None if a[p:p + g].any() else next(
+                    (k for k in order if np.array_equal(a[p + g:p + g + len(self.clips[k])], self.clips[k])), None)
+                if k is None:
+                    raise ValueError(f"clip {i}: the word codec encodes only audio it decoded (its word clips joined "
+                                     f"by gaps); no word matches at sample {p}. Voice prompts need --codec xcodec2")
+                seq.append(k)
+                p += g + len(self.clips[k])
+            out.append(seq)
         return out
 
     def text(self, codes) -> list[str]:
@@ -126,9 +169,8 @@ def _zero_padding(x, m):
 
 
 def _group_norm(norm: nn.GroupNorm, x, m):
-    """GroupNorm of x [B, C, T] with its statistics over the real frames only (all frames if m is None).
-
-    Written out rather than F.group_norm, which also refuses groups of one value (1 frame, 1 channel)."""
+    """GroupNorm of x [B, C, T] with its statistics over the real frames only (all frames if m is None);
+    written out rather than F.group_norm, which also refuses groups of one value (1 frame, 1 channel)."""
     B, C, T = x.shape
     xg = x.view(B, norm.num_groups, -1, T)  # [B, G, C/G, T]
     mg = (x.new_ones(1, 1, T) if m is None else m).view(-1, 1, 1, T)  # [B or 1, 1, 1, T]
@@ -156,12 +198,9 @@ class ResnetBlock(nn.Module):
 
 
 def _rotate_by_head(x):
-    """x [B, H, T, D] -> x with torchtune's RoPE applied as the reference applies it.
-
-    The reference hands [B, H, T, D] tensors to torchtune's RotaryPositionalEmbeddings, which expects
-    [B, T, H, D]: the rotation angle follows the head index, not the time step. q and k of one head turn
-    by the same angle, which cancels in q . k (the attention has no positional signal); we keep the op
-    so as to compute what the reference computes."""
+    """x [B, H, T, D] -> x with torchtune's RoPE applied as the reference applies it: to [B, H, T, D] tensors,
+    where torchtune expects [B, T, H, D], so the angle follows the head, not the time step. q and k of a head
+    turn by the same angle, which cancels in q . k (no positional signal); kept to compute what it computes."""
     B, H, T, D = x.shape
     theta = 1.0 / (10000 ** (torch.arange(0, D, 2, device=x.device).float() / D))  # [D/2]
     angle = torch.arange(H, device=x.device).float()[:, None] * theta  # [H, D/2]
@@ -170,42 +209,26 @@ def _rotate_by_head(x):
     return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2).type_as(x)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-        self.c_attn = nn.Linear(dim, 3 * dim, bias=False)
-        self.c_proj = nn.Linear(dim, dim, bias=False)
-
-    def forward(self, x, key_mask):
-        """x [B, T, C]; key_mask [B, 1, 1, T] bool (True = real frame) or None. Bidirectional."""
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(_rotate_by_head(q), _rotate_by_head(k), v, attn_mask=key_mask)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # [B, T, C]
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, 4 * dim, bias=False)
-        self.fc2 = nn.Linear(4 * dim, dim, bias=False)
-
-    def forward(self, x):
-        return self.fc2(F.silu(self.fc1(x)))
-
-
 class TransformerBlock(nn.Module):
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
+        self.n_heads = n_heads
         self.att_norm = nn.RMSNorm(dim, eps=1e-6)
         self.ffn_norm = nn.RMSNorm(dim, eps=1e-6)
-        self.att = Attention(dim, n_heads)
-        self.mlp = MLP(dim)
+        self.att = nn.ModuleDict(dict(c_attn=nn.Linear(dim, 3 * dim, False), c_proj=nn.Linear(dim, dim, False)))
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(dim, 4 * dim, False), fc2=nn.Linear(4 * dim, dim, False)))
 
     def forward(self, x, key_mask):
-        x = x + self.att(self.att_norm(x), key_mask)
-        return x + self.mlp(self.ffn_norm(x))
+        """x [B, T, C]; key_mask [B, 1, 1, T] bool (True = real frame) or None. Attention is bidirectional."""
+        x = x + self.attend(self.att_norm(x), key_mask)  # its q, k, v freed before the MLP's peak
+        h = self.ffn_norm(x)
+        return x + self.mlp.fc2(F.silu(self.mlp.fc1(h)))
+
+    def attend(self, h, key_mask):
+        B, T, C = h.shape
+        q, k, v = self.att.c_attn(h).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(_rotate_by_head(q), _rotate_by_head(k), v, attn_mask=key_mask)
+        return self.att.c_proj(y.transpose(1, 2).reshape(B, T, C))  # [B, T, C]
 
 
 def checkpoint_key(name: str) -> str:
@@ -214,6 +237,22 @@ def checkpoint_key(name: str) -> str:
     prefix = {"project_out": "generator.quantizer.project_out", "fc_post_a": "fc_post_a",
               "head": "generator.head.out"}.get(first, "generator.backbone." + first)
     return f"{prefix}.{rest}"
+
+
+def transformers_keys(name: str) -> list[str]:
+    """Our parameter name -> its key(s) in transformers' Xcodec2Model (HKUSTAudio/xcodec2-hf); c_attn is
+    its q, k and v projections stacked, in that order."""
+    first, _, rest = name.partition(".")
+    if first == "transformers":
+        i, _, rest = rest.partition(".")
+        if rest == "att.c_attn.weight":
+            return [f"acoustic_decoder.layers.{i}.self_attn.{x}_proj.weight" for x in "qkv"]
+        rest = rest.replace("att_norm", "input_layernorm").replace("ffn_norm", "post_attention_layernorm")
+        rest = rest.replace("att.c_proj", "self_attn.o_proj")
+        return [f"acoustic_decoder.layers.{i}.{rest}"]
+    prefix = {"project_out": "quantizer.project_out", "fc_post_a": "acoustic_decoder.fc",
+              "head": "acoustic_decoder.head.linear", "final_layer_norm": "acoustic_decoder.norm"}
+    return [f"{prefix.get(first, 'acoustic_decoder.' + first)}.{rest}"]
 
 
 def _weights_file(path_or_id: str) -> str:
@@ -233,10 +272,9 @@ def _weights_file(path_or_id: str) -> str:
 
 
 class XCodec2Decoder(nn.Module):
-    """XCodec2's decoding path: codes [B, 1, T] -> wav [B, 1, T * hop_length] at 16 kHz, float32.
-
-    Equals `XCodec2Model.decode_code` of the xcodec2 package; `lengths` [B] (real codes per row, the rest
-    being padding) makes each row's audio equal to that row decoded alone."""
+    """XCodec2's decoding path: codes [B, 1, T] -> wav [B, 1, T * hop_length] at 16 kHz, float32. Equals
+    `XCodec2Model.decode_code` of the xcodec2 package; `lengths` [B] (real codes per row, the rest being
+    padding) makes each row's audio equal to that row decoded alone."""
 
     def __init__(self, config: XCodec2Config = XCodec2Config()):
         super().__init__()
@@ -251,8 +289,9 @@ class XCodec2Decoder(nn.Module):
         self.head = nn.Linear(c.hidden_dim, 4 * c.hop_length + 2)  # log-magnitude and phase of 2 hop + 1 bins
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str = "HKUSTAudio/xcodec2", config: XCodec2Config = XCodec2Config()):
-        """Read only the decoder's tensors of an XCodec2 checkpoint (model.safetensors; file, dir or hub id)."""
+    def from_pretrained(cls, path_or_id: str = XCODEC2, config: XCodec2Config = XCodec2Config()):
+        """Read only the decoder's tensors of an XCodec2 checkpoint (model.safetensors; file, dir or hub id),
+        the original's (HKUSTAudio/xcodec2) or transformers' (HKUSTAudio/xcodec2-hf)."""
         from safetensors import safe_open
         file = _weights_file(path_or_id)
         with torch.device("meta"):  # no random init of weights that are about to be replaced
@@ -261,10 +300,10 @@ class XCodec2Decoder(nn.Module):
         with safe_open(file, framework="pt", device="cpu") as f:
             keys = set(f.keys())
             for name, p in model.state_dict().items():
-                key = checkpoint_key(name)
-                if key not in keys:
-                    raise KeyError(f"{file}: no tensor {key!r}; is this an XCodec2 checkpoint?")
-                t = f.get_tensor(key)
+                want = transformers_keys(name) if "acoustic_decoder.fc.weight" in keys else [checkpoint_key(name)]
+                if missing := [k for k in want if k not in keys]:
+                    raise KeyError(f"{file}: no tensor {missing[0]!r}; is this an XCodec2 checkpoint?")
+                t, key = torch.cat([f.get_tensor(k) for k in want]), want[0]
                 if t.shape != p.shape:
                     raise ValueError(f"{file}: {key} has shape {tuple(t.shape)} but the decoder expects "
                                      f"{tuple(p.shape)}: pass the XCodec2Config of this checkpoint")
@@ -326,38 +365,51 @@ PRECISIONS = ("tf32", "bf16", "fp32")
 
 
 class XCodec2Codec:
-    """XCodec2 through XCodec2Decoder: reads only the decoder's weights, needs no xcodec2 package.
-
-    precision, on CUDA (a CPU always computes in fp32, except "bf16"): "tf32" (default) fp32
-    weights with TF32 matmuls and convolutions, about 8x the strict-fp32 throughput of an H100's
-    tensor cores at ~1e-3 relative error per product; "bf16" autocast, 2x more, 37 dB SNR against
-    fp32 (max error 0.0015 at a 0.09 peak, measured on the test file's and the full-size random
-    decoder); "fp32" strict."""
+    """XCodec2: decode through XCodec2Decoder (only the decoder's weights, no xcodec2 package), encode through
+    transformers' Xcodec2Model. precision of decode on CUDA (a CPU computes in fp32, except "bf16"): "tf32"
+    (default) fp32 weights with TF32 matmuls and convolutions, about 8x the strict-fp32 throughput of an
+    H100's tensor cores at ~1e-3 relative error per product; "bf16" autocast, 2x more, 37 dB SNR against fp32
+    (max error 0.0015 at a 0.09 peak, on the test file's and the full-size random decoder); "fp32" strict."""
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, model="HKUSTAudio/xcodec2", device="cpu", config: XCodec2Config = XCodec2Config(),
-                 precision: str = "tf32"):
+    def __init__(self, model=XCODEC2, device="cpu", config: XCodec2Config = XCodec2Config(),
+                 precision: str = "tf32", encoder=None):
         if precision not in PRECISIONS:
             raise ValueError(f"codec precision {precision!r}: expected one of {PRECISIONS}")
         self.device, self.precision = torch.device(device), precision
         decoder = model if isinstance(model, XCodec2Decoder) else XCodec2Decoder.from_pretrained(model, config)
         self.model = decoder.eval().to(self.device)
+        own = model if isinstance(model, str) and model != XCODEC2 else XCODEC2_HF  # an -hf checkpoint serves both
+        self.encoder = own if encoder is None else encoder  # an Xcodec2Model, or its hub id / dir: loaded on 1st use
+
+    @torch.no_grad()
+    def encode(self, audios) -> list[list[int]]:
+        """transformers' Xcodec2Model.encode (w2v-bert-2.0 semantic encoder + acoustic encoder + FSQ), on its
+        device, one clip at a time so that a clip's codes never depend on its batch. A clip of S samples is
+        padded as Xcodec2FeatureExtractor pads it (at least one zero, to a multiple of 320: S // 320 + 1 codes)
+        and keeps the codes the model marks valid (its audio_codes_mask): (S + 1) // 320 of them."""
+        if isinstance(self.encoder, str):
+            self.encoder = load_transformers_xcodec2(self.encoder, self.device)
+        from transformers import SeamlessM4TFeatureExtractor  # Xcodec2FeatureExtractor's fbank, without torchaudio
+        model, hop, fbank, out = self.encoder, self.encoder.config.hop_length, SeamlessM4TFeatureExtractor(), []
+        for a in _as_audio(audios):
+            wav = np.pad(a, (0, (len(a) // hop + 1) * hop - len(a)))  # [k * hop]
+            feats = fbank(np.pad(wav, hop // 2), sampling_rate=SAMPLE_RATE, return_tensors="pt")
+            x = torch.from_numpy(wav)[None, None].to(model.device, model.dtype)  # [1, 1, k * hop]
+            codes = model.encode(x, feats["input_features"].to(model.device, model.dtype)).audio_codes  # [1, 1, k]
+            out.append(codes[0, 0, :(len(a) + 1) // hop].tolist())
+        return out
 
     @contextlib.contextmanager
     def _numerics(self):
         """The precision's settings for one decode, restored after (they are process-wide)."""
-        if self.precision == "bf16":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                yield
-            return
-        if self.precision == "fp32" or self.device.type != "cuda":
-            yield
-            return
+        tf32 = self.precision == "tf32" and self.device.type == "cuda"
         matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls
-        torch.backends.cudnn.allow_tf32 = True  # TF32 convolutions
+        torch.set_float32_matmul_precision("high" if tf32 else matmul)  # TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = tf32 or cudnn  # TF32 convolutions
         try:
-            yield
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                yield
         finally:
             torch.set_float32_matmul_precision(matmul)
             torch.backends.cudnn.allow_tf32 = cudnn
@@ -370,9 +422,7 @@ class XCodec2Codec:
             return []
         lengths = [len(s) for s in seqs]
         T = max(max(lengths), 1)
-        batch = torch.zeros(len(seqs), 1, T, dtype=torch.long)  # [B, 1, T], right-padded with code 0
-        for i, s in enumerate(seqs):
-            batch[i, 0, :len(s)] = torch.tensor(s, dtype=torch.long)
+        batch = torch.tensor([s + [0] * (T - len(s)) for s in seqs], dtype=torch.long)[:, None]  # [B, 1, T], 0-padded
         # An empty clip decodes one padding frame (cut below) rather than none; no padding, no mask.
         frames = torch.tensor([max(n, 1) for n in lengths])
         with self._numerics():
@@ -381,19 +431,36 @@ class XCodec2Codec:
         return [wav[i, 0, :n * SAMPLES_PER_CODE].copy() for i, n in enumerate(lengths)]
 
 
+def load_transformers_xcodec2(path_or_id: str = XCODEC2_HF, device="cpu"):
+    """transformers' Xcodec2Model from a hub id or directory, whole (encode needs all of it), in eval mode."""
+    import transformers
+    if not hasattr(transformers, "Xcodec2Model"):
+        raise ImportError(f"XCodec2 encode needs transformers >= 5.13 (Xcodec2Model); this is "
+                          f"{transformers.__version__}: pip install -U 'transformers>=5.13'")
+    hint = f"encode needs transformers' Xcodec2Model checkpoint {XCODEC2_HF} or a local copy (it decodes too)"
+    try:
+        model, info = transformers.Xcodec2Model.from_pretrained(path_or_id, output_loading_info=True)
+    except Exception as e:
+        raise OSError(f"could not load the XCodec2 encoder {path_or_id!r} ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[0]}); {hint}: --codec xcodec2:PATH") from e
+    if missing := sorted(info["missing_keys"]):  # e.g. the original HKUSTAudio/xcodec2 (its config.json: xcodec2)
+        raise OSError(f"{path_or_id!r} is not a transformers Xcodec2Model checkpoint ({len(missing)} tensors "
+                      f"missing, e.g. {missing[0]}); {hint}: --codec xcodec2:PATH")
+    return model.eval().to(device)
+
+
 class XCodec2PackageCodec:
     """XCodec2 through the `xcodec2` package (`XCodec2Model.decode_code`)."""
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, model: str = "HKUSTAudio/xcodec2", device="cpu"):
+    def __init__(self, model: str = XCODEC2, device="cpu"):
         try:
             from xcodec2.modeling_xcodec2 import XCodec2Model
         except ImportError as e:
             raise ImportError(
-                "codec 'xcodec2-package' needs the xcodec2 package. It pins torch==2.5.0; to keep your torch, "
-                "install it with `pip install xcodec2 --no-deps` and then its needs by hand "
-                "(vector-quantize-pytorch, einops, torchtune, torchao). Or use --codec xcodec2, "
-                "which needs none of them.") from e
+                "codec 'xcodec2-package' needs the xcodec2 package. It pins torch==2.5.0; to keep your torch, install "
+                "it with `pip install xcodec2 --no-deps` and then its needs by hand (vector-quantize-pytorch, einops, "
+                "torchtune, torchao). Or use --codec xcodec2, which needs none of them.") from e
         self.device = torch.device(device)
         self.model = XCodec2Model.from_pretrained(model).eval().to(self.device)
 
@@ -407,21 +474,25 @@ class XCodec2PackageCodec:
             clips.append(wav[:len(seq) * SAMPLES_PER_CODE])
         return clips
 
+    @torch.no_grad()
+    def encode(self, audios) -> list[list[int]]:
+        """The package's encode_code, one clip at a time, cut as XCodec2Codec.encode: (S + 1) // 320 codes."""
+        return [self.model.encode_code(torch.from_numpy(a)[None].to(self.device)).reshape(-1)
+                [:(len(a) + 1) // SAMPLES_PER_CODE].tolist() for a in _as_audio(audios)]
+
 
 def load_codec(name: str, device="cpu", precision: str = "tf32"):
     """'tone', 'words[:PATH]' (the demo's spoken words, default data/demo/words.npz), 'xcodec2[:PATH_OR_HUB_ID]'
     (ours, computing in `precision` on CUDA: XCodec2Codec) or 'xcodec2-package[:PATH_OR_HUB_ID]' (the
     xcodec2 package)."""
+    kind, _, path = name.partition(":")
     if name == "tone":
         return ToneCodec()
-    if name == "words" or name.startswith("words:"):
-        _, _, path = name.partition(":")
+    if kind == "words":
         return WordCodec(path or WORDS_FILE)
-    if name == "xcodec2-package" or name.startswith("xcodec2-package:"):
-        _, _, path = name.partition(":")
-        return XCodec2PackageCodec(path or "HKUSTAudio/xcodec2", device)
-    if name == "xcodec2" or name.startswith("xcodec2:"):
-        _, _, path = name.partition(":")
-        return XCodec2Codec(path or "HKUSTAudio/xcodec2", device, precision=precision)
+    if kind == "xcodec2":
+        return XCodec2Codec(path or XCODEC2, device, precision=precision)
+    if kind == "xcodec2-package":
+        return XCodec2PackageCodec(path or XCODEC2, device)
     raise ValueError(f"unknown codec {name!r}: expected 'tone', 'words[:PATH]', 'xcodec2[:PATH]' or "
                      "'xcodec2-package[:PATH]'")

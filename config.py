@@ -19,7 +19,7 @@ def opt(default, help):
 
 @dataclass
 class Config:
-    preset: str = opt("", "named defaults: 'tiny' (offline CPU smoke run), 'demo' (real Whisper, learns on a CPU in "
+    preset: str = opt("", "named defaults: 'tiny' (offline CPU smoke run), 'tiny-clone' (with voice prompts), 'demo' (real Whisper, learns on a CPU in "
                           "minutes), 'llasa-1b' (the seed's recipe), 'llasa-3b', 'llasa-8b' (the same with FSDP2 "
                           "and activation checkpointing)")
     # models
@@ -76,6 +76,15 @@ class Config:
                                      "leaves a band around the initial policy's")
     guard_rate_band: float = opt(0.25, "relative band on chars_per_s: [ref / (1 + b), ref * (1 + b)]")
     guard_pitch_band: float = opt(0.5, "relative band on f0_std_semitones: [ref / (1 + b), ref * (1 + b)]")
+    # voice cloning: rows with prompt_wav + prompt_text (data.py)
+    speaker_model: str = opt("wavlm-sv", "speaker model for `sim` (prompt rows only): 'wavlm-sv[:PATH]', a "
+                                         "Seed-TTS-eval WavLM-large+ECAPA .pth, or 'module:function'")
+    prompt_decode: str = opt("alone", "audio of a cloned clip: 'alone' (its codes decoded alone) or 'context' "
+                                      "(after the prompt's codes, cut at the seam)")
+    sim_weight: float = opt(0.0, "weight of speaker similarity's own group-normalized advantage (GLM-TTS); 0 = off")
+    sim_guard: bool = opt(False, "scale down the reward of samples whose speaker similarity falls more than "
+                                 "--sim-guard-band below the initial policy's median")
+    sim_guard_band: float = opt(0.05, "how far below the initial median SIM (cosine) the guard starts")
     # optimizer
     lr: float = opt(1e-6, "AdamW learning rate")
     warmup_steps: int = opt(0, "linear learning-rate warmup, steps")
@@ -97,6 +106,14 @@ PRESETS = {
                  val_data=_SAMPLE_VAL, out="runs/tiny", steps=6, prompts_per_step=4, group_size=4,
                  max_new_tokens=64, top_p=1.0, lr=1e-3, kl_coef=0.04, micro_batch=8, sample_every=3,
                  save_every=3, val_every=3, n_samples=2, whisper_max_tokens=16, whisper_threads=1),
+    # The tiny run with voice prompts (data/clone: two tone-codec "voices"), speaker similarity by a
+    # seeded random tiny speaker model: the cloning path end to end, offline.
+    "tiny-clone": dict(model="tiny", codec="tone", whisper="random-tiny", whisper_device="cpu", device="cpu",
+                       data=os.path.join(os.path.dirname(data.SAMPLE_DATA), "clone", "train.jsonl"),
+                       val_data=os.path.join(os.path.dirname(data.SAMPLE_DATA), "clone", "val.jsonl"),
+                       out="runs/tiny-clone", steps=4, prompts_per_step=4, group_size=4, max_new_tokens=64,
+                       top_p=1.0, lr=1e-3, kl_coef=0.04, micro_batch=8, sample_every=2, save_every=2, val_every=2,
+                       n_samples=2, whisper_max_tokens=16, whisper_threads=1, speaker_model="random-tiny"),
     # The seed's recipe, except responses capped at Whisper's 30 s window (1500 tokens, not 2048).
     "llasa-1b": dict(model="HKUSTAudio/Llasa-1B", codec="xcodec2", whisper="large-v3", whisper_device="cuda:2",
                      steps=200, prompts_per_step=8, group_size=16, max_new_tokens=1500, temperature=0.8,
@@ -162,7 +179,11 @@ def check_config(cfg: Config, world: int = 1):
         raise ValueError(f"--group-size must be >= 2 (advantages compare samples of one prompt), got {cfg.group_size}")
     if cfg.clip_ratio_c <= 1:
         raise ValueError(f"--clip-ratio-c must be > 1, got {cfg.clip_ratio_c}")
-    for name in ("guard_rate_band", "guard_pitch_band"):
+    if cfg.prompt_decode not in ("alone", "context"):
+        raise ValueError(f"--prompt-decode {cfg.prompt_decode!r}: expected 'alone' or 'context'")
+    if cfg.sim_weight < 0:
+        raise ValueError(f"--sim-weight must be >= 0, got {cfg.sim_weight}")
+    for name in ("guard_rate_band", "guard_pitch_band", "sim_guard_band"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{flag(name)} must be > 0, got {getattr(cfg, name)}")
     frames = cfg.whisper_window * 50  # Whisper's encoder positions: 50 per second

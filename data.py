@@ -1,12 +1,17 @@
 """Datasets, LLASA prompt formatting, speech-token ids, and the tiny offline tokenizer.
 
-A dataset is a JSONL file with a `text` field per row (optional `id`, `language`) or a .txt file
-with one text per line. LLASA prompts are built through the tokenizer's own chat template, the way
-LLASA's inference code does (DESIGN.md §4); every special id is looked up by name.
+A dataset is a JSONL file with a `text` field per row (optional `id`, `language`, and for voice
+cloning `prompt_wav` + `prompt_text`: a recording of the voice to clone and what it says), a
+Seed-TTS-eval list (`.lst`: `utt|prompt_text|prompt_wav|text[|wav]`), or a .txt file with one text
+per line. Prompt audio paths are relative to the data file and are checked at load time. LLASA
+prompts are built through the tokenizer's own chat template, the way LLASA's inference code does
+(DESIGN.md §4); every special id is looked up by name.
 """
 import json
 import os
 from dataclasses import dataclass
+
+import numpy as np
 
 # The 8 markers LLASA added to Llama-3's vocabulary (with add_tokens, not as special tokens).
 LLASA_MARKERS = [
@@ -32,6 +37,65 @@ class Example:
     id: str
     language: str | None = None  # Whisper language (code or name) of this row; None = the run's default
     source: str = ""  # "file:line", for error messages
+    prompt_wav: str | None = None  # voice cloning: the voice's recording (a path, checked at load)
+    prompt_text: str | None = None  # what prompt_wav says
+
+
+SAMPLE_RATE = 16000  # XCodec2's and Whisper's rate
+
+
+def read_audio(path: str) -> np.ndarray:
+    """A sound file as float32 mono [S] at 16 kHz: channels averaged, another rate resampled (by
+    FFT: exact for band-limited audio, the right tool for whole short clips)."""
+    import soundfile as sf
+    audio, rate = sf.read(path, dtype="float32", always_2d=True)  # [S, channels]
+    audio = audio.mean(axis=1)
+    if rate != SAMPLE_RATE and len(audio):
+        n = max(1, round(len(audio) * SAMPLE_RATE / rate))
+        spectrum = np.fft.rfft(audio.astype(np.float64))
+        keep = min(len(spectrum), n // 2 + 1)
+        audio = np.fft.irfft(spectrum[:keep], n) * (n / len(audio))
+    return audio.astype(np.float32)
+
+
+def _prompt(where: str, base: str, wav, text) -> tuple[str | None, str | None]:
+    """A row's (prompt_wav as a path, prompt_text), both or neither; the audio must be readable."""
+    if wav is None and text is None:
+        return None, None
+    if not isinstance(wav, str) or not isinstance(text, str) or not wav.strip() or not text.strip():
+        raise ValueError(f"{where}: voice cloning needs both 'prompt_wav' and 'prompt_text' as non-empty "
+                         f"strings, got prompt_wav={wav!r}, prompt_text={text!r}")
+    path = os.path.join(base, wav.strip())
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}: prompt audio not found: {path}")
+    try:
+        import soundfile as sf
+        info = sf.info(path)
+    except Exception as e:  # noqa: BLE001 -- any reason it cannot be read, named with the line
+        raise ValueError(f"{where}: prompt audio {path} cannot be read: {e}") from None
+    if info.frames == 0:
+        raise ValueError(f"{where}: prompt audio {path} is empty")
+    return path, text.strip()
+
+
+def _seed_tts_list(path: str) -> list[Example]:
+    """Seed-TTS-eval's list format, one row per line: utt|prompt_text|prompt_wav|text (a 5th field,
+    the reference recording of the text, is allowed and not needed here)."""
+    examples, base = [], os.path.dirname(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where, fields = f"{path}:{lineno}", line.rstrip("\n").split("|")
+            if len(fields) not in (4, 5):
+                raise ValueError(f"{where}: expected 4 or 5 '|'-separated fields (utt|prompt_text|prompt_wav|"
+                                 f"text[|wav]), got {len(fields)}: {line.strip()[:80]!r}")
+            utt, prompt_text, prompt_wav, text = (x.strip() for x in fields[:4])
+            if not utt or not text:
+                raise ValueError(f"{where}: empty utterance id or text")
+            wav, prompt_text = _prompt(where, base, prompt_wav, prompt_text)
+            examples.append(Example(text=text, id=utt, source=where, prompt_wav=wav, prompt_text=prompt_text))
+    return examples
 
 
 def read_jsonl(path: str):
@@ -51,14 +115,18 @@ def read_jsonl(path: str):
 
 
 def load_dataset(path: str) -> list[Example]:
-    """Read texts from JSONL (`text`, optional `id`, `language`) or .txt (one text per line).
+    """Read texts from JSONL (`text`, optional `id`, `language`, `prompt_wav` + `prompt_text`), a
+    Seed-TTS-eval list (.lst) or .txt (one text per line).
 
-    Blank lines are skipped; anything malformed raises ValueError naming file and line."""
+    Blank lines are skipped; anything malformed, or prompt audio that is missing or unreadable,
+    raises an error naming file and line."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset not found: {path}")
     examples = []
     name = os.path.basename(path)
-    if not path.endswith((".jsonl", ".json")):
+    if path.endswith(".lst"):
+        examples = _seed_tts_list(path)
+    elif not path.endswith((".jsonl", ".json")):
         with open(path, encoding="utf-8") as f:
             examples = [Example(text=line.strip(), id=f"{name}:{lineno}", source=f"{path}:{lineno}")
                         for lineno, line in enumerate(f, 1) if line.strip()]
@@ -72,8 +140,9 @@ def load_dataset(path: str) -> list[Example]:
             lang = row.get("language")
             if lang is not None and not isinstance(lang, str):
                 raise ValueError(f"{where}: field 'language' must be a string, got {lang!r}")
+            wav, prompt_text = _prompt(where, os.path.dirname(path), row.get("prompt_wav"), row.get("prompt_text"))
             examples.append(Example(text=row["text"].strip(), id=str(row.get("id", f"{name}:{lineno}")),
-                                    language=lang, source=where))
+                                    language=lang, source=where, prompt_wav=wav, prompt_text=prompt_text))
     if not examples:
         raise ValueError(f"{path}: no texts found")
     return examples
@@ -125,13 +194,20 @@ def speech_vocab(tokenizer) -> SpeechVocab:
                        end_id=token_id(tokenizer, SPEECH_END))
 
 
-def prompt_ids(tokenizer, text: str) -> list[int]:
-    """LLASA's TTS prompt for `text` as token ids, ending in <|SPEECH_GENERATION_START|>.
+def prompt_ids(tokenizer, text: str, prompt_text: str | None = None, prompt_codes=None) -> list[int]:
+    """LLASA's TTS prompt for `text` as token ids, ending in <|SPEECH_GENERATION_START|>; with a
+    voice prompt, LLASA's clone prompt: the text is prompt_text + " " + text and the assistant turn
+    goes on after <|SPEECH_GENERATION_START|> with the prompt's speech tokens (prompt_codes, codec
+    codes), so the model continues in that voice and only what it generates is the new speech.
 
     The chat is rendered to a string and then tokenized (instead of apply_chat_template(tokenize=True)),
     which behaves the same on transformers 4.46+ and 5.x."""
     if not text or not text.strip():
         raise ValueError("empty text: nothing to synthesize")
+    if (prompt_text is None) != (prompt_codes is None):
+        raise ValueError("a voice prompt needs both prompt_text and prompt_codes")
+    if prompt_text is not None:
+        text = f"{prompt_text.strip()} {text.strip()}"
     for name in ("<|TEXT_UNDERSTANDING_START|>", "<|TEXT_UNDERSTANDING_END|>", SPEECH_START):
         token_id(tokenizer, name)
     chat = [
@@ -142,6 +218,12 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     if ids[-1] != token_id(tokenizer, SPEECH_START):
         raise ValueError(f"the chat template did not end the prompt with {SPEECH_START}: ...{rendered[-80:]!r}")
+    if prompt_codes is not None:  # the speech tokens <|s_k|> are single tokens: their ids, in order
+        speech = speech_vocab(tokenizer)
+        bad = [c for c in prompt_codes if not 0 <= int(c) < speech.n]
+        if bad:
+            raise ValueError(f"prompt codes outside the {speech.n} speech tokens: {bad[:5]}")
+        ids = ids + [speech.first + int(c) for c in prompt_codes]
     return ids
 
 

@@ -30,7 +30,7 @@ from config import LOSS_AGGS, Config, parse_config
 import parallel
 from plot import plot
 from parallel import Dist, is_sharded, setup_distributed, sync_gradients
-from prosody import GUARDED, guard_factor
+from prosody import GUARDED, guard_factor, sim_factor
 from models import load_model
 from llama import LogProbs, to_rows
 from rollout import Sampler
@@ -242,6 +242,16 @@ def step_rewards(scores: list, finished: torch.Tensor, guard: list | None, where
     return rewards * torch.tensor(guard) if guard is not None else rewards
 
 
+def step_sims(scores: list, finished: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Speaker similarities [N] for --sim-weight: each clip's sim; a clip without one (no prompt, an
+    error) or truncated gets its group's mean, so it adds no advantage either way."""
+    sims = torch.tensor([s.sim if s.sim is not None else math.nan for s in scores], dtype=torch.float32)
+    sims[~finished] = math.nan
+    groups = sims.view(-1, group_size)  # [groups, G]
+    mean = groups.nanmean(dim=1, keepdim=True).nan_to_num(0.0)
+    return torch.where(groups.isnan(), mean, groups).view(-1)
+
+
 # ----------------------------------------------------------------------------------------------
 # The trainer
 
@@ -304,27 +314,33 @@ class Trainer:
     def train_step(self, step: int) -> tuple[dict, dict]:
         cfg, d, G = self.cfg, self.d, self.cfg.group_size
         examples = step_examples(self.examples, step, cfg, d)
-        if cfg.prosody_guard and self.prosody_reference is None:  # once per run, before the first update
-            self.prosody_reference = self.measure_prosody()
-        texts = [ex.text for ex in examples for _ in range(G)]  # [B*G], group by group
-        langs = [ex.language or cfg.language or None for ex in examples for _ in range(G)]
+        if (cfg.prosody_guard or cfg.sim_guard) and self.prosody_reference is None:  # once per run
+            self.prosody_reference = self.measure_reference()
+        items = [ex for ex in examples for _ in range(G)]  # [B*G], group by group
+        texts = [ex.text for ex in items]
         with d.together(f"step {step + 1}'s rollouts and rewards"):
-            # 1-3. Rollouts: G samples per prompt from the current policy -> audio (the speech tokens
-            # before the stop token) -> scores from the Whisper worker, chunk by chunk, overlapped.
-            roll, audios, scores, seconds = self.sampler.rollout_and_score(texts, langs, self.gen)
+            # 1-3. Rollouts: G samples per prompt from the current policy (after a voice prompt,
+            # in its voice) -> audio of the speech tokens before the stop token -> scores from the
+            # Whisper worker (and speaker similarity to the prompt), chunk by chunk, overlapped.
+            roll, audios, scores, seconds = self.sampler.rollout_and_score(items, self.gen)
             if not len(scores) == len(audios) == len(texts) == roll.tokens.shape[0]:
                 raise RuntimeError(f"step {step + 1}: {len(scores)} scores for {len(texts)} rollouts")
-            # The rewards trained on [B*G]: 0 for a truncated sample (no stop token); with
-            # --prosody-guard, less for rushed or monotone speech (prosody.guard_factor).
-            guard = [self.guard(s) for s in scores] if cfg.prosody_guard else None
+            # The rewards trained on [B*G]: 0 for a truncated sample (no stop token); with the
+            # guards, less for rushed or monotone speech or a voice drifting from the prompt's.
+            guard = [self.guard(s) for s in scores] if cfg.prosody_guard or cfg.sim_guard else None
             rewards = step_rewards(scores, roll.finished.cpu(), guard, f"step {step + 1}")
-            # 4. Advantages within each group (whole groups live on one rank).
-            advantages = group_advantages(rewards, G, scale=cfg.scale_rewards).to(self.device)  # [B*G]
+            # 4. Advantages within each group (whole groups live on one rank); with --sim-weight,
+            # plus the weighted, separately normalized advantage of speaker similarity (GLM-TTS).
+            advantages = group_advantages(rewards, G, scale=cfg.scale_rewards)  # [B*G]
+            if cfg.sim_weight:
+                sims = step_sims(scores, roll.finished.cpu(), G)
+                advantages = advantages + cfg.sim_weight * group_advantages(sims, G, scale=cfg.scale_rewards)
+            advantages = advantages.to(self.device)
 
         # 5. Clipped policy-gradient update with KL to the reference, gradients summed over ranks.
         t0 = time.time()
         self.policy.train()
-        ro = Rollouts([self.sampler.prompt(t) for t in texts], roll.tokens, roll.lengths, advantages,
+        ro = Rollouts([self.sampler.prompt(ex) for ex in items], roll.tokens, roll.lengths, advantages,
                       roll.logprobs)
         stats = update_policy(self.policy, self.ref, self.optimizer, self.scheduler, ro, cfg, d,
                               self.autocast, self.sampler.allowed_ids)
@@ -340,25 +356,20 @@ class Trainer:
         return metrics, shown
 
     def guard(self, score) -> float:
-        return guard_factor(score, self.prosody_reference, rate_band=self.cfg.guard_rate_band,
-                            pitch_band=self.cfg.guard_pitch_band)
+        """The guards' factor on a clip's reward (1 where no guard is on)."""
+        cfg, ref = self.cfg, self.prosody_reference
+        prosody = guard_factor(score, ref, rate_band=cfg.guard_rate_band,
+                               pitch_band=cfg.guard_pitch_band) if cfg.prosody_guard else 1.0
+        return prosody * (sim_factor(score.sim, ref["sim"], cfg.sim_guard_band) if cfg.sim_guard else 1.0)
 
-    def measure_prosody(self) -> dict:
-        """The current policy's median speaking rate and pitch spread, the reference of
-        --prosody-guard: G samples of each validation text (or of the first step's prompts), at most
-        one training batch of clips. Medians, because a few near-empty clips have huge rates."""
+    def measure_reference(self) -> dict:
+        """The initial policy's medians of what the guards hold (--prosody-guard: speaking rate and
+        pitch spread; --sim-guard: speaker similarity), on G samples of each validation text (or
+        of the first step's prompts), at most one training batch of clips."""
         cfg = self.cfg
-        texts = self.val_examples or step_examples(self.examples, 0, cfg, Dist())
-        repeated = [ex for ex in texts for _ in range(cfg.group_size)][:cfg.prompts_per_step * cfg.group_size]
-        scores, *_ = self.sampler.sample_and_score(repeated, "the prosody reference")
-        reference = {}
-        for name in GUARDED:
-            values = [getattr(s, name) for s in scores if getattr(s, name) is not None]
-            reference[name] = float(np.median(values)) if values else 0.0
-        if not all(reference.values()):
-            raise ValueError(f"--prosody-guard: the initial policy's {reference} cannot be a reference "
-                             "(no speech or no voiced frames in its samples)")
-        return reference
+        names = (GUARDED if cfg.prosody_guard else ()) + (("sim",) if cfg.sim_guard else ())
+        examples = self.val_examples or step_examples(self.examples, 0, cfg, Dist())
+        return self.sampler.reference(examples, names, "the guards' reference")
 
     def validate(self) -> tuple[dict, dict]:
         """One sample per validation text with a fixed seed, so steps compare like for like: (the
@@ -386,7 +397,8 @@ def train(cfg: Config) -> list[dict]:
         with d.together("start-up"):  # before anything is written or loaded: the cheap checks
             resume_from = outputs.resolve_resume(cfg.out, cfg.resume)
             datasets = data.load_data(cfg)
-        worker, scorer = parallel.start_scorer(cfg, d)
+        cloning = any(ex.prompt_wav for ex in datasets[0] + datasets[1])
+        worker, scorer = parallel.start_scorer(cfg, d, cfg.speaker_model if cloning else None)
         with d.together("loading the models"):
             tr = Trainer(cfg, d, device, scorer, resume_from, datasets)
         if tr.start_step >= cfg.steps:

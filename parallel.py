@@ -118,8 +118,9 @@ def setup_distributed(cfg) -> tuple[Dist, torch.device]:
     return d, device
 
 
-def start_scorer(cfg, d: Dist):
-    """Local rank 0 starts this node's Whisper worker; every rank of the node connects to it.
+def start_scorer(cfg, d: Dist, speaker_model: str | None = None):
+    """Local rank 0 starts this node's Whisper worker (with `speaker_model` for speaker similarity,
+    when the data has voice prompts); every rank of the node connects to it.
     Returns (worker or None, scorer)."""
     from whisper_worker import WhisperWorker, WorkerClient
     worker = None
@@ -128,7 +129,7 @@ def start_scorer(cfg, d: Dist):
             worker = WhisperWorker(dict(model=cfg.whisper, device=cfg.whisper_device, language=cfg.language or None,
                                         batch_size=cfg.whisper_batch,
                                         max_transcript_tokens=cfg.whisper_max_tokens or None,
-                                        window_s=cfg.whisper_window,
+                                        window_s=cfg.whisper_window, speaker_model=speaker_model,
                                         reward_config=dict(beta_c=cfg.beta_c, tau_n=cfg.tau_n,
                                                            lambda_c=cfg.lambda_c, lambda_n=cfg.lambda_n)),
                                    reward=cfg.reward, request_timeout=cfg.worker_timeout,

@@ -188,3 +188,14 @@ def guard_factor(score, reference: dict, *, rate_band: float, pitch_band: float)
         return 1.0
     return (band_factor(score.chars_per_s, reference["chars_per_s"], rate_band)
             * band_factor(score.f0_std_semitones, reference["f0_std_semitones"], pitch_band))
+
+
+def sim_factor(sim: float | None, reference: float, band: float) -> float:
+    """The factor --sim-guard multiplies a clip's reward by: 1 while its speaker similarity stays
+    above reference - band (the initial policy's median less the band; cosine units), then
+    exp(-(x / band)^2), x = how far below that edge (0.37 one band-width below it). A clip without
+    a similarity (no prompt, an error) keeps factor 1. Only a falling similarity is held back."""
+    if sim is None:
+        return 1.0
+    x = max(0.0, reference - band - float(sim))
+    return float(np.exp(-(x / band) ** 2))

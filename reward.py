@@ -66,6 +66,10 @@ class Score:
     f0_std_semitones: float | None = field(default=None, metadata={"agg": "median"})
     voiced_frac: float | None = None
     chars_per_s: float | None = field(default=None, metadata={"agg": "median"})
+    # Speaker similarity (speaker.py): cosine of the clip's and its voice prompt's speaker embeddings,
+    # in [-1, 1]; None without a prompt or a speaker model, and for a clip that could not be heard
+    # (error set). Silence (empty, all zeros, too short for the model) is 0.0: no voice, counted.
+    sim: float | None = None
 
 
 def tts_reward(cer: float, nll: float, *, beta_c: float = 3.0, tau_n: float = 3.0,

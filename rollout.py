@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 import data
+from codec import SAMPLES_PER_CODE, PromptCodes
 from decode import Decoder
 from parallel import Dist, gathered
 from sample import Rollout, cat_rollouts, generate
@@ -29,7 +30,8 @@ class Sampler:
         self.tokenizer, self.codec, self.scorer, self.autocast = tokenizer, codec, scorer, autocast
         self.speech = data.speech_vocab(tokenizer)
         self.allowed_ids = torch.tensor(self.speech.allowed_ids(), device=device)  # speech tokens + stop
-        self._prompts = {}
+        self._prompts, self._audio = {}, {}  # prompt ids, prompt audio (by path)
+        self._codes = PromptCodes(codec)  # prompt codes (by content)
         # The static, compiled decode step: built once, reused by every rollout of the run.
         compiled = cfg.compile if cfg.compile is not None else device.type == "cuda" and not cfg.fsdp
         self.decoder = Decoder(policy.lm, compile=True, max_len=cfg.max_new_tokens + 256) if compiled else None
@@ -44,28 +46,59 @@ class Sampler:
         if self.decoder is not None:
             self.decoder.release()
 
-    def prompt(self, text: str) -> list[int]:
-        if text not in self._prompts:
-            self._prompts[text] = data.prompt_ids(self.tokenizer, text)
-        return self._prompts[text]
+    # -- prompts: text, or LLASA's clone prompt (prompt text + speech tokens of the prompt audio) ---
+    def prompt(self, item) -> list[int]:
+        """The prompt ids of a text or a data.Example (with prompt_wav: LLASA's clone prompt)."""
+        ex = _example(item)
+        key = (ex.text, ex.prompt_wav, ex.prompt_text)
+        if key not in self._prompts:
+            codes = self.prompt_codes(ex.prompt_wav) if ex.prompt_wav else None
+            self._prompts[key] = data.prompt_ids(self.tokenizer, ex.text, ex.prompt_text, codes)
+        return self._prompts[key]
 
-    def rollout_and_score(self, texts: list[str], langs: list, generator, overlap: bool = True):
-        """Rollouts, audio and scores for `texts`, generated in --rollout-chunks chunks: each chunk's
-        audio goes to the scorer (in a thread) as soon as it is decoded, so scoring of chunk k runs
-        while chunk k+1 is generated. overlap=False waits for each chunk's scores (the same samples
-        and scores: `generator` is used only here, in order). Returns (rollout, audios, scores,
-        seconds [rollout, codec, the reward wait that was not hidden])."""
-        n, k = len(texts), self.cfg.rollout_chunks
+    def prompt_audio(self, path: str) -> np.ndarray:
+        """A prompt recording as float32 16 kHz, read once per run."""
+        if path not in self._audio:
+            self._audio[path] = data.read_audio(path)
+        return self._audio[path]
+
+    def prompt_codes(self, path: str) -> list[int]:
+        """The codec's codes of a prompt recording: encoded once per distinct content
+        (codec.PromptCodes: two files with the same audio share one encode), never once per step."""
+        audio = self.prompt_audio(path)
+        codes = self._codes.encode([audio])[0]
+        if not codes:
+            raise ValueError(f"prompt audio {path}: the codec gave no codes ({len(audio) / data.SAMPLE_RATE:.2f} s)")
+        return codes
+
+    def score(self, audios: list, items: list) -> list:
+        """The scorer's Scores of `audios`, each against its item's text and language, and where
+        the item has a voice prompt, against the prompt's recording (speaker similarity)."""
+        exs = [_example(x) for x in items]
+        texts = [ex.text for ex in exs]
+        langs = [ex.language or self.cfg.language or None for ex in exs]
+        if not any(ex.prompt_wav for ex in exs):
+            return self.scorer.score(audios, texts, langs)
+        prompts = [self.prompt_audio(ex.prompt_wav) if ex.prompt_wav else None for ex in exs]
+        return self.scorer.score(audios, texts, langs, prompts=prompts)
+
+    def rollout_and_score(self, items: list, generator, overlap: bool = True):
+        """Rollouts, audio and scores for `items` (texts or data.Examples), generated in
+        --rollout-chunks chunks: each chunk's audio goes to the scorer (in a thread) as soon as it is
+        decoded, so scoring of chunk k runs while chunk k+1 is generated. overlap=False waits for
+        each chunk's scores (the same samples and scores: `generator` is used only here, in order).
+        Returns (rollout, audios, scores, seconds [rollout, codec, the reward wait not hidden])."""
+        n, k = len(items), self.cfg.rollout_chunks
         bounds = sorted({n * i // k for i in range(k + 1)})
         rolls, audios, pending, seconds = [], [], [], [0.0, 0.0, 0.0]
         with ThreadPoolExecutor(max_workers=1) as pool:
             for a, b in zip(bounds, bounds[1:]):
                 t0 = time.time()
-                rolls.append(self.rollout(texts[a:b], generator))
+                rolls.append(self.rollout(items[a:b], generator))
                 t1 = time.time()
-                audios += self.decode_audio(rolls[-1])
+                audios += self.decode_audio(rolls[-1], items[a:b])
                 seconds[0], seconds[1] = seconds[0] + t1 - t0, seconds[1] + time.time() - t1
-                pending.append(pool.submit(self.scorer.score, audios[a:b], texts[a:b], langs[a:b]))
+                pending.append(pool.submit(self.score, audios[a:b], items[a:b]))
                 if not overlap:
                     t0 = time.time()
                     pending[-1].result()
@@ -75,10 +108,11 @@ class Sampler:
             seconds[2] += time.time() - t0
         return cat_rollouts(rolls), audios, scores, seconds
 
-    def rollout(self, texts: list[str], generator) -> Rollout:
-        """One sample per text (at most `self.batch` texts) from the current policy (speech tokens
-        + stop only). With the compiled step the batch is padded to `self.batch` rows with copies of
-        the last text, whose samples are dropped: every call of a run has the decoder's one shape
+    def rollout(self, texts: list, generator) -> Rollout:
+        """One sample per text or data.Example (at most `self.batch`) from the current policy
+        (speech tokens + stop only; after a voice prompt, only what the policy generates). With the
+        compiled step the batch is padded to `self.batch` rows with copies of the last item, whose
+        samples are dropped: every call of a run has the decoder's one shape
         (no graph and no KV cache per odd batch size). If the compiled step fails on its first use
         (a torch.compile or CUDA-graph problem on this machine), the run says so and goes on with
         the eager loop rather than losing the job."""
@@ -115,10 +149,36 @@ class Sampler:
             self.decoder_works = True
             return out
 
-    def decode_audio(self, roll) -> list[np.ndarray]:
+    def decode_audio(self, roll, items=None) -> list[np.ndarray]:
+        """16 kHz audio of each row's speech tokens (the stop token left out). After a voice prompt,
+        the generated part only: decoded alone (--prompt-decode alone), or after the prompt's codes
+        as left context and cut at the seam (context: the codec's attention and convolutions see
+        the voice, at the price of decoding the prompt again with every clip)."""
         codes = [self.speech.to_codes(roll.tokens[i, :n - int(fin)].tolist())
                  for i, (n, fin) in enumerate(zip(roll.lengths.tolist(), roll.finished.tolist()))]
-        return self.codec.decode(codes)
+        if items is None or self.cfg.prompt_decode == "alone":
+            return self.codec.decode(codes)
+        left = [self.prompt_codes(_example(x).prompt_wav) if _example(x).prompt_wav else [] for x in items]
+        audios = self.codec.decode([p + c for p, c in zip(left, codes)])
+        return [a[len(p) * SAMPLES_PER_CODE:] for a, p in zip(audios, left)]
+
+    def reference(self, examples: list, names: tuple, stage: str) -> dict:
+        """The current policy's medians of the Score fields `names`, on G samples of each example,
+        at most one training batch of clips (medians: a few near-empty clips have huge rates)."""
+        cfg = self.cfg
+        repeated = [ex for ex in examples for _ in range(cfg.group_size)][:cfg.prompts_per_step * cfg.group_size]
+        scores, *_ = self.sample_and_score(repeated, stage)
+        reference = {}
+        for name in names:
+            values = [getattr(s, name) for s in scores if getattr(s, name) is not None]
+            reference[name] = float(np.median(values)) if values else 0.0
+        if not all(reference[n] for n in names if n != "sim"):
+            raise ValueError(f"--prosody-guard: the initial policy's {reference} cannot be a reference "
+                             "(no speech or no voiced frames in its samples)")
+        if "sim" in names and not any(s.sim is not None for s in scores):
+            raise ValueError("--sim-guard: no sample of the initial policy has a speaker similarity (the data "
+                             "needs prompt_wav/prompt_text rows, and the worker a --speaker-model)")
+        return reference
 
     @torch.no_grad()
     def sample_and_score(self, examples: list, stage: str) -> tuple[list, list, list, dict]:
@@ -136,13 +196,12 @@ class Sampler:
         with d.together(stage):
             for i in range(0, share, self.batch):
                 part = mine[i:i + self.batch]
-                roll = self.rollout([ex.text for ex in part] or [examples[0].text], gen)
+                roll = self.rollout(part or examples[:1], gen)
                 if not part:
                     continue
                 roll = roll.head(len(part))
-                part_audios = self.decode_audio(roll)
-                part_scores = self.scorer.score(part_audios, [ex.text for ex in part],
-                                                [ex.language or cfg.language or None for ex in part])
+                part_audios = self.decode_audio(roll, part)
+                part_scores = self.score(part_audios, part)
                 if len(part_scores) != len(part):
                     raise RuntimeError(f"{stage}: {len(part_scores)} scores for {len(part)} texts")
                 scores += part_scores
@@ -154,3 +213,8 @@ class Sampler:
                  "finished": finished[:n]}
         parts = d.gather((scores, rewards, finished))
         return (*(sum((p[k] for p in parts), []) for k in range(3)), shown)
+
+
+def _example(item) -> data.Example:
+    """A data.Example, or a bare text as one (no prompt, the run's language)."""
+    return item if isinstance(item, data.Example) else data.Example(text=item, id=item)

@@ -225,6 +225,9 @@ def main(argv=None):
                         "(the CPU demo's policy, built on first use)")
     p.add_argument("--text", required=True, help="text to speak")
     p.add_argument("--out", required=True, help="output .wav path (16 kHz mono)")
+    p.add_argument("--prompt-wav", default=None,
+                   help="voice cloning: a recording of the voice to speak in (any rate, resampled to 16 kHz)")
+    p.add_argument("--prompt-text", default=None, help="voice cloning: what --prompt-wav says")
     # Official LLASA sampling settings (DESIGN.md §4) as defaults.
     p.add_argument("--temperature", type=float, default=0.8,
                    help="sampling temperature, 0 = greedy (default: 0.8)")
@@ -251,7 +254,13 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model, tokenizer = load_model(demo.resolve_model(args.model), device, dtype)
     vocab = data.speech_vocab(tokenizer)
-    ids = data.prompt_ids(tokenizer, args.text)
+    if (args.prompt_wav is None) != (args.prompt_text is None):
+        p.error("voice cloning needs both --prompt-wav and --prompt-text")
+    speech_codec = codec.load_codec(args.codec, device)
+    prompt_codes = None
+    if args.prompt_wav:  # LLASA's clone prompt: the prompt's speech tokens open the assistant turn
+        prompt_codes = speech_codec.encode([data.read_audio(args.prompt_wav)])[0]
+    ids = data.prompt_ids(tokenizer, args.text, args.prompt_text, prompt_codes)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
@@ -259,10 +268,11 @@ def main(argv=None):
                    compile=device.type == "cuda" if args.compile is None else args.compile)
     n = int(out.lengths[0]) - int(out.finished[0])  # speech tokens, without the stop token
     codes = vocab.to_codes(out.tokens[0, :n].tolist())
-    wav = codec.load_codec(args.codec, device).decode([codes])[0]
+    wav = speech_codec.decode([codes])[0]  # the generated speech only, after the prompt's
     soundfile.write(args.out, wav, codec.SAMPLE_RATE)
     status = "finished" if out.finished[0] else f"not finished (hit --max-new-tokens {args.max_new_tokens})"
-    print(f"wrote {args.out}: {len(wav) / codec.SAMPLE_RATE:.2f} s, {n} speech tokens, {status}")
+    cloned = f", in the voice of {args.prompt_wav}" if args.prompt_wav else ""
+    print(f"wrote {args.out}: {len(wav) / codec.SAMPLE_RATE:.2f} s, {n} speech tokens, {status}{cloned}")
     return out
 
 

@@ -8,9 +8,11 @@ about 0. A clip over Whisper's 30 s window is refused (too_long, reward 0), neve
 30 s. `window_s` below 30 runs the encoder on that many seconds only (`windowed`: faster on a CPU,
 for short clips), and refuses clips longer than it the same way. A bad clip, or one whose scoring
 fails in a batch, gets reward 0 and `error`; the others are scored as if alone. CustomRewardScorer
-takes a user's `module:function` reward instead. model_languages and language_code check a
-dataset's languages before any model is loaded. whisper_worker.py serves these scorers from a
-process of their own.
+takes a user's `module:function` reward instead. With a speaker model (speaker.py), either scorer
+also gives each clip that has a voice prompt its speaker similarity `sim` (speaker.SpeakerSimilarity:
+prompt embeddings cached by content, silence 0.0, a failed or refused clip None). model_languages and
+language_code check a dataset's languages before any model is loaded. whisper_worker.py serves these
+scorers from a process of their own.
 """
 import copy
 import dataclasses
@@ -29,6 +31,7 @@ from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
 
 from prosody import measure
 from reward import RewardConfig, Score, char_error_rate, normalize_text, tts_reward
+from speaker import SpeakerSimilarity, load_speaker_model
 
 WINDOW_S = N_SAMPLES / SAMPLE_RATE  # 30.0: Whisper hears one window
 SAMPLES_PER_AUDIO_FRAME = N_SAMPLES // 1500  # 320: one encoder position (two 10 ms mel frames)
@@ -51,10 +54,13 @@ class WhisperScorer:
     only (`windowed`), and longer clips are refused as too long.
     prosody_threads: CPU threads measuring prosody while Whisper runs (~55 ms per 10 s clip each);
     None: 1 beside a CPU Whisper (which wants the cores), up to 8 beside a GPU one, which serves
-    every rank's clips and would otherwise wait for one thread's pitch tracking."""
+    every rank's clips and would otherwise wait for one thread's pitch tracking.
+    speaker_model: None, or a speaker.load_speaker_model spec (or SpeakerModel) on the same device,
+    for `sim` (embedded in batches of batch_size)."""
 
     def __init__(self, model, device="cpu", language=None, *, batch_size=16, max_transcript_tokens=None,
-                 fp16=None, reward_config=None, download_root=None, window_s=WINDOW_S, prosody_threads=None):
+                 fp16=None, reward_config=None, download_root=None, window_s=WINDOW_S, prosody_threads=None,
+                 speaker_model=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_transcript_tokens is not None and max_transcript_tokens < 1:
@@ -81,14 +87,18 @@ class WhisperScorer:
         self.language = self._language_code(language)
         tokenizer = self._tokenizer(self.language)
         self._eot, self._n_prefix = tokenizer.eot, len(tokenizer.sot_sequence_including_notimestamps)
+        self.speaker = _speaker_similarity(speaker_model, self.device, batch_size)
 
-    def score(self, audios, texts, languages=None) -> list[Score]:
+    def score(self, audios, texts, languages=None, prompts=None) -> list[Score]:
         """One reward.Score per clip, in order.
 
         audios: float32 arrays [S] at 16 kHz; texts: what each should say; languages: None or one
-        code or name per clip (None entries use the default). Clips that cannot be scored get
-        reward 0 and `error` (too_long over the window, 30 s); the others are scored as if alone."""
+        code or name per clip (None entries use the default); prompts: None or one voice prompt
+        (float32 [S] at 16 kHz) or None per clip, for `sim` (ignored without a speaker model).
+        Clips that cannot be scored get reward 0 and `error` (too_long over the window, 30 s) and
+        no sim; the others are scored as if alone."""
         languages = check_lengths(audios, texts, languages)
+        prompts = check_prompts(prompts, len(audios)) if self.speaker else None
         results, groups, clips = [None] * len(audios), {}, {}
         for i, (audio, text, language) in enumerate(zip(audios, texts, languages)):
             try:
@@ -119,6 +129,10 @@ class WhisperScorer:
             for i, measures in prosody.items():
                 if results[i].error is None:
                     results[i] = dataclasses.replace(results[i], **measures.result())
+        if prompts is not None:
+            heard = [clips[i][0] if i in clips and results[i].error is None else None
+                     for i in range(len(audios))]
+            results = _with_sims(results, self.speaker.sims(heard, prompts))
         return results
 
     def _score_or_retry(self, clips, language) -> list[Score]:
@@ -356,6 +370,30 @@ class _BadInput(ValueError):
     """One clip cannot be scored; the scorer answers it with reward 0 and this reason."""
 
 
+def _speaker_similarity(speaker_model, device, batch_size=16) -> SpeakerSimilarity | None:
+    if speaker_model is None:
+        return None
+    return SpeakerSimilarity(load_speaker_model(speaker_model, device, batch_size=batch_size))
+
+
+def check_prompts(prompts, n: int) -> list | None:
+    """The voice prompts as float32 [S] arrays (None kept), one per clip; a malformed prompt (the
+    trainer's data, not the policy's answer) is a ValueError. None: no prompts at all."""
+    if prompts is None:
+        return None
+    prompts = list(prompts)
+    if len(prompts) != n:
+        raise ValueError(f"got {n} audios and {len(prompts)} prompts; they must match one to one")
+    try:
+        return [None if p is None else check_audio(p) for p in prompts]
+    except _BadInput as e:
+        raise ValueError(f"voice prompt: {e}") from None
+
+
+def _with_sims(results: list[Score], sims: list) -> list[Score]:
+    return [r if sim is None else dataclasses.replace(r, sim=sim) for r, sim in zip(results, sims)]
+
+
 def check_lengths(audios, texts, languages) -> list:
     languages = [None] * len(audios) if languages is None else list(languages)
     if not len(audios) == len(texts) == len(languages):
@@ -376,9 +414,10 @@ def _unknown_model(model) -> str:
 class CustomRewardScorer:
     """A user's reward instead of Whisper: spec "module:function", function(audio float32 [S] at
     16 kHz, text) -> float in [0, 1]. Silence is passed on like any clip (an empty array stays
-    empty); there is no 30 s limit. Bad clips and non-finite or out-of-range values get reward 0."""
+    empty); there is no 30 s limit. Bad clips and non-finite or out-of-range values get reward 0
+    (and no sim). speaker_model, device: as WhisperScorer's, for `sim`."""
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, speaker_model=None, device="cpu"):
         module_name, _, function_name = spec.partition(":")
         if not module_name or not function_name:
             raise ValueError(f"reward {spec!r} must be 'whisper' or 'module:function'")
@@ -387,10 +426,16 @@ class CustomRewardScorer:
         if not callable(self.function):
             raise AttributeError(f"reward {spec!r}: module {module_name!r} ({module.__file__}) "
                                  f"has no function {function_name!r}")
+        self.speaker = _speaker_similarity(speaker_model, device)
 
-    def score(self, audios, texts, languages=None) -> list[Score]:
+    def score(self, audios, texts, languages=None, prompts=None) -> list[Score]:
         check_lengths(audios, texts, languages)
-        return [self._score_one(audio, text) for audio, text in zip(audios, texts)]
+        prompts = check_prompts(prompts, len(audios)) if self.speaker else None
+        results = [self._score_one(audio, text) for audio, text in zip(audios, texts)]
+        if prompts is not None:
+            heard = [check_audio(a) if r.error is None else None for a, r in zip(audios, results)]
+            results = _with_sims(results, self.speaker.sims(heard, prompts))
+        return results
 
     def _score_one(self, audio, text) -> Score:
         try:

@@ -378,6 +378,61 @@ def test_trainer_logp_mismatch_is_zero_on_cpu(tmp_path):
     assert 0 <= metrics["logp_mismatch"] < 1e-5 and metrics["logp_mismatch_max"] < 1e-4, metrics
 
 
+class _PromptScorer(_FakeScorer):
+    """Records what it is asked; sim = 1 for clips of the "low" voice's prompt, 0 otherwise."""
+
+    def __init__(self):
+        super().__init__(0.5)
+        self.prompts = []
+
+    def score(self, audios, texts, languages=None, prompts=None):
+        self.prompts.append(prompts)
+        return [Score(reward=0.5, sim=None if p is None else float(p.mean() < 0.01)) for p in prompts or [None] * len(audios)]
+
+
+def test_clone_rollouts_continue_after_the_prompt_voice(tmp_path):
+    """With voice prompts: each prompt's audio is encoded once per run, the rollout prompt is LLASA's
+    clone prompt ending in the prompt's speech tokens, only generated tokens come back (and are what
+    is trained and heard), the scorer gets each clip's prompt audio, and the tone codec's seam cut
+    (--prompt-decode context) gives exactly the audio decoded alone."""
+    cfg = _tiny(tmp_path, "--data", os.path.join(helpers.REPO, "data", "clone", "train.jsonl"), "--val-data", "")
+    scorer = _PromptScorer()
+    tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), scorer)
+    encodes = []
+    real = tr.sampler.codec.encode
+    tr.sampler.codec.encode = lambda audios: encodes.append(len(audios)) or real(audios)
+    for step in range(2):
+        metrics, _ = tr.train_step(step)
+    assert encodes == [1, 1]  # two distinct prompt recordings, each encoded once in two steps
+    ex = tr.examples[0]
+    codes = codec.ToneCodec().encode([data.read_audio(ex.prompt_wav)])[0]
+    sv = data.speech_vocab(tr.tokenizer)
+    ids = tr.sampler.prompt(ex)
+    assert ids == data.prompt_ids(tr.tokenizer, ex.text, ex.prompt_text, codes)
+    assert ids[-len(codes):] == [sv.first + c for c in codes] and ids[-len(codes) - 1] == sv.start_id
+    prompts = scorer.prompts[-1]
+    assert len(prompts) == 16 and all(p is not None and len(p) == 30 * codec.SAMPLES_PER_CODE for p in prompts)
+    assert metrics["sim"] == pytest.approx(np.mean([float(p.mean() < 0.01) for p in prompts]))
+    roll = tr.sampler.rollout([ex, tr.examples[1]], torch.Generator().manual_seed(0))
+    assert int(roll.lengths.max()) <= cfg.max_new_tokens  # the generated part only
+    alone = tr.sampler.decode_audio(roll, [ex, tr.examples[1]])
+    tr.cfg.prompt_decode = "context"
+    for a, b in zip(alone, tr.sampler.decode_audio(roll, [ex, tr.examples[1]])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sim_weight_adds_a_separately_normalized_advantage():
+    """GLM-TTS's combination: each reward normalized within its group, then weighted and summed; a
+    clip without a similarity (or truncated) takes its group's mean, adding nothing."""
+    scores = [Score(reward=r, sim=s) for r, s in [(0.2, 0.9), (0.4, 0.5), (0.6, None), (0.8, 0.7)]]
+    finished = torch.tensor([True, True, True, False])
+    sims = grpo.step_sims(scores, finished, 4)
+    assert sims.tolist() == pytest.approx([0.9, 0.5, 0.7, 0.7])  # None and truncated: the mean of 0.9, 0.5
+    adv = grpo.group_advantages(torch.tensor([0.2, 0.4, 0.6, 0.8]), 4) + 0.5 * grpo.group_advantages(sims, 4)
+    mean, std = 0.7, float(torch.tensor([0.9, 0.5, 0.7, 0.7]).std())
+    assert adv[0].item() == pytest.approx(-0.3 / 0.2582 + 0.5 * (0.9 - mean) / (std + 1e-6), rel=1e-3)
+
+
 def test_disallowed_lm_head_rows_never_change(tmp_path):
     """The policy is speech-only: after a training step, lm_head rows of text tokens are untouched
     (AdamW with no gradient moves nothing), and some speech rows did move."""
@@ -419,6 +474,22 @@ def test_torchrun_two_ranks_tiny_preset(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_torchrun_two_ranks_tiny_clone_preset(tmp_path):
+    """The voice-cloning path on 2 ranks: prompts encoded, speaker similarity from the worker in the
+    metrics (sim, val_sim) and in samples.jsonl."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(REPO, "grpo.py"), "--preset", "tiny-clone", "--steps", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in lines] == [0, 1, 2]
+    assert all(-1 <= m["sim"] <= 1 for m in lines[1:]) and -1 <= lines[0]["val_sim"] <= 1
+    rows = [json.loads(x) for x in open(out / "samples" / "step_2" / "samples.jsonl")]
+    assert rows and all(-1 <= r["sim"] <= 1 for r in rows)
+
+
 # ---- overlapped rollouts and rewards --------------------------------------------------------------
 
 class SlowScorer:
@@ -442,7 +513,7 @@ def test_overlapped_step_equals_sequential_step(tmp_path):
         scorer = SlowScorer(0.3)
         tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), scorer)
         real = tr.sampler.rollout_and_score
-        tr.sampler.rollout_and_score = lambda texts, langs, gen: real(texts, langs, gen, overlap=overlap)
+        tr.sampler.rollout_and_score = lambda items, gen: real(items, gen, overlap=overlap)
         metrics, _ = tr.train_step(0)
         assert scorer.calls == [8, 8]  # two chunks of the 16 rollouts
         results.append((metrics, {k: v.detach().clone() for k, v in tr.policy.state_dict().items()}))
@@ -469,6 +540,41 @@ def monotone_reward(audio, text):
         return 0.0
     frames = audio[:n * 320].reshape(n, 320)
     return float(np.bincount((np.diff(np.sign(frames), axis=1) != 0).sum(axis=1)).max() / n)
+
+
+def high_pitch_reward(audio, text):
+    """Toy reward for higher tones: the spectral centroid of the clip, 0 at 0 Hz, 1 at 1100 Hz."""
+    if len(audio) < 320:
+        return 0.0
+    power = np.abs(np.fft.rfft(audio[:len(audio) // 320 * 320].reshape(-1, 320), axis=1)).mean(0)
+    return float(min(1.0, (power * np.fft.rfftfreq(320, 1 / 16000)).sum() / power.sum() / 1100))
+
+
+def tone_voice(audio):
+    """Toy speaker embedding for the tone codec: the clip's mean magnitude spectrum up to 1200 Hz."""
+    audio = audio[:max(320, len(audio) // 320 * 320)]
+    audio = np.pad(audio, (0, max(0, 320 - len(audio))))
+    return np.abs(np.fft.rfft(audio.reshape(-1, 320), axis=1)).mean(0)[:25]
+
+
+def test_sim_guard_toy_experiment(tmp_path):
+    """A reward for higher tones pulls the policy away from a low voice's prompt: speaker
+    similarity falls without --sim-guard, and stays near the start with it."""
+    rows = [{"text": t, "prompt_wav": os.path.join(REPO, "data", "clone", "low.wav"),
+             "prompt_text": "A low voice says this."} for t in ("Hello there.", "One two three.", "Good morning.")]
+    (tmp_path / "low.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = {}
+    for guard in (False, True):
+        flags = ["--preset", "tiny-clone", "--out", str(tmp_path / f"g{guard}"), "--data", str(tmp_path / "low.jsonl"),
+                 "--val-data", "", "--reward", f"{__name__}:high_pitch_reward", "--speaker-model",
+                 f"{__name__}:tone_voice", "--steps", "15", "--kl-coef", "0", "--lr", "3e-3",
+                 "--save-every", "1000", "--sample-every", "1000"] + (["--sim-guard"] if guard else [])
+        runs[guard] = grpo.train(config.parse_config(flags))
+    free, held = ([m["sim"] for m in runs[g]] for g in (False, True))
+    ref = runs[True][0]["ref_sim"]
+    assert np.mean(free[-3:]) < np.mean(free[:3]) - 0.1, free  # the voice drifts
+    assert np.mean(held[-3:]) > ref - 0.1 and np.mean(held[-3:]) > np.mean(free[-3:]) + 0.05, (held, ref)
+    assert runs[False][-1]["reward_mean"] > runs[False][0]["reward_mean"]  # the toy reward was learned
 
 
 def _toy_run(tmp_path, reward, guard, steps=15):

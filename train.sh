@@ -4,6 +4,7 @@
 # the rest pass through and override it:
 #   bash train.sh --data my_korean.jsonl --val-data my_val.jsonl --language ko --steps 500
 #   NPROC=4 bash train.sh llasa-8b --data my_korean.jsonl --language ko      # 5 GPUs in all
+#   bash train.sh --data seedtts/en/meta.lst --language en --sim-guard       # voice prompts (rows with prompt_wav)
 # On a preemptible cluster, re-queue the same command with --resume auto.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -1,5 +1,7 @@
 """The reward worker: a scorer (scorer.py: WhisperScorer, or a custom reward) in its own process
-and on its own device, serving every rank of a node, and its command line.
+and on its own device, serving every rank of a node, and its command line. With `speaker_model` in
+its scorer_kwargs, the worker also builds that speaker model (speaker.py) on the scorer's device
+and answers `sim` for every clip sent with a voice prompt.
 
 WhisperWorker starts the process (spawn) and waits, bounded, until the model is loaded; clients
 (WorkerClient, one per rank) send clips over an authenticated local socket, and the worker batches
@@ -7,6 +9,7 @@ the pending requests of all ranks into one scorer call. Every wait is bounded an
 detected and named with its exit code and traceback (WorkerDiedError), never waited on.
 
 CLI: python whisper_worker.py --model tiny.en --device cpu --language en --wav a.wav --text "Hello."
+(or --jsonl rows; rows with prompt_wav also get sim, from --speaker-model, default wavlm-sv).
 """
 import argparse
 import dataclasses
@@ -32,12 +35,15 @@ from scorer import SAMPLE_RATE, WINDOW_S, CustomRewardScorer, WhisperScorer, che
 
 # ---- the worker process ------------------------------------------------------------------------------
 # Parent --Pipe--> worker: "ready" + address (or "error" + traceback) at start; any message or EOF = stop.
-# Clients --socket--> worker: ("score", request_id, audios, texts, languages); replies ("ok", id, results),
+# Clients --socket--> worker: ("score", request_id, audios, texts, languages, prompts), prompts None or
+# (distinct prompt arrays, one index per clip, -1 for none): a prompt shared by a group is sent once.
+# Replies ("ok", id, results),
 # ("error", id, traceback) or ("died", None, traceback). The parent writes the exit code into the
 # worker's folder, so that every client can name it.
 
 class WhisperWorker:
-    """WhisperScorer(**scorer_kwargs) (or reward="module:function") in its own process (spawn).
+    """WhisperScorer(**scorer_kwargs) (or reward="module:function", with scorer_kwargs' speaker_model
+    and device only) in its own process (spawn).
 
     start() blocks until the model is loaded; connect_info() is a picklable tuple that other ranks of
     the node pass to WorkerClient. Every wait is bounded; a dead worker raises WorkerDiedError.
@@ -93,10 +99,10 @@ class WhisperWorker:
     def connect_info(self) -> tuple:
         return (self.address, self.authkey, self._folder, self._process.pid)
 
-    def score(self, audios, texts, languages=None) -> list[Score]:
+    def score(self, audios, texts, languages=None, prompts=None) -> list[Score]:
         if self._client is None:
             raise RuntimeError("call WhisperWorker.start() first")
-        return self._client.score(audios, texts, languages)
+        return self._client.score(audios, texts, languages, prompts)
 
     def close(self):
         """Stop the worker: ask, then terminate, then kill; each step waits a few seconds at most."""
@@ -135,13 +141,15 @@ class WorkerClient:
             raise WorkerDiedError(f"cannot reach the Whisper worker at {self.address} ({e}); "
                                   + _death_report(self.pid, self.folder, wait_s=1.0)) from None
 
-    def score(self, audios, texts, languages=None) -> list[Score]:
+    def score(self, audios, texts, languages=None, prompts=None) -> list[Score]:
+        """As the worker's scorer.score; prompts: None or one voice prompt (or None) per clip."""
         with self._lock:  # one request at a time per connection
             self._next_id += 1
             request_id = self._next_id
             languages = check_lengths(audios, texts, languages)
+            shared = _share(prompts, len(audios))
             try:
-                self._conn.send(("score", request_id, list(audios), list(texts), languages))
+                self._conn.send(("score", request_id, list(audios), list(texts), languages, shared))
             except OSError:
                 raise WorkerDiedError(_death_report(self.pid, self.folder)) from None
             deadline = time.monotonic() + self.request_timeout
@@ -170,6 +178,19 @@ class WorkerClient:
         self._conn.close()
 
 
+def _share(prompts, n):
+    """(distinct prompts, index per clip or -1): each prompt object sent once however many clips use it."""
+    if prompts is None:
+        return None
+    prompts = list(prompts)
+    if len(prompts) != n:
+        raise ValueError(f"got {n} audios and {len(prompts)} prompts; they must match one to one")
+    distinct, index = {}, []
+    for p in prompts:
+        index.append(-1 if p is None else distinct.setdefault(id(p), (len(distinct), p))[0])
+    return [p for _, p in distinct.values()], index
+
+
 class WorkerError(RuntimeError):
     """The worker could not start, or failed on a request (its traceback is in the message)."""
 
@@ -182,7 +203,11 @@ def _serve(scorer_kwargs, reward, authkey, folder, parent, threads):
     try:
         if threads:
             torch.set_num_threads(threads)
-        scorer = WhisperScorer(**scorer_kwargs) if reward == "whisper" else CustomRewardScorer(reward)
+        if reward == "whisper":
+            scorer = WhisperScorer(**scorer_kwargs)
+        else:
+            scorer = CustomRewardScorer(reward, speaker_model=scorer_kwargs.get("speaker_model"),
+                                        device=scorer_kwargs.get("device", "cpu"))
         listener = Listener(("127.0.0.1", 0), authkey=authkey)  # port 0: any free port
     except BaseException:
         parent.send(("error", traceback.format_exc()))  # start() raises it
@@ -236,12 +261,16 @@ def _serve(scorer_kwargs, reward, authkey, folder, parent, threads):
 
 def _answer(scorer, requests, drop):
     """Score every pending request in one scorer call (batching across ranks), then reply to each."""
-    audios = [a for _, (_, _, clips, _, _) in requests for a in clips]
-    texts = [t for _, (_, _, _, clip_texts, _) in requests for t in clip_texts]
-    languages = [lang for _, (_, _, _, _, clip_languages) in requests for lang in clip_languages]
+    audios = [a for _, (_, _, clips, *_) in requests for a in clips]
+    texts = [t for _, (_, _, _, clip_texts, *_) in requests for t in clip_texts]
+    languages = [lang for _, (_, _, _, _, clip_languages, _) in requests for lang in clip_languages]
+    prompts = None
+    if any(shared is not None for _, (*_, shared) in requests):
+        prompts = [None if shared is None or shared[1][k] < 0 else shared[0][shared[1][k]]
+                   for _, (_, _, clips, _, _, shared) in requests for k in range(len(clips))]
     try:
-        results, replies = scorer.score(audios, texts, languages), []
-        for conn, (_, request_id, clips, _, _) in requests:
+        results, replies = scorer.score(audios, texts, languages, prompts=prompts), []
+        for conn, (_, request_id, clips, *_) in requests:
             replies.append((conn, ("ok", request_id, results[:len(clips)])))
             results = results[len(clips):]
     except Exception:  # e.g. a custom reward that raised: the request fails, the worker lives on
@@ -306,7 +335,11 @@ def main(argv=None):
                                                           "(default: detected)")
     parser.add_argument("--wav", action="append", default=[], help="16 kHz wav; repeat, paired with --text")
     parser.add_argument("--text", action="append", default=[], help="what the matching --wav should say")
-    parser.add_argument("--jsonl", help='{"wav", "text"[, "language"]} rows, wav relative to the file')
+    parser.add_argument("--jsonl", help='{"wav", "text"[, "language", "prompt_wav"]} rows, wav and '
+                                        'prompt_wav relative to the file; rows with prompt_wav get sim')
+    parser.add_argument("--speaker-model", default=None,
+                        help="speaker model for the sim of rows with prompt_wav (speaker.py): wavlm-sv "
+                             "(default), wavlm-sv:PATH, a Seed-TTS-eval .pth or module:function")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-transcript-tokens", type=int, default=None,
                         help="cap on each greedy transcript (default: bounded by each text's length only)")
@@ -317,23 +350,29 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if len(args.wav) != len(args.text):
         parser.error(f"got {len(args.wav)} --wav and {len(args.text)} --text; give them in pairs")
-    rows = [(wav, text, None) for wav, text in zip(args.wav, args.text)]
+    rows = [(wav, text, None, None) for wav, text in zip(args.wav, args.text)]
     rows += _read_rows(args.jsonl) if args.jsonl else []
     if not rows:
         parser.error("nothing to score: give --wav/--text pairs or --jsonl")
     config = RewardConfig(**{name: getattr(args, name) for name in vars(RewardConfig())})
+    prompted = any(prompt for *_, prompt in rows)
     scorer = WhisperScorer(args.model, args.device, args.language, batch_size=args.batch_size,
                            max_transcript_tokens=args.max_transcript_tokens, reward_config=config,
-                           window_s=args.window)
-    results = scorer.score([read_wav(wav) for wav, _, _ in rows], [text for _, text, _ in rows],
-                           [language for *_, language in rows])
-    for (wav, text, _), result in zip(rows, results):
-        row = {"wav": wav, "text": text, **dataclasses.asdict(result)}
+                           window_s=args.window,
+                           speaker_model=(args.speaker_model or "wavlm-sv") if prompted else None)
+    prompt_audio = {path: read_wav(path) for *_, path in rows if path}  # each file read once
+    results = scorer.score([read_wav(wav) for wav, *_ in rows], [text for _, text, *_ in rows],
+                           [language for _, _, language, _ in rows],
+                           [prompt_audio.get(path) for *_, path in rows] if prompted else None)
+    for (wav, text, _, prompt), result in zip(rows, results):
+        row = {"wav": wav, "text": text, **({"prompt_wav": prompt} if prompt else {}),
+               **dataclasses.asdict(result)}
         print(json.dumps(row, ensure_ascii=False), flush=True)
 
 
 def _read_rows(path: str) -> list[tuple]:
-    """(wav path, text, language or None) per row of a JSONL file; wav paths are relative to it."""
+    """(wav path, text, language or None, prompt_wav path or None) per row of a JSONL file; wav and
+    prompt_wav paths are relative to it, and a prompt_wav file must exist."""
     rows = []
     for lineno, row in data.read_jsonl(path):
         if not isinstance(row.get("wav"), str) or not isinstance(row.get("text"), str):
@@ -341,7 +380,15 @@ def _read_rows(path: str) -> list[tuple]:
                              f"got {str(row)[:80]!r}")
         if not isinstance(row.get("language", ""), str):
             raise ValueError(f"{path}:{lineno}: field 'language' must be a string, got {row['language']!r}")
-        rows.append((os.path.join(os.path.dirname(path), row["wav"]), row["text"], row.get("language")))
+        prompt = row.get("prompt_wav")
+        if prompt is not None:
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError(f"{path}:{lineno}: field 'prompt_wav' must be a path, got {prompt!r}")
+            prompt = os.path.join(os.path.dirname(path), prompt)
+            if not os.path.isfile(prompt):
+                raise FileNotFoundError(f"{path}:{lineno}: prompt_wav {prompt} not found")
+        rows.append((os.path.join(os.path.dirname(path), row["wav"]), row["text"], row.get("language"),
+                     prompt))
     return rows
 
 

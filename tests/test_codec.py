@@ -1,7 +1,11 @@
 """codec.py: the self-contained XCodec2 decoder against a golden file, the tone codec, the demo's
-word codec, codec names and errors."""
+word codec, codec names and errors; encode (transformers' Xcodec2Model at a tiny random config, the tone
+and word codecs' inverses) and the prompt-code cache."""
+import importlib
 import json
 import os
+import sys
+import types
 
 import huggingface_hub
 import numpy as np
@@ -13,6 +17,8 @@ from safetensors.torch import save_file
 import codec
 import demo
 from helpers import REPO
+
+transformers = pytest.importorskip("transformers")
 
 
 GOLDEN = os.path.join(REPO, "tests", "xcodec2_golden.safetensors")
@@ -169,3 +175,201 @@ def test_xcodec2_precisions(golden_codec):
         np.testing.assert_array_equal(t, r)
     with pytest.raises(ValueError, match="precision"):
         codec.XCodec2Codec(golden_codec.model, "cpu", cfg, precision="fp16")
+
+
+# ----------------------------------------------------------------------------- encode
+
+def _tiny_transformers_xcodec2():
+    """transformers' Xcodec2Model at the golden file's decoder shapes (a tiny random encoder and a 1-layer
+    w2v-bert), its decoder weights mapped from the golden file: it decodes what the golden decoder does."""
+    cfg, _, _ = _golden()
+    semantic = dict(model_type="wav2vec2-bert", hidden_size=cfg.vq_dim - cfg.hidden_dim, num_hidden_layers=1,
+                    num_attention_heads=2, intermediate_size=64, output_hidden_size=cfg.vq_dim - cfg.hidden_dim)
+    tcfg = transformers.Xcodec2Config(
+        hidden_size=cfg.hidden_dim, intermediate_size=4 * cfg.hidden_dim, num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads, head_dim=cfg.hidden_dim // cfg.n_heads,
+        quantization_dim=cfg.vq_dim, encoder_hidden_size=4, semantic_model_config=semantic)
+    torch.manual_seed(0)
+    model = transformers.Xcodec2Model(tcfg).eval()
+    state = model.state_dict()
+    for name, p in codec.XCodec2Decoder.from_pretrained(GOLDEN, cfg).state_dict().items():
+        keys = codec.transformers_keys(name)  # c_attn: q, k, v stacked
+        state.update(zip(keys, p.split([state[k].shape[0] for k in keys])))
+    model.load_state_dict(state)
+    # transformers' init (normal, std 0.02) leaves the quantizer's input near 0: every code the same.
+    # PyTorch's default init for the encoder side, project_in scaled up: codes spread over the codebook.
+    for m in [*model.acoustic_encoder.modules(), *model.semantic_adapter.modules(), model.fc_encoder]:
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Linear)):
+            m.reset_parameters()
+    model.quantizer.project_in.reset_parameters()
+    model.quantizer.project_in.weight.data.mul_(20)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_hf():
+    if not hasattr(transformers, "Xcodec2Model"):
+        pytest.skip(f"transformers {transformers.__version__} has no Xcodec2Model (5.13 and later have it)")
+    return _tiny_transformers_xcodec2()
+
+
+def _clips(*lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in lengths]
+
+
+def test_transformers_decode_equals_golden_with_mapped_weights(tiny_hf, tmp_path):
+    """The mapping covers transformers' whole decoding path, and its decode equals the package's (golden)."""
+    cfg, codes, want = _golden()
+    ours = codec.XCodec2Decoder(cfg).state_dict()
+    mapped = {k for name in ours for k in codec.transformers_keys(name)}
+    decoding = {k for k in tiny_hf.state_dict() if k.startswith(("acoustic_decoder.", "quantizer.project_out."))}
+    assert mapped == decoding
+    with torch.no_grad():
+        got = tiny_hf.decode(codes).audio_values
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # measured: 6.3e-8
+    # and our decoder reads a transformers-format checkpoint (HKUSTAudio/xcodec2-hf) through the same mapping
+    tiny_hf.save_pretrained(tmp_path)
+    c = codec.XCodec2Codec(str(tmp_path), "cpu", cfg)
+    assert c.encoder == str(tmp_path)  # an -hf checkpoint serves encode too
+    np.testing.assert_allclose(c.decode([codes[0, 0]])[0], want[0, 0].numpy(), rtol=0, atol=1e-5)
+
+
+def test_xcodec2_encode_shapes_range_determinism(tiny_hf):
+    """(S + 1) // 320 codes for S samples (the codes transformers' audio_codes_mask marks valid; the model
+    itself emits S // 320 + 1), in [0, 65536); deterministic, and a clip's codes do not depend on its batch."""
+    cfg, _, _ = _golden()
+    xc = codec.XCodec2Codec(codec.XCodec2Decoder.from_pretrained(GOLDEN, cfg), "cpu", cfg, encoder=tiny_hf)
+    lengths = [0, 1, 319, 320, 321, 16000, 16100, 8123]
+    clips = _clips(*lengths)
+    codes = xc.encode(clips)
+    assert [len(c) for c in codes] == [(n + 1) // 320 for n in lengths] == [0, 0, 1, 1, 1, 50, 50, 25]
+    assert all(isinstance(x, int) and 0 <= x < codec.CODEBOOK_SIZE for c in codes for x in c)
+    assert len(set(codes[5])) > 10  # not a constant
+    assert xc.encode(clips) == codes  # deterministic
+    assert [xc.encode([a])[0] for a in clips[4:]] == codes[4:]  # alone as in a batch
+    assert xc.encode([]) == []
+    # the round trip: decode gives 320 samples per code
+    audio = xc.decode(codes)
+    assert [len(a) for a in audio] == [codec.SAMPLES_PER_CODE * len(c) for c in codes]
+    with pytest.raises(ValueError, match="clip 0: audio must be 1-D"):
+        xc.encode([np.zeros((2, 320), np.float32)])
+
+
+def test_xcodec2_encode_matches_transformers_feature_extractor(tiny_hf):
+    """Our features (SeamlessM4T's numpy fbank) against Xcodec2FeatureExtractor's (torchaudio), where
+    torchaudio loads: the same model input, the same codes."""
+    try:
+        importlib.import_module("torchaudio.compliance.kaldi")
+        from transformers import Xcodec2FeatureExtractor
+    except Exception as e:  # not installed, or built for another torch
+        pytest.skip(f"torchaudio unavailable ({type(e).__name__})")
+    cfg, _, _ = _golden()
+    xc = codec.XCodec2Codec(codec.XCodec2Decoder(cfg), "cpu", cfg, encoder=tiny_hf)
+    fe = Xcodec2FeatureExtractor()
+    for a in _clips(319, 16000, 16100, seed=1):
+        x = fe(a, sampling_rate=codec.SAMPLE_RATE, return_tensors="pt")
+        with torch.no_grad():
+            out = tiny_hf.encode(x["input_values"], x["input_features"], padding_mask=x["padding_mask"])
+        assert xc.encode([a])[0] == out.audio_codes[0, 0][out.audio_codes_mask[0].bool()].tolist()
+
+
+def test_xcodec2_encoder_loads_lazily_and_errors_name_the_fix(tiny_hf, tmp_path, monkeypatch):
+    cfg, _, _ = _golden()
+    tiny_hf.save_pretrained(tmp_path / "hf")
+    xc = codec.XCodec2Codec(codec.XCodec2Decoder(cfg), "cpu", cfg, encoder=str(tmp_path / "hf"))
+    assert xc.encoder == str(tmp_path / "hf")  # decode-only use never loads it
+    a = _clips(3200)[0]
+    assert xc.encode([a]) == codec.XCodec2Codec(codec.XCodec2Decoder(cfg), "cpu", cfg, encoder=tiny_hf).encode([a])
+    assert isinstance(xc.encoder, transformers.Xcodec2Model)
+    assert codec.XCodec2Codec(codec.XCodec2Decoder(cfg), "cpu", cfg).encoder == codec.XCODEC2_HF
+    with pytest.raises(OSError, match=r"could not load the XCodec2 encoder .*missing.*--codec xcodec2:PATH"):
+        codec.load_transformers_xcodec2(str(tmp_path / "missing"))
+    orig = tmp_path / "orig"  # the original checkpoint's layout: config.json says xcodec2 too
+    orig.mkdir()
+    (orig / "config.json").write_text(json.dumps({"model_type": "xcodec2", "architectures": ["XCodec2Model"]}))
+    with safe_open(GOLDEN, framework="pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys() if not k.startswith("test.")}, orig / "model.safetensors")
+    with pytest.raises(OSError, match=r"not a transformers Xcodec2Model checkpoint .*xcodec2-hf.*--codec xcodec2:PATH"):
+        codec.load_transformers_xcodec2(str(orig))
+    monkeypatch.setitem(sys.modules, "transformers", types.SimpleNamespace(__version__="5.10.4"))
+    with pytest.raises(ImportError, match=r"transformers >= 5.13 .* this is 5.10.4"):
+        codec.load_transformers_xcodec2(str(tmp_path / "hf"))
+
+
+def test_tone_codec_encode_inverts_decode():
+    tone = codec.ToneCodec()
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, codec.CODEBOOK_SIZE, 200).tolist(), list(range(256)), [], [7]]
+    audio = tone.decode(seqs)
+    codes = tone.encode(audio)
+    assert codes[1:] == seqs[1:]  # exact on [0, 256)
+    assert codes[0] == [k % 256 for k in seqs[0]]  # k and k + 256 are the same tone
+    for a, b in zip(tone.decode(codes), audio):
+        np.testing.assert_array_equal(a, b)  # decode(encode(audio)) == audio
+    # audio it did not make: no error, the nearest tones, samples // 320 of them (a partial frame dropped)
+    other = tone.encode(_clips(1000, 319, 0) + [np.zeros(640, np.float32), torch.ones(320)])
+    assert [len(c) for c in other] == [3, 0, 0, 2, 1]
+    assert all(0 <= x < 256 for c in other for x in c)
+
+
+def test_word_codec_encode_inverts_decode():
+    wc = codec.load_codec("words")
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, len(wc.clips), 30).tolist(), list(range(len(wc.clips))), [], [4]]
+    assert wc.encode(wc.decode(seqs)) == seqs
+    with pytest.raises(ValueError, match=r"clip 1: the word codec encodes only audio it decoded.*sample 0"):
+        wc.encode([wc.decode([[1]])[0], _clips(16000)[0]])
+    truncated = wc.decode([[3, 5]])[0][:-10]
+    with pytest.raises(ValueError, match="no word matches at sample"):
+        wc.encode([truncated])
+
+
+class CountingCodec(codec.ToneCodec):
+    def __init__(self):
+        super().__init__()
+        self.encoded = 0  # clips encoded
+
+    def encode(self, audios):
+        self.encoded += len(audios)
+        return super().encode(audios)
+
+
+def test_prompt_codes_encode_each_content_once():
+    counting = CountingCodec()
+    cache = codec.PromptCodes(counting)
+    a, b = counting.decode([[1, 2, 3], [4, 5]])
+    assert cache.encode([a]) == [[1, 2, 3]] and counting.encoded == 1
+    assert cache.encode([a.copy()]) == [[1, 2, 3]] and counting.encoded == 1  # the same content: no encode
+    assert cache.encode([b, a, b]) == [[4, 5], [1, 2, 3], [4, 5]] and counting.encoded == 2  # b once
+    c = a.copy()
+    c[100] += 1e-3  # different content, however close
+    cache.encode([c])
+    assert counting.encoded == 3
+    cache.encode([a])[0].append(99)  # callers get copies
+    assert cache.encode([a]) == [[1, 2, 3]] and counting.encoded == 3
+    assert cache.encode([]) == [] and counting.encoded == 3
+
+
+def test_package_codec_encode_cuts_as_ours(monkeypatch):
+    """XCodec2PackageCodec.encode calls encode_code (S // 320 + 1 codes) and keeps (S + 1) // 320."""
+    class FakeModel:
+        @classmethod
+        def from_pretrained(cls, name):
+            return cls()
+
+        def eval(self):
+            return self
+
+        def to(self, device):
+            return self
+
+        def encode_code(self, wav):  # [1, S] -> [1, 1, S // 320 + 1]
+            return torch.arange(wav.shape[1] // 320 + 1)[None, None]
+
+    package = types.ModuleType("xcodec2.modeling_xcodec2")
+    package.XCodec2Model = FakeModel
+    monkeypatch.setitem(sys.modules, "xcodec2", types.ModuleType("xcodec2"))
+    monkeypatch.setitem(sys.modules, "xcodec2.modeling_xcodec2", package)
+    pc = codec.load_codec("xcodec2-package")
+    assert pc.encode(_clips(16000, 319, 100)) == [list(range(50)), [0], []]

@@ -42,3 +42,79 @@ def test_llasa_prompt_and_speech_vocab():
     with pytest.raises(ValueError, match="empty text"):
         data.prompt_ids(tok, "  ")
     assert data.tiny_tokenizer().get_vocab() == data.tiny_tokenizer().get_vocab()  # deterministic ids
+
+
+# ---- voice prompts --------------------------------------------------------------------------------
+
+def _wav(path, seconds=0.2, rate=16000):
+    import numpy as np
+    import soundfile as sf
+    sf.write(path, (0.1 * np.sin(np.arange(int(seconds * rate)) * 0.05)).astype("float32"), rate)
+
+
+def test_voice_prompt_rows_and_their_errors(tmp_path):
+    """prompt_wav (relative to the file) + prompt_text, both or neither; missing or unreadable
+    audio stops the load with file and line."""
+    (tmp_path / "v").mkdir()
+    _wav(tmp_path / "v" / "a.wav")
+    good = tmp_path / "d.jsonl"
+    good.write_text('{"text": "Hi.", "prompt_wav": "v/a.wav", "prompt_text": " A voice. "}\n{"text": "Plain."}\n')
+    rows = data.load_dataset(str(good))
+    assert rows[0].prompt_wav == str(tmp_path / "v" / "a.wav") and rows[0].prompt_text == "A voice."
+    assert rows[1].prompt_wav is None and rows[1].prompt_text is None
+    (tmp_path / "v" / "junk.wav").write_bytes(b"not audio at all")
+    for i, (row, err, why) in enumerate([
+            ('{"text": "x", "prompt_wav": "v/a.wav"}', ValueError, "needs both"),
+            ('{"text": "x", "prompt_text": "y"}', ValueError, "needs both"),
+            ('{"text": "x", "prompt_wav": "v/none.wav", "prompt_text": "y"}', FileNotFoundError, "not found"),
+            ('{"text": "x", "prompt_wav": "v/junk.wav", "prompt_text": "y"}', ValueError, "cannot be read")]):
+        f = tmp_path / f"bad{i}.jsonl"
+        f.write_text('{"text": "fine"}\n' + row + "\n")
+        with pytest.raises(err, match=rf"bad{i}\.jsonl:2: .*{why}"):
+            data.load_dataset(str(f))
+
+
+def test_seed_tts_eval_lists(tmp_path):
+    _wav(tmp_path / "p1.wav")
+    lst = tmp_path / "meta.lst"
+    lst.write_text("u1|Prompt one.|p1.wav|Say this.\n\nu2|Prompt two.|p1.wav|And this.|gt/u2.wav\n", encoding="utf-8")
+    rows = data.load_dataset(str(lst))
+    assert [(r.id, r.text, r.prompt_text) for r in rows] == [("u1", "Say this.", "Prompt one."),
+                                                            ("u2", "And this.", "Prompt two.")]
+    assert rows[1].prompt_wav == str(tmp_path / "p1.wav") and rows[1].source == f"{lst}:3"
+    for i, (line, err, why) in enumerate([("u3|a|p1.wav", ValueError, "4 or 5"),
+                                          ("u3|a|missing.wav|text", FileNotFoundError, "not found"),
+                                          ("|a|p1.wav|text", ValueError, "empty")]):
+        bad = tmp_path / f"bad{i}.lst"
+        bad.write_text("u1|Prompt one.|p1.wav|Say this.\n" + line + "\n")
+        with pytest.raises(err, match=rf"bad{i}\.lst:2: .*{why}"):
+            data.load_dataset(str(bad))
+
+
+def test_clone_prompt_ids_equal_a_hand_built_llasa_prompt():
+    """LLASA's clone prompt: text = prompt_text + " " + text, the assistant turn goes on after
+    <|SPEECH_GENERATION_START|> with the prompt's speech tokens."""
+    tok = data.tiny_tokenizer(n_speech=300)
+    chat = [{"role": "user", "content": "Convert the text to speech:<|TEXT_UNDERSTANDING_START|>"
+                                        "A voice. Say this.<|TEXT_UNDERSTANDING_END|>"},
+            {"role": "assistant", "content": "<|SPEECH_GENERATION_START|><|s_3|><|s_299|><|s_0|>"}]
+    rendered = tok.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+    want = tok(rendered, add_special_tokens=False)["input_ids"]
+    assert data.prompt_ids(tok, "Say this.", "A voice.", [3, 299, 0]) == want
+    plain = data.prompt_ids(tok, "Say this.")
+    assert want[:len(plain) - 1] != plain[:-1]  # the text differs too (prompt text first)
+    with pytest.raises(ValueError, match="outside"):
+        data.prompt_ids(tok, "Say this.", "A voice.", [300])
+    with pytest.raises(ValueError, match="both"):
+        data.prompt_ids(tok, "Say this.", "A voice.")
+
+
+def test_read_audio_resamples_to_16k(tmp_path):
+    import numpy as np
+    import soundfile as sf
+    t = np.arange(8000) / 8000
+    sf.write(tmp_path / "a.wav", np.stack([np.sin(2 * np.pi * 440 * t)] * 2, axis=1), 8000)  # stereo, 8 kHz, 1 s
+    audio = data.read_audio(str(tmp_path / "a.wav"))
+    want = np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
+    assert audio.dtype == np.float32 and audio.shape == (16000,)
+    assert np.abs(audio - want)[100:-100].max() < 0.02  # the same tone at the new rate

@@ -137,3 +137,10 @@ def test_scorers_measure_prosody(tmp_path):
     assert heard.chars_per_s == pytest.approx(10 / 2.0, rel=0.05)  # "hellothere" over 2 s
     custom = scoring.CustomRewardScorer("test_grpo:short_reward").score([tone], ["hello there"])[0]
     assert custom.chars_per_s == pytest.approx(expect["chars_per_s"])
+
+
+def test_sim_factor_holds_only_a_falling_similarity():
+    assert prosody.sim_factor(None, 0.8, 0.05) == 1.0  # no prompt or an error: untouched
+    assert prosody.sim_factor(0.9, 0.8, 0.05) == 1.0 and prosody.sim_factor(0.75, 0.8, 0.05) == 1.0  # within
+    assert prosody.sim_factor(0.70, 0.8, 0.05) == pytest.approx(math.exp(-1))  # one band below the edge
+    assert prosody.sim_factor(0.65, 0.8, 0.05) == pytest.approx(math.exp(-4))

@@ -235,3 +235,20 @@ def test_eager_loop_under_autocast_casts_each_weight_once():
         assert out.tokens.shape[1] == n
         counts.append(mode.n)
     assert counts[0] == counts[1] and 0 < counts[0] <= 2 * 7 * model.config.num_hidden_layers, counts
+
+
+def test_cli_clones_a_voice(tmp_path, capsys):
+    """--prompt-wav/--prompt-text: the model continues after the prompt's speech tokens (the tone
+    codec encodes it exactly); the wav holds only the generated speech."""
+    from helpers import REPO
+    prompt = f"{REPO}/data/clone/low.wav"
+    out_path = tmp_path / "clone.wav"
+    args = ["--model", "tiny", "--codec", "tone", "--text", "Hello there.", "--max-new-tokens", "24",
+            "--device", "cpu", "--seed", "3", "--temperature", "0"]
+    r = sample.main([*args, "--out", str(out_path), "--prompt-wav", prompt, "--prompt-text", "A low voice says this."])
+    plain = sample.main([*args, "--out", str(tmp_path / "plain.wav")])
+    n = int(r.lengths[0]) - int(r.finished[0])
+    assert len(sf.read(out_path)[0]) == 320 * n and "in the voice of" in capsys.readouterr().out
+    assert not torch.equal(r.tokens, plain.tokens)  # the prompt changes what it says
+    with pytest.raises(SystemExit):
+        sample.main([*args, "--out", str(out_path), "--prompt-wav", prompt])

@@ -1,5 +1,6 @@
 """scorer.py: WhisperScorer (batched NLL and transcript, bad inputs, transcript bounds, retries,
-languages, loading, the window) and the custom reward beside it."""
+languages, loading, the window, speaker similarity) and the custom reward beside it."""
+import dataclasses
 import math
 import os
 
@@ -13,6 +14,7 @@ from whisper.tokenizer import get_tokenizer
 import config
 import prosody
 import scorer as scoring
+import speaker
 from helpers import ASSETS, noise
 from reward import Score, tts_reward
 
@@ -278,3 +280,36 @@ def test_prosody_threads_give_the_same_scores(tiny_model):
     assert a == b and all(s.chars_per_s is not None for s in a)
     with pytest.raises(ValueError, match="prosody_threads"):
         scoring.WhisperScorer(tiny_model, "cpu", "en", prosody_threads=0)
+
+
+def test_sim_only_where_a_prompt_is_given(tiny_model, reward_module):
+    """With a speaker model, a clip sent with a voice prompt gets its sim (as speaker.similarity of
+    the two embeddings); without a prompt, failed or refused, None; silence 0.0. The other fields
+    are those of a call without prompts; without a speaker model prompts are ignored."""
+    sv = speaker.load_speaker_model("random-tiny")
+    voice_a, voice_b = noise(1.2, 50), (noise(0.9, 51) + 0.2 * np.sin(np.arange(14400) / 9)).astype(np.float32)
+    nan_clip = np.where(np.arange(16000) == 3, np.nan, noise(1.0, 5)).astype(np.float32)
+    audios = [noise(1.0, 1), noise(1.5, 2), nan_clip, np.zeros(16000, np.float32), noise(2.5, 3), noise(0.8, 4)]
+    texts = ["one", "two", "three", "four", "five", "six"]
+    prompts = [voice_a, None, voice_a, voice_b, voice_a, voice_b]
+    kw = dict(batch_size=3, max_transcript_tokens=4, window_s=2.0)
+    results = scoring.WhisperScorer(tiny_model, "cpu", "en", speaker_model=sv, **kw).score(
+        audios, texts, prompts=prompts)
+    expected = speaker.similarity(sv.embed([audios[0], audios[5]]), sv.embed([voice_a, voice_b])).tolist()
+    assert [r.sim for r in results[:1] + results[5:]] == pytest.approx(expected, abs=1e-5)
+    assert results[1].sim is None and results[2].error and results[2].sim is None  # no prompt; failed
+    assert results[3].sim == 0.0 and results[3].error is None  # silence: scored, no voice
+    assert results[4].too_long and results[4].sim is None  # refused
+    plain = scoring.WhisperScorer(tiny_model, "cpu", "en", **kw)
+    assert plain.score(audios, texts, prompts=prompts) == plain.score(audios, texts) == \
+        [dataclasses.replace(r, sim=None) for r in results]
+    custom = scoring.CustomRewardScorer(reward_module, speaker_model=sv)
+    answers = custom.score(audios, texts, prompts=prompts)
+    assert [a.sim for a in answers[:1] + answers[5:]] == pytest.approx(expected, abs=1e-5)
+    assert [a.sim for a in answers[1:4]] == [None, None, 0.0]
+    assert -1.0 <= answers[4].sim <= 1.0  # a custom reward has no window: the 2.5 s clip is heard
+    assert answers[2].error and custom.score(audios[:1], texts[:1]) == [dataclasses.replace(answers[0], sim=None)]
+    with pytest.raises(ValueError, match="voice prompt: audio must be 1-D"):
+        custom.score(audios[:1], texts[:1], prompts=[np.zeros((2, 100), np.float32)])
+    with pytest.raises(ValueError, match="2 prompts; they must match"):
+        custom.score(audios[:1], texts[:1], prompts=[voice_a, voice_b])

@@ -1,5 +1,5 @@
-"""whisper_worker.py: the worker process and its clients, the CLI, the scorer files' layout, and real
-Whisper tiny.en on spoken clips."""
+"""whisper_worker.py: the worker process and its clients (voice prompts and sim included), the CLI,
+the scorer files' layout (speaker.py's too), and real Whisper tiny.en on spoken clips."""
 import ast
 import json
 import math
@@ -17,6 +17,7 @@ import whisper
 
 import prosody
 import scorer as scoring
+import speaker
 import whisper_worker as ww
 from helpers import ASSETS, noise
 from reward import Score, tts_reward
@@ -25,7 +26,7 @@ from reward import Score, tts_reward
 # ---- WhisperWorker and WorkerClient --------------------------------------------------------------
 
 TINY = {"model": "random-tiny", "device": "cpu", "language": "en", "batch_size": 3,
-        "max_transcript_tokens": 6}
+        "max_transcript_tokens": 6, "speaker_model": "random-tiny"}
 
 
 @pytest.fixture(scope="module")
@@ -34,33 +35,59 @@ def tiny_worker():
         yield worker
 
 
+def _clients(info, ask, n=2) -> dict:
+    """`ask(client, k)` from n WorkerClients at once, each in its own thread: {k: its answer}."""
+    answers, errors = {}, []
+
+    def client(k):
+        try:
+            c = ww.WorkerClient(info, request_timeout=120)
+            answers[k] = ask(c, k)
+            c.close()
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    return answers
+
+
 def test_worker_serves_concurrent_clients(tiny_worker):
     requests = [([noise(1.0 + i, 10 * k + i) for i in range(3)], [f"clip {k} {i}" for i in range(3)])
                 for k in range(2)]
     scorer = scoring.WhisperScorer(**TINY)
     expected = [scorer.score(audios, texts) for audios, texts in requests]
     info = pickle.loads(pickle.dumps(tiny_worker.connect_info()))  # as another rank receives it
-    answers, errors = {}, []
-
-    def client(k):
-        try:
-            c = ww.WorkerClient(info, request_timeout=120)
-            answers[k] = [c.score(*requests[k]) for _ in range(2)]
-            c.close()
-        except Exception as e:  # surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    answers = _clients(info, lambda c, k: [c.score(*requests[k]) for _ in range(2)])
     for k in range(2):
         for answer in answers[k]:
             assert all(isinstance(r, Score) for r in answer)  # Scores pickle through the socket
             assert [r.transcript for r in answer] == [r.transcript for r in expected[k]]
             assert [r.nll for r in answer] == pytest.approx([r.nll for r in expected[k]], abs=1e-4)
+
+
+def test_worker_answers_the_sims_of_the_scorer(tiny_worker):
+    """Two clients with voice prompts (one per group, shared by its clips, and clips without),
+    batched together by the worker: the sims of the in-process scorer, each client its own."""
+    voices = [noise(1.0, 40), noise(1.3, 41), noise(0.7, 42)]
+    requests = [([noise(0.6 + 0.3 * i, 20 * k + i) for i in range(4)], [f"clip {k} {i}" for i in range(4)],
+                 [voices[k], voices[k], None, voices[2]]) for k in range(2)]
+    scorer = scoring.WhisperScorer(**TINY)
+    expected = [scorer.score(audios, texts, prompts=prompts) for audios, texts, prompts in requests]
+    assert all(isinstance(r.sim, float) for e in expected for r in e[:2] + e[3:])
+    answers = _clients(tiny_worker.connect_info(), lambda c, k: c.score(*requests[k][:2], prompts=requests[k][2]))
+    for k in range(2):
+        assert [r.sim is None for r in answers[k]] == [False, False, True, False]
+        assert [r.sim for r in answers[k]] == pytest.approx([r.sim for r in expected[k]], abs=1e-5)
+    assert all(r.sim is None for r in tiny_worker.score(requests[0][0][:2], requests[0][1][:2]))
+    a, b = voices[0], voices[0].copy()
+    assert ww._share([a, a, None, b, a], 5) == ([a, b], [0, 0, -1, 1, 0])  # a group's prompt goes once
+    with pytest.raises(ValueError, match="1 prompts; they must match"):
+        tiny_worker.score(requests[0][0][:2], requests[0][1][:2], prompts=[voices[0]])
 
 
 def test_worker_survives_bad_clients(tiny_worker):
@@ -81,8 +108,12 @@ def test_worker_survives_bad_clients(tiny_worker):
 
 
 def test_custom_reward_worker(reward_module):
-    with ww.WhisperWorker({}, reward=reward_module, start_timeout=120, threads=1,
+    with ww.WhisperWorker({"speaker_model": "random-tiny"}, reward=reward_module, start_timeout=120, threads=1,
                           request_timeout=120) as worker:
+        voice, clip = noise(1.0, 30), noise(1.0, 31)
+        sv = speaker.load_speaker_model("random-tiny")
+        [prompted] = worker.score([clip], ["a voice"], prompts=[voice])
+        assert prompted.sim == pytest.approx(float(speaker.similarity(*sv.embed([clip, voice]))), abs=1e-5)
         sine = (0.3 * np.sin(np.arange(16000) / 5.0)).astype(np.float64)  # converted to float32 on the way
         results = worker.score([sine, np.full(100, 0.5, np.float32), noise(1.0, 1),
                                 np.full(10, 1.5, np.float32), np.zeros(10, np.float32),
@@ -165,7 +196,8 @@ def test_cli_scores_a_jsonl(tmp_path, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [os.path.basename(r["wav"]) for r in rows] == ["mono.wav", "stereo.wav", "silent.wav"]
     assert all(list(r) == ["wav", "text", "reward", "transcript", "cer", "nll", "error", "too_long",
-                           "f0_std_semitones", "voiced_frac", "chars_per_s"] for r in rows)
+                           "f0_std_semitones", "voiced_frac", "chars_per_s", "sim"] for r in rows)
+    assert all(r["sim"] is None for r in rows)  # no prompt_wav: no sim
     assert all(r["error"] is None and r["text"] == "hello" and r["nll"] > 0 and not r["too_long"]
                for r in rows)
     assert rows[0]["reward"] == pytest.approx(tts_reward(rows[0]["cer"], rows[0]["nll"], tau_n=50))
@@ -183,10 +215,34 @@ def test_cli_scores_a_jsonl(tmp_path, capsys):
             ww.main(["--model", "random-tiny", "--jsonl", str(tmp_path / "bad.jsonl")])
 
 
+def test_cli_prints_sim_for_rows_with_a_prompt_wav(tmp_path, capsys):
+    voice, clip = noise(1.0, 60), noise(1.2, 61)
+    for name, audio in [("voice.wav", voice), ("clip.wav", clip), ("silent.wav", np.zeros(8000, np.float32))]:
+        sf.write(tmp_path / name, audio, 16000, subtype="FLOAT")
+    (tmp_path / "clips.jsonl").write_text('{"wav": "clip.wav", "text": "hello", "prompt_wav": "voice.wav"}\n'
+                                          '{"wav": "clip.wav", "text": "hello"}\n'
+                                          '{"wav": "silent.wav", "text": "hello", "prompt_wav": "voice.wav"}\n')
+    ww.main(["--model", "random-tiny", "--language", "en", "--speaker-model", "random-tiny",
+             "--jsonl", str(tmp_path / "clips.jsonl")])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [list(r)[:3] for r in rows] == [["wav", "text", "prompt_wav"], ["wav", "text", "reward"],
+                                           ["wav", "text", "prompt_wav"]]
+    sv = speaker.load_speaker_model("random-tiny")
+    assert rows[0]["sim"] == pytest.approx(float(speaker.similarity(*sv.embed([clip, voice]))), abs=1e-5)
+    assert rows[1]["sim"] is None and rows[2]["sim"] == 0.0  # no prompt_wav; silence
+    (tmp_path / "missing.jsonl").write_text('{"wav": "clip.wav", "text": "hi"}\n'
+                                            '{"wav": "clip.wav", "text": "hi", "prompt_wav": "gone.wav"}\n')
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl:2: prompt_wav .*gone\.wav not found"):
+        ww.main(["--model", "random-tiny", "--jsonl", str(tmp_path / "missing.jsonl")])
+
+
 @pytest.mark.parametrize("module, public", [
     (scoring, ["WhisperScorer", "model_languages", "language_code", "teacher_forced_nll", "load_whisper",
-               "random_tiny_whisper", "check_audio", "check_text", "CustomRewardScorer"]),
-    (ww, ["WhisperWorker", "WorkerClient", "WorkerError", "WorkerDiedError", "read_wav", "main"])])
+               "random_tiny_whisper", "check_audio", "check_text", "check_prompts", "CustomRewardScorer"]),
+    (ww, ["WhisperWorker", "WorkerClient", "WorkerError", "WorkerDiedError", "read_wav", "main"]),
+    (speaker, ["load_speaker_model", "similarity", "SpeakerModel", "SpeakerSimilarity", "FunctionSpeaker",
+               "WavLMSpeaker", "wavlm_hidden_states", "XVectorHead", "xvector_speaker", "random_wavlm_sv",
+               "load_seed_tts_sim", "wavlm_from_unispeech", "ECAPAHead"])])
 def test_scorer_and_worker_layout(module, public):
     """Public names first, in reading order; each private helper after the first public one it serves."""
     source = open(module.__file__, encoding="utf-8").read()
