@@ -95,6 +95,7 @@ class Config:
     # outputs
     sample_every: int = opt(50, "steps between saved audio samples")
     n_samples: int = opt(4, "audio samples saved each time")
+    report_to: str = opt("", "also log metrics to 'tensorboard' (OUT/tensorboard) or 'wandb', when installed")
     save_every: int = opt(100, "steps between checkpoints (the last step always saves)")
     val_every: int = opt(50, "steps between validations (needs --val-data)")
     worker_timeout: float = opt(600.0, "seconds a reward request may take before the run stops")
@@ -167,6 +168,8 @@ def check_config(cfg: Config, world: int = 1):
     def flag(name):
         return "--" + name.replace("_", "-")
 
+    if cfg.report_to not in ("", "tensorboard", "wandb"):
+        raise ValueError(f"--report-to {cfg.report_to!r}: expected 'tensorboard' or 'wandb'")
     if cfg.loss_agg not in LOSS_AGGS:
         raise ValueError(f"--loss-agg {cfg.loss_agg!r}: expected one of {LOSS_AGGS}")
     if cfg.temperature <= 0:  # training log-probs are taken at logits / temperature

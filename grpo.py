@@ -28,6 +28,7 @@ import outputs
 from codec import load_codec
 from config import LOSS_AGGS, Config, parse_config
 import parallel
+import report
 from plot import plot
 from parallel import Dist, is_sharded, setup_distributed, sync_gradients
 from prosody import GUARDED, guard_factor, sim_factor
@@ -375,7 +376,8 @@ class Trainer:
         """One sample per validation text with a fixed seed, so steps compare like for like: (the
         val_ metrics, this rank's first --n-samples clips to listen to)."""
         scores, rewards, finished, shown = self.sampler.sample_and_score(self.val_examples, "validation")
-        return {**outputs.clip_means(scores, rewards, finished, prefix="val_"), "val_clips": len(scores)}, shown
+        table = outputs.table_metrics(scores, self.val_examples, self.sampler.d.world, self.cfg.language)
+        return {**outputs.clip_means(scores, rewards, finished, prefix="val_"), **table, "val_clips": len(scores)}, shown
 
     def trainer_state(self, step: int) -> dict:
         """Everything --resume needs besides the weights (and, with FSDP, the sharded optimizer
@@ -391,7 +393,7 @@ def train(cfg: Config) -> list[dict]:
     from tqdm import tqdm
     d, device = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)
-    worker = scorer = tr = None
+    worker = scorer = tr = reporter = None
     history, succeeded = [], False
     try:
         with d.together("start-up"):  # before anything is written or loaded: the cheap checks
@@ -408,6 +410,7 @@ def train(cfg: Config) -> list[dict]:
             succeeded = True
             return history
         metrics_path = outputs.open_metrics(cfg.out, tr.start_step) if d.rank == 0 else None
+        reporter = report.Reporter(cfg.report_to, cfg.out, dataclasses.asdict(cfg)) if d.rank == 0 else None
         if d.rank == 0:  # what reproduces this run: the same flags, this seed
             print(f"grpo.py: {cfg.preset or 'no'} preset, seed {cfg.seed}, steps {tr.start_step + 1}-{cfg.steps}, "
                   f"{d.world} rank(s); metrics, samples and checkpoints in {cfg.out}", flush=True)
@@ -417,6 +420,7 @@ def train(cfg: Config) -> list[dict]:
             with d.together(f"writing step {done}'s metrics and samples"):
                 if d.rank == 0:
                     outputs.append_metrics(metrics_path, metrics)
+                    reporter.log(metrics)
                     plot(metrics_path)
                     for name, shown in samples.items():
                         outputs.save_samples(os.path.join(cfg.out, "samples", name), **shown)
@@ -447,6 +451,8 @@ def train(cfg: Config) -> list[dict]:
         succeeded = True
         return history
     finally:
+        if reporter is not None:
+            reporter.close()
         if tr is not None:
             tr.sampler.close()
         if scorer is not None and scorer is not worker:

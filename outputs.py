@@ -243,3 +243,24 @@ def save_samples(folder: str, audios, texts, scores, finished):
             row = {"wav": f"{i}.wav", "text": text, **dataclasses.asdict(score), "finished": bool(fin),
                    "seconds": len(audio) / SAMPLE_RATE}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def table_metrics(scores: list, examples: list, world: int, language: str = "", prefix: str = "val_") -> dict:
+    """The evaluation table's WER / CER (reward.table_error_rate, the one eval.py reports) of each
+    Whisper-scored clip's transcript, as means of per-utterance rates: `{prefix}table_wer`, `{prefix}table_cer`
+    (only those with rows). scores come in Sampler.sample_and_score's order (rank 0's share
+    examples[0::world] first); clips with an error or no Whisper transcript (cer None) are left out."""
+    from reward import table_error_rate
+    from scorer import language_code
+    ordered = [ex for r in range(world) for ex in examples[r::world]]
+    rates = {"wer": [], "cer": []}
+    for score, ex in zip(scores, ordered):
+        if score.error is None and score.cer is not None:
+            lang = ex.language or language or None
+            try:
+                lang = lang and language_code(lang)
+                kind, rate = table_error_rate(ex.text, score.transcript, lang)
+            except ValueError:
+                continue
+            rates[kind].append(rate)
+    return {f"{prefix}table_{k}": mean(v) for k, v in rates.items() if v}

@@ -126,3 +126,35 @@ def char_error_rate(reference: str, hypothesis: str, *, normalize: bool = True) 
     if not hyp:
         return 1.0
     return float(jiwer.cer(ref, hyp))
+
+
+# ---- the evaluation table's WER / CER (seed-tts-eval's run_wer.py), not the reward's CER above ----
+
+CER_LANGUAGES = frozenset({"zh", "ja", "ko", "th", "yue"})  # no spaces between words: rated by character
+_KEPT = {"'"}  # run_wer.py strips every punctuation mark but the apostrophe ("don't" stays one word)
+
+
+def seed_tts_normalize(text: str, language: str | None) -> str:
+    """Text as seed-tts-eval's run_wer.py compares it: punctuation removed (Unicode P* and ASCII
+    string.punctuation) except the apostrophe (’ is read as '), runs of spaces collapsed, lowercased;
+    in a CER language (CER_LANGUAGES: zh, ja, ko, th, yue) split into characters, spaces dropped,
+    joined by single spaces, so that jiwer's word rate is the character rate."""
+    import string
+    text = unicodedata.normalize("NFKC", text).replace("\u2019", "'")
+    text = "".join(" " if (c in string.punctuation or unicodedata.category(c).startswith("P")) and c not in _KEPT
+                   else c for c in text)
+    text = " ".join(text.lower().split())
+    if (language or "").lower() in CER_LANGUAGES:
+        text = " ".join(c for c in text if not c.isspace())
+    return text
+
+
+def table_error_rate(reference: str, hypothesis: str, language: str | None) -> tuple[str, float]:
+    """("wer" or "cer", the rate) of hypothesis against reference, both seed_tts_normalize'd: CER
+    for CER_LANGUAGES, WER for the rest (language None: WER). An empty hypothesis is 1.0 (every unit
+    deleted); a reference empty after normalization is a ValueError."""
+    kind = "cer" if (language or "").lower() in CER_LANGUAGES else "wer"
+    ref, hyp = seed_tts_normalize(reference, language), seed_tts_normalize(hypothesis, language)
+    if not ref:
+        raise ValueError(f"reference {reference!r} has nothing left to compare after normalization")
+    return kind, 1.0 if not hyp else float(jiwer.wer(ref, hyp))

@@ -464,6 +464,7 @@ def test_torchrun_two_ranks_tiny_preset(tmp_path):
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [m["step"] for m in lines] == [0, 1, 2]  # 0: the validation before any update
     assert math.isfinite(lines[0]["val_reward"]) and "reward_mean" not in lines[0]
+    assert any(k.startswith("val_table_") for k in lines[0])  # eval.py's WER/CER (outputs.table_metrics)
     for m in lines[1:]:
         for key in ("reward_mean", "loss", "kl", "entropy", "cer", "nll", "tokens_per_s", "time_reward"):
             assert math.isfinite(m[key]), (key, m)

@@ -1,0 +1,225 @@
+"""eval.py: the seed-tts-eval WER/CER normalization, Seed-TTS lists, resume, bad rows, --compare's
+statistics, --wavs with real Whisper tiny.en on the test assets, and --model end to end (CPU)."""
+import json
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+
+import eval as ev
+from helpers import ASSETS, REPO
+from reward import seed_tts_normalize, table_error_rate
+
+CLONE = os.path.join(REPO, "data", "clone")
+
+
+@pytest.fixture
+def fake_asr(tmp_path, monkeypatch):
+    """A module:function ASR that says a fixed sentence and counts its calls."""
+    (tmp_path / "fake_asr_mod.py").write_text(
+        "CALLS = []\ndef transcribe(audio, language):\n    CALLS.append((len(audio), language))\n"
+        "    return 'where is the station'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("fake_asr_mod", None)
+    import fake_asr_mod
+    return fake_asr_mod
+
+
+def test_normalization_follows_run_wer():
+    assert seed_tts_normalize("Don't STOP, now!", "en") == "don't stop now"
+    assert table_error_rate("I don't know.", "i don't know", "en") == ("wer", 0.0)
+    assert table_error_rate("I don't know.", "I dont know", "en") == ("wer", pytest.approx(1 / 3))  # one word
+    assert table_error_rate("Hello, world!", "hello world", None) == ("wer", 0.0)
+    assert seed_tts_normalize("你好，世界。", "zh") == "你 好 世 界"
+    assert table_error_rate("你好，世界。", "你好世间", "zh") == ("cer", 0.25)
+    assert table_error_rate("안녕 하세요", "안녕하세요", "ko") == ("cer", 0.0)  # spacing is not an error
+    assert table_error_rate("안녕하세요", "안녕하세", "ko") == ("cer", 0.2)
+    assert table_error_rate("Hello there", "", "en") == ("wer", 1.0)
+    with pytest.raises(ValueError):
+        table_error_rate("?!", "x", "en")
+
+
+def test_bootstrap_and_sign_test_known_cases():
+    assert ev.bootstrap_ci([0.25] * 7, resamples=500) == (pytest.approx(0.25), pytest.approx(0.25))
+    lo, hi = ev.bootstrap_ci([0.0, 1.0] * 50, resamples=2000, seed=1)
+    assert lo < 0.5 < hi and hi - lo < 0.3
+    assert ev.bootstrap_ci([1, 2, 3], seed=3) == ev.bootstrap_ci([1, 2, 3], seed=3)  # seeded
+    assert ev.sign_test([1, 1, 1, 1, 1]) == pytest.approx(2 / 32)  # all five one way: 2 * 0.5^5
+    assert ev.sign_test([1, -1, 0, 0]) == 1.0  # zeros dropped
+    assert ev.sign_test([1] * 9 + [-1]) == pytest.approx(2 * 11 / 1024)
+    assert ev.sign_test([]) == 1.0
+
+
+def _results(folder, rows):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "results.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def test_compare_pairs_by_id(tmp_path, capsys):
+    a = [dict(id=str(i), wer=0.5, sim=0.6, reward=0.3, error=None) for i in range(6)]
+    b = [dict(id=str(i), wer=0.3, sim=0.6, reward=0.5, error=None) for i in reversed(range(6))]
+    b.append(dict(id="only_b", wer=0.0, reward=1.0, error=None))
+    _results(tmp_path / "a", a)
+    _results(tmp_path / "b", b)
+    out = {r["metric"]: r for r in ev.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])}
+    assert out["wer"]["n"] == 6 and out["wer"]["diff"] == pytest.approx(-0.2)
+    assert out["wer"]["ci_low"] == pytest.approx(-0.2) and out["wer"]["ci_high"] == pytest.approx(-0.2)
+    assert out["wer"]["sign_p"] == pytest.approx(2 / 64)
+    assert out["sim"]["diff"] == 0 and out["sim"]["sign_p"] == 1.0
+    assert "| reward | 6 |" in capsys.readouterr().out
+
+
+def _tone_wav(path, seconds=0.5, freq=220.0):
+    t = np.arange(int(16000 * seconds)) / 16000
+    soundfile.write(path, (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16000)
+
+
+def test_seed_tts_list_wavs_resume_and_bad_rows(tmp_path, fake_asr, capsys):
+    """A Seed-TTS list through eval --wavs: bad rows named with file:line; a rerun skips done rows."""
+    shutil.copy(os.path.join(CLONE, "low.wav"), tmp_path / "low.wav")
+    lst = tmp_path / "meta.lst"
+    lst.write_text("u1|A low voice says this.|low.wav|Where is the station?\n"
+                   "u2|A low voice says this.|low.wav|Please sit down.\n"
+                   "u3|A low voice says this.|low.wav|Nobody made this one.\n"
+                   "u4|A low voice says this.|low.wav|A broken file.\n")
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    _tone_wav(wavs / "u1.wav")
+    _tone_wav(wavs / "u2.wav")
+    (wavs / "u4.wav").write_bytes(b"not a wav")
+    argv = ["--wavs", str(wavs), "--data", str(lst), "--out", str(tmp_path / "out"),
+            "--asr", "fake_asr_mod:transcribe", "--language", "en", "--speaker-model", "random-tiny"]
+    summary = ev.main(argv)
+    assert len(fake_asr.CALLS) == 2 and all(lang == "en" for _, lang in fake_asr.CALLS)
+    rows = {r["id"]: r for r in ev.read_results(str(tmp_path / "out" / "results.jsonl"))}
+    assert rows["u1"]["wer"] == 0.0 and rows["u2"]["wer"] == pytest.approx(4 / 3)
+    assert rows["u1"]["sim"] is not None and rows["u1"]["reward"] is None  # no reward Whisper given
+    assert rows["u3"]["error"].startswith("wav not found") and rows["u3"]["source"] == f"{lst}:3"
+    assert "unreadable audio" in rows["u4"]["error"] and rows["u4"]["source"] == f"{lst}:4"
+    assert summary["errors"] == 2 and summary["scored"] == 2 and summary["rows"] == 4
+    assert summary["wer_mean"] == pytest.approx((0 + 4 / 3) / 2)  # mean of per-utterance rates
+    assert f"{lst}:3" in capsys.readouterr().err
+    again = ev.main(argv)  # resumed: nothing left to do, the same summary
+    assert len(fake_asr.CALLS) == 2 and again["wer_mean"] == summary["wer_mean"]
+    assert len(ev.read_results(str(tmp_path / "out" / "results.jsonl"))) == 4
+
+
+def test_unknown_language_is_a_bad_row(tmp_path, fake_asr):
+    _tone_wav(tmp_path / "a.wav")
+    _tone_wav(tmp_path / "b.wav")
+    (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "hi there", "language": "klingon"}\n'
+                                      '{"id": "b", "text": "你好", "language": "zh"}\n')
+    summary = ev.main(["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
+                       "--asr", "fake_asr_mod:transcribe"])
+    assert summary["errors"] == 1 and "klingon" in summary["bad_rows"][0]["error"]
+    assert summary["bad_rows"][0]["source"].endswith("d.jsonl:1")
+    assert summary["n_cer"] == 1 and summary["n_wer"] == 0
+
+
+def test_missing_model_is_one_line(tmp_path, fake_asr):
+    (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "hi"}\n')
+    base = ["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        ev.main(base + ["--asr", str(tmp_path / "no-such-whisper.pt")])
+    assert "--asr" in str(e.value) and "no-such-whisper.pt" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        ev.main(base + ["--asr", "fake_asr_mod:transcribe", "--speaker-model", str(tmp_path / "none.pth")])
+    assert "--speaker-model" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", str(tmp_path / "no-ckpt"), "--codec", "tone"] + base[2:] +
+                ["--asr", "fake_asr_mod:transcribe"])
+    assert "--model" in str(e.value) and "no-ckpt" in str(e.value)
+
+
+def test_model_tiny_end_to_end(tmp_path, fake_asr):
+    """--model tiny --codec tone: synthesis (voice-cloned rows), scoring with the reward Whisper
+    and a speaker model, the wavs and the summary."""
+    summary = ev.main(["--model", "tiny", "--codec", "tone", "--data", os.path.join(CLONE, "val.jsonl"),
+                       "--out", str(tmp_path / "o"), "--asr", "fake_asr_mod:transcribe", "--max-new-tokens", "24",
+                       "--reward-whisper", "random-tiny", "--speaker-model", "random-tiny"])
+    rows = ev.read_results(str(tmp_path / "o" / "results.jsonl"))
+    assert [r["id"] for r in rows] == ["v0", "v1"] and len(fake_asr.CALLS) == 2
+    for r in rows:
+        assert r["error"] is None and r["wer"] == (0.0 if r["id"] == "v0" else pytest.approx(4 / 3))
+        assert 0 <= r["reward"] <= 1 and -1 <= r["sim"] <= 1 and r["rtf"] > 0
+        assert r["duration_s"] > 0 and os.path.isfile(tmp_path / "o" / "wavs" / f"{r['id']}.wav")
+    assert summary["scored"] == 2 and summary["reward_mean"] is not None and summary["rtf_mean"] > 0
+    assert json.load(open(tmp_path / "o" / "summary.json"))["wer_mean"] == pytest.approx(2 / 3)
+
+
+def test_wavs_with_real_whisper_tiny(tmp_path):
+    """The test assets with tiny.en: clean clips score a lower WER than the same clips given the
+    wrong sentence, and silence is WER 1."""
+    checkpoint = os.path.join(ASSETS, "whisper-tiny.en.pt")
+    if not os.path.isfile(checkpoint):
+        pytest.skip(f"{checkpoint} not found (set TEST_ASSETS to the shared assets folder)")
+    speech = os.path.join(ASSETS, "speech")
+    clips = [json.loads(line) for line in open(os.path.join(speech, "clips.jsonl"))]
+    clean = [c for c in clips if c["kind"] == "clean"][:3]
+    rows = []
+    for i, c in enumerate(clean):
+        shutil.copy(os.path.join(speech, c["wav"]), tmp_path / f"right{i}.wav")
+        shutil.copy(os.path.join(speech, c["wav"]), tmp_path / f"wrong{i}.wav")
+        rows += [dict(id=f"right{i}", text=c["text"]), dict(id=f"wrong{i}", text=clean[(i + 1) % 3]["text"])]
+    shutil.copy(os.path.join(speech, "silence_00.wav"), tmp_path / "silence.wav")
+    rows.append(dict(id="silence", text=clean[0]["text"]))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = ev.main(["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
+                       "--asr", checkpoint])
+    got = {r["id"]: r for r in ev.read_results(str(tmp_path / "o" / "results.jsonl"))}
+    right = [got[f"right{i}"]["wer"] for i in range(3)]
+    wrong = [got[f"wrong{i}"]["wer"] for i in range(3)]
+    assert max(right) < min(wrong) and np.mean(right) < 0.4 and np.mean(wrong) > 0.6
+    assert all(got[f"right{i}"]["reward"] > got[f"wrong{i}"]["reward"] for i in range(3))
+    assert got["silence"]["wer"] == 1.0 and got["silence"]["silent"] and summary["silent"] == 1
+    assert summary["errors"] == 0 and not math.isnan(summary["chars_per_s_median"])
+
+
+def test_training_validation_uses_the_table_metric():
+    """outputs.table_metrics (grpo's val_table_wer / val_table_cer) is reward.table_error_rate over
+    sample_and_score's rank order; errors and transcript-less scores are left out."""
+    from data import Example
+    from outputs import table_metrics
+    from reward import Score
+    examples = [Example("I don't know.", "0", language="en"), Example("你好世界", "1", language="Chinese"),
+                Example("Hello there.", "2"), Example("Bad one.", "3")]
+    # world 2: rank 0 held examples 0 and 2, rank 1 examples 1 and 3 -> scores in order 0, 2, 1, 3
+    scores = [Score(0.5, "i don't know", cer=0.0), Score(0.5, "hello", cer=0.1),
+              Score(0.5, "你好世间", cer=0.25), Score(0.0, error="refused")]
+    got = table_metrics(scores, examples, world=2, language="")
+    assert got == {"val_table_wer": pytest.approx((0 + 0.5) / 2), "val_table_cer": pytest.approx(0.25)}
+    assert table_metrics([Score(0.7)], examples[:1], world=1) == {}  # a custom reward: no transcript
+
+
+def test_torchrun_two_ranks_split_and_merge(tmp_path, fake_asr):
+    """torchrun --nproc_per_node=2: rank r scores rows r::2 into results.rank{r}.jsonl; rank 0 merges
+    them into results.jsonl in data order and writes the summary."""
+    import subprocess
+    for i in range(5):
+        _tone_wav(tmp_path / f"r{i}.wav")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(dict(id=f"r{i}", text="where is the station")) + "\n"
+                                              for i in range(5)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(REPO, "eval.py"), "--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"),
+           "--out", str(tmp_path / "o"), "--asr", "fake_asr_mod:transcribe", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), REPO])}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [[r["id"] for r in ev.read_results(str(tmp_path / "o" / f"results.rank{k}.jsonl"))] for k in (0, 1)]
+    assert ranks == [["r0", "r2", "r4"], ["r1", "r3"]]
+    assert [r["id"] for r in ev.read_results(str(tmp_path / "o" / "results.jsonl"))] == [f"r{i}" for i in range(5)]
+    assert json.load(open(tmp_path / "o" / "summary.json"))["scored"] == 5 and "| rows | 5 |" in proc.stdout
+
+
+def test_text_with_nothing_to_rate_is_a_bad_row_alone(tmp_path, fake_asr):
+    _tone_wav(tmp_path / "a.wav")
+    _tone_wav(tmp_path / "b.wav")
+    (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "?!"}\n{"id": "b", "text": "Where is the station?"}\n')
+    summary = ev.main(["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
+                       "--asr", "fake_asr_mod:transcribe"])
+    assert summary["errors"] == 1 and summary["bad_rows"][0]["id"] == "a" and summary["wer_mean"] == 0.0
