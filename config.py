@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import data
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+IMPORTANCE_LEVELS = ("token", "sequence")
 
 
 def opt(default, help):
@@ -54,7 +55,16 @@ class Config:
     top_p: float = opt(0.9, "nucleus sampling threshold (1 = off)")
     top_k: int = opt(0, "top-k sampling (0 = off)")
     repetition_penalty: float = opt(1.0, "HF repetition penalty (1 = off)")
-    clip_eps: float = opt(0.2, "PPO clip range epsilon")
+    clip_eps: float = opt(0.2, "PPO clip range epsilon: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]")
+    clip_eps_high: float | None = opt(None, "upper clip range (DAPO's clip-higher, e.g. 0.28 with --clip-eps 0.2); "
+                                            "default: --clip-eps")
+    importance_level: str = opt("token", "importance ratio per 'token' (PPO/GRPO) or per 'sequence' (GSPO: "
+                                         "exp of the sequence's mean log-ratio, with a small clip range, GSPO's "
+                                         "paper --clip-eps 3e-4 --clip-eps-high 4e-4, and --loss-agg "
+                                         "seq-mean-token-mean as in verl)")
+    tis_cap: float = opt(0.0, "truncated importance sampling: weight each token's policy-gradient term by "
+                              "min(exp(old - rollout log-prob), cap), correcting the rollout engine's mismatch "
+                              "(verl, TRL; e.g. 2); 0 = off")
     clip_ratio_c: float = opt(3.0, "dual-clip bound for negative advantages (verl's clip_ratio_c), > 1")
     kl_coef: float = opt(0.0, "k3 KL penalty to the frozen initial model; 0 drops the reference model")
     loss_agg: str = opt("token-mean", f"loss aggregation: {', '.join(LOSS_AGGS)}")
@@ -153,6 +163,8 @@ def parse_config(argv=None, description: str = "GRPO for LLASA text-to-speech") 
         if f.type in (bool, "bool", bool | None):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=d,
                            help=f"{f.metadata['help']} (default: {d})")
+        elif f.type in (float | None, "float | None"):
+            p.add_argument(flag, type=float, default=d, help=f"{f.metadata['help']} (default: {d!r})")
         else:
             p.add_argument(flag, type=type(f.default), default=d, help=f"{f.metadata['help']} (default: {d!r})")
     cfg = Config(**vars(p.parse_args(argv)))
@@ -180,6 +192,15 @@ def check_config(cfg: Config, world: int = 1):
             raise ValueError(f"{flag(name)} must be >= 1, got {getattr(cfg, name)}")
     if cfg.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 (advantages compare samples of one prompt), got {cfg.group_size}")
+    if not 0 < cfg.clip_eps < 1:
+        raise ValueError(f"--clip-eps must be in (0, 1), got {cfg.clip_eps}")
+    if cfg.clip_eps_high is not None and cfg.clip_eps_high <= 0:
+        raise ValueError(f"--clip-eps-high must be > 0 (or unset: --clip-eps), got {cfg.clip_eps_high}")
+    if cfg.importance_level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"--importance-level {cfg.importance_level!r}: expected one of {IMPORTANCE_LEVELS}")
+    if cfg.tis_cap < 0 or 0 < cfg.tis_cap < 1:
+        raise ValueError(f"--tis-cap must be 0 (off) or >= 1 (a cap below 1 would shrink on-policy tokens), "
+                         f"got {cfg.tis_cap}")
     if cfg.clip_ratio_c <= 1:
         raise ValueError(f"--clip-ratio-c must be > 1, got {cfg.clip_ratio_c}")
     if cfg.prompt_decode not in ("alone", "context"):

@@ -267,3 +267,17 @@ def load_data(cfg) -> tuple[list[Example], list[Example]]:
                 raise ValueError(f"{where}: language {language!r} is not one Whisper {cfg.whisper!r} knows "
                                  f"({', '.join(sorted(known)[:12])}{', ...' if len(known) > 12 else ''})")
     return examples, val_examples
+
+
+def step_examples(examples: list, step: int, cfg, d) -> list:
+    """Rank d.rank's prompts (of d.world) for `step`, from an endless run of seeded epoch
+    permutations (cfg: prompts_per_step, seed; d: a parallel.Dist or anything with rank and world).
+
+    The data position is a function of the step alone, which is what makes --resume exact."""
+    per_rank = cfg.prompts_per_step // d.world
+    start = step * cfg.prompts_per_step + d.rank * per_rank
+    out = []
+    for k in range(start, start + per_rank):
+        epoch, i = divmod(k, len(examples))
+        out.append(examples[np.random.default_rng([cfg.seed, epoch]).permutation(len(examples))[i]])
+    return out

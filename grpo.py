@@ -19,14 +19,13 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 import data
 import demo
 import outputs
 from codec import load_codec
-from config import LOSS_AGGS, Config, parse_config
+from config import IMPORTANCE_LEVELS, LOSS_AGGS, Config, parse_config
 import parallel
 import report
 from plot import plot
@@ -46,8 +45,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = Tr
     (r - group mean) / (group std + eps), std unbiased as in verl and TRL; scale=False keeps only the
     centering (Dr. GRPO). A group whose rewards are all equal gets advantage 0, never NaN."""
     if group_size < 2 or rewards.numel() % group_size:
-        raise ValueError(f"group_size must be >= 2 and divide the {rewards.numel()} rewards, "
-                         f"got {group_size}")
+        raise ValueError(f"group_size must be >= 2 and divide the {rewards.numel()} rewards, got {group_size}")
     r = rewards.float().view(-1, group_size)  # [groups, G]
     adv = r - r.mean(dim=1, keepdim=True)
     if scale:
@@ -55,34 +53,55 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = Tr
     return adv.view(-1)
 
 
+def tis_weights(old_logp, rollout_logp, mask, cap: float):
+    """Truncated importance sampling (verl, TRL): per-token weights [B, T] = min(exp(old_logp -
+    rollout_logp), cap), detached, 1 off `mask`; and where the cap bound them ([B, T] bool)."""
+    w, on = torch.exp((old_logp - rollout_logp).detach().clamp(-20.0, 20.0)), mask > 0
+    return torch.where(on, w.clamp(max=cap), torch.ones_like(w)), on & (w > cap)
+
+
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps=0.2, kl_coef=0.04, clip_ratio_c=3.0,
-                agg="token-mean", denom=None, norm_len=None, tensor_stats=False):
+                agg="token-mean", denom=None, norm_len=None, tensor_stats=False, clip_eps_high=None,
+                importance_level="token", rollout_logp=None, tis_cap=0.0):
     """Clipped GRPO objective with dual clip and a k3 KL penalty, as a loss to minimize.
 
     logp, old_logp, ref_logp (None when kl_coef == 0): [B, T] log-probs (nats) of the sampled
     tokens; advantages [B]; mask [B, T] float, 1 on response tokens. Per token, as in verl:
       ratio = exp(clamp(logp - old_logp, -20, 20))
-      clipped = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))      (PPO)
+      clipped = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))  (eps_high: clip-higher)
       loss = min(clipped, -A * clip_ratio_c) where A < 0, else clipped  (dual clip: a very
              unlikely-now token with a negative advantage cannot push the loss without bound)
+      times tis_weights(old_logp, rollout_logp) if tis_cap > 0 and rollout_logp is given
       + kl_coef * k3,  k3 = exp(ref - logp) - (ref - logp) - 1
+    importance_level "sequence" is GSPO (as verl's compute_policy_loss_gspo): sequence i's tokens
+    all take ratio s_i = exp(mean of its logp - old_logp) as the value of exp(logp - sg[logp] +
+    sg[log s_i]) (gradient s_i * grad logp), clipped, no dual clip; GSPO with seq-mean-token-mean.
     Aggregation over `mask`:
       token-mean               sum over all tokens / number of tokens
       seq-mean-token-mean      mean over sequences of each sequence's token mean
       seq-mean-token-sum-norm  mean over sequences of token sums / norm_len (Dr. GRPO; default T)
     `denom` overrides the divisor (tokens, or sequences for the seq-* modes): the trainer passes the
     global count over all ranks and micro-batches so that summed gradients are the global mean's.
-    Returns (loss, stats): kl, clip_frac, dual_clip_frac as token means over `mask` (floats, or
-    0-dim tensors with tensor_stats, which spares the trainer a host sync per micro-batch)."""
+    Returns (loss, stats): kl, clip_frac, dual_clip_frac (with TIS: tis_weight_mean, tis_capped_frac),
+    token means over `mask` (floats, or 0-dim tensors with tensor_stats: no host sync)."""
     if agg not in LOSS_AGGS:
         raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {LOSS_AGGS}")
+    if importance_level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"unknown importance level {importance_level!r}; expected one of {IMPORTANCE_LEVELS}")
     mask = mask.float()
     adv = advantages.float()[:, None]  # [B, 1]
-    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))  # [B, T]
-    loss1, loss2 = -adv * ratio, -adv * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    if importance_level == "sequence":
+        seq = ((logp - old_logp).detach() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B] log s_i
+        ratio = torch.exp(logp - logp.detach() + seq.clamp(-20.0, 20.0)[:, None])  # [B, T], value s_i
+    else:
+        ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))  # [B, T]
+    loss1, loss2 = -adv * ratio, -adv * torch.clamp(ratio, 1 - clip_eps, 1 + high)
     clipped = torch.maximum(loss1, loss2)
     dual = torch.minimum(clipped, -adv * clip_ratio_c)
-    per_token = torch.where(adv < 0, dual, clipped)  # [B, T]
+    per_token = clipped if importance_level == "sequence" else torch.where(adv < 0, dual, clipped)  # [B, T]
+    tis = tis_weights(old_logp, rollout_logp, mask, tis_cap) if tis_cap > 0 and rollout_logp is not None else None
+    per_token = per_token if tis is None else per_token * tis[0]  # the policy-gradient term only
     kl = torch.zeros_like(logp)
     if kl_coef and ref_logp is not None:
         log_r = (ref_logp - logp).clamp(-20.0, 20.0)  # exp() stays finite where the two disagree wildly
@@ -100,9 +119,11 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps=0.2, kl_
     n = mask.sum().clamp(min=1)
     with torch.no_grad():
         took_clip = (loss2 > loss1).float()  # the clipped branch set the loss
-        took_dual = ((adv < 0) & (clipped > -adv * clip_ratio_c)).float()
+        took_dual = ((adv < 0) & (clipped > -adv * clip_ratio_c)).float() * (importance_level == "token")
         stats = {"kl": (kl * mask).sum() / n, "clip_frac": (took_clip * mask).sum() / n,
                  "dual_clip_frac": (took_dual * mask).sum() / n}
+        if tis is not None:
+            stats.update(tis_weight_mean=(tis[0] * mask).sum() / n, tis_capped_frac=tis[1].float().sum() / n)
     return loss, (stats if tensor_stats else {k: v.item() for k, v in stats.items()})
 
 
@@ -129,7 +150,8 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
     entropy (nats), grad_norm, the lr the step was taken with and, when the rollout's log-probs are
     given, logp_mismatch / logp_mismatch_max: mean and max |rollout - training| log-prob (nats) over
     response tokens (the same policy computed twice: 0 up to float rounding on a CPU, the bf16
-    noise of the decode path on a GPU). A handful of host syncs per step, none per micro-batch."""
+    noise of the decode path on a GPU); with --tis-cap, tis_weight_mean / tis_capped_frac (token
+    means). A handful of host syncs per step, none per micro-batch."""
     policy, ref = (m if m is None or isinstance(m, LogProbs) else LogProbs(m) for m in (policy, ref))
     sharded = is_sharded(policy)
     device = ro.tokens.device
@@ -163,8 +185,8 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
 
     lr = scheduler.get_last_lr()[0]  # the rate of this step (the scheduler moves on after it)
     params = [p for p in policy.parameters() if p.requires_grad]
-    # loss, kl*n, clip*n, dual clip*n, entropy sum, tokens, |rollout - training| log-prob sum
-    sums = torch.zeros(7, device=device)
+    # loss, kl*n, clip*n, dual clip*n, entropy sum, tokens, |rollout - training| log-prob sum, TIS w*n, capped*n
+    sums = torch.zeros(9, device=device)
     mismatch_max = torch.zeros((), device=device)
     with d.together("the reference and old log-prob passes"), torch.no_grad():  # fixed for all updates
         ref_logp = [forward(ref, j) for j in range(len(mbs))] if ref is not None and cfg.kl_coef else None
@@ -175,20 +197,22 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
                 out = forward(policy, j, with_entropy=update == 0)
                 logp, entropy = out if update == 0 else (out, None)
                 old = logp.detach() if old_logp is None else old_logp[j]  # one update: ratio = 1, on-policy
-                m = mask[r, :cut[j]]
+                m, roll_lp = mask[r, :cut[j]], None if ro.logprobs is None else ro.logprobs[r, :cut[j]]
                 loss, st = policy_loss(logp, old, ref_logp[j] if ref_logp else None, ro.advantages[r], m,
-                                       clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
-                                       clip_ratio_c=cfg.clip_ratio_c, agg=cfg.loss_agg, denom=denom,
-                                       norm_len=cfg.max_new_tokens, tensor_stats=True)
+                                       clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, kl_coef=cfg.kl_coef,
+                                       clip_ratio_c=cfg.clip_ratio_c, agg=cfg.loss_agg, denom=denom, tensor_stats=True,
+                                       norm_len=cfg.max_new_tokens, importance_level=cfg.importance_level,
+                                       rollout_logp=roll_lp, tis_cap=cfg.tis_cap)
                 loss.backward()
                 if update == 0:
                     n = m.sum()
                     gap = torch.zeros_like(m)
                     if ro.logprobs is not None:  # the rollout's log-probs against this pass's
-                        gap = (logp.detach() - ro.logprobs[r, :cut[j]]).abs() * m
+                        gap = (logp.detach() - roll_lp).abs() * m
                         mismatch_max = torch.maximum(mismatch_max, gap.max())
                     sums += torch.stack([loss.detach(), st["kl"] * n, st["clip_frac"] * n,
-                                         st["dual_clip_frac"] * n, (entropy * m).sum(), n, gap.sum()])
+                                         st["dual_clip_frac"] * n, (entropy * m).sum(), n, gap.sum(),
+                                         st.get("tis_weight_mean", n * 0) * n, st.get("tis_capped_frac", n * 0) * n])
         if not sharded:  # FSDP reduced them in backward
             sync_gradients(params, d)  # sum the ranks' shares of the global mean loss
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -203,30 +227,18 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
     sums = d.all_reduce(sums)
     n = sums[5].clamp(min=1)
     stats = {"loss": sums[0].item() / (d.world if sharded else 1),  # FSDP: each share was scaled by world
-             "kl": (sums[1] / n).item(), "clip_frac": (sums[2] / n).item(),
-             "dual_clip_frac": (sums[3] / n).item(), "entropy": (sums[4] / n).item(),
-             "grad_norm": gnorm.item(), "lr": lr}
+             "kl": (sums[1] / n).item(), "clip_frac": (sums[2] / n).item(), "dual_clip_frac": (sums[3] / n).item(),
+             "entropy": (sums[4] / n).item(), "grad_norm": gnorm.item(), "lr": lr}
     if ro.logprobs is not None:
         stats["logp_mismatch"] = (sums[6] / n).item()
         stats["logp_mismatch_max"] = d.all_reduce(mismatch_max, op="max").item()
+    if cfg.tis_cap > 0 and ro.logprobs is not None:  # TIS: token mean weight, fraction capped
+        stats.update(tis_weight_mean=(sums[7] / n).item(), tis_capped_frac=(sums[8] / n).item())
     return stats
 
 
 # ----------------------------------------------------------------------------------------------
-# Data order and step metrics
-
-def step_examples(examples: list, step: int, cfg: Config, d: Dist) -> list:
-    """This rank's prompts for `step`, from an endless run of seeded epoch permutations.
-
-    The data position is a function of the step alone, which is what makes --resume exact."""
-    per_rank = cfg.prompts_per_step // d.world
-    start = step * cfg.prompts_per_step + d.rank * per_rank
-    out = []
-    for k in range(start, start + per_rank):
-        epoch, i = divmod(k, len(examples))
-        out.append(examples[np.random.default_rng([cfg.seed, epoch]).permutation(len(examples))[i]])
-    return out
-
+# Step metrics
 
 def step_rewards(scores: list, finished: torch.Tensor, guard: list | None, where: str) -> torch.Tensor:
     """The rewards [N] a step trains on: each Score's reward, 0 where the sample was truncated
@@ -314,7 +326,7 @@ class Trainer:
     # -- one GRPO step ------------------------------------------------------------------------
     def train_step(self, step: int) -> tuple[dict, dict]:
         cfg, d, G = self.cfg, self.d, self.cfg.group_size
-        examples = step_examples(self.examples, step, cfg, d)
+        examples = data.step_examples(self.examples, step, cfg, d)
         if (cfg.prosody_guard or cfg.sim_guard) and self.prosody_reference is None:  # once per run
             self.prosody_reference = self.measure_reference()
         items = [ex for ex in examples for _ in range(G)]  # [B*G], group by group
@@ -369,7 +381,7 @@ class Trainer:
         of the first step's prompts), at most one training batch of clips."""
         cfg = self.cfg
         names = (GUARDED if cfg.prosody_guard else ()) + (("sim",) if cfg.sim_guard else ())
-        examples = self.val_examples or step_examples(self.examples, 0, cfg, Dist())
+        examples = self.val_examples or data.step_examples(self.examples, 0, cfg, Dist())
         return self.sampler.reference(examples, names, "the guards' reference")
 
     def validate(self) -> tuple[dict, dict]:

@@ -156,6 +156,105 @@ def test_policy_loss_dual_clip_by_hand():
     assert logp.grad.tolist()[0] == pytest.approx([0.0, 2.0 / 2])
 
 
+def test_policy_loss_clip_higher_by_hand():
+    """--clip-eps-high (DAPO's clip-higher): clip(ratio, 1 - eps, 1 + eps_high); the low side is unchanged."""
+    mask = torch.ones(1, 2)
+    # A = +1: ratio 1.25 is inside [0.8, 1.28] (unclipped, gradient -A * ratio); ratio e^0.3 = 1.35 is
+    # clipped at 1.28 (gradient 0). Token mean over 2 tokens.
+    logp = torch.tensor([[math.log(1.25), 0.3]], requires_grad=True)
+    loss, st = grpo.policy_loss(logp, torch.zeros(1, 2), None, torch.tensor([1.0]), mask, clip_eps=0.2,
+                                clip_eps_high=0.28, kl_coef=0.0)
+    assert loss.item() == pytest.approx((-1.25 - 1.28) / 2, abs=1e-6) and st["clip_frac"] == 0.5
+    loss.backward()
+    assert logp.grad.tolist()[0] == pytest.approx([-1.25 / 2, 0.0], abs=1e-6)
+    # Unset, the high bound is --clip-eps: both tokens clipped at 1.2, no gradient.
+    logp.grad = None
+    loss, st = grpo.policy_loss(logp, torch.zeros(1, 2), None, torch.tensor([1.0]), mask, clip_eps=0.2,
+                                kl_coef=0.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(-1.2, abs=1e-6) and st["clip_frac"] == 1.0
+    assert logp.grad.tolist()[0] == [0.0, 0.0]
+    # The low side: ratio 0.5 with A = -1 is clipped at 1 - eps = 0.8 whatever eps_high.
+    loss, _ = _loss([[math.log(0.5)]], [[0.0]], [-1.0], [[1]], clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.0)
+    assert loss.item() == pytest.approx(0.8, abs=1e-6)
+
+
+def _gspo_reference(logp, old, adv, mask, lo, hi):
+    """GSPO's objective written directly at the sequence level (paper eq. 5, as a loss): s_i =
+    exp(mean over sequence i's tokens of logp - old), loss = mean_i max(-A s_i, -A clip(s_i, 1 - lo, 1 + hi))."""
+    s = torch.exp(((logp - old) * mask).sum(1) / mask.sum(1))
+    return torch.maximum(-adv * s, -adv * s.clamp(1 - lo, 1 + hi)).mean(), s
+
+
+@pytest.mark.parametrize("lo,hi", [(0.2, 0.28), (3e-4, 4e-4)])  # GSPO's paper: 3e-4 / 4e-4
+def test_policy_loss_gspo_sequence_ratio_values_and_gradients(lo, hi):
+    """--importance-level sequence: one ratio per sequence, clipped per sequence; value and gradient
+    equal the sequence-level formula's, i.e. d/dlogp_t = -A_i s_i / |y_i| / B where s_i is not clipped."""
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0], [1, 1, 1]])
+    base = torch.tensor([[-1.0, -2.0, -0.5], [-0.7, -1.2, -3.0], [-0.4, -0.9, -1.6]])
+    # logp - old per token; row 1's masked token is far off and must not count
+    delta = torch.tensor([[0.05, 0.15, 0.1], [-0.1, -0.02, 5.0], [1e-4, -1e-4, 2e-4]])
+    old, adv = base - delta, torch.tensor([1.0, -0.5, 0.7])
+    logp = base.clone().requires_grad_(True)
+    loss, st = grpo.policy_loss(logp, old, None, adv, mask, clip_eps=lo, clip_eps_high=hi, kl_coef=0.0,
+                                agg="seq-mean-token-mean", importance_level="sequence")
+    loss.backward()
+    ref_logp = base.clone().requires_grad_(True)
+    ref, s = _gspo_reference(ref_logp, old, adv, mask, lo, hi)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-6)
+    assert torch.allclose(logp.grad, ref_logp.grad, atol=1e-6)
+    # By hand: s = exp([0.1, -0.06, 6.67e-5]); a clipped sequence has no gradient.
+    assert s.tolist() == pytest.approx([math.exp(0.1), math.exp(-0.06), math.exp(2e-4 / 3)], rel=1e-5)
+    clipped = [bool((s[i] > 1 + hi and adv[i] > 0) or (s[i] < 1 - lo and adv[i] < 0)) for i in range(3)]
+    assert clipped == ([False, False, False] if lo == 0.2 else [True, True, False])
+    lengths = mask.sum(1)
+    for i in range(3):
+        g = 0.0 if clipped[i] else (-adv[i] * s[i] / lengths[i] / 3).item()
+        assert logp.grad[i].tolist() == pytest.approx((g * mask[i]).tolist(), abs=1e-7)
+    assert st["clip_frac"] == pytest.approx(sum(c * n for c, n in zip(clipped, lengths.tolist())) / 8)
+    assert st["dual_clip_frac"] == 0.0
+    # Token-level on the same numbers differs (per-token ratios), and on-policy both are the same loss.
+    tok, _ = grpo.policy_loss(base, old, None, adv, mask, clip_eps=lo, clip_eps_high=hi, kl_coef=0.0,
+                              agg="seq-mean-token-mean")
+    assert abs(tok.item() - loss.item()) > 1e-6 or lo != 0.2  # (GSPO's tiny range clips both alike here)
+    on_seq, _ = grpo.policy_loss(base, base, None, adv, mask, kl_coef=0.0, importance_level="sequence")
+    on_tok, _ = grpo.policy_loss(base, base, None, adv, mask, kl_coef=0.0)
+    assert on_seq.item() == pytest.approx(on_tok.item(), abs=1e-7)
+    with pytest.raises(ValueError):
+        grpo.policy_loss(base, old, None, adv, mask, importance_level="seq")
+
+
+def test_tis_weights_cap_and_fraction_by_hand():
+    """--tis-cap: w = min(exp(old - rollout), cap), detached, 1 on padding; it weights the
+    policy-gradient term only (not the KL), and its token mean and capped fraction are reported."""
+    old = torch.zeros(2, 3)
+    rollout = -torch.log(torch.tensor([[0.5, 1.5, 3.0], [1.0, 0.25, 100.0]]))  # old - rollout = log of these
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    w, capped = grpo.tis_weights(old, rollout, mask, 2.0)
+    assert w.tolist() == [pytest.approx([0.5, 1.5, 2.0]), pytest.approx([1.0, 0.25, 1.0])]  # padding: 1
+    assert capped.tolist() == [[False, False, True], [False, False, False]]
+    # In the loss, on-policy (ratio 1), A = [1, -2]: per-token pg loss -A * w; the KL term unweighted.
+    logp = old.clone().requires_grad_(True)
+    ref = logp.detach() + 0.3
+    adv = torch.tensor([1.0, -2.0])
+    loss, st = grpo.policy_loss(logp, old, ref, adv, mask, kl_coef=0.1, rollout_logp=rollout, tis_cap=2.0)
+    k3 = math.exp(0.3) - 0.3 - 1
+    pg = -1 * (0.5 + 1.5 + 2.0) + 2 * (1.0 + 0.25)
+    assert loss.item() == pytest.approx((pg + 5 * 0.1 * k3) / 5, rel=1e-5)
+    assert st["tis_weight_mean"] == pytest.approx((0.5 + 1.5 + 2.0 + 1.0 + 0.25) / 5)
+    assert st["tis_capped_frac"] == pytest.approx(1 / 5)
+    assert st["kl"] == pytest.approx(k3, rel=1e-5)
+    loss.backward()  # d/dlogp: -A * w * ratio (ratio 1) + 0.1 * (1 - e^0.3), over 5 tokens
+    kl_g = 0.1 * (1 - math.exp(0.3))
+    expect = [[(-0.5 + kl_g) / 5, (-1.5 + kl_g) / 5, (-2.0 + kl_g) / 5], [(2.0 + kl_g) / 5, (0.5 + kl_g) / 5, 0.0]]
+    assert logp.grad.tolist() == [pytest.approx(r, abs=1e-6) for r in expect]
+    # Off (cap 0) or without rollout log-probs: no weights, no TIS stats.
+    for kw in (dict(rollout_logp=rollout, tis_cap=0.0), dict(rollout_logp=None, tis_cap=2.0)):
+        plain, st = grpo.policy_loss(old, old, None, adv, mask, kl_coef=0.0, **kw)
+        assert plain.item() == pytest.approx((-3 + 4) / 5) and "tis_weight_mean" not in st
+
+
 # ---- log-probs and the update on 1 vs 2 ranks ----------------------------------------------------
 
 def test_response_logprobs_match_generate():
@@ -270,13 +369,13 @@ def test_policy_loss_tensor_stats_equal_float_stats():
     assert floats["dual_clip_frac"] > 0 and floats["kl"] > 0  # values, not just zeros, compared
 
 
-def _speech_update(micro_batch, logprobs=None):
+def _speech_update(micro_batch, logprobs=None, **cfg_kw):
     """update_policy over the fixed rollouts with the speech-only head; returns its stats."""
     tok, ro = _fixed_rollouts()
     ro.logprobs = logprobs
     policy = models.tiny_llama(len(tok), seed=1).train()
     opt = torch.optim.SGD(policy.parameters(), lr=0.1)
-    cfg = config.Config(kl_coef=0.0, micro_batch=micro_batch, temperature=0.8, max_new_tokens=7)
+    cfg = config.Config(kl_coef=0.0, micro_batch=micro_batch, temperature=0.8, max_new_tokens=7, **cfg_kw)
     return grpo.update_policy(policy, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ro, cfg,
                               parallel.Dist(), contextlib.nullcontext, data.speech_vocab(tok).allowed_ids())
 
@@ -321,6 +420,25 @@ def test_logp_mismatch_measures_rollout_against_training_logprobs():
     assert stats["logp_mismatch"] == pytest.approx(((n - 1) * 0.25 + 0.75) / n, abs=1e-5)
     assert stats["logp_mismatch_max"] == pytest.approx(0.75, abs=1e-5)
     assert "logp_mismatch" not in _speech_update(8)  # no rollout log-probs, no figure
+
+
+@pytest.mark.parametrize("micro_batch", [8, 3])
+def test_update_reports_tis_weights_over_micro_batches(micro_batch):
+    """--tis-cap in the update: w = min(exp(training - rollout log-prob), cap) (one update: old = the
+    training pass), token means over every micro-batch; nothing without --tis-cap or rollout log-probs."""
+    tok, ro = _fixed_rollouts()
+    with torch.no_grad():
+        train = llama.response_logprobs(models.tiny_llama(len(tok), seed=1), ro.prompts, ro.tokens, 0.8,
+                                        allowed_ids=data.speech_vocab(tok).allowed_ids())
+    mask = torch.arange(ro.tokens.shape[1])[None, :] < ro.lengths[:, None]
+    offset = torch.where(mask, math.log(2.0), -100.0)  # w = 0.5; padding far off: it must not count
+    offset[0, 0] = -math.log(3.0)  # w = 3, capped at 2
+    stats = _speech_update(micro_batch, logprobs=train + offset, tis_cap=2.0, importance_level="sequence")
+    n = int(mask.sum())
+    assert stats["tis_weight_mean"] == pytest.approx((2.0 + (n - 1) * 0.5) / n, abs=1e-5)
+    assert stats["tis_capped_frac"] == pytest.approx(1 / n)
+    assert "tis_weight_mean" not in _speech_update(micro_batch, logprobs=train + offset)
+    assert "tis_weight_mean" not in _speech_update(micro_batch, tis_cap=2.0)
 
 
 # ---- the trainer end to end ----------------------------------------------------------------------
@@ -376,6 +494,17 @@ def test_trainer_logp_mismatch_is_zero_on_cpu(tmp_path):
     tr = grpo.Trainer(_tiny(tmp_path, "--val-data", ""), parallel.Dist(), torch.device("cpu"), _FakeScorer(0.5))
     metrics, _ = tr.train_step(0)
     assert 0 <= metrics["logp_mismatch"] < 1e-5 and metrics["logp_mismatch_max"] < 1e-4, metrics
+
+
+def test_trainer_step_with_the_peer_recipe_flags(tmp_path):
+    """A step with clip-higher, GSPO's sequence ratio and TIS: on a CPU the rollout's and the update's
+    log-probs agree, so every TIS weight is 1 and none is capped."""
+    cfg = _tiny(tmp_path, "--val-data", "", "--clip-eps-high", "0.28", "--importance-level", "sequence",
+                "--loss-agg", "seq-mean-token-mean", "--tis-cap", "2")
+    tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), _FakeScorer(0.5))
+    metrics, _ = tr.train_step(0)
+    assert metrics["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4) and metrics["tis_capped_frac"] == 0.0
+    assert math.isfinite(metrics["loss"])
 
 
 class _PromptScorer(_FakeScorer):
