@@ -199,7 +199,6 @@ class Sampler:
                 roll = self.rollout(part or examples[:1], gen)
                 if not part:
                     continue
-                roll = roll.head(len(part))
                 part_audios = self.decode_audio(roll, part)
                 part_scores = self.score(part_audios, part)
                 if len(part_scores) != len(part):
