@@ -10,6 +10,7 @@ The CER compares texts normalized the same way for every script (normalize_text:
 punctuation, symbols or spaces; letters, numbers and combining marks kept). Score is what every
 scorer answers per clip.
 """
+import importlib
 import math
 import re
 import unicodedata
@@ -158,3 +159,17 @@ def table_error_rate(reference: str, hypothesis: str, language: str | None) -> t
     if not ref:
         raise ValueError(f"reference {reference!r} has nothing left to compare after normalization")
     return kind, 1.0 if not hyp else float(jiwer.wer(ref, hyp))
+
+
+def import_function(spec: str, what: str, forms: str = "'module:function'"):
+    """The function a "module:function" spec names (a user's reward, speaker embedding or ASR).
+    ValueError for a malformed spec, AttributeError naming the module when it lacks the function."""
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"{what} {spec!r} must be {forms}")
+    module = importlib.import_module(module_name)
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise AttributeError(f"{what} {spec!r}: module {module_name!r} ({module.__file__}) "
+                             f"has no function {function_name!r}")
+    return function

@@ -16,7 +16,6 @@ scorers from a process of their own.
 """
 import copy
 import dataclasses
-import importlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ from whisper.model import ModelDimensions, Whisper
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
 
 from prosody import measure
-from reward import RewardConfig, Score, char_error_rate, normalize_text, tts_reward
+from reward import RewardConfig, Score, char_error_rate, import_function, normalize_text, tts_reward
 from speaker import SpeakerSimilarity, load_speaker_model
 
 WINDOW_S = N_SAMPLES / SAMPLE_RATE  # 30.0: Whisper hears one window
@@ -418,14 +417,7 @@ class CustomRewardScorer:
     (and no sim). speaker_model, device: as WhisperScorer's, for `sim`."""
 
     def __init__(self, spec: str, speaker_model=None, device="cpu"):
-        module_name, _, function_name = spec.partition(":")
-        if not module_name or not function_name:
-            raise ValueError(f"reward {spec!r} must be 'whisper' or 'module:function'")
-        module = importlib.import_module(module_name)
-        self.function, self.spec = getattr(module, function_name, None), spec
-        if not callable(self.function):
-            raise AttributeError(f"reward {spec!r}: module {module_name!r} ({module.__file__}) "
-                                 f"has no function {function_name!r}")
+        self.function, self.spec = import_function(spec, "reward", "'whisper' or 'module:function'"), spec
         self.speaker = _speaker_similarity(speaker_model, device)
 
     def score(self, audios, texts, languages=None, prompts=None) -> list[Score]:

@@ -18,7 +18,6 @@ SpeakerSimilarity is what the scorers use: prompt embeddings cached by content, 
 """
 import collections
 import hashlib
-import importlib
 import math
 import os
 import warnings
@@ -27,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from reward import import_function
 
 SAMPLE_RATE = 16000
 WAVLM_SV = "microsoft/wavlm-base-plus-sv"
@@ -135,14 +136,7 @@ class FunctionSpeaker(SpeakerModel):
     embedding (numpy array, tensor or list), the same length for every clip."""
 
     def __init__(self, spec: str):
-        module_name, _, function_name = spec.partition(":")
-        if not module_name or not function_name:
-            raise ValueError(f"speaker model {spec!r} must be 'module:function'")
-        module = importlib.import_module(module_name)
-        self.function, self.name = getattr(module, function_name, None), spec
-        if not callable(self.function):
-            raise AttributeError(f"speaker model {spec!r}: module {module_name!r} ({module.__file__}) "
-                                 f"has no function {function_name!r}")
+        self.function, self.name = import_function(spec, "speaker model"), spec
 
     def embed(self, audios) -> torch.Tensor:
         rows = []
