@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 import data
+import lora
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 IMPORTANCE_LEVELS = ("token", "sequence")
@@ -65,6 +66,10 @@ class Config:
     tis_cap: float = opt(0.0, "truncated importance sampling: weight each token's policy-gradient term by "
                               "min(exp(old - rollout log-prob), cap), correcting the rollout engine's mismatch "
                               "(verl, TRL; e.g. 2); 0 = off")
+    dynamic_sampling: bool = opt(False, "drop groups whose samples all scored alike (no advantage) and refill the "
+                                        "step with informative groups of further prompts (DAPO's dynamic sampling)")
+    max_refill_rounds: int = opt(3, "--dynamic-sampling: extra rollout rounds a step may run to refill; then it "
+                                    "trains on the informative groups it has")
     clip_ratio_c: float = opt(3.0, "dual-clip bound for negative advantages (verl's clip_ratio_c), > 1")
     kl_coef: float = opt(0.0, "k3 KL penalty to the frozen initial model; 0 drops the reference model")
     loss_agg: str = opt("token-mean", f"loss aggregation: {', '.join(LOSS_AGGS)}")
@@ -95,6 +100,12 @@ class Config:
     sim_guard: bool = opt(False, "scale down the reward of samples whose speaker similarity falls more than "
                                  "--sim-guard-band below the initial policy's median")
     sim_guard_band: float = opt(0.05, "how far below the initial median SIM (cosine) the guard starts")
+    # LoRA (lora.py): train low-rank adapters on a frozen base instead of every weight
+    lora_rank: int = opt(0, "LoRA rank r (0 = full fine-tuning); the base --model is frozen (bf16 on CUDA), the "
+                            "reference is the base itself (adapters off); try 16-64 with --lr 1e-5 to 1e-4")
+    lora_alpha: float = opt(32.0, "LoRA scale numerator: the update is alpha / r * B @ A")
+    lora_targets: str = opt(",".join(lora.TARGETS), "comma-separated projections of every decoder layer that "
+                                                    "get adapters")
     # optimizer
     lr: float = opt(1e-6, "AdamW learning rate")
     warmup_steps: int = opt(0, "linear learning-rate warmup, steps")
@@ -190,6 +201,12 @@ def check_config(cfg: Config, world: int = 1):
                  "save_every", "val_every", "max_new_tokens", "whisper_batch", "rollout_chunks"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{flag(name)} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.lora_rank < 0 or (cfg.lora_rank and cfg.lora_alpha <= 0):
+        raise ValueError(f"--lora-rank must be >= 0 (0 = off) and --lora-alpha > 0, got {cfg.lora_rank}, "
+                         f"{cfg.lora_alpha}")
+    lora.parse_targets(cfg.lora_targets)
+    if cfg.max_refill_rounds < 0:
+        raise ValueError(f"--max-refill-rounds must be >= 0, got {cfg.max_refill_rounds}")
     if cfg.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 (advantages compare samples of one prompt), got {cfg.group_size}")
     if not 0 < cfg.clip_eps < 1:

@@ -281,3 +281,12 @@ def step_examples(examples: list, step: int, cfg, d) -> list:
         epoch, i = divmod(k, len(examples))
         out.append(examples[np.random.default_rng([cfg.seed, epoch]).permutation(len(examples))[i]])
     return out
+
+
+def refill_examples(examples: list, step: int, round: int, cfg, d) -> list:
+    """Rank d.rank's prompts for refill round `round` (1, 2, ...) of `step` under --dynamic-sampling:
+    a seeded permutation of its own per (step, round), apart from the main stream of
+    `step_examples`, so the data order stays a function of the step (exact --resume)."""
+    per_rank = cfg.prompts_per_step // d.world
+    order = np.random.default_rng([cfg.seed, step, round]).permutation(len(examples))
+    return [examples[order[k % len(examples)]] for k in range(d.rank * per_rank, (d.rank + 1) * per_rank)]

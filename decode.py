@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+import lora
 from llama import (KVCache, find_rows, head_logits, left_padded, prefill, process_logits, rotate, sample_token,
                    token_logprobs)
 
@@ -200,13 +201,17 @@ class Decoder:
         in that dtype, kept and refreshed in place on each call. Under autocast F.linear casts its
         weight at every call, and a compiled step, unlike eager autocast, keeps no cast cache: it
         would read the fp32 weights and write their casts at every step. The copies hold the same
-        values the casts would, so the results are the same."""
+        values the casts would, so the results are the same. With LoRA adapters (lora.py) the copies
+        are always made, of the merged weights, so the step runs one matmul per map."""
         model = self.model
-        params = [LayerWeights(*((lin.weight, lin.bias) for lin in (
-            l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj, l.self_attn.o_proj,
-            l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj))) for l in model.model.layers]
-        if dtype is None or dtype == params[0].q[0].dtype:
+        linears = [(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj, l.self_attn.o_proj,
+                    l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj) for l in model.model.layers]
+        # (lora.weight_of: a plain map's weight; an adapted map's merged one, computed as it is copied)
+        params = [LayerWeights(*((lin.weight, lin.bias) for lin in layer)) for layer in linears]
+        adapted = any(isinstance(lin, lora.LoRALinear) for layer in linears for lin in layer)
+        if not adapted and (dtype is None or dtype == params[0].q[0].dtype):
             return params
+        dtype = dtype or params[0].q[0].dtype
         if self.weight_copies is None or self.weight_copies[0].q[0].dtype != dtype:
             self.weight_copies = None
             self.weight_copies = [LayerWeights(*(tuple(None if t is None else torch.empty_like(t, dtype=dtype)
@@ -214,11 +219,11 @@ class Decoder:
             for layer in self.weight_copies:
                 for t in (t for pair in layer for t in pair if t is not None):
                     torch._dynamo.mark_static_address(t)
-        for copies, originals in zip(self.weight_copies, params):
-            for (cw, cb), (w, b) in zip(copies, originals):
-                cw.copy_(w)
+        for copies, layer in zip(self.weight_copies, linears):
+            for (cw, cb), lin in zip(copies, layer):
+                cw.copy_(lora.weight_of(lin))
                 if cb is not None:
-                    cb.copy_(b)
+                    cb.copy_(lin.bias)
         return self.weight_copies
 
     def state_for(self, batch: int, length: int, rows: int, head_dtype: torch.dtype | None, cache_dtype,

@@ -11,7 +11,6 @@ This file is the algorithm; config.py holds the flags, rollout.py the rollout st
 codec, scorer), llama.py the log-prob formula, parallel.py the collectives, outputs.py
 what a run writes.
 """
-import copy
 import dataclasses
 import math
 import os
@@ -21,14 +20,17 @@ from dataclasses import dataclass
 
 import torch
 
+import batch
 import data
 import demo
+import lora
 import outputs
 from codec import load_codec
 from config import IMPORTANCE_LEVELS, LOSS_AGGS, Config, parse_config
 import parallel
 import report
 from plot import plot
+from policy import build_policy, checkpoint_state
 from parallel import Dist, is_sharded, setup_distributed, sync_gradients
 from prosody import GUARDED, guard_factor, sim_factor
 from models import load_model
@@ -138,6 +140,7 @@ class Rollouts:
     lengths: torch.Tensor  # [B] response lengths, stop token included
     advantages: torch.Tensor  # [B]
     logprobs: torch.Tensor | None = None  # [B, T] float32, the rollout's own log-probs (sample.generate)
+    keep: torch.Tensor | None = None  # [B] bool, rows to train on (None: all; --dynamic-sampling's fill: False)
 
 
 def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, d: Dist, autocast,
@@ -152,17 +155,20 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
     response tokens (the same policy computed twice: 0 up to float rounding on a CPU, the bf16
     noise of the decode path on a GPU); with --tis-cap, tis_weight_mean / tis_capped_frac (token
     means). A handful of host syncs per step, none per micro-batch."""
-    policy, ref = (m if m is None or isinstance(m, LogProbs) else LogProbs(m) for m in (policy, ref))
+    policy, ref = (LogProbs(m) if hasattr(m, "lm_head") else m for m in (policy, ref))  # HF models wrapped
     sharded = is_sharded(policy)
     device = ro.tokens.device
     B, T = ro.tokens.shape
-    mask = (torch.arange(T, device=device)[None, :] < ro.lengths[:, None]).float()  # [B, T]
-    count = mask.sum() if cfg.loss_agg == "token-mean" else torch.tensor(float(B), device=device)
+    keep = torch.ones(B, dtype=torch.bool, device=device) if ro.keep is None else ro.keep.to(device)  # [B]
+    mask = ((torch.arange(T, device=device)[None, :] < ro.lengths[:, None]) & keep[:, None]).float()  # [B, T]
+    count = mask.sum() if cfg.loss_agg == "token-mean" else keep.sum().float()
     # FSDP averages gradients over ranks where the replicated path sums them: divide by world less.
-    denom = d.all_reduce(count.clone()).item() / (d.world if sharded else 1)
+    # (At least 1: a step where no row is trained takes a zero gradient, not 0 / 0.)
+    denom = max(d.all_reduce(count.clone()).item(), 1.0) / (d.world if sharded else 1)
     # Micro-batches of similar lengths, each cut to its longest response: one long sample must not
-    # pad every micro-batch to --max-new-tokens. Decided on the host, from one copy of the lengths.
-    lengths = ro.lengths.tolist()
+    # pad every micro-batch to --max-new-tokens (rows not trained count as length 1, and go last).
+    # Decided on the host, from one copy of the lengths.
+    lengths = (ro.lengths * keep).clamp(min=1).tolist()
     order = sorted(range(B), key=lambda i: -lengths[i])  # longest first (stable: ties keep their order)
     mbs = [order[i:i + cfg.micro_batch] for i in range(0, B, cfg.micro_batch)]
     cut = [max(lengths[i] for i in mb) for mb in mbs]
@@ -238,34 +244,6 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Step metrics
-
-def step_rewards(scores: list, finished: torch.Tensor, guard: list | None, where: str) -> torch.Tensor:
-    """The rewards [N] a step trains on: each Score's reward, 0 where the sample was truncated
-    (finished [N] bool False), times the prosody guard's factor when given. A non-finite reward,
-    or a step where no clip could be scored, stops the run before it steers the policy."""
-    rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)  # [N]
-    if not torch.isfinite(rewards).all():
-        bad = [scores[i] for i in torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()]
-        raise FloatingPointError(f"{where}: non-finite reward for {bad[:3]}")
-    failed = [s.error for s in scores if s.error is not None and not s.too_long]
-    if len(failed) == len(scores):  # a broken scorer or codec, not a policy to correct
-        raise RuntimeError(f"{where}: not one of {len(scores)} clips could be scored: {failed[0]}")
-    rewards[~finished] = 0.0
-    return rewards * torch.tensor(guard) if guard is not None else rewards
-
-
-def step_sims(scores: list, finished: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Speaker similarities [N] for --sim-weight: each clip's sim; a clip without one (no prompt, an
-    error) or truncated gets its group's mean, so it adds no advantage either way."""
-    sims = torch.tensor([s.sim if s.sim is not None else math.nan for s in scores], dtype=torch.float32)
-    sims[~finished] = math.nan
-    groups = sims.view(-1, group_size)  # [groups, G]
-    mean = groups.nanmean(dim=1, keepdim=True).nan_to_num(0.0)
-    return torch.where(groups.isnan(), mean, groups).view(-1)
-
-
-# ----------------------------------------------------------------------------------------------
 # The trainer
 
 class Trainer:
@@ -278,23 +256,14 @@ class Trainer:
                  datasets: tuple[list, list] | None = None):
         self.cfg, self.d, self.device = cfg, d, device
         self.examples, self.val_examples = datasets or data.load_data(cfg)
-        lm, self.tokenizer = self.load_model(resume_from or cfg.model)
-        # The reference is the initial model, also on resume; none at all without a KL term.
-        self.ref = None
-        if cfg.kl_coef:
-            initial = copy.deepcopy(lm) if not resume_from else self.load_model(cfg.model)[0]
-            self.ref = LogProbs(initial).eval()
-            self.ref.requires_grad_(False)
-        if cfg.grad_checkpointing:  # transformers 5 renamed it; 4.46 has only the old name
-            getattr(lm, "activation_checkpointing_enable", lm.gradient_checkpointing_enable)()
-        self.policy = LogProbs(lm)  # the HF model is self.policy.lm
-        if cfg.fsdp:  # before the optimizer, which then holds (and shards) the AdamW state of the shards
-            self.policy = parallel.shard(self.policy, device)
-            self.ref = parallel.shard(self.ref, device) if self.ref is not None else None
+        state = outputs.read_trainer_state(resume_from, cfg, d.world) if resume_from else None  # checked first
+        # The policy and the KL reference (policy.py: full fine-tuning or LoRA, FSDP2-sharded or not).
+        self.policy, self.ref, self.tokenizer = build_policy(cfg, device, self.load_model, resume_from)
         # Rollouts: generation (the compiled decode step, built once per run), codec and scorer.
         codec = load_codec(cfg.codec, device, cfg.codec_precision)
         self.sampler = Sampler(cfg, d, device, self.policy, self.tokenizer, codec, scorer, self.autocast)
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        trained = [p for p in self.policy.parameters() if p.requires_grad]  # all, or LoRA's adapters
+        self.optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warm = max(cfg.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
@@ -302,7 +271,6 @@ class Trainer:
         self.start_step = 0
         self.prosody_reference = None  # the initial policy's median chars_per_s and f0_std_semitones
         if resume_from:
-            state = outputs.read_trainer_state(resume_from, cfg, d.world)
             if cfg.fsdp:
                 parallel.load_sharded_optimizer(os.path.join(resume_from, outputs.OPTIMIZER_DIR), self.policy,
                                                 self.optimizer)
@@ -329,44 +297,57 @@ class Trainer:
         examples = data.step_examples(self.examples, step, cfg, d)
         if (cfg.prosody_guard or cfg.sim_guard) and self.prosody_reference is None:  # once per run
             self.prosody_reference = self.measure_reference()
-        items = [ex for ex in examples for _ in range(G)]  # [B*G], group by group
-        texts = [ex.text for ex in items]
-        with d.together(f"step {step + 1}'s rollouts and rewards"):
-            # 1-3. Rollouts: G samples per prompt from the current policy (after a voice prompt,
-            # in its voice) -> audio of the speech tokens before the stop token -> scores from the
-            # Whisper worker (and speaker similarity to the prompt), chunk by chunk, overlapped.
-            roll, audios, scores, seconds = self.sampler.rollout_and_score(items, self.gen)
-            if not len(scores) == len(audios) == len(texts) == roll.tokens.shape[0]:
-                raise RuntimeError(f"step {step + 1}: {len(scores)} scores for {len(texts)} rollouts")
-            # The rewards trained on [B*G]: 0 for a truncated sample (no stop token); with the
-            # guards, less for rushed or monotone speech or a voice drifting from the prompt's.
-            guard = [self.guard(s) for s in scores] if cfg.prosody_guard or cfg.sim_guard else None
-            rewards = step_rewards(scores, roll.finished.cpu(), guard, f"step {step + 1}")
-            # 4. Advantages within each group (whole groups live on one rank); with --sim-weight,
-            # plus the weighted, separately normalized advantage of speaker similarity (GLM-TTS).
-            advantages = group_advantages(rewards, G, scale=cfg.scale_rewards)  # [B*G]
-            if cfg.sim_weight:
-                sims = step_sims(scores, roll.finished.cpu(), G)
-                advantages = advantages + cfg.sim_weight * group_advantages(sims, G, scale=cfg.scale_rewards)
-            advantages = advantages.to(self.device)
+        # 1-3. Rollouts, audio and rewards of this rank's prompts; with --dynamic-sampling, groups
+        # whose samples all scored alike are replaced by those of further prompts (`refill`).
+        rnd, dyn = self.scored_round(examples, step), {}
+        if cfg.dynamic_sampling:
+            rnd, dyn = batch.refill(rnd, cfg, d, lambda r: self.scored_round(
+                data.refill_examples(self.examples, step, r, cfg, d), step, r))
+        # 4. Advantages within each group (whole groups live on one rank); with --sim-weight,
+        # plus the weighted, separately normalized advantage of speaker similarity (GLM-TTS).
+        advantages = group_advantages(rnd.rewards, G, scale=cfg.scale_rewards)  # [B*G]
+        if cfg.sim_weight:
+            advantages = advantages + cfg.sim_weight * group_advantages(rnd.sims, G, scale=cfg.scale_rewards)
 
         # 5. Clipped policy-gradient update with KL to the reference, gradients summed over ranks.
         t0 = time.time()
         self.policy.train()
-        ro = Rollouts([self.sampler.prompt(ex) for ex in items], roll.tokens, roll.lengths, advantages,
-                      roll.logprobs)
+        roll = rnd.roll
+        ro = Rollouts([self.sampler.prompt(ex) for ex in rnd.items], roll.tokens, roll.lengths,
+                      advantages.to(self.device), roll.logprobs, rnd.keep)
         stats = update_policy(self.policy, self.ref, self.optimizer, self.scheduler, ro, cfg, d,
                               self.autocast, self.sampler.allowed_ids)
         if not math.isfinite(stats["loss"]):
             raise FloatingPointError(f"step {step + 1}: non-finite loss {stats['loss']}")
-        seconds.append(time.time() - t0)
+        seconds = rnd.seconds + [time.time() - t0]
 
         # 6. Metrics over every rank's clips.
-        metrics = {"step": step + 1, **outputs.step_metrics(d, scores, rewards, roll, guard, seconds, G),
-                   **stats, **{f"ref_{k}": v for k, v in (self.prosody_reference or {}).items()}}
-        shown = {"audios": audios[:cfg.n_samples], "texts": texts[:cfg.n_samples],
-                 "scores": scores[:cfg.n_samples], "finished": roll.finished[:cfg.n_samples].tolist()}
+        metrics = {"step": step + 1, **outputs.step_metrics(d, rnd.scores, rnd.rewards, roll, rnd.guard, seconds, G),
+                   **stats, **dyn, **{f"ref_{k}": v for k, v in (self.prosody_reference or {}).items()}}
+        n = cfg.n_samples
+        shown = {"audios": rnd.audios[:n], "texts": [ex.text for ex in rnd.items[:n]], "scores": rnd.scores[:n],
+                 "finished": roll.finished[:n].tolist()}
         return metrics, shown
+
+    def scored_round(self, examples: list, step: int, refill: int = 0) -> batch.Round:
+        """G samples of each example from the current policy (after a voice prompt, in its voice)
+        -> audio of the speech tokens before the stop token -> scores from the Whisper worker (and
+        speaker similarity to the prompt), chunk by chunk, overlapped -> the rewards trained on: 0
+        for a truncated sample (no stop token); with the guards, less for rushed or monotone
+        speech or a voice drifting from the prompt's. Every rank runs it, failures agreed on.
+        refill: the round's number under --dynamic-sampling (0: the step's own prompts)."""
+        cfg, G = self.cfg, self.cfg.group_size
+        where = f"step {step + 1}" + (f", refill round {refill}" if refill else "")
+        stage = f"{where}'s rollouts and rewards"
+        items = [ex for ex in examples for _ in range(G)]  # [B*G], group by group
+        with self.d.together(stage):
+            roll, audios, scores, seconds = self.sampler.rollout_and_score(items, self.gen)
+            if not len(scores) == len(audios) == len(items) == roll.tokens.shape[0]:
+                raise RuntimeError(f"{where}: {len(scores)} scores for {len(items)} rollouts")
+            guard = [self.guard(s) for s in scores] if cfg.prosody_guard or cfg.sim_guard else None
+            rewards = batch.step_rewards(scores, roll.finished.cpu(), guard, where)
+            sims = batch.step_sims(scores, roll.finished.cpu(), G) if cfg.sim_weight else None
+        return batch.Round(items, roll, audios, scores, seconds, rewards, guard, sims)
 
     def guard(self, score) -> float:
         """The guards' factor on a clip's reward (1 where no guard is on)."""
@@ -390,6 +371,17 @@ class Trainer:
         scores, rewards, finished, shown = self.sampler.sample_and_score(self.val_examples, "validation")
         table = outputs.table_metrics(scores, self.val_examples, self.sampler.d.world, self.cfg.language)
         return {**outputs.clip_means(scores, rewards, finished, prefix="val_"), **table, "val_clips": len(scores)}, shown
+
+    def save(self, path: str, step: int):
+        """Checkpoint `path` after `step` steps (a collective): a Hugging Face directory of the policy
+        (with LoRA: merged, plus the adapter in PEFT's layout) and what --resume needs."""
+        cfg = self.cfg
+        weights, adapter = checkpoint_state(self.policy, cfg, self.d)
+        extra = None if adapter is None else lambda folder: lora.save_adapter(
+            os.path.join(folder, lora.ADAPTER_DIR), adapter, cfg.lora_rank, cfg.lora_alpha,
+            lora.parse_targets(cfg.lora_targets), cfg.model)
+        outputs.save_everywhere(path, self.policy, self.optimizer, self.tokenizer, self.trainer_state(step), self.d,
+                                cfg.fsdp, weights=weights, extra=extra)
 
     def trainer_state(self, step: int) -> dict:
         """Everything --resume needs besides the weights (and, with FSDP, the sharded optimizer
@@ -458,8 +450,7 @@ def train(cfg: Config) -> list[dict]:
             write(done, metrics, samples)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", s_per_step=f"{metrics['time_step']:.1f}")
             if done % cfg.save_every == 0 or last:
-                outputs.save_everywhere(os.path.join(cfg.out, "checkpoints", f"step_{done}"), tr.policy,
-                                        tr.optimizer, tr.tokenizer, tr.trainer_state(done), d, cfg.fsdp)
+                tr.save(os.path.join(cfg.out, "checkpoints", f"step_{done}"), done)
         succeeded = True
         return history
     finally:

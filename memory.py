@@ -15,6 +15,7 @@ import math
 import torch
 
 from codec import XCodec2Config, XCodec2Decoder
+from lora import TARGETS as LORA_TARGETS
 
 # Llama-3 shapes (Llasa-1B = Llama-3.2-1B, 3B = Llama-3.2-3B, 8B = Llama-3.1-8B) with LLASA's
 # vocabulary of 193,800 (128,256 text + 8 markers + 65,536 speech tokens). rope scaling and
@@ -45,7 +46,7 @@ _SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 def training_memory(config, *, world=1, fsdp=False, compile=None, micro_batch=2, seq_len=1600, response_len=1500,
                     prompts_per_step=8, group_size=16, rollout_chunks=1, rollout_batch=None, rollout_len=1600,
                     allowed=SPEECH_ROWS, chunk=256, grad_checkpointing=False, reference=False,
-                    codec=XCODEC2) -> dict[str, int]:
+                    codec=XCODEC2, lora_rank=0, lora_targets=LORA_TARGETS) -> dict[str, int]:
     """Bytes per training GPU, term by term, for a Llama `config` (transformers config or LlamaConfig
     kwargs) trained with fp32 master weights, AdamW and bf16 autocast, on CUDA.
 
@@ -73,7 +74,11 @@ def training_memory(config, *, world=1, fsdp=False, compile=None, micro_batch=2,
     gradient all-reduce and AdamW), rollout (its terms summed, an upper bound), codec. Grads are freed
     after each step, so rollout and codec have none.
     persistent = weights + optimizer + reference + decoder + codec_weights + cuda_context + nccl;
-    total = persistent + max(update, step, rollout, codec)."""
+    total = persistent + max(update, step, rollout, codec).
+    lora_rank r > 0 (--lora-rank, lora.py): the base frozen in bf16 (2 bytes per parameter), adapters
+    (`lora_params`) fp32 with their grads and AdamW state, no reference copy (adapters off), no
+    weight casts or head gradient, bf16 activations (`layer_activation_bytes`), and an eager rollout
+    runs on merged copies of the targeted weights (lora.merged) instead of autocast's casts."""
     compile = not fsdp if compile is None else compile
     if compile and fsdp:
         raise ValueError("--fsdp --compile is refused: FSDP reallocates the gathered weights at each unshard")
@@ -90,8 +95,12 @@ def training_memory(config, *, world=1, fsdp=False, compile=None, micro_batch=2,
     d, i, A, V = c["hidden_size"], c["intermediate_size"], allowed, c["vocab_size"]
     R = rollout_batch or math.ceil(prompts_per_step * group_size / world / rollout_chunks)
     tokens = micro_batch * seq_len
-    one_layer = tokens * layer_activation_bytes(c)
+    one_layer = tokens * layer_activation_bytes(c, lora_rank, len(lora_targets))
     m = dict(weights=4 * local, grads=4 * local, optimizer=8 * local, reference=4 * local if reference else 0)
+    adapters = lora_params(c, lora_rank, lora_targets)
+    if lora_rank:  # this rank's adapter elements: FSDP2 shards A [r, in] and B [out, r] on dim 0
+        mine = sum(math.ceil(a / n) * b for a, b in lora_shapes(c, lora_rank, lora_targets))
+        m.update(weights=2 * local + 4 * mine, grads=4 * mine, optimizer=8 * mine, reference=0)
     # decode.Decoder (compile): built once per run, its buffers kept all run for the one shape every
     # rollout is padded to (R rows, L = max_new_tokens + 256 slots rounded up to 128, more for longer
     # prompts): the bf16 KV cache (one tensor per layer for K and V), bf16 copies of the layers' linear
@@ -116,10 +125,12 @@ def training_memory(config, *, world=1, fsdp=False, compile=None, micro_batch=2,
     # into it; a decoder layer is gathered for its backward, with the next one prefetched, and
     # gets its bf16 grads: the most the gathers hold at once (the moments are below).
     root_g, layer_g = (2 * root + 2 * V * d, 6 * layer) if fsdp else (0, 0)
+    if fsdp and lora_rank:  # frozen: no head grad, no bf16 layer grads (the adapters' are small)
+        root_g, layer_g = 2 * root, 4 * layer + 2 * adapters // layers
     m["fsdp_unsharded"] = root_g + layer_g
     # Autocast caches the bf16 cast of every fp32 weight until the forward ends, and without
     # checkpointing backward keeps them (saved by the matmuls). FSDP's bf16 params need no cast.
-    m["weight_casts"] = 0 if fsdp else 2 * linear
+    m["weight_casts"] = 0 if fsdp else 2 * adapters if lora_rank else 2 * linear  # LoRA: the base is bf16
     # After the layers: the final norm (fp32 input, normalized, output) and the gathered response
     # states [B, T, d] that the head's chunks keep. With checkpointing each layer keeps only its
     # fp32 input until backward recomputes it, one layer at a time.
@@ -130,11 +141,12 @@ def training_memory(config, *, world=1, fsdp=False, compile=None, micro_batch=2,
     # index_select's backward a full [V, d] one, added into lm_head.weight.grad (fp32; with fsdp
     # the root's unsharded grad, counted above, takes it). The chunks' logits read the rows in
     # fp32 (llama.head_logits), within the same 4 * A * d.
-    m["head"] = 4 * A * d + (0 if fsdp else 4 * V * d)
+    m["head"] = 4 * A * d + (0 if fsdp or lora_rank else 4 * V * d)
     m["logits"] = logits_bytes(micro_batch, min(chunk, response_len), A)
-    m["optimizer_step"] = 4 * local  # foreach AdamW's sqrt(exp_avg_sq): a temporary the size of all params
+    m["optimizer_step"] = m["grads"]  # foreach AdamW's sqrt(exp_avg_sq): a temporary the size of all trained params
     # parallel.sync_gradients (replicated, world > 1): one flat fp32 copy of a bucket of grads at a time
-    m["grad_bucket"] = grad_bucket_bytes(config) if world > 1 and not fsdp else 0
+    bucket = 4 * min(adapters, GRAD_BUCKET) if lora_rank else grad_bucket_bytes(config)
+    m["grad_bucket"] = bucket if world > 1 and not fsdp else 0
     # One rollout call, under no_grad and bf16 autocast (rollout.Sampler, sample.generate). fsdp: the
     # eager loop on whole weights gathered in bf16 (no casts), with an fp32 copy of the head rows and
     # a cache of its own (freed after). Without fsdp, eager: autocast caches the bf16 cast of every
@@ -143,6 +155,9 @@ def training_memory(config, *, world=1, fsdp=False, compile=None, micro_batch=2,
     # autocast's cache off (sample.generate), one weight's cast at a time, the largest an MLP matrix.
     m["kv_cache"] = 0 if compile else kv_cache_bytes(c, R, rollout_len)
     m["rollout_weights"] = 2 * params + 4 * A * d if fsdp else 2 * d * i if compile else 2 * linear + 4 * A * d
+    if lora_rank:  # merged weights: eager, a bf16 copy of the layers' maps (lora.merged); compiled, the
+        # fp32 temporaries of merging the largest map into the Decoder's copy (lora.weight_of)
+        m["rollout_weights"] += 2 * linear if fsdp else 10 * d * i if compile else 0
     # The larger transient (measured on CPU): sampling, ~32 bytes per logit over [R, A] (top-p's
     # sort values and int64 order, softmaxes, the race), or the prefill, ~6i + 10d bytes per prompt
     # token (one layer's MLP: gate/silu, up and their product in bf16, plus fp32 residual and norm).
@@ -172,7 +187,23 @@ def training_memory(config, *, world=1, fsdp=False, compile=None, micro_batch=2,
     return m
 
 
-def layer_activation_bytes(config) -> int:
+def lora_shapes(config, rank: int, targets=None) -> list[tuple[int, int]]:
+    """Shapes of every adapter matrix (A [r, in], B [out, r]) lora.add_adapters puts on a Llama."""
+    c = _dims(config)
+    targets = LORA_TARGETS if targets is None else targets
+    out = []
+    for name, s in _param_shapes(tuple(c[k] for k in _SHAPE_KEYS)):
+        if rank and name.startswith("model.layers.") and name.endswith(".weight") and name.split(".")[-2] in targets:
+            out += [(rank, s[1]), (s[0], rank)]
+    return out
+
+
+def lora_params(config, rank: int, targets=None) -> int:
+    """Adapter parameters of lora.add_adapters(model, rank, targets=targets): r * (in + out) per map."""
+    return sum(a * b for a, b in lora_shapes(config, rank, targets))
+
+
+def layer_activation_bytes(config, lora_rank: int = 0, lora_maps: int = 7) -> int:
     """Bytes one decoder layer keeps for backward per token under bf16 autocast with fp32 weights
     (HF Llama, SDPA; the residual stream stays fp32 since the embedding output is fp32):
       16d + 8   both RMSNorms: fp32 input and fp32 normalized output, and the fp32 1/rms
@@ -181,10 +212,15 @@ def layer_activation_bytes(config) -> int:
       2q        SDPA's output, the same storage as o_proj's input
       4 heads   SDPA's fp32 logsumexp (flash path; the math path would keep [heads, L, L])
       8i        MLP: gate out, silu(gate), up out, their product (bf16 each)
-    with d hidden, q = heads * head_dim, kv = kv_heads * head_dim, i intermediate."""
+    with d hidden, q = heads * head_dim, kv = kv_heads * head_dim, i intermediate.
+    With LoRA (lora_rank r on lora_maps maps, a bf16 base: the residual stream is bf16) the norms
+    keep 14d less, and each adapted map 2r more (its bf16 A x, for B's gradient): measured on CPU
+    with all seven maps adapted, the same per-token bytes as the saved tensors."""
     c = _dims(config)
     d, i, h = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
     q, kv = h * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    if lora_rank:
+        return 12 * d + 4 * q + 4 * kv + 8 * i + 4 * h + 8 + 2 * lora_rank * lora_maps
     return 26 * d + 4 * q + 4 * kv + 8 * i + 4 * h + 8
 
 
@@ -243,12 +279,12 @@ def param_count(config) -> int:
 
 
 def memory_table(models=("llasa-1b", "llasa-3b", "llasa-8b"), replicated=(1, 2), worlds=(2, 4, 8),
-                 cards=(48, 80, 141), headroom=0.1, **recipe) -> str:
+                 cards=(48, 80, 141), headroom=0.1, lora_rank=0, **recipe) -> str:
     """Markdown table of `training_memory` in GB (1e9 bytes) per training GPU for each model,
     replicated over each of `replicated` and with FSDP over each of `worlds`, grad checkpointing (GC)
     off and on, compiled decoding where the trainer's default has it (not with FSDP). A card fits if
     the total is at most (1 - headroom) of its size. `recipe` overrides training_memory's defaults
-    (the seed recipe)."""
+    (the seed recipe). lora_rank > 0: LoRA of that rank on the default targets (--lora-rank)."""
     g = lambda b: f"{b / GB:.1f}"  # noqa: E731
     phase = lambda m: max(("update", "step", "rollout", "codec"), key=m.get)  # noqa: E731
     cols = ["model", "sharding", "w + g + Adam", "FSDP gathers", "activations (GC off / on)",
@@ -258,13 +294,15 @@ def memory_table(models=("llasa-1b", "llasa-3b", "llasa-8b"), replicated=(1, 2),
     rows = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for name in models:
         for w, fsdp in [(w, False) for w in replicated] + [(w, True) for w in worlds]:
-            off, on = (training_memory(LLASA_SHAPES[name], world=w, fsdp=fsdp, grad_checkpointing=gc, **recipe)
+            off, on = (training_memory(LLASA_SHAPES[name], world=w, fsdp=fsdp, grad_checkpointing=gc,
+                                       lora_rank=lora_rank, **recipe)
                        for gc in (False, True))
             fits = ["yes" if off["total"] <= (1 - headroom) * c * GB else
                     "with GC" if on["total"] <= (1 - headroom) * c * GB else "no" for c in cards]
             rest = off["decoder_head"] and g(off["decoder_buffers"] + off["graph_pool"])
             rows.append("| " + " | ".join([
-                f"{name} ({param_count(LLASA_SHAPES[name]) / 1e9:.2f}B)", f"{'FSDP' if fsdp else 'replicated'} x{w}",
+                f"{name} ({param_count(LLASA_SHAPES[name]) / 1e9:.2f}B)" + (f", LoRA r={lora_rank}" if lora_rank else ""),
+                f"{'FSDP' if fsdp else 'replicated'} x{w}",
                 g(off["weights"] + off["grads"] + off["optimizer"]), g(off["fsdp_unsharded"]),
                 f"{g(off['activations'])} / {g(on['activations'])}",
                 g(off["weight_casts"] + off["head"] + off["logits"]),
@@ -325,4 +363,8 @@ def _codec_params(config: XCodec2Config) -> int:
 
 
 if __name__ == "__main__":
-    print(memory_table())
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lora-rank", type=int, default=0, help="the table for LoRA of this rank (default: 0, full "
+                                                               "fine-tuning)")
+    print(memory_table(lora_rank=p.parse_args().lora_rank))

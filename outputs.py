@@ -75,10 +75,12 @@ def read_trainer_state(path: str, cfg, world: int) -> dict:
     if state["world_size"] != world:
         raise ValueError(f"--resume {path}: checkpoint was written by {state['world_size']} ranks, this run has "
                          f"{world}; the sampling streams cannot continue exactly")
-    for key in ("prompts_per_step", "group_size", "seed", "fsdp"):
-        if state["config"].get(key, False) != getattr(cfg, key):
-            raise ValueError(f"--resume {path}: --{key.replace('_', '-')} was {state['config'][key]} in the "
-                             f"checkpoint, {getattr(cfg, key)} now")
+    keys = ("prompts_per_step", "group_size", "seed", "fsdp", "lora_rank", "lora_alpha", "lora_targets")
+    for key in keys + (("model",) if cfg.lora_rank else ()):  # LoRA: the adapter fits its base model only
+        was = state["config"].get(key, {f.name: f.default for f in dataclasses.fields(cfg)}[key])
+        if was != getattr(cfg, key):
+            raise ValueError(f"--resume {path}: --{key.replace('_', '-')} was {was!r} in the checkpoint, "
+                             f"{getattr(cfg, key)!r} now")
     return state
 
 
@@ -96,19 +98,22 @@ def begin_checkpoint(path: str):
 
 
 def save_checkpoint(path: str, policy, tokenizer, trainer_state: dict, *, weights: dict | None = None,
-                    keep_tmp: bool = False):
+                    keep_tmp: bool = False, extra=None):
     """A Hugging Face directory (model + tokenizer) plus trainer_state.pt, atomic and durable.
 
     Everything goes to PATH.tmp (kept as begin_checkpoint left it if keep_tmp); model and tokenizer
     files are fsynced, then the trainer state is written and fsynced last, then the directory; only
     then is it renamed into place (and the parent directory fsynced, so the rename itself survives
-    a power cut). weights: the full state dict to write (FSDP gathers it), else the model's own."""
+    a power cut). weights: the full state dict to write (FSDP gathers it, LoRA merges it), else the
+    model's own. extra(folder): writes more files into the checkpoint (LoRA's adapter) before the fsyncs."""
     tmp, old = tmp_path(path), path + ".old"
     if not keep_tmp:
         begin_checkpoint(path)
     policy.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     portable_tokenizer_config(os.path.join(tmp, "tokenizer_config.json"))
+    if extra is not None:
+        extra(tmp)
     for folder, _, names in sorted(os.walk(tmp)):
         for name in sorted(names):
             _fsync(os.path.join(folder, name))
@@ -124,20 +129,20 @@ def save_checkpoint(path: str, policy, tokenizer, trainer_state: dict, *, weight
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_everywhere(path: str, policy, optimizer, tokenizer, state: dict, d, fsdp: bool):
+def save_everywhere(path: str, policy, optimizer, tokenizer, state: dict, d, fsdp: bool, *,
+                    weights: dict | None = None, extra=None):
     """Checkpoint `path`; every rank calls it. policy: llama.LogProbs (its .lm is the Hugging Face
-    model). With FSDP the weights are gathered to rank 0 and every rank writes its optimizer shard;
-    rank 0 writes the Hugging Face directory and the trainer state (save_checkpoint)."""
-    weights = None
+    model); weights and extra as save_checkpoint takes them (on rank 0: under FSDP the caller has
+    gathered the weights there). With FSDP every rank writes its optimizer shard; rank 0 writes the
+    Hugging Face directory and the trainer state (save_checkpoint)."""
     if fsdp:
-        weights = parallel.full_model_state(policy, d)
         with d.together(f"preparing checkpoint {path}"):
             if d.rank == 0:
                 begin_checkpoint(path)
         parallel.save_sharded_optimizer(os.path.join(tmp_path(path), OPTIMIZER_DIR), policy, optimizer)
     with d.together(f"writing checkpoint {path}"):
         if d.rank == 0:
-            save_checkpoint(path, policy.lm, tokenizer, state, weights=weights, keep_tmp=fsdp)
+            save_checkpoint(path, policy.lm, tokenizer, state, weights=weights, keep_tmp=fsdp, extra=extra)
 
 
 def _fsync(path: str):

@@ -6,6 +6,7 @@ the compiled decode step, the codec, the reward scorer). The trainer calls `roll
 a step's batch and `sample_and_score` for validation and the prosody reference. Under --fsdp every
 rollout is a collective (the weights are gathered), so every rank runs the same rollouts.
 """
+import contextlib
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 import data
+import lora
 from codec import SAMPLES_PER_CODE, PromptCodes
 from decode import Decoder
 from parallel import Dist, gathered
@@ -128,13 +130,15 @@ class Sampler:
         cuda = self.device.type == "cuda"
         with torch.no_grad(), self.autocast(), gathered(self.policy):  # whole weights, freed after (FSDP)
             def run(decoder):
-                return generate(self.policy.lm, [self.prompt(t) for t in texts],
-                                max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                top_p=self.cfg.top_p, top_k=self.cfg.top_k,
-                                repetition_penalty=self.cfg.repetition_penalty,
-                                stop_ids=(self.speech.end_id,),
-                                allowed_ids=self.allowed_ids, generator=generator, decoder=decoder,
-                                cache_dtype=torch.bfloat16 if cuda else None)  # bf16 cache under autocast
+                # LoRA: the eager loop on merged weights (one matmul per map); the compiled step
+                # copies merged weights itself (decode.Decoder.layer_weights). No-ops without LoRA.
+                with lora.merged(self.policy.lm) if decoder is None else contextlib.nullcontext():
+                    return generate(self.policy.lm, [self.prompt(t) for t in texts],
+                                    max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                    top_p=self.cfg.top_p, top_k=self.cfg.top_k,
+                                    repetition_penalty=self.cfg.repetition_penalty, stop_ids=(self.speech.end_id,),
+                                    allowed_ids=self.allowed_ids, generator=generator, decoder=decoder,
+                                    cache_dtype=torch.bfloat16 if cuda else None)  # bf16 cache under autocast
             if self.decoder is None or self.decoder_works:
                 return run(self.decoder)
             rng = generator.get_state()  # the eager retry draws what the failed attempt drew

@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
+import batch
 import codec
 import config
 import data
@@ -555,7 +556,7 @@ def test_sim_weight_adds_a_separately_normalized_advantage():
     clip without a similarity (or truncated) takes its group's mean, adding nothing."""
     scores = [Score(reward=r, sim=s) for r, s in [(0.2, 0.9), (0.4, 0.5), (0.6, None), (0.8, 0.7)]]
     finished = torch.tensor([True, True, True, False])
-    sims = grpo.step_sims(scores, finished, 4)
+    sims = batch.step_sims(scores, finished, 4)
     assert sims.tolist() == pytest.approx([0.9, 0.5, 0.7, 0.7])  # None and truncated: the mean of 0.9, 0.5
     adv = grpo.group_advantages(torch.tensor([0.2, 0.4, 0.6, 0.8]), 4) + 0.5 * grpo.group_advantages(sims, 4)
     mean, std = 0.7, float(torch.tensor([0.9, 0.5, 0.7, 0.7]).std())

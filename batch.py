@@ -1,0 +1,125 @@
+"""A step's batch: scored rollouts, the rewards they train on, and dynamic sampling's choice of groups.
+
+A `Round` is one rollout round of a rank: G samples of each of its prompts, their audio and scores,
+the rewards (truncated samples 0, guards applied) and the speaker similarities. Without
+--dynamic-sampling a step has one round. With it (DAPO), a group whose samples all scored alike
+(equal rewards, and equal SIM when --sim-weight counts it) has advantage 0 everywhere: it costs an
+update and teaches nothing. Such groups are dropped and replaced by the informative groups of
+further rounds (`pick_groups`, `merge_rounds`); when the refill rounds run out, the batch keeps its
+shape with dropped groups that the update masks out (`Round.keep`): it trains on what there is.
+"""
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from sample import Rollout, cat_rollouts
+
+
+@dataclass
+class Round:
+    """One rank's scored rollouts, N = groups * G rows, group by group."""
+    items: list  # N data.Examples (each prompt G times)
+    roll: Rollout  # tokens [N, T], lengths [N], logprobs [N, T], finished [N]
+    audios: list  # N float32 16 kHz clips
+    scores: list  # N reward.Score
+    seconds: list  # [rollout, codec, reward wait] seconds
+    rewards: torch.Tensor  # [N] float32, the rewards trained on (`step_rewards`)
+    guard: list | None  # N guard factors, or None without guards
+    sims: torch.Tensor | None  # [N] speaker similarities (`step_sims`), or None without --sim-weight
+    keep: torch.Tensor | None = None  # [N] bool: rows the update trains on (None: all)
+
+
+def step_rewards(scores: list, finished: torch.Tensor, guard: list | None, where: str) -> torch.Tensor:
+    """The rewards [N] a step trains on: each Score's reward, 0 where the sample was truncated
+    (finished [N] bool False), times the prosody guard's factor when given. A non-finite reward,
+    or a step where no clip could be scored, stops the run before it steers the policy."""
+    rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)  # [N]
+    if not torch.isfinite(rewards).all():
+        bad = [scores[i] for i in torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()]
+        raise FloatingPointError(f"{where}: non-finite reward for {bad[:3]}")
+    failed = [s.error for s in scores if s.error is not None and not s.too_long]
+    if len(failed) == len(scores):  # a broken scorer or codec, not a policy to correct
+        raise RuntimeError(f"{where}: not one of {len(scores)} clips could be scored: {failed[0]}")
+    rewards[~finished] = 0.0
+    return rewards * torch.tensor(guard) if guard is not None else rewards
+
+
+def step_sims(scores: list, finished: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Speaker similarities [N] for --sim-weight: each clip's sim; a clip without one (no prompt, an
+    error) or truncated gets its group's mean, so it adds no advantage either way."""
+    sims = torch.tensor([s.sim if s.sim is not None else math.nan for s in scores], dtype=torch.float32)
+    sims[~finished] = math.nan
+    groups = sims.view(-1, group_size)  # [groups, G]
+    mean = groups.nanmean(dim=1, keepdim=True).nan_to_num(0.0)
+    return torch.where(groups.isnan(), mean, groups).view(-1)
+
+
+def informative(rnd: Round, group_size: int) -> torch.Tensor:
+    """[groups] bool: groups whose samples did not all score alike (rewards, and SIM when counted),
+    the ones with a non-zero advantage somewhere."""
+    def varies(x):
+        g = x.view(-1, group_size)  # [groups, G]
+        return (g != g[:, :1]).any(dim=1)
+    return varies(rnd.rewards) | (varies(rnd.sims) if rnd.sims is not None else False)
+
+
+def pick_groups(flags: list, want: int) -> tuple[list, int]:
+    """Which groups a step trains on, from each round's `informative` flags ([groups] bool each, in
+    round order): the first `want` informative groups, then, if there are fewer, the first dropped
+    ones to keep the batch's shape. Returns ([(round, group, trained)] of length `want` in that
+    order, the number of informative groups kept)."""
+    good = [(r, g, True) for r, f in enumerate(flags) for g in range(len(f)) if f[g]][:want]
+    fill = [(r, g, False) for r, f in enumerate(flags) for g in range(len(f)) if not f[g]][:want - len(good)]
+    return good + fill, len(good)
+
+
+def merge_rounds(rounds: list, picks: list, group_size: int) -> Round:
+    """One Round of the picked groups (`pick_groups`), rows group by group in pick order, tokens cut
+    to the longest response kept; `keep` marks the rows of trained groups. Seconds add up."""
+    start = [0]
+    for rnd in rounds:
+        start.append(start[-1] + len(rnd.items))
+    order = [(r, i) for r, g, _ in picks for i in range(g * group_size, (g + 1) * group_size)]  # (round, row)
+    every = cat_rollouts([rnd.roll for rnd in rounds])  # all rounds' rows, padded to the longest
+    index = torch.tensor([start[r] + i for r, i in order], device=every.tokens.device)
+    T = max(1, int(every.lengths[index].max()))
+    roll = Rollout(every.tokens[index, :T], every.lengths[index], every.logprobs[index, :T], every.finished[index])
+
+    def take(name):
+        return [getattr(rounds[r], name)[i] for r, i in order]
+
+    guard = take("guard") if rounds[0].guard is not None else None
+    sims = torch.stack(take("sims")) if rounds[0].sims is not None else None
+    keep = torch.tensor([trained for _, _, trained in picks for _ in range(group_size)])
+    seconds = [sum(x) for x in zip(*(rnd.seconds for rnd in rounds))]
+    return Round(take("items"), roll, take("audios"), take("scores"), seconds, torch.stack(take("rewards")),
+                 guard, sims, keep)
+
+
+def refill(first: Round, cfg, d, more) -> tuple[Round, dict]:
+    """Dynamic sampling (DAPO) after a step's first round: while some rank has fewer informative
+    groups than prompts, every rank runs another round, more(r) for r = 1, 2, ... (the trainer's
+    round on data.refill_examples' prompts), at most cfg.max_refill_rounds; every rank runs each
+    round, as FSDP's rollouts are collectives. The step then trains on the first informative
+    groups, padded with dropped ones that the update masks out (and says so on stderr).
+    Returns (the merged round, dyn_ metrics over all ranks: rounds run, groups kept, rollouts
+    generated per kept group)."""
+    G, want, rounds = cfg.group_size, cfg.prompts_per_step // d.world, [first]
+
+    def missing():  # groups still wanted on the rank that wants the most (outside any together block)
+        have = sum(int(informative(r, G).sum()) for r in rounds)
+        return d.all_reduce(torch.tensor([float(max(want - have, 0))], device=d.device), op="max").item()
+
+    while len(rounds) <= cfg.max_refill_rounds and missing() > 0:
+        rounds.append(more(len(rounds)))
+    picks, kept = pick_groups([informative(r, G) for r in rounds], want)
+    counts = d.all_reduce(torch.tensor([float(kept), float(sum(len(r.items) for r in rounds))], device=d.device))
+    kept_all, rollouts = counts.tolist()
+    if kept_all < cfg.prompts_per_step and d.rank == 0:
+        print(f"--dynamic-sampling: {kept_all:.0f} of {cfg.prompts_per_step} groups informative after "
+              f"{len(rounds) - 1} refill rounds (--max-refill-rounds {cfg.max_refill_rounds}); the step trains "
+              "on those", file=sys.stderr, flush=True)
+    return merge_rounds(rounds, picks, G), {"dyn_rounds": len(rounds), "dyn_groups_kept": kept_all,
+                                             "dyn_rollouts_per_kept_group": rollouts / max(kept_all, 1)}
