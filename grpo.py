@@ -298,7 +298,7 @@ class Trainer:
         if (cfg.prosody_guard or cfg.sim_guard) and self.prosody_reference is None:  # once per run
             self.prosody_reference = self.measure_reference()
         # 1-3. Rollouts, audio and rewards of this rank's prompts; with --dynamic-sampling, groups
-        # whose samples all scored alike are replaced by those of further prompts (`refill`).
+        # whose samples all scored alike are replaced by those of further prompts (batch.refill).
         rnd, dyn = self.scored_round(examples, step), {}
         if cfg.dynamic_sampling:
             rnd, dyn = batch.refill(rnd, cfg, d, lambda r: self.scored_round(

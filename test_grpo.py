@@ -405,6 +405,32 @@ def test_update_host_syncs_do_not_grow_with_micro_batches(monkeypatch):
     assert 0 < sum(counts[0].values()) <= 16, counts[0]
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_update_trains_on_kept_rows_only(agg):
+    """Rows with keep False (--dynamic-sampling's fill) change nothing: the update equals the one
+    on the kept rows alone; with none kept, the gradient is 0 (not 0 / 0)."""
+    tok, ro = _fixed_rollouts()
+    keep = torch.tensor([True, True, False, False, True, True, False, False])
+    rows = keep.nonzero().flatten().tolist()
+    alone = grpo.Rollouts([ro.prompts[i] for i in rows], ro.tokens[keep], ro.lengths[keep], ro.advantages[keep])
+    cfg = config.Config(kl_coef=0.1, micro_batch=3, temperature=0.8, max_new_tokens=7, loss_agg=agg)
+    out = []
+    for r in (grpo.Rollouts(ro.prompts, ro.tokens, ro.lengths, ro.advantages, keep=keep), alone,
+              grpo.Rollouts(ro.prompts, ro.tokens, ro.lengths, ro.advantages, keep=torch.zeros(8, dtype=torch.bool))):
+        policy = models.tiny_llama(len(tok), seed=1).train()
+        opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+        stats = grpo.update_policy(policy, models.tiny_llama(len(tok), seed=2), opt,
+                                   torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), r, cfg, parallel.Dist(),
+                                   contextlib.nullcontext)
+        out.append((stats, dict(policy.named_parameters())))
+    (a, pa), (b, pb), (c, _) = out
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-7) and a["kl"] == pytest.approx(b["kl"], rel=1e-6)
+    assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-6)
+    for k in pa:
+        assert torch.allclose(pa[k], pb[k], atol=1e-7), k
+    assert c["loss"] == 0.0 and c["grad_norm"] == 0.0
+
+
 def test_logp_mismatch_measures_rollout_against_training_logprobs():
     """logp_mismatch: mean and max |rollout - training| log-prob over response tokens (padding
     ignored): exactly the offset put into the rollout's log-probs."""
@@ -495,6 +521,37 @@ def test_trainer_logp_mismatch_is_zero_on_cpu(tmp_path):
     tr = grpo.Trainer(_tiny(tmp_path, "--val-data", ""), parallel.Dist(), torch.device("cpu"), _FakeScorer(0.5))
     metrics, _ = tr.train_step(0)
     assert 0 <= metrics["logp_mismatch"] < 1e-5 and metrics["logp_mismatch_max"] < 1e-4, metrics
+
+
+def half_flat_reward(audio, text):
+    """A reward that is the same for every sample of an even-length text (groups that teach nothing,
+    for --dynamic-sampling to drop) and tone_reward otherwise."""
+    return 0.5 if len(text) % 2 == 0 else tone_reward(audio, text)
+
+
+def test_trainer_dynamic_sampling_trains_on_informative_groups(tmp_path, monkeypatch):
+    """--dynamic-sampling: a step whose groups are mostly flat runs refill rounds, and the update gets
+    a full batch whose trained rows all belong to groups with unequal rewards."""
+    cfg = _tiny(tmp_path, "--val-data", "", "--dynamic-sampling", "--max-refill-rounds", "4")
+    first = [ex.text for ex in data.step_examples(data.load_dataset(cfg.data), 0, cfg, parallel.Dist())]
+
+    class Flat(_FakeScorer):  # step 0's first three prompts score 0 (truncated too), others by length
+        def score(self, audios, texts, languages=None):
+            return [Score(reward=0.0 if t in first[:3] else len(a) % 997 / 997) for a, t in zip(audios, texts)]
+
+    seen = []
+    real = grpo.update_policy
+    monkeypatch.setattr(grpo, "update_policy", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), Flat(0.5))
+    metrics, _ = tr.train_step(0)
+    ro = seen[0]
+    assert metrics["dyn_rounds"] >= 2 and ro.tokens.shape[0] == cfg.prompts_per_step * cfg.group_size
+    assert metrics["dyn_rollouts_per_kept_group"] == pytest.approx(
+        metrics["dyn_rounds"] * cfg.prompts_per_step * cfg.group_size / metrics["dyn_groups_kept"])
+    groups = ro.advantages.view(-1, cfg.group_size).cpu()
+    kept = ro.keep.view(-1, cfg.group_size)[:, 0]
+    assert kept.sum() == metrics["dyn_groups_kept"] and (groups[kept].abs().sum(dim=1) > 0).all()
+    assert (groups[~kept] == 0).all()
 
 
 def test_trainer_step_with_the_peer_recipe_flags(tmp_path):
@@ -860,6 +917,20 @@ def test_cuda_tiny_preset_end_to_end(tmp_path):
         for key in ("reward_mean", "loss", "entropy", "grad_norm", "kl", "tokens_per_s"):
             assert math.isfinite(m[key]), (key, m)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "step_2") is not None
+
+
+@cuda
+def test_cuda_lora_step_on_a_bf16_base(tmp_path):
+    """--lora-rank on CUDA: the frozen base in bf16, fp32 adapters, the compiled step on merged copies;
+    the step's numbers are finite and the rollout's log-probs stay near the update's."""
+    cfg = _tiny(tmp_path, "--device", "auto", "--val-data", "", "--lora-rank", "4", "--lr", "1e-2")
+    tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cuda:0"), _FakeScorer(0.5))
+    params = dict(tr.policy.lm.named_parameters())
+    assert all(p.dtype == (torch.float32 if "lora_" in k else torch.bfloat16) for k, p in params.items())
+    tr.sampler.scorer = _ScriptedScorer(lambda i: Score(reward=(i % 3) / 2))
+    metrics, _ = tr.train_step(0)
+    assert all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm", "entropy", "logp_mismatch"))
+    assert metrics["logp_mismatch"] < 0.05 and tr.sampler.decoder_works
 
 
 @cuda

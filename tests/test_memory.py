@@ -1,6 +1,7 @@
 """memory.py: the memory model against real tensors (state, FSDP2 shards, KV cache, logits,
 parameter counts, activations, measured peaks)."""
 import math
+import os
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import llama
 import memory
 import models
 import sample
+from helpers import REPO
 
 
 def _peak_bytes(fn) -> int:
@@ -409,3 +411,11 @@ def test_memory_llasa_1b_replicated_total():
     assert eager["decoder"] == 0 < eager["kv_cache"] and eager["total"] < m["total"]
     with pytest.raises(ValueError):
         memory.training_memory(memory.LLASA_SHAPES["llasa-1b"], world=2, fsdp=True, compile=True)
+
+
+def test_readme_tables_are_memory_tables():
+    # README's fit tables are what memory.py prints (full fine-tuning and LoRA r = 16), line for line
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    for table in (memory.memory_table(), memory.memory_table(lora_rank=16)):
+        rows = [line for line in table.splitlines() if line.startswith("| llasa")]
+        assert rows and all(row in readme for row in rows), "README.md: rerun python memory.py (--lora-rank 16)"

@@ -58,10 +58,12 @@ def test_checkpoint_is_durable_trainer_state_last(tmp_path, monkeypatch):
 
 # ---- --out and --resume --------------------------------------------------------------------------
 
-def test_resume_continues_exactly(tmp_path):
-    """Stop after 2 steps, resume from that checkpoint: steps 3-4 equal an uninterrupted run's."""
-    common = ["--reward", "test_grpo:tone_reward", "--val-data", "", "--kl-coef", "0.04",
-              "--save-every", "2"]
+@pytest.mark.parametrize("flags", [["--reward", "test_grpo:tone_reward"],
+                                   ["--reward", "test_grpo:half_flat_reward", "--dynamic-sampling"]])
+def test_resume_continues_exactly(tmp_path, flags):
+    """Stop after 2 steps, resume from that checkpoint: steps 3-4 equal an uninterrupted run's (with
+    --dynamic-sampling too: its refill prompts are a function of the step)."""
+    common = [*flags, "--val-data", "", "--kl-coef", "0.04", "--save-every", "2"]
     full = grpo.train(_tiny(tmp_path / "a", *common, "--steps", "4"))
     grpo.train(_tiny(tmp_path / "b", *common, "--steps", "2"))
     ckpt = tmp_path / "b" / "run" / "checkpoints" / "step_2"
@@ -70,6 +72,9 @@ def test_resume_continues_exactly(tmp_path):
     for a, b in zip(full[2:], resumed):
         for key in ("reward_mean", "loss", "kl", "entropy", "response_len", "grad_norm", "lr"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
+        assert a.get("dyn_rounds") == b.get("dyn_rounds")
+    if "--dynamic-sampling" in flags:
+        assert any(m["dyn_rounds"] > 1 for m in full)  # refill rounds ran, and resumed the same
     lines = [json.loads(x) for x in open(tmp_path / "b" / "run" / "metrics.jsonl")]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
 
