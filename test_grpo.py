@@ -293,14 +293,20 @@ def _port():
         return sock.getsockname()[1]
 
 
-def _one_update(rank, world, init_method, out_file, agg, updates=2):
-    """One GRPO update over this rank's share of fixed rollouts; world 1 = all of them."""
+def _rank_share(rank, world, init_method):
+    """In a spawned rank: one thread, the gloo group (world > 1), and (tokenizer, this rank's share
+    of `_fixed_rollouts`); world 1 = all of them."""
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     tok, ro = _fixed_rollouts()
     share = slice(rank * len(ro.prompts) // world, (rank + 1) * len(ro.prompts) // world)
-    ro = grpo.Rollouts(ro.prompts[share], ro.tokens[share], ro.lengths[share], ro.advantages[share])
+    return tok, grpo.Rollouts(ro.prompts[share], ro.tokens[share], ro.lengths[share], ro.advantages[share])
+
+
+def _one_update(rank, world, init_method, out_file, agg, updates=2):
+    """One GRPO update over this rank's share of fixed rollouts; world 1 = all of them."""
+    tok, ro = _rank_share(rank, world, init_method)
     policy = models.tiny_llama(len(tok), seed=1).train()
     ref = models.tiny_llama(len(tok), seed=2)  # a different reference, so the KL term has a gradient
     cfg = config.Config(kl_coef=0.1, micro_batch=3, updates_per_rollout=updates, loss_agg=agg,

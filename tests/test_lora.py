@@ -29,7 +29,7 @@ import parallel
 import policy as policies
 import sample
 from helpers import _FakeScorer, _tiny
-from test_grpo import _fixed_rollouts, _port
+from test_grpo import _fixed_rollouts, _port, _rank_share
 
 
 def _adapted(vocab, rank=4, seed=1, bump=0.05, **kw):
@@ -160,14 +160,29 @@ def test_adapters_off_reference_equals_a_copied_base():
                if "proj" in k)  # the base never moved
 
 
+def test_lora_update_with_grad_checkpointing_equals_without():
+    """Checkpointed layers behind frozen embeddings still carry the adapters' gradients (policy.py
+    turns on the input's requires_grad): the same update either way."""
+    tok, ro = _fixed_rollouts()
+    cfg = config.Config(kl_coef=0.0, micro_batch=4, temperature=0.8, max_new_tokens=7)
+    out = []
+    for checkpointing in (False, True):
+        lm = _adapted(len(tok)).train()
+        if checkpointing:
+            getattr(lm, "activation_checkpointing_enable", lm.gradient_checkpointing_enable)()
+            lm.enable_input_require_grads()
+        opt = torch.optim.SGD([p for p in lm.parameters() if p.requires_grad], lr=0.5)
+        stats = grpo.update_policy(lm, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ro, cfg,
+                                   parallel.Dist(), contextlib.nullcontext)
+        out.append((stats["grad_norm"], {k: p.detach().clone() for k, p in lm.named_parameters()}))
+    assert out[0][0] > 0 and out[0][0] == pytest.approx(out[1][0], rel=1e-5)
+    for k in out[0][1]:
+        assert torch.allclose(out[0][1][k], out[1][1][k], atol=1e-7), k
+
+
 def _lora_update(rank, world, init_method, out_file, fsdp):
     """One update of a LoRA policy (reference: adapters off) over this rank's share of the fixed rollouts."""
-    torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
-    tok, ro = _fixed_rollouts()
-    share = slice(rank * len(ro.prompts) // world, (rank + 1) * len(ro.prompts) // world)
-    ro = grpo.Rollouts(ro.prompts[share], ro.tokens[share], ro.lengths[share], ro.advantages[share])
+    tok, ro = _rank_share(rank, world, init_method)
     policy = llama.LogProbs(_adapted(len(tok))).train()
     if fsdp:
         policy = parallel.shard(policy, torch.device("cpu"))

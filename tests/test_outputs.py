@@ -61,12 +61,11 @@ def test_checkpoint_is_durable_trainer_state_last(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags", [["--reward", "test_grpo:tone_reward"],
                                    ["--reward", "test_grpo:half_flat_reward", "--dynamic-sampling"]])
 def test_resume_continues_exactly(tmp_path, flags):
-    """Stop after 2 steps, resume from that checkpoint: steps 3-4 equal an uninterrupted run's (with
+    """Resume from a run's step-2 checkpoint: steps 3-4 equal the uninterrupted run's (with
     --dynamic-sampling too: its refill prompts are a function of the step)."""
     common = [*flags, "--val-data", "", "--kl-coef", "0.04", "--save-every", "2"]
     full = grpo.train(_tiny(tmp_path / "a", *common, "--steps", "4"))
-    grpo.train(_tiny(tmp_path / "b", *common, "--steps", "2"))
-    ckpt = tmp_path / "b" / "run" / "checkpoints" / "step_2"
+    ckpt = tmp_path / "a" / "run" / "checkpoints" / "step_2"
     resumed = grpo.train(_tiny(tmp_path / "b", *common, "--steps", "4", "--resume", str(ckpt)))
     assert [m["step"] for m in resumed] == [3, 4]
     for a, b in zip(full[2:], resumed):
@@ -76,7 +75,7 @@ def test_resume_continues_exactly(tmp_path, flags):
     if "--dynamic-sampling" in flags:
         assert any(m["dyn_rounds"] > 1 for m in full)  # refill rounds ran, and resumed the same
     lines = [json.loads(x) for x in open(tmp_path / "b" / "run" / "metrics.jsonl")]
-    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert [m["step"] for m in lines] == [3, 4]
 
 
 def test_out_holding_a_run_is_refused_and_resume_auto_continues(tmp_path, capsys):

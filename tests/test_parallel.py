@@ -26,7 +26,7 @@ import outputs
 import parallel
 import whisper_worker as ww
 from helpers import REPO, TESTS
-from test_grpo import _fixed_rollouts, _one_update, _port
+from test_grpo import _fixed_rollouts, _one_update, _port, _rank_share
 
 
 # ---- rank agreement: one failing rank stops the job ----------------------------------------------
@@ -164,11 +164,7 @@ def test_rank_0_failing_in_a_checkpoint_write_prints_its_error_under_torchrun(tm
 
 def _fsdp_update(rank, world, init_method, out_file, ckpt):
     """_one_update's rollouts and settings, with the policy and reference sharded by FSDP2."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
-    tok, ro = _fixed_rollouts()
-    share = slice(rank * len(ro.prompts) // world, (rank + 1) * len(ro.prompts) // world)
-    ro = grpo.Rollouts(ro.prompts[share], ro.tokens[share], ro.lengths[share], ro.advantages[share])
+    tok, ro = _rank_share(rank, world, init_method)
     policy = parallel.shard(llama.LogProbs(models.tiny_llama(len(tok), seed=1)).train(), torch.device("cpu"))
     ref = parallel.shard(llama.LogProbs(models.tiny_llama(len(tok), seed=2)), torch.device("cpu"))
     cfg = config.Config(kl_coef=0.1, micro_batch=3, updates_per_rollout=2, loss_agg="token-mean",
@@ -218,20 +214,21 @@ def _torchrun(out, *flags, steps):
     return [json.loads(x) for x in open(out / "metrics.jsonl")]
 
 
-def test_fsdp_tiny_preset_runs_and_resumes_exactly(tmp_path):
-    """torchrun --nproc_per_node=2 grpo.py --preset tiny --fsdp; a run stopped at step 2 and resumed
-    (--resume auto) gives steps 3-4 equal to an uninterrupted run's."""
-    full = _torchrun(tmp_path / "a", steps=4)
-    assert [m["step"] for m in full] == [1, 2, 3, 4]
+@pytest.mark.parametrize("flags", [[], ["--lora-rank", "4", "--lr", "1e-2"]], ids=["full", "lora"])
+def test_fsdp_tiny_preset_runs_and_resumes_exactly(tmp_path, flags):
+    """torchrun --nproc_per_node=2 grpo.py --preset tiny --fsdp (and with LoRA); a run resumed from
+    its step-2 checkpoint (sharded AdamW state; with LoRA, the adapter) gives step 3 equal to the
+    uninterrupted run's, and the checkpoints are whole Hugging Face models."""
+    full = _torchrun(tmp_path / "a", *flags, steps=3)
+    assert [m["step"] for m in full] == [1, 2, 3]
     for m in full:
         for key in ("reward_mean", "loss", "entropy", "grad_norm", "kl"):
             assert math.isfinite(m[key]), (key, m)
-    _torchrun(tmp_path / "b", steps=2)
-    assert os.path.isdir(tmp_path / "b" / "checkpoints" / "step_2" / "optimizer")
-    resumed = _torchrun(tmp_path / "b", "--resume", "auto", steps=4)
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
-    for a, b in zip(full[2:], resumed[2:]):
-        for key in ("reward_mean", "loss", "kl", "entropy", "response_len", "grad_norm", "lr"):
-            assert a[key] == pytest.approx(b[key], abs=1e-6), key
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "checkpoints" / "step_4")
+    ckpt = tmp_path / "a" / "checkpoints" / "step_2"
+    assert os.path.isdir(ckpt / "optimizer") and os.path.isdir(ckpt / "adapter") == bool(flags)
+    resumed = _torchrun(tmp_path / "b", "--resume", str(ckpt), *flags, steps=3)
+    assert [m["step"] for m in resumed] == [3]
+    for key in ("reward_mean", "loss", "kl", "entropy", "response_len", "grad_norm", "lr"):
+        assert full[2][key] == pytest.approx(resumed[0][key], abs=1e-6), key
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "checkpoints" / "step_3")
     assert all(torch.isfinite(p).all() for p in model.parameters())
