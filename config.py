@@ -8,6 +8,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+import torch
+
 import data
 import lora
 
@@ -205,6 +207,10 @@ def check_config(cfg: Config, world: int = 1):
         raise ValueError(f"--lora-rank must be >= 0 (0 = off) and --lora-alpha > 0, got {cfg.lora_rank}, "
                          f"{cfg.lora_alpha}")
     lora.parse_targets(cfg.lora_targets)
+    if cfg.fsdp and cfg.lora_rank and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 8):
+        # FSDP2 before 2.8 wants one dtype per sharded group: the frozen bf16 base beside fp32 adapters
+        raise ValueError(f"--fsdp --lora-rank needs torch >= 2.8 (FSDP2 then allows a frozen bf16 base beside "
+                         f"fp32 adapters); this is torch {torch.__version__}: upgrade torch or drop --fsdp")
     if cfg.max_refill_rounds < 0:
         raise ValueError(f"--max-refill-rounds must be >= 0, got {cfg.max_refill_rounds}")
     if cfg.group_size < 2:

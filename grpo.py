@@ -23,7 +23,6 @@ import torch
 import batch
 import data
 import demo
-import lora
 import outputs
 from codec import load_codec
 from config import IMPORTANCE_LEVELS, LOSS_AGGS, Config, parse_config
@@ -163,8 +162,10 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
     mask = ((torch.arange(T, device=device)[None, :] < ro.lengths[:, None]) & keep[:, None]).float()  # [B, T]
     count = mask.sum() if cfg.loss_agg == "token-mean" else keep.sum().float()
     # FSDP averages gradients over ranks where the replicated path sums them: divide by world less.
-    # (At least 1: a step where no row is trained takes a zero gradient, not 0 / 0.)
-    denom = max(d.all_reduce(count.clone()).item(), 1.0) / (d.world if sharded else 1)
+    # A step where no row is trained anywhere (--dynamic-sampling found nothing) runs its passes
+    # (the same collectives on every rank) with zero loss, and takes no optimizer step.
+    total = d.all_reduce(count.clone()).item()
+    denom = max(total, 1.0) / (d.world if sharded else 1)
     # Micro-batches of similar lengths, each cut to its longest response: one long sample must not
     # pad every micro-batch to --max-new-tokens (rows not trained count as length 1, and go last).
     # Decided on the host, from one copy of the lengths.
@@ -227,7 +228,8 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
             optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"non-finite gradient norm ({gnorm.item()}) in update {update}; "
                                      "the optimizer step was skipped and no checkpoint was written")
-        optimizer.step()
+        if total > 0:  # (AdamW's momentum and weight decay would move the weights on zero gradients)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # free the gradients before the next rollout
     scheduler.step()  # the schedule counts rollout steps, whatever --updates-per-rollout
     sums = d.all_reduce(sums)
@@ -376,10 +378,7 @@ class Trainer:
         """Checkpoint `path` after `step` steps (a collective): a Hugging Face directory of the policy
         (with LoRA: merged, plus the adapter in PEFT's layout) and what --resume needs."""
         cfg = self.cfg
-        weights, adapter = checkpoint_state(self.policy, cfg, self.d)
-        extra = None if adapter is None else lambda folder: lora.save_adapter(
-            os.path.join(folder, lora.ADAPTER_DIR), adapter, cfg.lora_rank, cfg.lora_alpha,
-            lora.parse_targets(cfg.lora_targets), cfg.model)
+        weights, extra = checkpoint_state(self.policy, cfg, self.d, demo.resolve_model(cfg.model))
         outputs.save_everywhere(path, self.policy, self.optimizer, self.tokenizer, self.trainer_state(step), self.d,
                                 cfg.fsdp, weights=weights, extra=extra)
 

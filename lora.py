@@ -143,16 +143,19 @@ class AdaptersOff:
 def merged_state(state: dict, scale: float) -> dict:
     """A LoRA model's state dict (keys `...q_proj.base.weight`, `.lora_A`, `.lora_B`) as a plain
     model's, fp32: W + scale * B @ A under `...q_proj.weight` (computed in fp32: bf16 would round
-    small updates away), every other tensor as it is, in fp32."""
+    small updates away), every other tensor as it is, in fp32; on the CPU, one tensor at a time."""
+    def cpu(t):
+        return t.detach().cpu().float()
+
     out = {}
     for key, value in state.items():
         if key.endswith((".lora_A", ".lora_B")):
             continue
         if key.endswith(".base.weight") and key[:-len("base.weight")] + "lora_A" in state:
             stem = key[:-len("base.weight")]
-            value = value.float() + scale * (state[stem + "lora_B"].float() @ state[stem + "lora_A"].float())
-            key = stem + "weight"
-        out[key.replace(".base.bias", ".bias") if key.endswith(".base.bias") else key] = value.float()
+            out[stem + "weight"] = cpu(value) + scale * (cpu(state[stem + "lora_B"]) @ cpu(state[stem + "lora_A"]))
+        else:
+            out[key.replace(".base.bias", ".bias") if key.endswith(".base.bias") else key] = cpu(value)
     return out
 
 
@@ -195,9 +198,9 @@ def load_adapter(model, folder: str, rank: int, alpha: float, targets):
 
 
 def parse_targets(text: str) -> tuple:
-    """--lora-targets: comma-separated projection names -> a tuple (unknown names are caught by
-    add_adapters, which knows the model)."""
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    """--lora-targets: comma-separated projection names -> a tuple, each name once (unknown names
+    are caught by add_adapters, which knows the model)."""
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))  # each once, in order
     if not names:
         raise ValueError(f"--lora-targets {text!r}: expected comma-separated names such as {','.join(TARGETS)}")
     return names

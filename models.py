@@ -25,6 +25,15 @@ def tiny_llama(vocab_size: int, *, seed: int = 0, hidden_size: int = 64, num_lay
     return model.float().eval()
 
 
+def cast_parameters(model, dtype: torch.dtype):
+    """Parameters to `dtype` in place, buffers as they are: Llama's rotary inv_freq must stay fp32
+    (in bf16, cos/sin at position 2000 are off by up to 1.0 at Llama-3's base 500,000 and its
+    llama3 scaling), which model.to(dtype) would cast too. Returns the model."""
+    for p in model.parameters():  # tied weights: one Parameter, cast once
+        p.data = p.data.to(dtype)
+    return model
+
+
 TINY_SPEECH_TOKENS = 64  # a random tiny policy then emits the stop token within 64 steps most of the time
 
 
@@ -40,7 +49,7 @@ def load_model(name: str, device="cpu", dtype=torch.bfloat16, *, seed: int = 0):
     if name == "tiny":
         tokenizer = data.tiny_tokenizer(n_speech=TINY_SPEECH_TOKENS)
         model = tiny_llama(len(tokenizer), seed=seed, max_positions=4096)
-        return model.to(device=device, dtype=dtype).eval(), tokenizer
+        return cast_parameters(model.to(device), dtype).eval(), tokenizer
     if (os.path.isabs(name) or name.startswith(".")) and not os.path.isdir(name):
         raise FileNotFoundError(f"model directory not found: {name}")
     # transformers renamed `torch_dtype` to `dtype` in 4.56; 4.46 knows only the old name.

@@ -15,6 +15,7 @@ import shutil
 import numpy as np
 import torch
 
+import lora
 import parallel
 from codec import SAMPLE_RATE
 
@@ -78,9 +79,13 @@ def read_trainer_state(path: str, cfg, world: int) -> dict:
     keys = ("prompts_per_step", "group_size", "seed", "fsdp", "lora_rank", "lora_alpha", "lora_targets")
     for key in keys + (("model",) if cfg.lora_rank else ()):  # LoRA: the adapter fits its base model only
         was = state["config"].get(key, {f.name: f.default for f in dataclasses.fields(cfg)}[key])
-        if was != getattr(cfg, key):
+        if key == "lora_targets":  # the same set in any order
+            was, now = sorted(lora.parse_targets(was)), sorted(lora.parse_targets(cfg.lora_targets))
+        else:
+            now = getattr(cfg, key)
+        if was != now:
             raise ValueError(f"--resume {path}: --{key.replace('_', '-')} was {was!r} in the checkpoint, "
-                             f"{getattr(cfg, key)!r} now")
+                             f"{now!r} now")
     return state
 
 
@@ -104,12 +109,17 @@ def save_checkpoint(path: str, policy, tokenizer, trainer_state: dict, *, weight
     Everything goes to PATH.tmp (kept as begin_checkpoint left it if keep_tmp); model and tokenizer
     files are fsynced, then the trainer state is written and fsynced last, then the directory; only
     then is it renamed into place (and the parent directory fsynced, so the rename itself survives
-    a power cut). weights: the full state dict to write (FSDP gathers it, LoRA merges it), else the
-    model's own. extra(folder): writes more files into the checkpoint (LoRA's adapter) before the fsyncs."""
+    a power cut). weights: the full state dict to write (FSDP gathers it, LoRA merges it; or a function
+    returning it, called here), else the model's own. extra(folder): writes more files into the
+    checkpoint (LoRA's adapter) before the fsyncs."""
     tmp, old = tmp_path(path), path + ".old"
     if not keep_tmp:
         begin_checkpoint(path)
+    weights = weights() if callable(weights) else weights
+    dtype = next(iter(weights.values())).dtype if weights else None  # (save_pretrained may empty the dict)
     policy.save_pretrained(tmp, state_dict=weights)
+    if dtype is not None:  # config.json names the parameters' dtype, which may not be the weights'
+        config_dtype(os.path.join(tmp, "config.json"), dtype)
     tokenizer.save_pretrained(tmp)
     portable_tokenizer_config(os.path.join(tmp, "tokenizer_config.json"))
     if extra is not None:
@@ -152,6 +162,19 @@ def _fsync(path: str):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def config_dtype(path: str, dtype: torch.dtype):
+    """Set a Hugging Face config.json's dtype (`dtype`, and 4.x's `torch_dtype` where present) to the
+    weights' own: LoRA writes fp32 merged weights from a bf16 base, which "auto" loading must keep."""
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    name = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):
+        if key in config or key == "dtype":
+            config[key] = name
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
 
 
 def portable_tokenizer_config(path: str):

@@ -14,6 +14,7 @@ import torch
 import lora
 import parallel
 from llama import LogProbs
+from models import cast_parameters
 
 
 def build_policy(cfg, device: torch.device, load, resume_from: str | None = None):
@@ -21,8 +22,8 @@ def build_policy(cfg, device: torch.device, load, resume_from: str | None = None
     fp32 on `device`, tokenizer); resume_from: a checkpoint directory or None."""
     if cfg.lora_rank:
         lm, tokenizer = load(cfg.model)  # the base: the checkpoint holds only what trains
-        if device.type == "cuda":
-            lm.to(torch.bfloat16)  # frozen: no fp32 master copy needed
+        if device.type == "cuda":  # frozen: no fp32 master copy needed (rotary buffers stay fp32)
+            cast_parameters(lm, torch.bfloat16)
         lora.add_adapters(lm, cfg.lora_rank, cfg.lora_alpha, lora.parse_targets(cfg.lora_targets), seed=cfg.seed)
         if resume_from:
             lora.load_adapter(lm, os.path.join(resume_from, lora.ADAPTER_DIR), cfg.lora_rank, cfg.lora_alpha,
@@ -46,14 +47,26 @@ def build_policy(cfg, device: torch.device, load, resume_from: str | None = None
     return policy, ref, tokenizer
 
 
-def checkpoint_state(policy, cfg, d) -> tuple[dict | None, dict | None]:
-    """(weights, adapter) for a checkpoint; a collective under FSDP, which gathers the state to rank 0
-    (None, None on the others). weights: the Hugging Face directory's state dict (None: the model's
-    own); with LoRA the merged plain model (fp32), and adapter its LoRA tensors (else None)."""
-    if not cfg.fsdp and not cfg.lora_rank:
-        return None, None
-    state = parallel.full_model_state(policy, d) if cfg.fsdp else policy.lm.state_dict()
-    if state is None or not cfg.lora_rank:
-        return state, None
-    adapter = {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))}
-    return lora.merged_state(state, cfg.lora_alpha / cfg.lora_rank), adapter
+def checkpoint_state(policy, cfg, d, base_model: str = "") -> tuple:
+    """(weights, extra) for outputs.save_everywhere. weights: None (the model's own state), a state
+    dict, or a function returning one; extra: None or a function writing more files into the
+    checkpoint folder. Full fine-tuning under FSDP: the whole state, gathered to rank 0 here (a
+    collective). LoRA: functions that rank 0 runs inside the checkpoint's write, so a failure there
+    is agreed on like any other: the merged plain model (fp32, tensor by tensor on the CPU: no
+    second copy of the model on the GPU) and the adapter in PEFT's layout (`base_model` named in
+    its config)."""
+    gathered = parallel.full_model_state(policy, d) if cfg.fsdp else None  # CPU, rank 0 only
+    if not cfg.lora_rank:
+        return gathered, None
+
+    def state():
+        return gathered if cfg.fsdp else policy.lm.state_dict()
+
+    def weights():
+        return lora.merged_state(state(), cfg.lora_alpha / cfg.lora_rank)
+
+    def extra(folder):
+        adapter = {k: v for k, v in state().items() if k.endswith((".lora_A", ".lora_B"))}
+        lora.save_adapter(os.path.join(folder, lora.ADAPTER_DIR), adapter, cfg.lora_rank, cfg.lora_alpha,
+                          lora.parse_targets(cfg.lora_targets), base_model or cfg.model)
+    return weights, extra

@@ -131,7 +131,8 @@ class Sampler:
         with torch.no_grad(), self.autocast(), gathered(self.policy):  # whole weights, freed after (FSDP)
             def run(decoder):
                 # LoRA: the eager loop on merged weights (one matmul per map); the compiled step
-                # copies merged weights itself (decode.Decoder.layer_weights). No-ops without LoRA.
+                # copies merged weights itself (decode.Decoder.layer_weights), its eager prefill runs
+                # the adapted maps unmerged (the same function up to rounding). No-ops without LoRA.
                 with lora.merged(self.policy.lm) if decoder is None else contextlib.nullcontext():
                     return generate(self.policy.lm, [self.prompt(t) for t in texts],
                                     max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,

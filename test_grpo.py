@@ -435,6 +435,14 @@ def test_update_trains_on_kept_rows_only(agg):
     for k in pa:
         assert torch.allclose(pa[k], pb[k], atol=1e-7), k
     assert c["loss"] == 0.0 and c["grad_norm"] == 0.0
+    # and takes no optimizer step: AdamW's weight decay would otherwise move the weights
+    policy = models.tiny_llama(len(tok), seed=1).train()
+    before = {k: v.detach().clone() for k, v in policy.named_parameters()}
+    opt = torch.optim.AdamW(policy.parameters(), lr=0.1, weight_decay=0.5)
+    grpo.update_policy(policy, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                       grpo.Rollouts(ro.prompts, ro.tokens, ro.lengths, ro.advantages, keep=torch.zeros(8, dtype=torch.bool)),
+                       config.Config(kl_coef=0.0, micro_batch=3), parallel.Dist(), contextlib.nullcontext)
+    assert all(torch.equal(before[k], v) for k, v in policy.named_parameters())
 
 
 def test_logp_mismatch_measures_rollout_against_training_logprobs():

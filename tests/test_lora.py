@@ -100,15 +100,30 @@ def test_lora_rollouts_run_on_merged_weights_eager_and_static():
     assert not torch.allclose(plain.logprobs, base.logprobs, atol=1e-3)  # the adapters do change the policy
 
 
+def test_a_bf16_base_keeps_fp32_rotary_buffers_and_checkpoints_in_fp32(tmp_path):
+    """On CUDA the frozen base is bf16 (models.cast_parameters): its rotary inv_freq stays fp32, and
+    the merged checkpoint is fp32 with a config.json that says so (dtype "auto" keeps it)."""
+    tok = data.tiny_tokenizer()
+    lm = models.cast_parameters(models.tiny_llama(len(tok), seed=1), torch.bfloat16)
+    lora.add_adapters(lm, 4, 8.0)
+    assert lm.model.rotary_emb.inv_freq.dtype == torch.float32 and lm.lm_head.weight.dtype == torch.bfloat16
+    cfg = config.Config(model="tiny", lora_rank=4, lora_alpha=8.0)
+    weights, extra = policies.checkpoint_state(llama.LogProbs(lm), cfg, parallel.Dist())
+    outputs.save_checkpoint(str(tmp_path / "ckpt"), lm, tok, {"step": 1}, weights=weights, extra=extra)
+    assert json.load(open(tmp_path / "ckpt" / "config.json"))["dtype"] == "float32"
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ckpt"), dtype="auto")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert lora.parse_targets("q_proj, k_proj,q_proj") == ("q_proj", "k_proj")
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_merged_checkpoint_is_a_plain_llama_with_the_adapter_models_logits(tmp_path, tied):
     tok = data.tiny_tokenizer()
     lm = _adapted(len(tok), tie_word_embeddings=tied)
     cfg = config.Config(model="tiny", lora_rank=4, lora_alpha=8.0)
-    weights, adapter = policies.checkpoint_state(llama.LogProbs(lm), cfg, parallel.Dist())
+    weights, extra = policies.checkpoint_state(llama.LogProbs(lm), cfg, parallel.Dist())
     path = str(tmp_path / "ckpt")
-    outputs.save_checkpoint(path, lm, tok, {"step": 1}, weights=weights, extra=lambda f: lora.save_adapter(
-        os.path.join(f, lora.ADAPTER_DIR), adapter, 4, 8.0, lora.TARGETS, "tiny"))
+    outputs.save_checkpoint(path, lm, tok, {"step": 1}, weights=weights, extra=extra)
     loaded = AutoModelForCausalLM.from_pretrained(path).eval()
     assert not any("lora" in k or ".base." in k for k in loaded.state_dict())
     assert all(v.dtype == torch.float32 for v in load_file(os.path.join(path, "model.safetensors")).values())
@@ -192,9 +207,12 @@ def _lora_update(rank, world, init_method, out_file, fsdp):
     d = parallel.Dist(rank=rank, world=world)
     stats = grpo.update_policy(policy, lora.AdaptersOff(policy), opt, torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 1.0), ro, cfg, d, contextlib.nullcontext)
-    weights, adapter = policies.checkpoint_state(policy, cfg, d)
+    weights, extra = policies.checkpoint_state(policy, cfg, d)  # FSDP: gathered here, a collective
     if rank == 0:
-        torch.save({"adapter": adapter, "weights": weights, "stats": stats}, out_file)
+        folder = out_file + ".ckpt"
+        extra(folder)
+        adapter = load_file(os.path.join(folder, lora.ADAPTER_DIR, "adapter_model.safetensors"))
+        torch.save({"adapter": adapter, "weights": weights(), "stats": stats}, out_file)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -216,7 +234,8 @@ def test_lora_two_ranks_equal_one(tmp_path, fsdp):
     assert a["stats"]["loss"] == pytest.approx(b["stats"]["loss"], abs=1e-6)
     assert a["stats"]["kl"] == pytest.approx(b["stats"]["kl"], rel=1e-5)
     start = _adapted(len(_fixed_rollouts()[0])).state_dict()
-    assert any(not torch.equal(start[k], a["adapter"][k]) for k in a["adapter"])  # the step moved them
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    assert not torch.equal(start["model.layers.0.self_attn.q_proj.lora_B"], a["adapter"][key])  # the step moved it
 
 
 def test_lora_run_trains_only_adapters_and_resumes_exactly(tmp_path):
