@@ -8,8 +8,9 @@ One training step (`Trainer.train_step`): prompts -> G rollouts each (sample.gen
 with KL to a frozen reference -> gradients summed over ranks -> AdamW step. Each rank owns whole
 prompt groups; the gradient is that of the global token-mean loss, so 2 ranks step exactly like 1.
 This file is the algorithm; config.py holds the flags, rollout.py the rollout stage (generation,
-codec, scorer), llama.py the log-prob formula, parallel.py the collectives, outputs.py
-what a run writes.
+codec, scorer), batch.py a step's scored rounds (and --dynamic-sampling's refill), policy.py the
+model trained (full fine-tuning or LoRA, lora.py) and its reference, llama.py the log-prob formula,
+parallel.py the collectives, outputs.py what a run writes.
 """
 import dataclasses
 import math
