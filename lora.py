@@ -155,7 +155,7 @@ def merged_state(state: dict, scale: float) -> dict:
             stem = key[:-len("base.weight")]
             out[stem + "weight"] = cpu(value) + scale * (cpu(state[stem + "lora_B"]) @ cpu(state[stem + "lora_A"]))
         else:
-            out[key.replace(".base.bias", ".bias") if key.endswith(".base.bias") else key] = cpu(value)
+            out[key.removesuffix(".base.bias") + ".bias" if key.endswith(".base.bias") else key] = cpu(value)
     return out
 
 
@@ -164,7 +164,7 @@ def save_adapter(folder: str, state: dict, rank: int, alpha: float, targets, bas
     adapter_config.json and adapter_model.safetensors, keys base_model.model.<module>.lora_A.weight."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
-    tensors = {f"base_model.model.{k.rsplit('.', 1)[0]}.{k.rsplit('.', 1)[1]}.weight": v.float().contiguous()
+    tensors = {f"base_model.model.{k}.weight": v.detach().cpu().float().contiguous()
                for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))}
     save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,

@@ -65,8 +65,7 @@ def checkpoint_state(policy, cfg, d, base_model: str = "") -> tuple:
     def weights():
         return lora.merged_state(state(), cfg.lora_alpha / cfg.lora_rank)
 
-    def extra(folder):
-        adapter = {k: v for k, v in state().items() if k.endswith((".lora_A", ".lora_B"))}
-        lora.save_adapter(os.path.join(folder, lora.ADAPTER_DIR), adapter, cfg.lora_rank, cfg.lora_alpha,
+    def extra(folder):  # (save_adapter takes the adapter's tensors out of the whole state)
+        lora.save_adapter(os.path.join(folder, lora.ADAPTER_DIR), state(), cfg.lora_rank, cfg.lora_alpha,
                           lora.parse_targets(cfg.lora_targets), base_model or cfg.model)
     return weights, extra
