@@ -65,3 +65,14 @@ def test_every_source_file_under_500_lines():
     long = {name: n for name, path in sources().items()
             if (n := len(open(path, encoding="utf-8").read().splitlines())) >= MAX_LINES}
     assert not long, f"over {MAX_LINES} lines: {long}"
+
+
+def test_readme_floors_list_every_module_in_import_order():
+    """README's floor list names every source file once, each after every module it imports."""
+    text = " ".join(open(os.path.join(REPO, "README.md"), encoding="utf-8").read().split())
+    listed = text.split("imports inside functions counted): ", 1)[1].split(".", 1)[0].split(", ")
+    graph = import_graph()
+    assert sorted(listed) == sorted(graph), set(listed) ^ set(graph)
+    floor = {name: i for i, name in enumerate(listed)}
+    late = [(m, d) for m in graph for d in graph[m] if floor[d] > floor[m]]
+    assert not late, f"README lists these modules below what they import: {late}"
