@@ -252,6 +252,10 @@ def load_data(cfg) -> tuple[list[Example], list[Example]]:
     file and line, instead of being scored 0 at every step."""
     examples = load_dataset(cfg.data)
     val_examples = load_dataset(cfg.val_data) if cfg.val_data else []
+    uses = [f for f, on in (("--sim-weight", cfg.sim_weight), ("--sim-guard", cfg.sim_guard)) if on]
+    if uses and not any(ex.prompt_wav for ex in examples):  # sim would be 0 for every clip, silently
+        raise ValueError(f"{cfg.data}: no row has a prompt_wav, so {' and '.join(uses)} would have no speaker "
+                         "similarity to work on (sim needs a voice prompt per row: see README, Voice cloning)")
     if cfg.reward == "whisper":
         from scorer import language_code, model_languages
         known = model_languages(cfg.whisper)

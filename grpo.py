@@ -77,7 +77,8 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps=0.2, kl_
       + kl_coef * k3,  k3 = exp(ref - logp) - (ref - logp) - 1
     importance_level "sequence" is GSPO (as verl's compute_policy_loss_gspo): sequence i's tokens
     all take ratio s_i = exp(mean of its logp - old_logp) as the value of exp(logp - sg[logp] +
-    sg[log s_i]) (gradient s_i * grad logp), clipped, no dual clip; GSPO with seq-mean-token-mean.
+    sg[log s_i]) (gradient s_i * grad logp; log s_i capped at 10 as verl does), clipped, no dual
+    clip; verl's GSPO is this with agg "seq-mean-token-mean" (verl fixes that aggregation for it).
     Aggregation over `mask`:
       token-mean               sum over all tokens / number of tokens
       seq-mean-token-mean      mean over sequences of each sequence's token mean
@@ -95,7 +96,8 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps=0.2, kl_
     high = clip_eps if clip_eps_high is None else clip_eps_high
     if importance_level == "sequence":
         seq = ((logp - old_logp).detach() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B] log s_i
-        ratio = torch.exp(logp - logp.detach() + seq.clamp(-20.0, 20.0)[:, None])  # [B, T], value s_i
+        # verl's cap: above log s_i = 10 the value stays e^10 and the gradient is 0 (a stale sequence)
+        ratio = torch.exp((logp - logp.detach() + seq[:, None]).clamp(max=10.0))  # [B, T], value s_i
     else:
         ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))  # [B, T]
     loss1, loss2 = -adv * ratio, -adv * torch.clamp(ratio, 1 - clip_eps, 1 + high)

@@ -86,6 +86,12 @@ def read_trainer_state(path: str, cfg, world: int) -> dict:
         if was != now:
             raise ValueError(f"--resume {path}: --{key.replace('_', '-')} was {was!r} in the checkpoint, "
                              f"{now!r} now")
+    for key in ("prosody_guard", "sim_guard"):  # a guard holds to the *initial* policy's medians
+        if getattr(cfg, key) and not state["config"].get(key, False):
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"--resume {path}: {flag} is on, but the run that wrote the checkpoint had it off, "
+                             "so the initial policy's reference it holds to was never measured; resume without "
+                             f"{flag}, or start a new run with it")
     return state
 
 

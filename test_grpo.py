@@ -187,6 +187,22 @@ def _gspo_reference(logp, old, adv, mask, lo, hi):
     return torch.maximum(-adv * s, -adv * s.clamp(1 - lo, 1 + hi)).mean(), s
 
 
+def test_policy_loss_gspo_caps_a_stale_sequence_like_verl():
+    """verl's compute_policy_loss_gspo caps log s_i at 10: a sequence that drifted far (log-ratio 15,
+    A < 0, possible with --updates-per-rollout > 1) costs |A| e^10 per token and pushes no gradient;
+    one below the cap keeps its gradient -A s_i / |y_i| / B."""
+    mask = torch.ones(2, 2)
+    old = torch.tensor([[-3.0, -4.0], [-1.0, -1.0]])
+    logp = (old + torch.tensor([[15.0, 15.0], [0.5, 0.5]])).requires_grad_(True)
+    adv = torch.tensor([-1.0, -1.0])
+    loss, _ = grpo.policy_loss(logp, old, None, adv, mask, kl_coef=0.0, agg="seq-mean-token-mean",
+                               importance_level="sequence")
+    loss.backward()
+    assert loss.item() == pytest.approx((math.exp(10.0) + math.exp(0.5)) / 2, rel=1e-6)
+    assert logp.grad[0].tolist() == [0.0, 0.0]
+    assert logp.grad[1].tolist() == pytest.approx([math.exp(0.5) / 2 / 2] * 2, rel=1e-6)
+
+
 @pytest.mark.parametrize("lo,hi", [(0.2, 0.28), (3e-4, 4e-4)])  # GSPO's paper: 3e-4 / 4e-4
 def test_policy_loss_gspo_sequence_ratio_values_and_gradients(lo, hi):
     """--importance-level sequence: one ratio per sequence, clipped per sequence; value and gradient
@@ -617,6 +633,9 @@ def test_clone_rollouts_continue_after_the_prompt_voice(tmp_path):
     roll = tr.sampler.rollout([ex, tr.examples[1]], torch.Generator().manual_seed(0))
     assert int(roll.lengths.max()) <= cfg.max_new_tokens  # the generated part only
     alone = tr.sampler.decode_audio(roll, [ex, tr.examples[1]])
+    # Whisper hears exactly the generated codes (the stop token aside): 320 samples each, no prompt audio.
+    assert [len(a) for a in alone] == [(int(n) - int(f)) * codec.SAMPLES_PER_CODE
+                                       for n, f in zip(roll.lengths, roll.finished)]
     tr.cfg.prompt_decode = "context"
     for a, b in zip(alone, tr.sampler.decode_audio(roll, [ex, tr.examples[1]])):
         np.testing.assert_array_equal(a, b)
@@ -632,6 +651,35 @@ def test_sim_weight_adds_a_separately_normalized_advantage():
     adv = grpo.group_advantages(torch.tensor([0.2, 0.4, 0.6, 0.8]), 4) + 0.5 * grpo.group_advantages(sims, 4)
     mean, std = 0.7, float(torch.tensor([0.9, 0.5, 0.7, 0.7]).std())
     assert adv[0].item() == pytest.approx(-0.3 / 0.2582 + 0.5 * (0.9 - mean) / (std + 1e-6), rel=1e-3)
+
+
+class _VaryingScorer(_FakeScorer):
+    """Rewards and similarities that differ clip by clip (from the audio), for the advantage test."""
+
+    def score(self, audios, texts, languages=None, prompts=None):
+        return [Score(reward=float(np.abs(a).mean()) if len(a) else 0.0, sim=(len(a) % 7) / 7) for a in audios]
+
+
+def test_trainer_step_with_sim_weight_trains_on_both_normalized_advantages(tmp_path, monkeypatch):
+    """A train_step with --sim-weight 0.5: the advantages the update receives are, group by group,
+    (r - mean) / (std + eps) + 0.5 (sim - mean) / (std + eps), computed here by hand from the step's
+    rewards and similarities."""
+    cfg = _tiny(tmp_path, "--data", os.path.join(helpers.REPO, "data", "clone", "train.jsonl"), "--val-data", "",
+                "--sim-weight", "0.5")
+    tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), _VaryingScorer(0.0))
+    rounds, seen = [], []
+    real_round, real_update = tr.scored_round, grpo.update_policy
+    monkeypatch.setattr(tr, "scored_round", lambda *a, **k: rounds.append(real_round(*a, **k)) or rounds[-1])
+    monkeypatch.setattr(grpo, "update_policy", lambda pol, ref, opt, sch, ro, *a: seen.append(ro.advantages)
+                        or real_update(pol, ref, opt, sch, ro, *a))
+    tr.train_step(0)
+    G = cfg.group_size
+    r = rounds[0].rewards.double().view(-1, G).numpy()
+    sims = rounds[0].sims.double().view(-1, G).numpy()
+    assert np.ptp(sims, axis=1).max() > 0 and np.ptp(r, axis=1).max() > 0  # both terms act
+    norm = lambda x: (x - x.mean(1, keepdims=True)) / (x.std(1, ddof=1, keepdims=True) + 1e-6)  # noqa: E731
+    np.testing.assert_allclose(seen[0].double().numpy(), (norm(r) + 0.5 * norm(sims)).reshape(-1),
+                               rtol=1e-3, atol=1e-5)  # float32 in the trainer
 
 
 def test_disallowed_lm_head_rows_never_change(tmp_path):

@@ -1,6 +1,7 @@
 """data.py: datasets, the LLASA prompt, the speech vocabulary."""
 import pytest
 
+import config
 import data
 
 
@@ -118,3 +119,15 @@ def test_read_audio_resamples_to_16k(tmp_path):
     want = np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
     assert audio.dtype == np.float32 and audio.shape == (16000,)
     assert np.abs(audio - want)[100:-100].max() < 0.02  # the same tone at the new rate
+
+
+@pytest.mark.parametrize("flag", [["--sim-weight", "0.5"], ["--sim-guard"]])
+def test_speaker_similarity_flags_need_voice_prompts(tmp_path, flag):
+    """--sim-weight / --sim-guard on data without prompt_wav would train on sim = 0 silently: refused at
+    load, naming the file; the clone preset's data (voice prompts) loads."""
+    plain = config.parse_config(["--preset", "tiny", "--out", str(tmp_path / "run"), *flag])
+    with pytest.raises(ValueError, match=f"{plain.data}: no row has a prompt_wav, so {flag[0]}"):
+        data.load_data(plain)
+    clone = config.parse_config(["--preset", "tiny-clone", "--out", str(tmp_path / "run"), *flag])
+    examples, _ = data.load_data(clone)
+    assert all(ex.prompt_wav for ex in examples)

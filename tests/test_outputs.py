@@ -1,6 +1,7 @@
 """outputs.py: checkpoints, the --out and --resume rules, metrics.
 
 Runs name `test_grpo:tone_reward` as their --reward (the Whisper worker imports test_grpo)."""
+import dataclasses
 import json
 import os
 
@@ -58,7 +59,7 @@ def test_checkpoint_is_durable_trainer_state_last(tmp_path, monkeypatch):
 
 # ---- --out and --resume --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flags", [["--reward", "test_grpo:tone_reward"],
+@pytest.mark.parametrize("flags", [["--reward", "test_grpo:tone_reward", "--prosody-guard"],
                                    ["--reward", "test_grpo:half_flat_reward", "--dynamic-sampling"]])
 def test_resume_continues_exactly(tmp_path, flags):
     """Resume from a run's step-2 checkpoint: steps 3-4 equal the uninterrupted run's (with
@@ -72,10 +73,25 @@ def test_resume_continues_exactly(tmp_path, flags):
         for key in ("reward_mean", "loss", "kl", "entropy", "response_len", "grad_norm", "lr"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
         assert a.get("dyn_rounds") == b.get("dyn_rounds")
+        refs = {k: v for k, v in a.items() if k.startswith("ref_")}  # the guard's initial medians, kept
+        assert refs == {k: v for k, v in b.items() if k.startswith("ref_")}
+        assert bool(refs) == ("--prosody-guard" in flags)
     if "--dynamic-sampling" in flags:
         assert any(m["dyn_rounds"] > 1 for m in full)  # refill rounds ran, and resumed the same
     lines = [json.loads(x) for x in open(tmp_path / "b" / "run" / "metrics.jsonl")]
     assert [m["step"] for m in lines] == [3, 4]
+
+
+@pytest.mark.parametrize("guard", ["--prosody-guard", "--sim-guard"])
+def test_resume_refuses_a_guard_the_checkpointed_run_did_not_measure(tmp_path, guard):
+    """A guard holds to the initial policy's medians: turned on at --resume, they were never measured."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    before = _tiny(tmp_path)
+    torch.save({"world_size": 1, "config": dataclasses.asdict(before)}, ckpt / outputs.STATE_FILE)
+    assert outputs.read_trainer_state(str(ckpt), before, 1)["world_size"] == 1
+    with pytest.raises(ValueError, match=f"{guard} is on, but the run that wrote the checkpoint had it off"):
+        outputs.read_trainer_state(str(ckpt), _tiny(tmp_path, guard), 1)
 
 
 def test_out_holding_a_run_is_refused_and_resume_auto_continues(tmp_path, capsys):
