@@ -58,14 +58,16 @@ def read_audio(path: str) -> np.ndarray:
     return audio.astype(np.float32)
 
 
-def _prompt(where: str, base: str, wav, text) -> tuple[str | None, str | None]:
-    """A row's (prompt_wav as a path, prompt_text), both or neither; the audio must be readable."""
+def _prompt(where: str, base: str, wav, text, check: bool = True) -> tuple[str | None, str | None]:
+    """A row's (prompt_wav as a path, prompt_text), both or neither; the audio must be readable (if `check`)."""
     if wav is None and text is None:
         return None, None
     if not isinstance(wav, str) or not isinstance(text, str) or not wav.strip() or not text.strip():
         raise ValueError(f"{where}: voice cloning needs both 'prompt_wav' and 'prompt_text' as non-empty "
                          f"strings, got prompt_wav={wav!r}, prompt_text={text!r}")
     path = os.path.join(base, wav.strip())
+    if not check:
+        return path, text.strip()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{where}: prompt audio not found: {path}")
     try:
@@ -78,7 +80,7 @@ def _prompt(where: str, base: str, wav, text) -> tuple[str | None, str | None]:
     return path, text.strip()
 
 
-def _seed_tts_list(path: str) -> list[Example]:
+def _seed_tts_list(path: str, check: bool = True) -> list[Example]:
     """Seed-TTS-eval's list format, one row per line: utt|prompt_text|prompt_wav|text (a 5th field,
     the reference recording of the text, is allowed and not needed here)."""
     examples, base = [], os.path.dirname(path)
@@ -93,7 +95,7 @@ def _seed_tts_list(path: str) -> list[Example]:
             utt, prompt_text, prompt_wav, text = (x.strip() for x in fields[:4])
             if not utt or not text:
                 raise ValueError(f"{where}: empty utterance id or text")
-            wav, prompt_text = _prompt(where, base, prompt_wav, prompt_text)
+            wav, prompt_text = _prompt(where, base, prompt_wav, prompt_text, check)
             examples.append(Example(text=text, id=utt, source=where, prompt_wav=wav, prompt_text=prompt_text))
     return examples
 
@@ -114,18 +116,19 @@ def read_jsonl(path: str):
             yield lineno, row
 
 
-def load_dataset(path: str) -> list[Example]:
+def load_dataset(path: str, check_prompts: bool = True) -> list[Example]:
     """Read texts from JSONL (`text`, optional `id`, `language`, `prompt_wav` + `prompt_text`), a
     Seed-TTS-eval list (.lst) or .txt (one text per line).
 
     Blank lines are skipped; anything malformed, or prompt audio that is missing or unreadable,
-    raises an error naming file and line."""
+    raises an error naming file and line (prompt audio unchecked with check_prompts=False: eval.py
+    checks it per row)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset not found: {path}")
     examples = []
     name = os.path.basename(path)
     if path.endswith(".lst"):
-        examples = _seed_tts_list(path)
+        examples = _seed_tts_list(path, check_prompts)
     elif not path.endswith((".jsonl", ".json")):
         with open(path, encoding="utf-8") as f:
             examples = [Example(text=line.strip(), id=f"{name}:{lineno}", source=f"{path}:{lineno}")
@@ -140,7 +143,8 @@ def load_dataset(path: str) -> list[Example]:
             lang = row.get("language")
             if lang is not None and not isinstance(lang, str):
                 raise ValueError(f"{where}: field 'language' must be a string, got {lang!r}")
-            wav, prompt_text = _prompt(where, os.path.dirname(path), row.get("prompt_wav"), row.get("prompt_text"))
+            wav, prompt_text = _prompt(where, os.path.dirname(path), row.get("prompt_wav"), row.get("prompt_text"),
+                                       check_prompts)
             examples.append(Example(text=row["text"].strip(), id=str(row.get("id", f"{name}:{lineno}")),
                                     language=lang, source=where, prompt_wav=wav, prompt_text=prompt_text))
     if not examples:

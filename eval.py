@@ -8,9 +8,11 @@ duration and real-time factor. The top floor of the project: nothing imports it.
     python eval.py --compare runs/eval_a runs/eval_b
     torchrun --nproc_per_node=N eval.py ...      (rank r takes rows r::N; rank 0 merges)
 
-Writes DIR/results.jsonl (one row per utterance; rows already there are skipped on a rerun),
-DIR/summary.json and prints a markdown table. A bad row (missing or unreadable wav, unknown
-language, a clip the scorer refuses) is written with its file:line and `error`, and counted.
+Writes DIR/results.jsonl (one row per utterance; a rerun skips the rows scored without error and
+retries the rest), DIR/summary.json and prints a markdown table. A bad row (missing or unreadable
+wav or prompt audio, unknown language, a clip the scorer or the ASR refuses) is written with its
+file:line and `error`, and counted. Every row needs a language (its own or --language; an
+English-only Whisper implies en): eval stops before any work, naming the first row without one.
 """
 import argparse
 import importlib
@@ -50,9 +52,13 @@ def parse_args(argv=None):
     p.add_argument("--codec", default="xcodec2", help="with --model: 'xcodec2[:PATH]', 'tone', 'words[:PATH]'")
     p.add_argument("--temperature", type=float, default=0.0, help="with --model: 0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=1500, help="speech tokens per clip, 50 per s (default 1500)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed, and --compare's bootstrap seed")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed, and --compare's bootstrap seed. Each batch is seeded (--seed + the index "
+                        "of its first row), so sampled output (--temperature > 0) repeats for the same --seed, "
+                        "--batch-size and world size (a resumed run batches the rows left differently)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="default: cuda (the rank's) if available, else cpu")
     p.add_argument("--resamples", type=int, default=10000, help="--compare's bootstrap resamples")
@@ -65,7 +71,8 @@ def parse_args(argv=None):
 def fail(flag: str, value, e: Exception):
     """Stop with one line naming what could not be loaded and the flag for a local copy."""
     why = (str(e).splitlines() or [type(e).__name__])[0].replace("--whisper", flag)
-    raise SystemExit(f"eval.py: cannot load {flag} {value!r}: {why} (point {flag} at a local copy)")
+    hint = "" if flag in why else f" (point {flag} at a local copy)"  # the error may say it already
+    raise SystemExit(f"eval.py: cannot load {flag} {value!r}: {why}{hint}")
 
 
 def load(flag, value, fn):
@@ -79,12 +86,28 @@ def is_function(spec: str) -> bool:
     return ":" in spec and not os.path.exists(spec) and not spec[1:3] == ":\\"
 
 
+def english_only(asr: str) -> bool:
+    """An English-only Whisper, by its name (tiny.en, path/whisper-tiny.en.pt): rows without a language are en."""
+    return not is_function(asr) and os.path.basename(asr).removesuffix(".pt").endswith(".en")
+
+
+def check_languages(examples, args):
+    """Stop, before any model is loaded, at the first row with no language when none is implied:
+    Seed-TTS-eval lists carry none, and test-zh rated by WER would be mis-scored silently."""
+    if args.language or english_only(args.asr):
+        return
+    for ex in examples:
+        if not ex.language:
+            raise SystemExit(f"eval.py: {ex.source}: row {ex.id!r} has no language and --language is not given; "
+                             "pass --language (e.g. --language en, or zh for a Chinese list)")
+
+
 class Scoring:
     """The ASR, the reward's Whisper and the speaker model; score(rows, audios) -> one dict per row."""
 
     def __init__(self, args, device):
         import scorer
-        self.asr_fn, whisper_model = None, args.asr
+        self.asr_spec, self.asr_fn, whisper_model = args.asr, None, args.asr
         if is_function(args.asr):
             module, _, name = args.asr.partition(":")
             self.asr_fn = getattr(load("--asr", args.asr, lambda: importlib.import_module(module)), name, None)
@@ -102,8 +125,6 @@ class Scoring:
         self.sims = None
         if speaker is not None and self.whisper is None:
             self.sims = spk.SpeakerSimilarity(speaker)
-        self.english_only = self.whisper is not None and not self.whisper.model.is_multilingual
-        self.asr_calls = 0
 
     def score(self, rows, audios, prompts) -> list[dict]:
         from prosody import measure
@@ -115,12 +136,11 @@ class Scoring:
             if s is not None and s.error:
                 out.append(dict(error=s.error, too_long=s.too_long))
                 continue
-            if self.asr_fn is not None:
-                self.asr_calls += 1
-                transcript = str(self.asr_fn(audio, row["language"]))
-            else:
-                self.asr_calls += 1
-                transcript = s.transcript
+            try:
+                transcript = s.transcript if self.asr_fn is None else str(self.asr_fn(audio, row["language"]))
+            except Exception as e:  # noqa: BLE001 -- the ASR failing on one clip is that row's error, counted
+                out.append(dict(error=f"--asr {self.asr_spec}: {type(e).__name__}: {e}", too_long=False))
+                continue
             got = dict(transcript=transcript, too_long=False,
                        sim=s.sim if s is not None else sim, reward=s.reward if s is not None else None,
                        nll=s.nll if s is not None else None)
@@ -135,25 +155,64 @@ class Scoring:
         return out
 
 
-def read_results(path: str) -> list[dict]:
+def read_results(path: str, *, repair: bool = False) -> list[dict]:
+    """The rows of a results.jsonl. An unparsable last line (a run killed mid-write) is dropped with
+    a note on stderr, and with `repair` the file is rewritten without it (so that appending starts
+    on a whole line); an unparsable line elsewhere stops, naming file:line."""
     if not os.path.exists(path):
         return []
-    return [row for _, row in data.read_jsonl(path)]
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    rows, keep, last = [], lines, max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines[:last + 1]):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or "id" not in row:
+            if i != last:
+                raise SystemExit(f"eval.py: {path}:{i + 1}: not a results row: {line.strip()[:80]!r}; "
+                                 "remove that line (or the file) and rerun")
+            print(f"eval.py: {path}:{i + 1}: dropped an unfinished last line (a run stopped mid-write)"
+                  + ("; file rewritten without it" if repair else ""), file=sys.stderr)
+            keep = lines[:i]
+            break
+        rows.append(row)
+    if repair and lines and (keep is not lines or not lines[-1].endswith("\n")):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(line if line.endswith("\n") else line + "\n" for line in keep)
+        os.replace(path + ".tmp", path)
+    return rows
 
 
-def check_rows(examples, args, english_only: bool):
+def prompt_problem(path: str) -> str | None:
+    """Why a row's prompt audio cannot be used (missing, unreadable, empty), else None."""
+    if not os.path.isfile(path):
+        return f"prompt audio not found: {path}"
+    try:
+        import soundfile
+        frames = soundfile.info(path).frames
+    except Exception as e:  # noqa: BLE001 -- any reason it cannot be read, named
+        return f"prompt audio {path} cannot be read: {e}"
+    return None if frames else f"prompt audio {path} is empty"
+
+
+def check_rows(examples, args):
     """One row dict per example, with `error` set where the row cannot be scored (unknown language,
-    missing wav with --wavs)."""
+    missing or unreadable prompt audio, missing wav with --wavs)."""
     from scorer import language_code
     rows = []
     for ex in examples:
-        row = dict(id=ex.id, source=ex.source, text=ex.text, language=ex.language or args.language)
-        if row["language"] is None and english_only:
-            row["language"] = "en"
+        row = dict(id=ex.id, source=ex.source, text=ex.text, language=ex.language or args.language
+                   or ("en" if english_only(args.asr) else None))
         try:
             row["language"] = None if row["language"] is None else language_code(row["language"])
         except ValueError as e:
             row["error"] = str(e)
+        if ex.prompt_wav and "error" not in row and (problem := prompt_problem(ex.prompt_wav)):
+            row["error"] = problem
         if args.wavs and "error" not in row:
             path = os.path.join(args.wavs, f"{ex.id}.wav")
             row["wav"] = path
@@ -196,7 +255,7 @@ class Synthesizer:
         start = time.perf_counter()
         generator = self.torch.Generator(device=self.device).manual_seed(self.args.seed + index)
         out = generate(self.model, prompts, max_new_tokens=self.args.max_new_tokens,
-                       temperature=self.args.temperature, top_p=self.args.top_p,
+                       temperature=self.args.temperature, top_p=self.args.top_p, top_k=self.args.top_k,
                        repetition_penalty=self.args.repetition_penalty, stop_ids=(self.vocab.end_id,),
                        allowed_ids=self.vocab.allowed_ids(), generator=generator)
         codes = [self.vocab.to_codes(out.tokens[b, :int(out.lengths[b]) - int(out.finished[b])].tolist())
@@ -217,16 +276,18 @@ def evaluate(args):
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
     os.makedirs(args.out, exist_ok=True)
-    try:
-        examples = data.load_dataset(args.data)
+    try:  # prompt audio is checked per row (check_rows): a bad one is a bad row, not a stop
+        examples = data.load_dataset(args.data, check_prompts=False)
     except (OSError, ValueError) as e:
         raise SystemExit(f"eval.py: --data: {e}")
+    check_languages(examples, args)
     final = os.path.join(args.out, "results.jsonl")
     mine = final if world == 1 else os.path.join(args.out, f"results.rank{rank}.jsonl")
-    done = {r["id"] for r in read_results(final) + (read_results(mine) if mine != final else [])}
+    earlier = read_results(final, repair=rank == 0) + (read_results(mine, repair=True) if mine != final else [])
+    done = {r["id"] for r in earlier if not r.get("error")}  # failed rows are retried
     scoring = Scoring(args, device)
     synth = Synthesizer(args, device) if args.model else None
-    rows = check_rows(examples, args, scoring.english_only)
+    rows = check_rows(examples, args)
     todo = [(i, r) for i, r in enumerate(rows) if i % world == rank and r["id"] not in done]
     from tqdm import tqdm
     bar = tqdm(total=len(todo), desc=f"eval rank {rank}" if world > 1 else "eval", disable=rank != 0)
@@ -242,14 +303,15 @@ def evaluate(args):
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
-        if rank == 0:
-            merged = {r["id"]: r for r in read_results(final)}
-            for r in range(world):
-                merged.update((row["id"], row) for row in read_results(os.path.join(args.out, f"results.rank{r}.jsonl")))
-            with open(final + ".tmp", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(merged[row["id"]], ensure_ascii=False) + "\n"
-                             for row in rows if row["id"] in merged)
-            os.replace(final + ".tmp", final)
+    if rank == 0:  # one row per id, the newest (a retried row replaces its failure), in data order
+        merged = {}
+        for path in [final] + [os.path.join(args.out, f"results.rank{r}.jsonl") for r in range(world) if world > 1]:
+            merged.update((row["id"], row) for row in read_results(path))
+        with open(final + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(merged[row["id"]], ensure_ascii=False) + "\n"
+                         for row in rows if row["id"] in merged)
+        os.replace(final + ".tmp", final)
+    if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:

@@ -426,7 +426,7 @@ def train(cfg: Config) -> list[dict]:
             with d.together(f"writing step {done}'s metrics and samples"):
                 if d.rank == 0:
                     outputs.append_metrics(metrics_path, metrics)
-                    reporter.log(metrics)
+                    reporter.log(metrics, samples)  # and the first validation clips
                     plot(metrics_path)
                     for name, shown in samples.items():
                         outputs.save_samples(os.path.join(cfg.out, "samples", name), **shown)

@@ -1,11 +1,28 @@
 """--report-to: metrics.jsonl mirrored to TensorBoard (OUT/tensorboard) or Weights & Biases, each row
-logged at its step. Used only where that package is installed: without it, one warning and
-metrics.jsonl alone (the run does not fail for a dashboard). Imports nothing of the project."""
+logged at its step, with the first few validation clips of each written validation (their texts as
+captions). Used only where that package is installed: without it, one warning and metrics.jsonl
+alone (the run does not fail for a dashboard). Imports nothing of the project."""
 import math
 import os
 import warnings
 
+import numpy as np
+
 KINDS = ("", "tensorboard", "wandb")
+SAMPLE_RATE = 16000  # the clips' rate (XCodec2's and Whisper's)
+N_CLIPS = 4  # validation clips logged per validation
+
+
+def clips(samples: dict | None, n: int = N_CLIPS) -> list[tuple[np.ndarray, str]]:
+    """(audio float32 [S] in [-1, 1], text) of the first n clips of each validation in `samples`
+    (grpo's {name: dict(audios, texts, ...)}, validations named val_*); an empty clip is one zero."""
+    out = []
+    for name, shown in (samples or {}).items():
+        if name.startswith("val_"):
+            for audio, text in list(zip(shown["audios"], shown["texts"]))[:n]:
+                audio = np.clip(np.asarray(audio, np.float32).reshape(-1), -1.0, 1.0)
+                out.append((audio if audio.size else np.zeros(1, np.float32), text))
+    return out
 
 
 def numeric(metrics: dict) -> dict:
@@ -31,15 +48,23 @@ class Reporter:
         except ImportError as e:
             warnings.warn(f"--report-to {kind}: not installed ({e}); metrics go to metrics.jsonl only")
 
-    def log(self, metrics: dict):
+    def log(self, metrics: dict, samples: dict | None = None):
+        """A metrics row at its step, and the first N_CLIPS clips of each validation in `samples`
+        (grpo's write(): {name: dict(audios, texts, ...)}) as audio at 16 kHz, texts as captions."""
         if self.backend is None:
             return
-        step, values = int(metrics.get("step", 0)), numeric(metrics)
+        step, values, heard = int(metrics.get("step", 0)), numeric(metrics), clips(samples)
         if self.kind == "tensorboard":
             for k, v in values.items():
                 self.backend.add_scalar(k, v, step)
+            for i, (audio, text) in enumerate(heard):
+                self.backend.add_audio(f"val_clips/{i}", audio[None], step, sample_rate=SAMPLE_RATE)  # [1, S]
+                self.backend.add_text(f"val_clips/{i}", text, step)
             self.backend.flush()
         else:
+            if heard:
+                import wandb
+                values["val_clips"] = [wandb.Audio(a, sample_rate=SAMPLE_RATE, caption=t) for a, t in heard]
             self.backend.log(values, step=step)
 
     def close(self):

@@ -13,6 +13,7 @@ scorer answers per clip.
 import importlib
 import math
 import re
+import string
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -132,28 +133,45 @@ def char_error_rate(reference: str, hypothesis: str, *, normalize: bool = True) 
 # ---- the evaluation table's WER / CER (seed-tts-eval's run_wer.py), not the reward's CER above ----
 
 CER_LANGUAGES = frozenset({"zh", "ja", "ko", "th", "yue"})  # no spaces between words: rated by character
-_KEPT = {"'"}  # run_wer.py strips every punctuation mark but the apostrophe ("don't" stays one word)
+# run_wer.py deletes every character of string.punctuation + zhon.hanzi.punctuation but the ASCII
+# apostrophe. Ours: ASCII punctuation, any other character of Unicode category P* (CJK and
+# fullwidth marks, ‘’“”…), fullwidth forms NFKC maps to ASCII punctuation (＋ ＄ ～ ｜), and the
+# three of zhon's list none of those catch (the ideographic space, 〾 and 〿).
+_ASCII_PUNCT = frozenset(string.punctuation) - {"'"}
+_ZHON_REST = frozenset("\u3000\u303e\u303f")
+
+
+def _is_deleted(c: str) -> bool:
+    if c == "'":
+        return False
+    if c in _ASCII_PUNCT or c in _ZHON_REST:
+        return True
+    if c.isascii():
+        return False
+    folded = unicodedata.normalize("NFKC", c)
+    return unicodedata.category(c).startswith("P") or (folded != "" and all(x in _ASCII_PUNCT for x in folded))
 
 
 def seed_tts_normalize(text: str, language: str | None) -> str:
-    """Text as seed-tts-eval's run_wer.py compares it: punctuation removed (Unicode P* and ASCII
-    string.punctuation) except the apostrophe (’ is read as '), runs of spaces collapsed, lowercased;
-    in a CER language (CER_LANGUAGES: zh, ja, ko, th, yue) split into characters, spaces dropped,
-    joined by single spaces, so that jiwer's word rate is the character rate."""
-    import string
-    text = unicodedata.normalize("NFKC", text).replace("\u2019", "'")
-    text = "".join(" " if (c in string.punctuation or unicodedata.category(c).startswith("P")) and c not in _KEPT
-                   else c for c in text)
-    text = " ".join(text.lower().split())
+    """Text as seed-tts-eval's run_wer.py compares it. Punctuation is deleted, not turned into a
+    space ("well-known" -> "wellknown", "你好，世界" -> "你好世界"): ASCII punctuation but the
+    apostrophe ("don't" stays one word), every non-ASCII P* character and fullwidth punctuation.
+    The curly ’ is deleted too, as run_wer.py does (its zhon list holds it): "don’t" reads "dont",
+    not "don't". Runs of spaces collapse. A CER language (CER_LANGUAGES: zh, ja, ko, th, yue) is
+    split into characters, spaces dropped, joined by single spaces, so that jiwer's word rate is the
+    character rate; not lowercased, as run_wer.py's zh. Every other language is lowercased
+    (run_wer.py lowercases en; we lowercase every WER language)."""
+    text = "".join(c for c in text if not _is_deleted(c))
     if (language or "").lower() in CER_LANGUAGES:
-        text = " ".join(c for c in text if not c.isspace())
-    return text
+        return " ".join(c for c in text if not c.isspace())
+    return " ".join(text.lower().split())
 
 
 def table_error_rate(reference: str, hypothesis: str, language: str | None) -> tuple[str, float]:
     """("wer" or "cer", the rate) of hypothesis against reference, both seed_tts_normalize'd: CER
-    for CER_LANGUAGES, WER for the rest (language None: WER). An empty hypothesis is 1.0 (every unit
-    deleted); a reference empty after normalization is a ValueError."""
+    for CER_LANGUAGES, WER for the rest (language None: WER; eval.py refuses rows without a language
+    unless the ASR is English-only). An empty hypothesis is 1.0 (every unit deleted); a reference
+    empty after normalization is a ValueError."""
     kind = "cer" if (language or "").lower() in CER_LANGUAGES else "wer"
     ref, hyp = seed_tts_normalize(reference, language), seed_tts_normalize(hypothesis, language)
     if not ref:

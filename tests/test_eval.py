@@ -122,7 +122,7 @@ def test_unknown_language_is_a_bad_row(tmp_path, fake_asr):
 
 
 def test_missing_model_is_one_line(tmp_path, fake_asr):
-    (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "hi"}\n')
+    (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "hi", "language": "en"}\n')
     base = ["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as e:
         ev.main(base + ["--asr", str(tmp_path / "no-such-whisper.pt")])
@@ -134,6 +134,24 @@ def test_missing_model_is_one_line(tmp_path, fake_asr):
         ev.main(["--model", str(tmp_path / "no-ckpt"), "--codec", "tone"] + base[2:] +
                 ["--asr", "fake_asr_mod:transcribe"])
     assert "--model" in str(e.value) and "no-ckpt" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", "tiny", "--codec", "xcodec2:/nonexistent"] + base[2:] +
+                ["--asr", "fake_asr_mod:transcribe"])
+    assert "--codec" in str(e.value) and "/nonexistent" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_asr_download_failure_says_its_hint_once(tmp_path, monkeypatch):
+    import scorer
+
+    def offline(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(scorer.whisper, "load_model", offline)
+    (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "hi", "language": "en"}\n')
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
+                 "--asr", "tiny"])
+    msg = str(e.value)
+    assert msg.count("pass --asr PATH") == 1 and "point --asr" not in msg and "\n" not in msg
 
 
 def test_model_tiny_end_to_end(tmp_path, fake_asr):
@@ -141,7 +159,7 @@ def test_model_tiny_end_to_end(tmp_path, fake_asr):
     and a speaker model, the wavs and the summary."""
     summary = ev.main(["--model", "tiny", "--codec", "tone", "--data", os.path.join(CLONE, "val.jsonl"),
                        "--out", str(tmp_path / "o"), "--asr", "fake_asr_mod:transcribe", "--max-new-tokens", "24",
-                       "--reward-whisper", "random-tiny", "--speaker-model", "random-tiny"])
+                       "--reward-whisper", "random-tiny", "--speaker-model", "random-tiny", "--language", "en"])
     rows = ev.read_results(str(tmp_path / "o" / "results.jsonl"))
     assert [r["id"] for r in rows] == ["v0", "v1"] and len(fake_asr.CALLS) == 2
     for r in rows:
@@ -150,6 +168,17 @@ def test_model_tiny_end_to_end(tmp_path, fake_asr):
         assert r["duration_s"] > 0 and os.path.isfile(tmp_path / "o" / "wavs" / f"{r['id']}.wav")
     assert summary["scored"] == 2 and summary["reward_mean"] is not None and summary["rtf_mean"] > 0
     assert json.load(open(tmp_path / "o" / "summary.json"))["wer_mean"] == pytest.approx(2 / 3)
+
+
+def test_model_top_k_one_is_greedy(tmp_path, fake_asr):
+    """--top-k reaches sampling: at --temperature 1, --top-k 1 draws the greedy clips."""
+    base = ["--model", "tiny", "--codec", "tone", "--data", os.path.join(CLONE, "val.jsonl"),
+            "--asr", "fake_asr_mod:transcribe", "--max-new-tokens", "24", "--language", "en"]
+    ev.main(base + ["--out", str(tmp_path / "greedy")])
+    ev.main(base + ["--out", str(tmp_path / "k1"), "--temperature", "1", "--top-k", "1", "--seed", "5"])
+    for i in ("v0", "v1"):
+        greedy, k1 = (soundfile.read(tmp_path / d / "wavs" / f"{i}.wav")[0] for d in ("greedy", "k1"))
+        assert greedy.shape == k1.shape and np.array_equal(greedy, k1)
 
 
 def test_wavs_with_real_whisper_tiny(tmp_path):
@@ -206,7 +235,7 @@ def test_torchrun_two_ranks_split_and_merge(tmp_path, fake_asr):
                                               for i in range(5)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(REPO, "eval.py"), "--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"),
-           "--out", str(tmp_path / "o"), "--asr", "fake_asr_mod:transcribe", "--batch-size", "2"]
+           "--out", str(tmp_path / "o"), "--asr", "fake_asr_mod:transcribe", "--batch-size", "2", "--language", "en"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), REPO])}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -221,5 +250,98 @@ def test_text_with_nothing_to_rate_is_a_bad_row_alone(tmp_path, fake_asr):
     _tone_wav(tmp_path / "b.wav")
     (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "?!"}\n{"id": "b", "text": "Where is the station?"}\n')
     summary = ev.main(["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
-                       "--asr", "fake_asr_mod:transcribe"])
+                       "--asr", "fake_asr_mod:transcribe", "--language", "en"])
     assert summary["errors"] == 1 and summary["bad_rows"][0]["id"] == "a" and summary["wer_mean"] == 0.0
+
+
+def test_row_without_language_stops_before_any_work(tmp_path, fake_asr):
+    """A Seed-TTS list has no language: without --language eval stops at its first row, before
+    loading any model; an English-only Whisper (name ending .en) implies en."""
+    _tone_wav(tmp_path / "u1.wav")
+    lst = tmp_path / "meta.lst"
+    lst.write_text("\nu1|A prompt.|u1.wav|你好世界\n")
+    base = ["--wavs", str(tmp_path), "--data", str(lst), "--out", str(tmp_path / "o")]
+    for asr in ("fake_asr_mod:transcribe", str(tmp_path / "large-v3.pt")):  # the missing .pt is never loaded
+        with pytest.raises(SystemExit) as e:
+            ev.main(base + ["--asr", asr])
+        msg = str(e.value)
+        assert f"{lst}:2" in msg and "'u1'" in msg and "--language" in msg and "\n" not in msg
+    assert fake_asr.CALLS == [] and not os.path.exists(tmp_path / "o" / "results.jsonl")
+    with pytest.raises(SystemExit) as e:  # .en: en implied, so the next stop is loading that Whisper
+        ev.main(base + ["--asr", str(tmp_path / "whisper-tiny.en.pt")])
+    assert "cannot load --asr" in str(e.value)
+    assert ev.english_only("tiny.en") and ev.english_only("/x/whisper-tiny.en.pt") and not ev.english_only("tiny")
+    assert ev.main(base + ["--asr", "fake_asr_mod:transcribe", "--language", "zh"])["n_cer"] == 1
+
+
+def _transcripts(out):
+    return {r["id"]: r for r in ev.read_results(str(out / "results.jsonl"))}
+
+
+def test_resume_retries_failed_rows_and_keeps_the_newest(tmp_path, fake_asr):
+    _tone_wav(tmp_path / "a.wav")
+    (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "where is the station"}\n'
+                                      '{"id": "b", "text": "where is the station"}\n')
+    argv = ["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
+            "--asr", "fake_asr_mod:transcribe", "--language", "en"]
+    assert ev.main(argv)["errors"] == 1 and len(fake_asr.CALLS) == 1  # b.wav missing
+    _tone_wav(tmp_path / "b.wav", seconds=0.25)
+    again = ev.main(argv)
+    assert fake_asr.CALLS[1:] == [(4000, "en")]  # only b retried, a kept
+    assert again["errors"] == 0 and again["scored"] == 2
+    rows = ev.read_results(str(tmp_path / "o" / "results.jsonl"))
+    assert [r["id"] for r in rows] == ["a", "b"] and rows[1]["error"] is None and rows[1]["wer"] == 0.0
+
+
+def test_resume_after_a_torn_last_line(tmp_path, fake_asr, capsys):
+    for name in "abc":
+        _tone_wav(tmp_path / f"{name}.wav")
+    (tmp_path / "d.jsonl").write_text("".join(f'{{"id": "{n}", "text": "where is the station"}}\n' for n in "abc"))
+    argv = ["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
+            "--asr", "fake_asr_mod:transcribe", "--language", "en"]
+    ev.main(argv)
+    path = tmp_path / "o" / "results.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + lines[2][:25])  # killed while writing row c
+    capsys.readouterr()
+    summary = ev.main(argv)
+    assert f"{path}:3: dropped an unfinished last line" in capsys.readouterr().err
+    assert len(fake_asr.CALLS) == 4 and summary["scored"] == 3  # only c redone
+    assert [r["id"] for r in ev.read_results(str(path))] == ["a", "b", "c"]
+    path.write_text("{broken\n" + "".join(lines[1:]))  # a bad line elsewhere: an error naming it
+    with pytest.raises(SystemExit, match=f"{path}:1: not a results row"):
+        ev.main(argv)
+
+
+def test_bad_prompt_audio_is_a_bad_row(tmp_path, fake_asr):
+    """A missing or unreadable prompt_wav is that row's error (file:line), not a stop for the data."""
+    shutil.copy(os.path.join(CLONE, "low.wav"), tmp_path / "low.wav")
+    (tmp_path / "broken.wav").write_bytes(b"not a wav")
+    for name in "abc":
+        _tone_wav(tmp_path / f"{name}.wav")
+    (tmp_path / "d.jsonl").write_text("".join(
+        json.dumps(dict(id=n, text="where is the station", language="en", prompt_wav=w, prompt_text="A voice."))
+        + "\n" for n, w in (("a", "low.wav"), ("b", "missing.wav"), ("c", "broken.wav"))))
+    summary = ev.main(["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
+                       "--asr", "fake_asr_mod:transcribe"])
+    rows = _transcripts(tmp_path / "o")
+    assert rows["a"]["error"] is None and rows["a"]["wer"] == 0.0 and len(fake_asr.CALLS) == 1
+    assert rows["b"]["error"].startswith("prompt audio not found") and rows["b"]["source"].endswith("d.jsonl:2")
+    assert "cannot be read" in rows["c"]["error"] and rows["c"]["source"].endswith("d.jsonl:3")
+    assert summary["errors"] == 2 and summary["scored"] == 1
+
+
+def test_asr_exception_is_that_rows_error(tmp_path, monkeypatch):
+    (tmp_path / "flaky_asr_mod.py").write_text(
+        "def transcribe(audio, language):\n    if len(audio) > 10000:\n        raise RuntimeError('boom')\n"
+        "    return 'where is the station'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _tone_wav(tmp_path / "a.wav", seconds=0.5)
+    _tone_wav(tmp_path / "b.wav", seconds=1.0)
+    (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "where is the station"}\n'
+                                      '{"id": "b", "text": "where is the station"}\n')
+    summary = ev.main(["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
+                       "--asr", "flaky_asr_mod:transcribe", "--language", "en"])
+    rows = _transcripts(tmp_path / "o")
+    assert rows["a"]["wer"] == 0.0 and rows["b"]["error"] == "--asr flaky_asr_mod:transcribe: RuntimeError: boom"
+    assert summary["errors"] == 1 and summary["scored"] == 1

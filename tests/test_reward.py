@@ -1,9 +1,10 @@
-"""reward.py: the reward formula and the character error rate."""
+"""reward.py: the reward formula, the character error rate and the evaluation table's normalization."""
 import math
 
 import pytest
 
-from reward import RewardConfig, char_error_rate, normalize_text, tts_reward
+from reward import (RewardConfig, char_error_rate, normalize_text, seed_tts_normalize, table_error_rate,
+                    tts_reward)
 
 
 def test_tts_reward_known_values():
@@ -65,3 +66,17 @@ def test_cer_normalizer_keeps_marks_across_scripts():
     assert char_error_rate("สวัสดีครับ", "สวสดครบ") == pytest.approx(3 / 10)  # three Thai vowel signs missing
     assert char_error_rate("你好，世界。", "你好世界") == 0.0 and char_error_rate("你好世界", "你好世") == 0.25
     assert char_error_rate("안녕하세요", "안녕하세오") == 0.2
+
+
+def test_seed_tts_normalize_deletes_punctuation_as_run_wer():
+    """run_wer.py deletes punctuation (replace(x, '')), not into a space, keeping only the ASCII apostrophe."""
+    assert table_error_rate("a well-known man", "a wellknown man", "en") == ("wer", 0.0)
+    assert seed_tts_normalize("Hello,world", "en") == "helloworld"
+    assert table_error_rate("don’t", "dont", "en") == ("wer", 0.0)  # ’ deleted, as in zhon's list
+    assert table_error_rate("I don’t know", "I don't know", "en") == ("wer", pytest.approx(1 / 3))
+    assert seed_tts_normalize("“Hello,” she said… (twice)!", "en") == "hello she said twice"
+    assert seed_tts_normalize("5＋3＝8～ｏｋ？", "en") == "538ｏｋ"  # fullwidth punctuation deleted, letters kept
+    assert seed_tts_normalize("你好，世界！「测试」……（好）《书》、", "zh") == "你 好 世 界 测 试 好 书"
+    assert table_error_rate("你好，世界。", "你好世界", "zh") == ("cer", 0.0)
+    assert seed_tts_normalize("AI 很好", "zh") == "A I 很 好"  # CER languages keep case, as run_wer.py's zh
+    assert seed_tts_normalize("Guten  Tag, Welt", "de") == "guten tag welt"  # every WER language lowercased
