@@ -31,11 +31,8 @@ TINY = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermedi
 def _hbm_tb_s(device: torch.device):
     """(card name, HBM bandwidth in TB/s or None when unknown) of a CUDA device."""
     name = torch.cuda.get_device_name(device)
-    if "H200" in name:
-        return name, HBM_TB_S["H200"]
-    if "H100" in name and "PCIe" not in name and "NVL" not in name:
-        return name, HBM_TB_S["H100"]
-    return name, None
+    sxm = "H200" in name or ("H100" in name and "PCIe" not in name and "NVL" not in name)
+    return name, (HBM_TB_S["H200" if "H200" in name else "H100"] if sxm else None)
 
 
 def _random_llama(shape: dict, device, dtype, seed: int = 0):
@@ -76,17 +73,16 @@ def _gpu_decode(args, device, smoke: bool) -> None:
     cfg = model.config
     B, N = args.batch, args.new_tokens
     g = torch.Generator().manual_seed(0)
-    lo = max(1, args.prompt_len // 2)
-    lengths = torch.randint(lo, args.prompt_len + 1, (B,), generator=g).tolist()
+    lengths = torch.randint(max(1, args.prompt_len // 2), args.prompt_len + 1, (B,), generator=g).tolist()
     prompts = [torch.randint(0, 256 if smoke else 128000, (n,), generator=g).tolist() for n in lengths]  # text ids
     ids, lens = left_padded(prompts, device)  # HF's batched input: left-padded ids and their attention mask
     P = ids.shape[1]
     mask = (torch.arange(P, device=device) >= P - lens[:, None]).long()
     knobs = dict(temperature=0.8, top_p=0.9)  # the trainer's sampling (the seed's recipe)
-    compile_options = {"backend": "eager"} if smoke else None  # smoke: trace only, no kernels to build
-    # The trainer's cache: --max-new-tokens + 256 slots (1,792 at the llasa-1b preset's 1500), of which
-    # each step reads the smallest span (decode.spans) that holds its slot.
-    decoder = decode.Decoder(model, compile=True, max_len=args.max_len, compile_options=compile_options)
+    # The trainer's cache (1,792 slots at the llasa-1b preset's 1500 new tokens), of which each step reads
+    # the smallest span (decode.spans) that holds its slot; smoke: trace only, no kernels to build.
+    decoder = decode.Decoder(model, compile=True, max_len=args.max_len,
+                             compile_options={"backend": "eager"} if smoke else None)
 
     def ours(decoder=None):
         r = sample.generate(model, prompts, max_new_tokens=N, allowed_ids=allowed, decoder=decoder,
@@ -179,8 +175,8 @@ def grpo_trainer(device, smoke: bool, prompts: int, group: int, new_tokens: int,
                  cache_tokens: int | None = None):
     """A grpo.Trainer as `--preset llasa-1b` builds it, on a random 1B-shaped policy (tiny in smoke runs) of
     fp32 master weights, XCodec2's decoder at its real shapes (random weights) and a fake scorer, its decode
-    step built for `cache_tokens` new tokens (default new_tokens: max_len = that + 256), its rollouts of
-    `new_tokens`; smoke runs compile with the 'eager' backend."""
+    step built for `cache_tokens` new tokens (default new_tokens) + rollout.Sampler's prompt slots, its
+    rollouts of `new_tokens`; smoke runs compile with the 'eager' backend."""
     import codec
     import config
     import data
@@ -200,8 +196,7 @@ def grpo_trainer(device, smoke: bool, prompts: int, group: int, new_tokens: int,
         def load_model(self, name):
             return policy, tok
 
-    examples = data.load_dataset(data.SAMPLE_DATA)
-    tr = BenchTrainer(cfg, grpo.Dist(), device, _FakeScorer(), datasets=(examples, []))
+    tr = BenchTrainer(cfg, grpo.Dist(), device, _FakeScorer(), datasets=(data.load_dataset(data.SAMPLE_DATA), []))
     # XCodec2's decoder at its real shapes (small in smoke runs), random weights.
     xconfig = codec.XCodec2Config(hidden_dim=64, depth=2, n_heads=4) if smoke else codec.XCodec2Config()
     tr.sampler.codec = codec.XCodec2Codec(codec.XCodec2Decoder(xconfig), device)
@@ -307,16 +302,19 @@ def peak_bytes(fn, dev):
     return torch.cuda.max_memory_allocated(dev) - before
 
 
-def memory_case(name, shape, world, fsdp, mb, gc, dev, smoke) -> dict:
+def memory_case(name, shape, world, fsdp, mb, gc, dev, smoke, lora_rank: int = 0) -> dict:
     """An update micro-batch, an AdamW step and a rollout call of R x (P + T) tokens (every row stops at
     once: the eager loop's cache and prefill are a whole rollout's) on a model of zero weights (under FSDP
-    over a fake group: its gathers move no data)."""
+    over a fake group: its gathers move no data). lora_rank > 0: LoRA as policy.py builds it (the base
+    frozen in bf16, on a CPU too as memory.py counts it; fp32 adapters; rollouts on merged weights)."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import llama
+    import lora
     import memory
+    import models
     import parallel
     import sample
     P, T, R, A = (8, 24, 8, 200) if smoke else (100, 1500, 64, memory.SPEECH_ROWS)
@@ -331,6 +329,8 @@ def memory_case(name, shape, world, fsdp, mb, gc, dev, smoke) -> dict:
         with torch.no_grad():
             for t in lm.parameters():
                 t.zero_()
+        if lora_rank:
+            lora.add_adapters(models.cast_parameters(lm, torch.bfloat16), lora_rank, alpha=32.0)
         lm.model.rotary_emb = type(lm.model.rotary_emb)(config=config).to(dev)  # real buffers, not meta ones
         if gc:
             getattr(lm, "activation_checkpointing_enable", lm.gradient_checkpointing_enable)()
@@ -342,7 +342,7 @@ def memory_case(name, shape, world, fsdp, mb, gc, dev, smoke) -> dict:
         allowed = torch.arange(V - A, V, device=dev)  # the speech rows: the last A of the vocabulary
         prompts = [torch.randint(0, V - A, (P,), generator=g).tolist() for _ in range(R)]
         tokens = allowed[torch.randint(0, A, (mb, T), generator=g).to(dev)]
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)  # LoRA: adapters
 
         def update():
             with autocast(dev):
@@ -355,9 +355,10 @@ def memory_case(name, shape, world, fsdp, mb, gc, dev, smoke) -> dict:
                     t.fill_(1.0 if t is lm.model.norm.weight else 0.0)
                 for w in (lm.model.embed_tokens.weight, lm.lm_head.weight):
                     w.fill_(1.0)[V - 1] = 2.0
-                sample.generate(lm, prompts, max_new_tokens=T, temperature=0.8, top_p=0.9, allowed_ids=allowed,
-                                stop_ids=(V - 1,), cache_dtype=torch.bfloat16 if dev.type == "cuda" else None,
-                                generator=torch.Generator(dev).manual_seed(0))
+                with lora.merged(lm):  # a no-op without adapters
+                    sample.generate(lm, prompts, max_new_tokens=T, temperature=0.8, top_p=0.9, allowed_ids=allowed,
+                                    stop_ids=(V - 1,), cache_dtype=torch.bfloat16 if dev.type == "cuda" else None,
+                                    generator=torch.Generator(dev).manual_seed(0))
 
         update()  # warm-up: AdamW's moments, the kernels, the allocator's pools
         opt.step()
@@ -375,11 +376,12 @@ def memory_case(name, shape, world, fsdp, mb, gc, dev, smoke) -> dict:
             dist.destroy_process_group()
     m = memory.training_memory(config, world=world, fsdp=fsdp, compile=False, micro_batch=mb, seq_len=P + T,
                                response_len=T, rollout_batch=R, rollout_len=P + T, allowed=A, grad_checkpointing=gc,
-                               codec=None)
+                               codec=None, lora_rank=lora_rank)
     predicted = dict(held=m["weights"] + m["optimizer"], update=m["update"], step=m["step"] - m["grads"],
                      rollout=m["rollout"])  # the rises beyond what the phase starts with (step: the grads)
     gb = lambda x: None if x is None else round(x / 1e9, 3)  # noqa: E731
-    return dict(model=name, world=world, fsdp=fsdp, grad_checkpointing=gc, micro_batch=mb, tokens=P + T, rollout_rows=R,
+    return dict(model=name, lora_rank=lora_rank, world=world, fsdp=fsdp, grad_checkpointing=gc, micro_batch=mb,
+                tokens=P + T, rollout_rows=R,
                 **{f"{k}_gb": [gb(measured[k]), gb(predicted[k])] for k in measured},
                 **{f"{k}_ratio": round(measured[k] / predicted[k], 3) for k in measured if measured[k] and predicted[k]})
 
@@ -464,8 +466,7 @@ def bench_gpu(argv):
     p.add_argument("--device", default=None, help="default: cuda (smoke: cpu)")
     args = p.parse_args(argv)
     parts = {"decode": _gpu_decode, "grpo": _gpu_grpo_step, "reward": _gpu_reward}
-    unknown = sorted(set(args.parts.split(",")) - set(parts))
-    if unknown:
+    if unknown := sorted(set(args.parts.split(",")) - set(parts)):
         p.error(f"unknown --parts {unknown}: expected some of {sorted(parts)}")
     smoke = args.smoke
     for name, full, tiny in [("batch", 64, 4), ("new_tokens", 512, 6), ("prompt_len", 96, 12), ("grpo_prompts", 4, 2),
@@ -478,8 +479,7 @@ def bench_gpu(argv):
         raise SystemExit("bench.py gpu: no CUDA device is visible (torch.cuda.is_available() is False), so there "
                          "is nothing to measure. Run it on a machine with a GPU, or `python bench.py gpu --smoke` "
                          "to check the script on a CPU.")
-    if smoke:
-        torch.set_num_threads(1)  # tiny shapes: more threads only contend
+    torch.set_num_threads(1 if smoke else torch.get_num_threads())  # tiny shapes: more threads only contend
     print(json.dumps(dict(name="gpu/setup", device=str(device), smoke=smoke, torch=torch.__version__,
                           card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                           **{k: v for k, v in vars(args).items() if k not in ("smoke", "device")})), flush=True)

@@ -369,7 +369,8 @@ class XCodec2Codec:
     transformers' Xcodec2Model. precision of decode on CUDA (a CPU computes in fp32, except "bf16"): "tf32"
     (default) fp32 weights with TF32 matmuls and convolutions, about 8x the strict-fp32 throughput of an
     H100's tensor cores at ~1e-3 relative error per product; "bf16" autocast, 2x more, 37 dB SNR against fp32
-    (max error 0.0015 at a 0.09 peak, on the test file's and the full-size random decoder); "fp32" strict."""
+    (max error 0.0015 at a 0.09 peak, on the test file's and the full-size random decoder), TF32 off beside it;
+    "fp32" strict: TF32 matmuls and convolutions off, whatever the process had set (`_numerics`)."""
     sample_rate = SAMPLE_RATE
 
     def __init__(self, model=XCODEC2, device="cpu", config: XCodec2Config = XCodec2Config(),
@@ -402,11 +403,11 @@ class XCodec2Codec:
 
     @contextlib.contextmanager
     def _numerics(self):
-        """The precision's settings for one decode, restored after (they are process-wide)."""
-        tf32 = self.precision == "tf32" and self.device.type == "cuda"
+        """The precision's settings for one decode, whatever the caller's, restored after (process-wide)."""
+        tf32 = self.precision == "tf32" and self.device.type == "cuda"  # else strict fp32 (beside bf16's autocast)
         matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-        torch.set_float32_matmul_precision("high" if tf32 else matmul)  # TF32 matmuls
-        torch.backends.cudnn.allow_tf32 = tf32 or cudnn  # TF32 convolutions
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")  # TF32 matmuls, or none
+        torch.backends.cudnn.allow_tf32 = tf32  # TF32 convolutions, or none (torch's default is on)
         try:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 yield

@@ -11,6 +11,7 @@ step is tested against token for token.
 """
 import dataclasses
 import functools
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -159,8 +160,8 @@ class Decoder:
     (one per attention span used, `spans`). The trainer pads every rollout to one batch, so a run
     has one set. Their cache length L is `max_len` when given (e.g. the longest prompt +
     max_new_tokens), else the first call's P + N rounded up to 128; a call that needs more
-    reallocates them (L only grows), which compiles once more, as does a new batch size. The
-    sampling knobs are constants of the graph: other values compile another graph. Under autocast
+    reallocates them (L only grows; said on stderr, once per Decoder), which compiles once more,
+    as does a new batch size. The sampling knobs are constants of the graph. Under autocast
     to a dtype other than the weights' (the trainer's fp32 master weights under bf16), it also
     keeps copies of the decoder layers' linear weights in that dtype (`layer_weights`; ~2 GB at
     Llasa-1B). The head rows are an fp32 copy (`head_logits`). `release()` frees every buffer (the
@@ -176,6 +177,7 @@ class Decoder:
         self.max_len = max_len
         self.states: dict[tuple, DecodeState] = {}
         self.weight_copies: list | None = None  # `layer_weights` in the autocast dtype, when one differs
+        self.grew = False  # a call has needed more cache slots than planned (said once on stderr)
         device = next(model.parameters()).device
         if compile_options is None:
             compile_options = {"mode": "reduce-overhead"} if device.type == "cuda" else {}
@@ -241,6 +243,14 @@ class Decoder:
             return s
         L = max(length, self.max_len or 0, s.cache.length if s is not None else 0)
         L = -(-L // 128) * 128
+        planned = s.cache.length if s is not None else self.max_len
+        if planned and length > planned and not self.grew:  # once per Decoder: each growth recompiles
+            self.grew = True
+            print(f"decode.Decoder: a call needs {length} cache slots (prompt + new tokens), more than the "
+                  f"{planned} {'allocated' if s is not None else 'planned (max_len)'}: a new {L}-slot cache and "
+                  f"its graphs (dynamo keeps {getattr(torch._dynamo.config, 'recompile_limit', 8)} graphs of the step per process, "
+                  "then runs it eagerly). Size max_len for the longest prompt (rollout.Sampler's examples=). "
+                  "Said once.", file=sys.stderr)
         del s
         # zeros: slots past the filled ones are read (masked) by SDPA, so they must be finite
         cache = KVCache.for_model(model, batch, L, dtype, zeros=True)

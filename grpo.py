@@ -266,7 +266,8 @@ class Trainer:
         self.policy, self.ref, self.tokenizer = build_policy(cfg, device, self.load_model, resume_from)
         # Rollouts: generation (the compiled decode step, built once per run), codec and scorer.
         codec = load_codec(cfg.codec, device, cfg.codec_precision)
-        self.sampler = Sampler(cfg, d, device, self.policy, self.tokenizer, codec, scorer, self.autocast)
+        self.sampler = Sampler(cfg, d, device, self.policy, self.tokenizer, codec, scorer, self.autocast,
+                               examples=self.examples + self.val_examples)  # sizes the compiled step's cache
         trained = [p for p in self.policy.parameters() if p.requires_grad]  # all, or LoRA's adapters
         self.optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warm = max(cfg.warmup_steps, 0)

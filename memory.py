@@ -102,14 +102,14 @@ def training_memory(config, *, world=1, fsdp=False, compile=None, micro_batch=2,
         mine = sum(math.ceil(a / n) * b for a, b in lora_shapes(c, lora_rank, lora_targets))
         m.update(weights=2 * local + 4 * mine, grads=4 * mine, optimizer=8 * mine, reference=0)
     # decode.Decoder (compile): built once per run, its buffers kept all run for the one shape every
-    # rollout is padded to (R rows, L = max_new_tokens + 256 slots rounded up to 128, more for longer
-    # prompts): the bf16 KV cache (one tensor per layer for K and V), bf16 copies of the layers' linear
-    # weights (the step runs under autocast on fp32 master weights: `layer_weights`), an fp32 copy of
-    # the allowed head rows [A, d] (the head's logits are fp32), the step's state: tokens int64, logprobs
-    # fp32 and key_ok bool [R, L], noise fp32 and seen bool [R, A] (seen only with a repetition
-    # penalty: counted anyway), index int64 [A], per-row scalars; and the CUDA-graph pool, which keeps
-    # one set of the step's intermediates: the sampling transient (see decode), ~32 bytes per logit
-    # (the cache is written in place, so no second copy of it).
+    # rollout is padded to (R rows, L = the longest prompt + max_new_tokens slots rounded up to 128,
+    # here at least max_new_tokens + 256): the bf16 KV cache (one tensor per layer for K and V), bf16
+    # copies of the layers' linear weights (the step runs under autocast on fp32 master weights:
+    # `layer_weights`), an fp32 copy of the allowed head rows [A, d] (the head's logits are fp32), the
+    # step's state: tokens int64, logprobs fp32 and key_ok bool [R, L], noise fp32 and seen bool [R, A]
+    # (seen only with a repetition penalty: counted anyway), index int64 [A], per-row scalars; and the
+    # CUDA-graph pool, which keeps one set of the step's intermediates: the sampling transient (see
+    # decode), ~32 bytes per logit (the cache is written in place, so no second copy of it).
     L = -(-max(rollout_len, response_len + 256) // 128) * 128
     m.update(decoder_cache=kv_cache_bytes(c, R, L), decoder_weights=2 * linear, decoder_head=4 * A * d,
              decoder_buffers=13 * R * L + 5 * R * A + 8 * A + 25 * R + 24, graph_pool=32 * R * A)

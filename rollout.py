@@ -7,6 +7,7 @@ a step's batch and `sample_and_score` for validation and the prosody reference. 
 rollout is a collective (the weights are gathered), so every rank runs the same rollouts.
 """
 import contextlib
+import functools
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,18 +26,24 @@ from sample import Rollout, cat_rollouts, generate
 class Sampler:
     """Rollouts of `policy` (llama.LogProbs, sharded or not; `.lm` the Hugging Face model), decoded
     to audio by `codec` and scored by `scorer` (.score(audios, texts, languages) -> list[Score]).
-    autocast: a function returning the trainer's autocast context."""
+    autocast: a function returning the trainer's autocast context. examples: the run's training and
+    validation examples, whose longest prompt sizes the compiled step's KV cache (once per run)."""
 
-    def __init__(self, cfg, d: Dist, device: torch.device, policy, tokenizer, codec, scorer, autocast):
+    def __init__(self, cfg, d: Dist, device: torch.device, policy, tokenizer, codec, scorer, autocast,
+                 examples: list | None = None):
         self.cfg, self.d, self.device, self.policy = cfg, d, device, policy
         self.tokenizer, self.codec, self.scorer, self.autocast = tokenizer, codec, scorer, autocast
         self.speech = data.speech_vocab(tokenizer)
         self.allowed_ids = torch.tensor(self.speech.allowed_ids(), device=device)  # speech tokens + stop
         self._prompts, self._audio = {}, {}  # prompt ids, prompt audio (by path)
         self._codes = PromptCodes(codec)  # prompt codes (by content)
-        # The static, compiled decode step: built once, reused by every rollout of the run.
+        # The static, compiled decode step: built once, reused by every rollout of the run, its KV
+        # cache sized once for the longest prompt of `examples` (every text or data.Example the run
+        # will roll out: training and validation) + --max-new-tokens; without them, 256 prompt slots.
+        # A longer prompt later grows the cache (a new cache and graphs, said on stderr).
         compiled = cfg.compile if cfg.compile is not None else device.type == "cuda" and not cfg.fsdp
-        self.decoder = Decoder(policy.lm, compile=True, max_len=cfg.max_new_tokens + 256) if compiled else None
+        longest = self.longest_prompt(examples) if compiled and examples else 256
+        self.decoder = Decoder(policy.lm, compile=True, max_len=cfg.max_new_tokens + longest) if compiled else None
         self.decoder_works = False  # until its first rollout succeeds
         # Rows per generate call: a training chunk (this rank's samples / --rollout-chunks, rounded
         # up). With the compiled step every call is padded to it: one shape, one set of buffers.
@@ -57,6 +64,21 @@ class Sampler:
             codes = self.prompt_codes(ex.prompt_wav) if ex.prompt_wav else None
             self._prompts[key] = data.prompt_ids(self.tokenizer, ex.text, ex.prompt_text, codes)
         return self._prompts[key]
+
+    def longest_prompt(self, examples: list) -> int:
+        """An upper bound on the prompt ids of any of `examples`, without encoding a voice prompt:
+        its codes are counted from its file's length (every codec here gives at most one code per
+        320 samples at 16 kHz, plus one), so a run with thousands of voices starts at once."""
+        import soundfile as sf
+
+        @functools.lru_cache(maxsize=None)
+        def codes(path: str) -> list[int]:
+            info = sf.info(path)
+            return [0] * (round(info.frames * data.SAMPLE_RATE / info.samplerate) // SAMPLES_PER_CODE + 1)
+        keys = {(ex.text, ex.prompt_wav, ex.prompt_text): ex for ex in map(_example, examples)}
+        return max(len(data.prompt_ids(self.tokenizer, ex.text, ex.prompt_text,
+                                       codes(ex.prompt_wav) if ex.prompt_wav else None))
+                   for ex in keys.values())
 
     def prompt_audio(self, path: str) -> np.ndarray:
         """A prompt recording as float32 16 kHz, read once per run."""

@@ -177,6 +177,52 @@ def test_xcodec2_precisions(golden_codec):
         codec.XCodec2Codec(golden_codec.model, "cpu", cfg, precision="fp16")
 
 
+
+def _flags():
+    b = torch.backends
+    return dict(matmul=torch.get_float32_matmul_precision(), cuda_matmul_tf32=b.cuda.matmul.allow_tf32,
+                cudnn_tf32=b.cudnn.allow_tf32, autocast=torch.is_autocast_enabled("cpu"))
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # the CUDA-typed codec's autocast
+@pytest.mark.parametrize("caller", [("highest", True), ("high", True), ("highest", False)],
+                         ids=["torch-defaults", "caller-tf32", "caller-strict"])
+def test_xcodec2_precision_sets_tf32_flags_inside_decode_and_restores_them(golden_codec, caller):
+    """The process-wide TF32 settings a decode runs under are the precision's, whatever the caller
+    set (torch's default leaves cuDNN's TF32 on): on CUDA "tf32" turns TF32 matmuls and convolutions
+    on, "fp32" and "bf16" (beside its autocast) off; a CPU computes in fp32 (TF32 off) but under
+    "bf16". Spied inside decode on the CPU, and on a CUDA-typed codec in `_numerics` itself; the
+    caller's settings are back after each."""
+    cfg, codes, _ = _golden()
+    seen = []
+
+    class Spy(torch.nn.Module):  # the decoder's forward: records the settings it runs under
+        def forward(self, batch, frames=None):
+            seen.append(_flags())
+            return torch.zeros(batch.shape[0], 1, batch.shape[-1] * codec.SAMPLES_PER_CODE)
+
+    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision(caller[0])
+        torch.backends.cudnn.allow_tf32 = caller[1]
+        before = _flags()
+        strict = dict(matmul="highest", cuda_matmul_tf32=False, cudnn_tf32=False)
+        for precision in codec.PRECISIONS:
+            c = codec.XCodec2Codec(golden_codec.model, "cpu", cfg, precision=precision)
+            c.model = Spy()
+            c.decode([codes[0, 0].tolist()])
+            assert seen.pop() == dict(strict, autocast=precision == "bf16"), precision
+            assert _flags() == before
+            c.device = torch.device("cuda")  # what a GPU's decode sets (no CUDA op runs)
+            with c._numerics():
+                got = {k: v for k, v in _flags().items() if k != "autocast"}
+            tf32 = precision == "tf32"
+            assert got == (dict(matmul="high", cuda_matmul_tf32=True, cudnn_tf32=True) if tf32 else strict), precision
+            assert _flags() == before
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
+
 # ----------------------------------------------------------------------------- encode
 
 def _tiny_transformers_xcodec2():

@@ -1,5 +1,8 @@
 """decode.py: the static decode step, eager and compiled, against the dynamic loop; --compile in the
 trainer (one Decoder per run, the eager fallback)."""
+import json
+import math
+import re
 from collections import Counter
 
 import pytest
@@ -9,6 +12,7 @@ from torch._dynamo.utils import counters
 import data
 import decode
 import grpo
+import llama
 import models
 import parallel
 import sample
@@ -167,7 +171,41 @@ def test_compile_flag_builds_one_decoder_per_run(tmp_path):
     tr = grpo.Trainer(_tiny(tmp_path, "--val-data", "", "--compile"), parallel.Dist(), torch.device("cpu"),
                       _FakeScorer(0.5))
     assert isinstance(tr.sampler.decoder, decode.Decoder) and tr.sampler.decoder.compiled
-    assert tr.sampler.decoder.model is tr.policy.lm and tr.sampler.decoder.max_len == tr.cfg.max_new_tokens + 256
+    longest = max(len(tr.sampler.prompt(ex)) for ex in tr.examples + tr.val_examples)
+    assert tr.sampler.decoder.model is tr.policy.lm and tr.sampler.decoder.max_len >= tr.cfg.max_new_tokens + longest
+
+
+def test_sampler_sizes_the_cache_once_for_the_longest_clone_prompt(tmp_path, monkeypatch, capsys):
+    """A voice-clone prompt longer than 256 tokens (its speech codes counted) in the run's examples:
+    the compiled step's cache is sized for it from the start, so a run's rollouts (plain texts and
+    the clone prompt) allocate one cache. Without the examples (256 prompt slots), the clone prompt
+    grows the cache (a new cache and graphs for the compiled step), said once on stderr."""
+    import soundfile as sf
+
+    import codec
+    import rollout
+    codes = [k % 64 for k in range(300)]  # 6 s of the tiny model's 64 speech tokens
+    sf.write(tmp_path / "voice.wav", codec.ToneCodec().decode([codes])[0], data.SAMPLE_RATE)
+    rows = [dict(text="Hello there."), dict(text="A voice.", prompt_wav="voice.wav", prompt_text="Hi, my voice.")]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _tiny(tmp_path, "--compile", "--data", str(tmp_path / "train.jsonl"), "--val-data", "")
+    tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), _FakeScorer(0.5))
+    plain, clone = tr.examples
+    allocations = []
+    real = decode.KVCache.for_model
+    spy = staticmethod(lambda *args, **kwargs: allocations.append(1) or real(*args, **kwargs))
+    monkeypatch.setattr(decode.KVCache, "for_model", spy)
+    for examples, grown in ((tr.examples + tr.val_examples, 0), (None, 1)):
+        s = rollout.Sampler(cfg, tr.d, tr.device, tr.policy, tr.tokenizer, tr.sampler.codec, tr.sampler.scorer,
+                            tr.autocast, examples=examples)
+        assert len(s.prompt(clone)) > 256 + len(s.prompt(plain))
+        assert (s.decoder.max_len >= cfg.max_new_tokens + len(s.prompt(clone))) == (not grown)
+        s.decoder = decode.Decoder(tr.policy.lm, max_len=s.decoder.max_len)  # the same step and buffers, eager
+        allocations.clear()
+        for items in ([plain], [clone, plain], [plain], [clone]):
+            assert s.rollout(items, torch.Generator().manual_seed(0)).lengths.min() > 0
+        assert len(allocations) == 1 + grown
+        assert capsys.readouterr().err.count("decode.Decoder: a call needs") == grown
 
 
 def test_a_compiled_step_that_fails_falls_back_to_the_eager_loop(tmp_path, capsys):
@@ -220,6 +258,59 @@ def test_static_step_across_spans_equals_the_dynamic_loop(tok, prompts):
     assert all(a is b for a, b in zip(cache, state.cache.k + state.cache.v))
     assert graphs() - before == 3  # replayed, not traced again
 
+
+def loop_nests(code: str) -> list[int]:
+    """Elements each loop nest of inductor's C++ kernels in `code` covers: the product of the
+    extents of the loops around every innermost loop body (a kernel copying a whole tensor covers
+    its numel)."""
+    out, stack, depth = [], [], 0
+    loop = re.compile(r"for\s*\(\s*int64_t\s+(\w+)\s*=\s*static_cast<int64_t>\((-?\d+)L?\);\s*\1\s*<\s*"
+                      r"static_cast<int64_t>\((-?\d+)L?\)")
+    for line in code.splitlines():
+        if m := loop.search(line):
+            stack.append([depth, int(m[3]) - int(m[2]), False])
+            out.append(math.prod(e for _, e, _ in stack))
+        for ch in line:
+            if ch == "{":
+                depth += 1
+                if stack and stack[-1][0] == depth - 1:
+                    stack[-1][2] = True
+            elif ch == "}":
+                depth -= 1
+                while stack and stack[-1][2] and stack[-1][0] == depth:
+                    stack.pop()
+    return out
+
+
+def test_compiled_step_writes_one_cache_slot_not_a_copy_of_the_cache(small, prompts):
+    """Inductor's code for the decode step at the trainer's cache length (1,792 slots) holds no
+    kernel that covers a whole layer's [B, kv_heads, L, head_dim] cache: the new token's K and V
+    are written in place. The old design (a cache of one stacked tensor for K and one for V, a
+    layer's slice written with index_copy_) gives such copies, and this check finds them."""
+    from torch._inductor.utils import run_and_get_code
+    model, sv = small
+    kw = dict(max_new_tokens=4, temperature=0, allowed_ids=sv.allowed_ids())
+    ref = sample.generate(model, prompts[:2], **kw)
+    torch._dynamo.reset()  # the step's graphs of the tests above count towards dynamo's limit of 8
+    real, found = decode.KVCache.for_model, {}
+    for design in ("per-layer", "stacked"):
+        def for_model(*args, **kwargs):  # the stacked design: [layers, B, kv_heads, L, head_dim] each
+            c = real(*args, **kwargs)
+            return c if design == "per-layer" else llama.KVCache(torch.stack(c.k), torch.stack(c.v))
+        decode.KVCache.for_model = staticmethod(for_model)
+        try:
+            dec = decode.Decoder(model, compile=True, max_len=1792)
+            out, codes = run_and_get_code(lambda: sample.generate(model, prompts[:2], decoder=dec, **kw))
+        finally:
+            decode.KVCache.for_model = staticmethod(real)
+        assert_same(out, ref)
+        (s,) = dec.states.values()
+        assert s.cache.length == 1792 and len(codes) == 1
+        layer = s.cache.k[0].numel()  # B * kv_heads * L * head_dim
+        found[design] = [n for n in loop_nests(codes[0]) if n >= layer]
+        assert max(loop_nests(codes[0])) > 0
+    assert found["per-layer"] == [], found  # no whole-cache kernel
+    assert len(found["stacked"]) >= 2, found  # K and V copied whole at each step
 
 def test_trainer_decodes_one_shape_per_run_and_frees_it(tmp_path):
     """Validation chunks (and so the prosody reference, the same path) and uneven --rollout-chunks

@@ -309,7 +309,7 @@ def _tensors(x):
 
 
 def test_memory_decoder_terms_match_a_real_decoder():
-    # decode.Decoder as rollout.Sampler builds it (max_len = max_new_tokens + 256) on fp32 weights
+    # decode.Decoder as rollout.Sampler builds it for 256-token prompts (max_len = max_new_tokens + 256) on fp32 weights
     # under bf16 autocast, run eagerly on the CPU (the same buffers as compiled, no graph pool):
     # its cache, weight copies, head rows and state against the decoder terms, and the peak of the
     # first call (which allocates them) and of a later one (which reuses them) against the terms.

@@ -133,6 +133,59 @@ def test_fsdp_with_fewer_validation_texts_than_ranks_does_not_hang(tmp_path):
     assert all(m["val_clips"] == 1 and math.isfinite(m["val_reward"]) for m in metrics), metrics
 
 
+def _uneven_validation(rank, world, init_method, out_file):
+    """A spawned rank: Sampler.sample_and_score over 9 texts (2 * its batch of 4 + 1: rank 0's share is
+    2 chunks, rank 1's one), first with the policy sharded by FSDP2 (every rollout gathers the weights,
+    a collective), then replicated; rank 0 saves both results."""
+    import numpy as np
+
+    import codec
+    import data
+    import rollout
+    from reward import Score
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+
+    class Loudness:  # a reward that tells samples apart: their audio's mean level
+        def score(self, audios, texts, languages=None):
+            return [Score(reward=float(np.abs(a).mean())) for a in audios]
+
+    tok = data.tiny_tokenizer(n_speech=64)
+    texts = data.load_dataset(data.SAMPLE_DATA)[:9]
+    cfg = config.Config(prompts_per_step=4, group_size=2, max_new_tokens=24, temperature=1.0, top_p=1.0)
+    results = []
+    for fsdp in (True, False):
+        policy = llama.LogProbs(models.tiny_llama(len(tok), seed=1))
+        policy = parallel.shard(policy, torch.device("cpu")) if fsdp else policy
+        sampler = rollout.Sampler(cfg, parallel.Dist(rank=rank, world=world, fsdp=fsdp), torch.device("cpu"), policy,
+                                  tok, codec.ToneCodec(), Loudness(), contextlib.nullcontext)
+        assert sampler.batch == 4 and len(texts[rank::world]) == 5 - rank
+        scores, rewards, finished, shown = sampler.sample_and_score(texts, "validation")
+        results.append(([s.reward for s in scores], rewards, finished, len(shown["audios"])))
+    if rank == 0:
+        torch.save(results, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def test_fsdp_validation_with_uneven_chunks_does_not_hang(tmp_path):
+    """--fsdp, validation texts that split into 2 chunks on rank 0 and 1 on rank 1: rank 1 runs a
+    second (stand-in) rollout too, so rank 0's second rollout finds its peer in the weights' gather.
+    No hang, and the same scores as replicated (fp32 on a CPU: the same samples)."""
+    out = str(tmp_path / "uneven.pt")
+    ctx = mp.spawn(_uneven_validation, args=(2, f"tcp://127.0.0.1:{_port()}", out), nprocs=2, join=False)
+    deadline = time.time() + 45  # the pass takes ~6 s
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a rank hangs in sample_and_score under FSDP with uneven validation chunks")
+    (rewards_fsdp, *rest_fsdp), (rewards_rep, *rest_rep) = torch.load(out, weights_only=False)
+    assert len(rewards_fsdp) == 9 and len(set(rewards_fsdp)) > 1  # every text scored once, in rank order
+    assert rewards_fsdp == rewards_rep and rest_fsdp == rest_rep
+
 def _failing_checkpoint(out: str):
     """A torchrun rank: rank 0's first checkpoint write raises (a full disk, say)."""
     if os.environ["RANK"] == "0":
