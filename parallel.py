@@ -62,6 +62,11 @@ class Dist:
             yield
         except BaseException as e:
             if self.world > 1:
+                if self.fsdp and lost_peer(e):  # the cause is the rank that left: one line, not a traceback
+                    sys.stderr.write(f"[rank {self.rank}] stops during {stage}: a peer rank left (it printed "
+                                     f"its own error); here: {(str(e).splitlines() or [''])[0][:200]}\n")
+                    sys.stderr.flush()
+                    os._exit(1)
                 report_failure(self.rank, e, stage)
                 if self.fsdp:  # no agreement: the peers may sit in an FSDP collective of this stage
                     os._exit(1)
@@ -80,6 +85,14 @@ class Dist:
         flags[self.rank] = float(failed)
         dist.all_reduce(flags)
         return [r for r in range(self.world) if flags[r] > 0]
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another rank left (gloo: its connection closed or reset;
+    NCCL: the communicator aborted), rather than for a cause of this rank's own."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "communicator was aborted"))
 
 
 def report_failure(rank: int, error: BaseException, stage: str | None = None):

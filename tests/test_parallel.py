@@ -123,6 +123,9 @@ def test_a_failing_rank_under_fsdp_leaves_without_a_hang(tmp_path):
     assert time.time() - t0 < 90
     assert "[rank 1] failed during step 2's rollouts and rewards" in results[1][1], results[1][1][-2000:]
     assert "injected: rollout broke on rank 1 under FSDP" in results[1][1]
+    # rank 0's collective failed because rank 1 left: one line that says so, no traceback of its own
+    assert "[rank 0] stops during step 2's rollouts and rewards: a peer rank left" in results[0][1], results[0][1][-2000:]
+    assert "Traceback" not in results[0][1]
 
 
 def test_fsdp_with_fewer_validation_texts_than_ranks_does_not_hang(tmp_path):
