@@ -79,7 +79,7 @@ def test_adapted_map_merged_and_disabled_by_hand():
     assert m.enabled
 
 
-def test_lora_rollouts_run_on_merged_weights_eager_and_static():
+def test_lora_rollouts_run_on_merged_weights_eager_static_and_compiled():
     tok = data.tiny_tokenizer()
     sv = data.speech_vocab(tok)
     lm = _adapted(len(tok), bump=0.2)
@@ -91,12 +91,15 @@ def test_lora_rollouts_run_on_merged_weights_eager_and_static():
             merged = sample.generate(lm, prompts, generator=torch.Generator().manual_seed(0), **kw)
         static = sample.generate(lm, prompts, generator=torch.Generator().manual_seed(0),
                                  decoder=decode.Decoder(lm, compile=False), **kw)
+        compiled = sample.generate(lm, prompts, generator=torch.Generator().manual_seed(0),
+                                   decoder=decode.Decoder(lm, compile=True), **kw)  # inductor, as on a GPU
         off = copy.deepcopy(lm)
         with lora.disabled(off):
             base = sample.generate(off, prompts, generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(plain.tokens, merged.tokens) and torch.equal(plain.tokens, static.tokens)
     assert torch.allclose(plain.logprobs, merged.logprobs, atol=1e-5)
     assert torch.allclose(plain.logprobs, static.logprobs, atol=1e-5)
+    assert torch.equal(plain.tokens, compiled.tokens) and torch.allclose(plain.logprobs, compiled.logprobs, atol=1e-5)
     assert not torch.allclose(plain.logprobs, base.logprobs, atol=1e-3)  # the adapters do change the policy
 
 
