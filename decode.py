@@ -248,7 +248,7 @@ class Decoder:
             self.grew = True
             print(f"decode.Decoder: a call needs {length} cache slots (prompt + new tokens), more than the "
                   f"{planned} {'allocated' if s is not None else 'planned (max_len)'}: a new {L}-slot cache and "
-                  f"its graphs (dynamo keeps {getattr(torch._dynamo.config, 'recompile_limit', 8)} graphs of the step per process, "
+                  f"its graphs (dynamo keeps {getattr(torch._dynamo.config, 'recompile_limit', getattr(torch._dynamo.config, 'cache_size_limit', 8))} graphs of the step per process, "
                   "then runs it eagerly). Size max_len for the longest prompt (rollout.Sampler's examples=). "
                   "Said once.", file=sys.stderr)
         del s

@@ -88,7 +88,7 @@ def is_function(spec: str) -> bool:
 
 def english_only(asr: str) -> bool:
     """An English-only Whisper, by its name (tiny.en, path/whisper-tiny.en.pt): rows without a language are en."""
-    return not is_function(asr) and os.path.basename(asr).removesuffix(".pt").endswith(".en")
+    return not is_function(asr) and os.path.basename(asr.rstrip("/\\")).removesuffix(".pt").endswith(".en")
 
 
 def check_languages(examples, args):

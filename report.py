@@ -15,13 +15,13 @@ N_CLIPS = 4  # validation clips logged per validation
 
 def clips(samples: dict | None, n: int = N_CLIPS) -> list[tuple[np.ndarray, str]]:
     """(audio float32 [S] in [-1, 1], text) of the first n clips of each validation in `samples`
-    (grpo's {name: dict(audios, texts, ...)}, validations named val_*); an empty clip is one zero."""
+    (grpo's {name: dict(audios, texts, ...)}, validations named val_*); an empty clip is 320 zeros."""
     out = []
     for name, shown in (samples or {}).items():
         if name.startswith("val_"):
             for audio, text in list(zip(shown["audios"], shown["texts"]))[:n]:
                 audio = np.clip(np.asarray(audio, np.float32).reshape(-1), -1.0, 1.0)
-                out.append((audio if audio.size else np.zeros(1, np.float32), text))
+                out.append((audio if audio.size > 1 else np.zeros(320, np.float32), text))  # tensorboard needs >= 2
     return out
 
 
@@ -59,7 +59,7 @@ class Reporter:
                 self.backend.add_scalar(k, v, step)
             for i, (audio, text) in enumerate(heard):
                 self.backend.add_audio(f"val_clips/{i}", audio[None], step, sample_rate=SAMPLE_RATE)  # [1, S]
-                self.backend.add_text(f"val_clips/{i}", text, step)
+                self.backend.add_text(f"val_text/{i}", text, step)  # a tag of its own: one plugin per tag
             self.backend.flush()
         else:
             if heard:

@@ -42,7 +42,7 @@ class Sampler:
         # will roll out: training and validation) + --max-new-tokens; without them, 256 prompt slots.
         # A longer prompt later grows the cache (a new cache and graphs, said on stderr).
         compiled = cfg.compile if cfg.compile is not None else device.type == "cuda" and not cfg.fsdp
-        longest = self.longest_prompt(examples) if compiled and examples else 256
+        longest = max(self.longest_prompt(examples), 256) if compiled and examples else 256  # >= 256: the spans README names
         self.decoder = Decoder(policy.lm, compile=True, max_len=cfg.max_new_tokens + longest) if compiled else None
         self.decoder_works = False  # until its first rollout succeeds
         # Rows per generate call: a training chunk (this rank's samples / --rollout-chunks, rounded

@@ -36,7 +36,7 @@ def test_wandb_gets_every_numeric_metric_at_its_step(tmp_path, monkeypatch):
     clips = values.pop("val_clips")
     assert step == 5 and values == {"reward_mean": 0.5}
     assert [(c.data.shape, c.sample_rate, c.caption) for c in clips] == \
-        [((100,), 16000, "text 0"), ((1,), 16000, "text 1"), ((50,), 16000, "text 2"), ((400,), 16000, "text 3")]
+        [((100,), 16000, "text 0"), ((320,), 16000, "text 1"), ((50,), 16000, "text 2"), ((400,), 16000, "text 3")]
 
 
 def _samples():
@@ -65,7 +65,7 @@ def test_tensorboard_gets_scalars_and_the_first_validation_clips(tmp_path, monke
     audio = [c for c in calls if c[0] == "add_audio"]
     assert [c[1][0] for c in audio] == [f"val_clips/{i}" for i in range(4)]  # the first 4, none of training's
     assert all(c[1][2] == 5 and c[2] == {"sample_rate": 16000} for c in audio)
-    assert [c[1][1].shape for c in audio] == [(1, 100), (1, 1), (1, 50), (1, 400)]  # [1, S]; empty: one zero
+    assert [c[1][1].shape for c in audio] == [(1, 100), (1, 320), (1, 50), (1, 400)]  # [1, S]; empty: 320 zeros (tensorboard needs >= 2)
     assert audio[2][1][1].max() == 1.0  # clipped to [-1, 1]
     assert [c[1][1] for c in calls if c[0] == "add_text"] == ["text 0", "text 1", "text 2", "text 3"]
     assert calls[-2][0] == "flush" and calls[-1][0] == "close"
