@@ -92,7 +92,8 @@ def lost_peer(error: BaseException) -> bool:
     NCCL: the communicator aborted), rather than for a cause of this rank's own."""
     text = str(error)
     return isinstance(error, RuntimeError) and any(
-        s in text for s in ("Connection closed by peer", "Connection reset by peer", "communicator was aborted"))
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                            "communicator was aborted", "remote process exited"))
 
 
 def report_failure(rank: int, error: BaseException, stage: str | None = None):
