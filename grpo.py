@@ -26,7 +26,8 @@ import data
 import demo
 import outputs
 from codec import load_codec
-from config import IMPORTANCE_LEVELS, LOSS_AGGS, Config, parse_config
+from config import Config, parse_config
+from loss import group_advantages, policy_loss, tis_weights  # noqa: F401  (grpo.* is the contract)
 import parallel
 import report
 from plot import plot
@@ -36,99 +37,6 @@ from prosody import GUARDED, guard_factor, sim_factor
 from models import load_model
 from llama import LogProbs, to_rows
 from rollout import Sampler
-
-
-# ----------------------------------------------------------------------------------------------
-# The math: advantages and the clipped policy loss (pure functions; tests call them directly)
-
-def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-6):
-    """rewards [N] laid out group by group (N = groups * group_size) -> advantages [N].
-
-    (r - group mean) / (group std + eps), std unbiased as in verl and TRL; scale=False keeps only the
-    centering (Dr. GRPO). A group whose rewards are all equal gets advantage 0, never NaN."""
-    if group_size < 2 or rewards.numel() % group_size:
-        raise ValueError(f"group_size must be >= 2 and divide the {rewards.numel()} rewards, got {group_size}")
-    r = rewards.float().view(-1, group_size)  # [groups, G]
-    adv = r - r.mean(dim=1, keepdim=True)
-    if scale:
-        adv = adv / (r.std(dim=1, keepdim=True) + eps)
-    return adv.view(-1)
-
-
-def tis_weights(old_logp, rollout_logp, mask, cap: float):
-    """Truncated importance sampling (verl, TRL): per-token weights [B, T] = min(exp(old_logp -
-    rollout_logp), cap), detached, 1 off `mask`; and where the cap bound them ([B, T] bool)."""
-    w, on = torch.exp((old_logp - rollout_logp).detach().clamp(-20.0, 20.0)), mask > 0
-    return torch.where(on, w.clamp(max=cap), torch.ones_like(w)), on & (w > cap)
-
-
-def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps=0.2, kl_coef=0.04, clip_ratio_c=3.0,
-                agg="token-mean", denom=None, norm_len=None, tensor_stats=False, clip_eps_high=None,
-                importance_level="token", rollout_logp=None, tis_cap=0.0):
-    """Clipped GRPO objective with dual clip and a k3 KL penalty, as a loss to minimize.
-
-    logp, old_logp, ref_logp (None when kl_coef == 0): [B, T] log-probs (nats) of the sampled
-    tokens; advantages [B]; mask [B, T] float, 1 on response tokens. Per token, as in verl:
-      ratio = exp(clamp(logp - old_logp, -20, 20))
-      clipped = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))  (eps_high: clip-higher)
-      loss = min(clipped, -A * clip_ratio_c) where A < 0, else clipped  (dual clip: a very
-             unlikely-now token with a negative advantage cannot push the loss without bound)
-      times tis_weights(old_logp, rollout_logp) if tis_cap > 0 and rollout_logp is given
-      + kl_coef * k3,  k3 = exp(ref - logp) - (ref - logp) - 1
-    importance_level "sequence" is GSPO (as verl's compute_policy_loss_gspo): sequence i's tokens
-    all take ratio s_i = exp(mean of its logp - old_logp) as the value of exp(logp - sg[logp] +
-    sg[log s_i]) (gradient s_i * grad logp; log s_i capped at 10 as verl does), clipped, no dual
-    clip; verl's GSPO is this with agg "seq-mean-token-mean" (verl fixes that aggregation for it).
-    Aggregation over `mask`:
-      token-mean               sum over all tokens / number of tokens
-      seq-mean-token-mean      mean over sequences of each sequence's token mean
-      seq-mean-token-sum-norm  mean over sequences of token sums / norm_len (Dr. GRPO; default T)
-    `denom` overrides the divisor (tokens, or sequences for the seq-* modes): the trainer passes the
-    global count over all ranks and micro-batches so that summed gradients are the global mean's.
-    Returns (loss, stats): kl, clip_frac, dual_clip_frac (with TIS: tis_weight_mean, tis_capped_frac),
-    token means over `mask` (floats, or 0-dim tensors with tensor_stats: no host sync)."""
-    if agg not in LOSS_AGGS:
-        raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {LOSS_AGGS}")
-    if importance_level not in IMPORTANCE_LEVELS:
-        raise ValueError(f"unknown importance level {importance_level!r}; expected one of {IMPORTANCE_LEVELS}")
-    mask = mask.float()
-    adv = advantages.float()[:, None]  # [B, 1]
-    high = clip_eps if clip_eps_high is None else clip_eps_high
-    if importance_level == "sequence":
-        seq = ((logp - old_logp).detach() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B] log s_i
-        # verl's cap: above log s_i = 10 the value stays e^10 and the gradient is 0 (a stale sequence)
-        ratio = torch.exp((logp - logp.detach() + seq[:, None]).clamp(max=10.0))  # [B, T], value s_i
-    else:
-        ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))  # [B, T]
-    loss1, loss2 = -adv * ratio, -adv * torch.clamp(ratio, 1 - clip_eps, 1 + high)
-    clipped = torch.maximum(loss1, loss2)
-    dual = torch.minimum(clipped, -adv * clip_ratio_c)
-    per_token = clipped if importance_level == "sequence" else torch.where(adv < 0, dual, clipped)  # [B, T]
-    tis = tis_weights(old_logp, rollout_logp, mask, tis_cap) if tis_cap > 0 and rollout_logp is not None else None
-    per_token = per_token if tis is None else per_token * tis[0]  # the policy-gradient term only
-    kl = torch.zeros_like(logp)
-    if kl_coef and ref_logp is not None:
-        log_r = (ref_logp - logp).clamp(-20.0, 20.0)  # exp() stays finite where the two disagree wildly
-        kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(policy || ref), >= 0
-        per_token = per_token + kl_coef * kl
-    if agg == "token-mean":
-        loss = (per_token * mask).sum() / (mask.sum().clamp(min=1) if denom is None else denom)
-    else:
-        seq_sum = (per_token * mask).sum(dim=1)  # [B]
-        if agg == "seq-mean-token-mean":
-            seq_val = seq_sum / mask.sum(dim=1).clamp(min=1)
-        else:
-            seq_val = seq_sum / (mask.shape[1] if norm_len is None else norm_len)
-        loss = seq_val.sum() / (mask.shape[0] if denom is None else denom)
-    n = mask.sum().clamp(min=1)
-    with torch.no_grad():
-        took_clip = (loss2 > loss1).float()  # the clipped branch set the loss
-        took_dual = ((adv < 0) & (clipped > -adv * clip_ratio_c)).float() * (importance_level == "token")
-        stats = {"kl": (kl * mask).sum() / n, "clip_frac": (took_clip * mask).sum() / n,
-                 "dual_clip_frac": (took_dual * mask).sum() / n}
-        if tis is not None:
-            stats.update(tis_weight_mean=(tis[0] * mask).sum() / n, tis_capped_frac=tis[1].float().sum() / n)
-    return loss, (stats if tensor_stats else {k: v.item() for k, v in stats.items()})
 
 
 # ----------------------------------------------------------------------------------------------
