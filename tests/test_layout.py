@@ -1,9 +1,17 @@
 """The project's layout (issue 17): modules in floors, no import cycle, every source file readable in one sitting."""
 import ast
+import glob
 import os
+import re
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LINES = 500
+MAX_README_LINES = 300  # README is the front door; the manual lives in docs/
+
+
+def read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def sources() -> dict[str, str]:
@@ -67,12 +75,65 @@ def test_every_source_file_under_500_lines():
     assert not long, f"over {MAX_LINES} lines: {long}"
 
 
-def test_readme_floors_list_every_module_in_import_order():
-    """README's floor list names every source file once, each after every module it imports."""
-    text = " ".join(open(os.path.join(REPO, "README.md"), encoding="utf-8").read().split())
+def test_floor_list_names_every_module_in_import_order():
+    """docs/layout.md's floor list names every source file once, each after what it imports."""
+    text = " ".join(read(os.path.join(REPO, "docs", "layout.md")).split())
     listed = text.split("imports inside functions counted): ", 1)[1].split(".", 1)[0].split(", ")
     graph = import_graph()
     assert sorted(listed) == sorted(graph), set(listed) ^ set(graph)
     floor = {name: i for i, name in enumerate(listed)}
     late = [(m, d) for m in graph for d in graph[m] if floor[d] > floor[m]]
-    assert not late, f"README lists these modules below what they import: {late}"
+    assert not late, f"docs/layout.md lists these modules below what they import: {late}"
+
+
+def markdown_links(path: str) -> list[str]:
+    """The relative link targets of a markdown file, code blocks left out (`[text](target)`)."""
+    text = re.sub(r"```.*?```", "", read(path), flags=re.DOTALL)
+    return [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in t]
+
+
+def anchors(path: str) -> set[str]:
+    """GitHub's anchors of a markdown file's headings: lowercased, punctuation dropped,
+    spaces to '-'."""
+    heads = re.findall(r"^#+ (.+)$", read(path), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+def broken_links(path: str) -> list[str]:
+    """The links of a markdown file to a file, or to a markdown heading, that does not exist."""
+    bad = []
+    for target in markdown_links(path):
+        file, _, anchor = target.partition("#")
+        where = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+        if not os.path.exists(where):
+            bad.append(target)
+            continue
+        if anchor and where.endswith(".md") and anchor not in anchors(where):
+            bad.append(target)
+    return bad
+
+
+def test_anchors_and_broken_links_find_what_is_wrong(tmp_path):
+    page = tmp_path / "page.md"
+    (tmp_path / "other.md").write_text("# Other\n\n## Peer recipes: GSPO, `--tis-cap`\n")
+    page.write_text("# Page\n[a](other.md) [b](other.md#peer-recipes-gspo---tis-cap) [c](#page)\n"
+                    "[d](missing.md#x) [e](other.md#nowhere) [f](https://example.com/x.md)\n"
+                    "```\n[g](in-code.md)\n```\n")
+    assert broken_links(str(page)) == ["missing.md#x", "other.md#nowhere"]
+
+
+def test_readme_is_a_front_door_and_every_docs_page_is_linked():
+    """README has at most MAX_README_LINES lines; every docs/*.md page is linked from README; no link of
+    README or of a docs page points at a file or heading that does not exist."""
+    readme = os.path.join(REPO, "README.md")
+    n = len(read(readme).splitlines())
+    assert n <= MAX_README_LINES, f"README.md has {n} lines; move the manual's part to docs/"
+    pages = sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
+    linked = {os.path.join(REPO, t.partition("#")[0]) for t in markdown_links(readme)}
+    unlinked = set(pages) - {os.path.normpath(path) for path in linked}
+    assert pages and not unlinked, f"docs pages README does not link: {unlinked}"
+    broken = {}
+    for path in [readme] + pages:
+        if broken_links(path):
+            broken[os.path.relpath(path, REPO)] = broken_links(path)
+    assert not broken, f"links to nothing: {broken}"
