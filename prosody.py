@@ -1,4 +1,4 @@
-"""Prosody and pacing of a clip, in plain numpy: pitch variation, voicing and speaking rate.
+"""Prosody and pacing of a clip, in plain numpy: pitch level and variation, voicing, speaking rate.
 
 GRPO on a CER/NLL reward is known to flatten prosody into a monotone (arXiv 2509.18531) and to
 speed speech up until words blur; Whisper's reward sees neither. These per-clip figures make both
@@ -6,7 +6,8 @@ visible in metrics.jsonl: `f0_std_semitones` falls as the voice goes monotone, `
 as it rushes. No dependency beyond numpy; a 10 s clip takes a few milliseconds.
 
     f0, voiced = f0_track(audio)               # [frames] Hz (0 where unvoiced), [frames] bool
-    f0_std_semitones(f0, voiced), voiced_frac(voiced), chars_per_s(len(text), audio)
+    f0_std_semitones(f0, voiced), f0_median_hz(f0, voiced), voiced_frac(voiced)
+    chars_per_s(len(text), audio)
     measure(audio, text) -> {"f0_std_semitones", "voiced_frac", "chars_per_s"}
 """
 import numpy as np
@@ -60,6 +61,16 @@ def f0_std_semitones(f0: np.ndarray, voiced: np.ndarray) -> float:
     if f0.size < 2:
         return 0.0
     return float(np.std(12.0 * np.log2(f0)))
+
+
+def f0_median_hz(f0: np.ndarray, voiced: np.ndarray) -> float:
+    """The voice's median pitch over voiced frames, in Hz: where it sits, as f0_std_semitones says
+    how far it moves (a voice cloned from a prompt should sit near the prompt's). The median, not
+    the mean: YIN's rare octave errors do not move it. 0.0 with no voiced frame."""
+    f0 = np.asarray(f0, dtype=np.float64)[np.asarray(voiced, dtype=bool)]
+    if f0.size == 0:
+        return 0.0
+    return float(np.median(f0))
 
 
 def voiced_frac(voiced: np.ndarray) -> float:

@@ -36,6 +36,19 @@ def test_f0_track_steady_tone(f0):
     assert np.all(f0s[~voiced] == 0.0)
 
 
+@pytest.mark.parametrize("f0", [120.0, 220.0])
+def test_f0_median_hz_of_tones(f0):
+    f0s, voiced = prosody.f0_track(harmonic_tone(np.full(2 * SR, f0)))
+    assert abs(prosody.f0_median_hz(f0s, voiced) - f0) < 0.01 * f0
+    # An octave jump over a fifth of the clip (as YIN's octave errors, or a squeak) leaves the
+    # median where the voice sits; the mean would move 20% (to 1.2 f0).
+    jump = np.concatenate([np.full(8 * SR // 5, f0), np.full(2 * SR // 5, 2 * f0)])
+    f0s, voiced = prosody.f0_track(harmonic_tone(jump))
+    assert abs(prosody.f0_median_hz(f0s, voiced) - f0) < 0.01 * f0
+    assert prosody.f0_median_hz(f0s, np.zeros_like(voiced)) == 0.0  # no voiced frame: no pitch
+    assert type(prosody.f0_median_hz(f0s, voiced)) is float
+
+
 def test_f0_std_vibrato():
     # 150 Hz +/- 1 semitone, sinusoidal at 5 Hz over 2 s (10 whole cycles): pitch in semitones is
     # c + sin(2 pi 5 t), whose standard deviation is 1/sqrt(2) = 0.707 semitones.
@@ -102,7 +115,7 @@ def test_prosody_of_real_speech():
             # espeak en-us male voice: its pitch sits near 100 Hz (80-120 Hz seen), voiced about
             # half the time, at 11-15 normalized characters per second; a robot, but not a monotone.
             f0s, voiced = prosody.f0_track(audio)
-            assert 80 < np.median(f0s[voiced]) < 130, row["wav"]
+            assert 80 < prosody.f0_median_hz(f0s, voiced) < 130, row["wav"]
             assert 0.3 < m["voiced_frac"] < 0.9 and 5 < m["chars_per_s"] < 25, (row["wav"], m)
             assert m["f0_std_semitones"] > 0.5, (row["wav"], m)
         elif row["kind"] == "silence":
