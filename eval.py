@@ -8,11 +8,18 @@ duration and real-time factor. The top floor of the project: nothing imports it.
     python eval.py --compare runs/eval_a runs/eval_b
     torchrun --nproc_per_node=N eval.py ...      (rank r takes rows r::N; rank 0 merges)
 
-Writes DIR/results.jsonl (one row per utterance; a rerun skips the rows scored without error and
-retries the rest), DIR/summary.json and prints a markdown table. A bad row (missing or unreadable
-wav or prompt audio, unknown language, a clip the scorer or the ASR refuses) is written with its
-file:line and `error`, and counted. Every row needs a language (its own or --language; an
-English-only Whisper implies en): eval stops before any work, naming the first row without one.
+--model samples as LLASA does (temperature 0.8, top-p 1, no repetition penalty, seeded by --seed);
+--temperature 0 decodes greedily (a codec LM decoded greedily tends to loop).
+
+Writes DIR/run.json (what produces the results: --model or --wavs, the ASR, the speaker model,
+sampling, seed), DIR/results.jsonl (one row per id; a rerun skips the rows scored without error,
+retries the rest, and keeps the rows of ids outside its --data), DIR/summary.json (this --data's
+rows) and prints a markdown table. A rerun whose run.json values differ is refused, naming the
+flag. A bad row (missing or unreadable wav or prompt audio, unknown language, a clip the scorer or
+the ASR refuses) is written with its file:line and `error`, and counted. Every row needs a
+language (its own or --language; an English-only Whisper implies en) and a unique id: eval stops
+before any work, naming the first row without one (or both rows of an id). A user's error (a bad
+flag, a missing file, a foreign --out) is one line on stderr and exit status 2.
 """
 import argparse
 import importlib
@@ -25,10 +32,9 @@ import time
 import numpy as np
 
 import data
+import results
+from results import PROSODY, Refused
 from reward import table_error_rate
-
-PROSODY = ("f0_std_semitones", "voiced_frac", "chars_per_s")
-COMPARED = ("wer", "cer", "sim", "reward")  # what --compare pairs (lower WER/CER is better)
 
 
 def parse_args(argv=None):
@@ -50,10 +56,13 @@ def parse_args(argv=None):
     p.add_argument("--speaker-model", default=None,
                    help="speaker model for SIM (wavlm-sv[:PATH], Seed-TTS-eval's .pth, module:function); default none")
     p.add_argument("--codec", default="xcodec2", help="with --model: 'xcodec2[:PATH]', 'tone', 'words[:PATH]'")
-    p.add_argument("--temperature", type=float, default=0.0, help="with --model: 0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="with --model: sampling temperature (default 0.8, LLASA's); 0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling, in (0, 1] (default 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="repetition penalty, > 0 (default 1.0 = none)")
     p.add_argument("--max-new-tokens", type=int, default=1500, help="speech tokens per clip, 50 per s (default 1500)")
     p.add_argument("--seed", type=int, default=0,
                    help="sampling seed, and --compare's bootstrap seed. Each batch is seeded (--seed + the index "
@@ -62,17 +71,63 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="default: cuda (the rank's) if available, else cpu")
     p.add_argument("--resamples", type=int, default=10000, help="--compare's bootstrap resamples")
-    args = p.parse_args(argv)
-    if not args.compare and (not args.data or not args.out):
-        p.error("--data and --out are needed with --model or --wavs")
-    return args
+    return p.parse_args(argv)
+
+
+CODECS = ("xcodec2", "tone", "words", "xcodec2-package")
+
+
+def check_args(args):
+    """Every flag and input path, before anything is loaded or written: Refused naming the flag."""
+    for name in ("batch_size", "resamples", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise Refused(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise Refused(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise Refused(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise Refused(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if not (math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0):
+        raise Refused(f"--repetition-penalty must be > 0 (1 = none), got {args.repetition_penalty}")
+    if args.compare:
+        for d in args.compare:
+            if not os.path.isfile(os.path.join(d, "results.jsonl")):
+                raise Refused(f"--compare: no results.jsonl in {d}")
+        return
+    if not args.data or not args.out:
+        raise Refused("--data and --out are needed with --model or --wavs")
+    if not os.path.isfile(args.data):
+        raise Refused(f"--data {args.data}: no such file")
+    if args.wavs and not os.path.isdir(args.wavs):
+        raise Refused(f"--wavs {args.wavs}: no such folder")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise Refused(f"--out {args.out} is a file, not a folder")
+    if args.model and args.codec.partition(":")[0] not in CODECS:
+        raise Refused(f"--codec {args.codec!r}: expected 'tone', 'words[:PATH]', 'xcodec2[:PATH]' "
+                      "or 'xcodec2-package[:PATH]'")
+    if args.reward_whisper and not is_function(args.asr):
+        raise Refused(f"--reward-whisper {args.reward_whisper!r} is for a module:function --asr; "
+                      f"the Whisper --asr {args.asr!r} gives the reward itself")
+    from scorer import language_code
+    try:
+        language_code(args.language or "en")
+    except ValueError as e:
+        raise Refused(f"--language: {e}") from None
+    import torch
+    try:
+        device = torch.device(args.device or "cpu")
+    except RuntimeError as e:
+        raise Refused(f"--device {args.device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Refused(f"--device {args.device!r}: CUDA is not available here")
 
 
 def fail(flag: str, value, e: Exception):
     """Stop with one line naming what could not be loaded and the flag for a local copy."""
     why = (str(e).splitlines() or [type(e).__name__])[0].replace("--whisper", flag)
     hint = "" if flag in why else f" (point {flag} at a local copy)"  # the error may say it already
-    raise SystemExit(f"eval.py: cannot load {flag} {value!r}: {why}{hint}")
+    raise Refused(f"cannot load {flag} {value!r}: {why}{hint}")
 
 
 def load(flag, value, fn):
@@ -98,8 +153,8 @@ def check_languages(examples, args):
         return
     for ex in examples:
         if not ex.language:
-            raise SystemExit(f"eval.py: {ex.source}: row {ex.id!r} has no language and --language is not given; "
-                             "pass --language (e.g. --language en, or zh for a Chinese list)")
+            raise Refused(f"{ex.source}: row {ex.id!r} has no language and --language is not "
+                          "given; pass --language (e.g. --language en, or zh for a Chinese list)")
 
 
 class Scoring:
@@ -112,7 +167,7 @@ class Scoring:
             module, _, name = args.asr.partition(":")
             self.asr_fn = getattr(load("--asr", args.asr, lambda: importlib.import_module(module)), name, None)
             if not callable(self.asr_fn):
-                raise SystemExit(f"eval.py: --asr {args.asr!r}: module {module!r} has no function {name!r}")
+                raise Refused(f"--asr {args.asr!r}: module {module!r} has no function {name!r}")
             whisper_model = args.reward_whisper
         speaker = None
         if args.speaker_model:
@@ -122,6 +177,7 @@ class Scoring:
         flag = "--asr" if self.asr_fn is None else "--reward-whisper"
         self.whisper = None if whisper_model is None else load(flag, whisper_model, lambda: scorer.WhisperScorer(
             whisper_model, device, args.language, batch_size=args.batch_size, speaker_model=speaker))
+        self.uses_prompts = speaker is not None  # SIM is to the row's voice prompt
         self.sims = None
         if speaker is not None and self.whisper is None:
             self.sims = spk.SpeakerSimilarity(speaker)
@@ -153,38 +209,6 @@ class Scoring:
             got.update(metric=kind, **{kind: rate})
             out.append(got)
         return out
-
-
-def read_results(path: str, *, repair: bool = False) -> list[dict]:
-    """The rows of a results.jsonl. An unparsable last line (a run killed mid-write) is dropped with
-    a note on stderr, and with `repair` the file is rewritten without it (so that appending starts
-    on a whole line); an unparsable line elsewhere stops, naming file:line."""
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    rows, keep, last = [], lines, max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for i, line in enumerate(lines[:last + 1]):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict) or "id" not in row:
-            if i != last:
-                raise SystemExit(f"eval.py: {path}:{i + 1}: not a results row: {line.strip()[:80]!r}; "
-                                 "remove that line (or the file) and rerun")
-            print(f"eval.py: {path}:{i + 1}: dropped an unfinished last line (a run stopped mid-write)"
-                  + ("; file rewritten without it" if repair else ""), file=sys.stderr)
-            keep = lines[:i]
-            break
-        rows.append(row)
-    if repair and lines and (keep is not lines or not lines[-1].endswith("\n")):
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(line if line.endswith("\n") else line + "\n" for line in keep)
-        os.replace(path + ".tmp", path)
-    return rows
 
 
 def prompt_problem(path: str) -> str | None:
@@ -225,7 +249,7 @@ def check_rows(examples, args):
 
 
 class Synthesizer:
-    """--model: greedy (or seeded sampled) LLASA synthesis through sample.generate and the codec."""
+    """--model: seeded sampled (or greedy) LLASA synthesis through sample.generate and the codec."""
 
     def __init__(self, args, device):
         import torch
@@ -240,50 +264,105 @@ class Synthesizer:
         self.codec = load("--codec", args.codec, lambda: codec.load_codec(args.codec, device))
         self.vocab, self.prompt_codes = data.speech_vocab(self.tokenizer), {}
 
-    def __call__(self, rows, index: int):
-        """(audios, finished flags, real-time factor) of rows; `index` seeds the batch."""
+    def __call__(self, rows, prompts, index: int):
+        """(audios, finished flags, real-time factor, errors) of rows; prompts: each row's voice
+        prompt audio or None; `index` seeds the batch. A row whose prompt leaves no room for
+        --max-new-tokens in the model's context gets an error (and no audio) instead."""
         from sample import generate
-        prompts = []
-        for row in rows:
-            ex = row["_example"]
+        context = self.model.config.max_position_embeddings
+        room = context - self.args.max_new_tokens  # what a prompt may take
+        ids = []
+        errors = []
+        for row, audio in zip(rows, prompts):
             codes = None
-            if ex.prompt_wav:
-                if ex.prompt_wav not in self.prompt_codes:
-                    self.prompt_codes[ex.prompt_wav] = self.codec.encode([data.read_audio(ex.prompt_wav)])[0]
-                codes = self.prompt_codes[ex.prompt_wav]
-            prompts.append(data.prompt_ids(self.tokenizer, ex.text, ex.prompt_text if codes is not None else None, codes))
+            if audio is not None:
+                if row["prompt_wav"] not in self.prompt_codes:
+                    self.prompt_codes[row["prompt_wav"]] = self.codec.encode([audio])[0]
+                codes = self.prompt_codes[row["prompt_wav"]]
+            prompt_text = row["_example"].prompt_text if codes is not None else None
+            ids.append(data.prompt_ids(self.tokenizer, row["text"], prompt_text, codes))
+            why = (f"prompt of {len(ids[-1])} tokens + --max-new-tokens {self.args.max_new_tokens} "
+                   f"exceed the model's context of {context} tokens")
+            errors.append(why if len(ids[-1]) > room else None)
+        go = [i for i, e in enumerate(errors) if e is None]
+        audios = [None] * len(rows)
+        finished = [False] * len(rows)
+        if not go:
+            return audios, finished, None, errors
         start = time.perf_counter()
         generator = self.torch.Generator(device=self.device).manual_seed(self.args.seed + index)
-        out = generate(self.model, prompts, max_new_tokens=self.args.max_new_tokens,
+        out = generate(self.model, [ids[i] for i in go], max_new_tokens=self.args.max_new_tokens,
                        temperature=self.args.temperature, top_p=self.args.top_p, top_k=self.args.top_k,
                        repetition_penalty=self.args.repetition_penalty, stop_ids=(self.vocab.end_id,),
                        allowed_ids=self.vocab.allowed_ids(), generator=generator)
-        codes = [self.vocab.to_codes(out.tokens[b, :int(out.lengths[b]) - int(out.finished[b])].tolist())
-                 for b in range(len(rows))]
-        audios = [np.asarray(a, np.float32) if len(c) else np.zeros(0, np.float32)
-                  for a, c in zip(self.codec.decode(codes), codes)]
+        ends = (out.lengths - out.finished.long()).tolist()  # the stop token is no speech
+        codes = [self.vocab.to_codes(out.tokens[b, :ends[b]].tolist()) for b in range(len(go))]
+        for b, (i, audio) in enumerate(zip(go, self.codec.decode(codes))):
+            audios[i] = np.asarray(audio, np.float32) if len(codes[b]) else np.zeros(0, np.float32)
+            finished[i] = bool(out.finished[b])
         seconds = time.perf_counter() - start
-        total = sum(len(a) for a in audios) / data.SAMPLE_RATE
-        return audios, out.finished.tolist(), seconds / total if total else None
+        total = sum(len(audios[i]) for i in go) / data.SAMPLE_RATE
+        return audios, finished, seconds / total if total else None, errors
+
+
+def read_data(args) -> list:
+    """--data's examples, refused (Refused) where an id appears twice (naming both file:lines) or
+    a row has no language (check_languages). Prompt audio is checked per row later (check_rows)."""
+    try:
+        examples = data.load_dataset(args.data, check_prompts=False)
+    except (OSError, ValueError) as e:
+        raise Refused(f"--data: {e}") from None
+    first = {}
+    for ex in examples:  # an id names its wav and its results row: two rows would share both
+        if ex.id in first:
+            raise Refused(f"--data: id {ex.id!r} appears twice, {first[ex.id]} and {ex.source}; "
+                          "give every row its own id")
+        first[ex.id] = ex.source
+    check_languages(examples, args)
+    return examples
+
+
+def run_record(args) -> dict:
+    """What produces --out's results (run.json): a rerun into that --out must repeat it."""
+    def where(value):  # a path absolute, so that a rerun from another folder compares equal
+        return os.path.abspath(value) if value and os.path.exists(value) else value
+
+    from scorer import language_code
+    language = args.language or ("en" if english_only(args.asr) else None)  # as check_rows has it
+    if language is not None:
+        language = language_code(language)  # 'English' and 'en' alike
+    record = {"model": where(args.model), "wavs": where(args.wavs), "asr": where(args.asr),
+              "reward_whisper": where(args.reward_whisper),
+              "speaker_model": where(args.speaker_model), "language": language}
+    if args.model:  # what --wavs ignores
+        record.update(codec=where(args.codec), temperature=args.temperature, top_p=args.top_p,
+                      top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                      max_new_tokens=args.max_new_tokens, seed=args.seed)
+    return record
 
 
 def evaluate(args):
+    """Score --data's rows into --out (every rank); returns the summary on rank 0, else None."""
     import torch
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    examples = read_data(args)  # the cheap checks first, on every rank alike: all stop, or none
+    record = run_record(args)
+    results.check_record(args.out, record)
     if world > 1:
         import torch.distributed as dist
         dist.init_process_group("gloo")
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
-    os.makedirs(args.out, exist_ok=True)
-    try:  # prompt audio is checked per row (check_rows): a bad one is a bad row, not a stop
-        examples = data.load_dataset(args.data, check_prompts=False)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"eval.py: --data: {e}")
-    check_languages(examples, args)
+    ids = [ex.id for ex in examples]
+    if rank == 0:  # before any result: what produces them; a stopped run's rank files folded in
+        results.write_record(args.out, record)
+        results.fold(args.out, ids)
+    if world > 1:
+        dist.barrier()
     final = os.path.join(args.out, "results.jsonl")
     mine = final if world == 1 else os.path.join(args.out, f"results.rank{rank}.jsonl")
-    earlier = read_results(final, repair=rank == 0) + (read_results(mine, repair=True) if mine != final else [])
+    earlier = results.read_results(final)
     done = {r["id"] for r in earlier if not r.get("error")}  # failed rows are retried
     scoring = Scoring(args, device)
     synth = Synthesizer(args, device) if args.model else None
@@ -294,46 +373,62 @@ def evaluate(args):
     with open(mine, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
-            results = run_batch([r for _, r in batch], batch[0][0], args, scoring, synth)
-            for result in results:
-                f.write(json.dumps(result, ensure_ascii=False) + "\n")
+            answers = run_batch([r for _, r in batch], batch[0][0], args, scoring, synth)
+            f.writelines(json.dumps(answer, ensure_ascii=False) + "\n" for answer in answers)
             f.flush()
             bar.update(len(batch))
     bar.close()
     if world > 1:
-        import torch.distributed as dist
         dist.barrier()
-    if rank == 0:  # one row per id, the newest (a retried row replaces its failure), in data order
-        merged = {}
-        for path in [final] + [os.path.join(args.out, f"results.rank{r}.jsonl") for r in range(world) if world > 1]:
-            merged.update((row["id"], row) for row in read_results(path))
-        with open(final + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(merged[row["id"]], ensure_ascii=False) + "\n"
-                         for row in rows if row["id"] in merged)
-        os.replace(final + ".tmp", final)
+    summary = None
+    if rank == 0:  # one row per id, the newest (a retried row replaces its failure)
+        every = results.fold(args.out, ids)
+        wanted = set(ids)
+        ours = [r for r in every if r["id"] in wanted]
+        summary = results.summarize(ours, len(rows), other_rows=len(every) - len(ours))
+        with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1, ensure_ascii=False)
+        print(results.table(summary))
+        for bad in summary["bad_rows"]:
+            print(f"{bad['source']}: {bad['id']}: {bad['error']}", file=sys.stderr)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    if rank == 0:
-        summary = summarize(read_results(final), len(rows))
-        with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1, ensure_ascii=False)
-        print(table(summary))
-        for bad in summary["bad_rows"]:
-            print(f"{bad['source']}: {bad['id']}: {bad['error']}", file=sys.stderr)
-        return summary
-    return None
+    return summary
+
+
+def read_prompt(path: str) -> tuple[np.ndarray | None, str | None]:
+    """(a row's voice prompt audio, None), or (None, why it cannot be used)."""
+    try:
+        audio = data.read_audio(path)
+    except Exception as e:  # noqa: BLE001 -- any reason it cannot be read: that row's error
+        return None, f"prompt audio {path} cannot be read: {type(e).__name__}: {e}"
+    if not np.isfinite(audio).all():
+        return None, f"prompt audio {path} has NaN or inf samples"
+    return audio, None
 
 
 def run_batch(rows, index, args, scoring, synth) -> list[dict]:
-    """Result dicts of one batch of rows, bad rows answered with their error."""
+    """Result dicts of one batch of rows, bad rows answered with their error. Only rows still good
+    are read: a row marked bad (check_rows) or failing here is never touched again."""
     out = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     audios, ok = [None] * len(rows), [i for i, r in enumerate(rows) if "error" not in r]
-    finished, rtf = [True] * len(rows), None
+    prompts = [None] * len(rows)
+    rtf = None
+    if synth is not None or scoring.uses_prompts:
+        for i in ok:
+            if rows[i]["prompt_wav"]:
+                prompts[i], error = read_prompt(rows[i]["prompt_wav"])
+                if error:
+                    out[i]["error"] = error
+        ok = [i for i in ok if "error" not in out[i]]
     if synth is not None and ok:
-        clips, fin, rtf = synth([rows[i] for i in ok], index)
-        for i, clip, f in zip(ok, clips, fin):
-            audios[i], finished[i] = clip, f
+        clips, fin, rtf, errors = synth([rows[i] for i in ok], [prompts[i] for i in ok], index)
+        for i, clip, f, error in zip(ok, clips, fin, errors):
+            if error:
+                out[i]["error"] = error
+                continue
+            audios[i] = clip
             out[i]["truncated"] = not f
     for i in ok if synth is None else []:
         try:
@@ -347,9 +442,6 @@ def run_batch(rows, index, args, scoring, synth) -> list[dict]:
         for i in ok:
             name = rows[i]["id"].replace(os.sep, "_")
             soundfile.write(os.path.join(args.out, "wavs", f"{name}.wav"), audios[i], data.SAMPLE_RATE)
-    prompts = [None] * len(rows)
-    if scoring.sims is not None or (scoring.whisper is not None and scoring.whisper.speaker is not None):
-        prompts = [data.read_audio(rows[i]["prompt_wav"]) if rows[i]["prompt_wav"] else None for i in range(len(rows))]
     if ok:
         scores = scoring.score([rows[i] for i in ok], [audios[i] for i in ok], [prompts[i] for i in ok])
         for i, s in zip(ok, scores):
@@ -363,109 +455,17 @@ def run_batch(rows, index, args, scoring, synth) -> list[dict]:
     return out
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return float(np.mean(xs)) if xs else None
-
-
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return float(np.median(xs)) if xs else None
-
-
-def summarize(results: list[dict], n_rows: int) -> dict:
-    """Means over scored rows (errors excluded, counted apart); WER and CER are each the mean of
-    per-utterance rates (seed-tts-eval's average), over the rows rated by that metric."""
-    good = [r for r in results if not r.get("error")]
-    summary = dict(rows=n_rows, results=len(results), scored=len(good))
-    for kind in ("wer", "cer"):
-        rated = [r[kind] for r in good if r.get("metric") == kind]
-        summary[f"{kind}_mean"], summary[f"n_{kind}"] = _mean(rated), len(rated)
-    summary["sim_mean"] = _mean(r.get("sim") for r in good)
-    summary["reward_mean"] = _mean(r.get("reward") for r in good)
-    for k in PROSODY:
-        summary[f"{k}_median"] = _median(r.get(k) for r in good)
-    summary["duration_s_mean"] = _mean(r.get("duration_s") for r in good)
-    summary["rtf_mean"] = _mean(r.get("rtf") for r in good)
-    summary["silent"] = sum(bool(r.get("silent")) for r in good)
-    summary["too_long"] = sum(bool(r.get("too_long")) for r in results)
-    summary["truncated"] = sum(bool(r.get("truncated")) for r in results)
-    bad = [r for r in results if r.get("error")]
-    summary["errors"] = len(bad)
-    summary["bad_rows"] = [dict(id=r["id"], source=r.get("source"), error=r["error"]) for r in bad]
-    return summary
-
-
-def _fmt(x):
-    return "-" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
-
-
-def table(summary: dict) -> str:
-    names = [("rows", "rows"), ("scored", "scored"),
-             ("wer_mean", "WER (mean of per-utterance WER)"), ("n_wer", "rows rated by WER"),
-             ("cer_mean", "CER (mean of per-utterance CER)"), ("n_cer", "rows rated by CER"),
-             ("sim_mean", "SIM (mean)"), ("reward_mean", "reward (mean)"),
-             ("f0_std_semitones_median", "pitch spread, semitones (median)"),
-             ("voiced_frac_median", "voiced fraction (median)"), ("chars_per_s_median", "chars/s (median)"),
-             ("duration_s_mean", "duration, s (mean)"), ("rtf_mean", "real-time factor (mean)"),
-             ("silent", "silent clips"), ("too_long", "too long (> 30 s)"), ("truncated", "truncated"),
-             ("errors", "bad rows (errors)")]
-    return "\n".join(["| metric | value |", "| --- | --- |"] +
-                     [f"| {label} | {_fmt(summary.get(key))} |" for key, label in names])
-
-
-# ---- --compare: paired bootstrap and sign test --------------------------------------------------
-
-def bootstrap_ci(diffs, *, resamples: int = 10000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of the mean of `diffs` over `resamples` paired resamples (seeded)."""
-    d = np.asarray(diffs, np.float64)
-    means = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(axis=1)
-    lo, hi = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-    return float(lo), float(hi)
-
-
-def sign_test(diffs) -> float:
-    """Two-sided exact binomial sign test p-value of the differences (zeros dropped)."""
-    pos, neg = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-    n, k = pos + neg, min(pos, neg)
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
-
-
-def compare(dir_a: str, dir_b: str, *, resamples: int = 10000, seed: int = 0) -> list[dict]:
-    runs = []
-    for d in (dir_a, dir_b):
-        path = os.path.join(d, "results.jsonl")
-        if not os.path.exists(path):
-            raise SystemExit(f"eval.py: --compare: no results.jsonl in {d}")
-        runs.append({r["id"]: r for r in read_results(path) if not r.get("error")})
-    a, b = runs
-    ids = [i for i in a if i in b]
-    out = []
-    for key in COMPARED:
-        pairs = [(a[i][key], b[i][key]) for i in ids if a[i].get(key) is not None and b[i].get(key) is not None]
-        if not pairs:
-            continue
-        diffs = [y - x for x, y in pairs]
-        lo, hi = bootstrap_ci(diffs, resamples=resamples, seed=seed)
-        out.append(dict(metric=key, n=len(pairs), mean_a=float(np.mean([x for x, _ in pairs])),
-                        mean_b=float(np.mean([y for _, y in pairs])), diff=float(np.mean(diffs)),
-                        ci_low=lo, ci_high=hi, sign_p=sign_test(diffs)))
-    lines = [f"B = {dir_b} minus A = {dir_a}, paired by id ({len(ids)} ids in both); 95% paired bootstrap "
-             f"({resamples} resamples, seed {seed}); two-sided exact sign test", "",
-             "| metric | pairs | mean A | mean B | B - A | 95% CI | sign test p |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['metric']} | {r['n']} | {r['mean_a']:.4f} | {r['mean_b']:.4f} | {r['diff']:+.4f} | "
-              f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['sign_p']:.3g} |" for r in out]
-    print("\n".join(lines))
-    return out
-
-
 def main(argv=None):
+    """eval.py's command line; a user's error (Refused) is one line on stderr, exit status 2."""
     args = parse_args(argv)
-    if args.compare:
-        return compare(*args.compare, resamples=args.resamples, seed=args.seed)
-    return evaluate(args)
+    try:
+        check_args(args)
+        if args.compare:
+            return results.compare(*args.compare, resamples=args.resamples, seed=args.seed)
+        return evaluate(args)
+    except Refused as e:
+        print(e, file=sys.stderr, flush=True)
+        raise
 
 
 if __name__ == "__main__":

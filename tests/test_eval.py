@@ -1,5 +1,5 @@
-"""eval.py: the seed-tts-eval WER/CER normalization, Seed-TTS lists, resume, bad rows, --compare's
-statistics, --wavs with real Whisper tiny.en on the test assets, and --model end to end (CPU)."""
+"""eval.py: the seed-tts-eval WER/CER normalization, Seed-TTS lists, resume, bad rows, --compare,
+--out's record, bad flags, --wavs with real Whisper tiny.en on the test assets, and --model end to end (CPU)."""
 import json
 import math
 import os
@@ -11,6 +11,7 @@ import pytest
 import soundfile
 
 import eval as ev
+import results as res
 from helpers import ASSETS, REPO
 from reward import seed_tts_normalize, table_error_rate
 
@@ -41,17 +42,6 @@ def test_normalization_follows_run_wer():
     assert table_error_rate("Hello there", "", "en") == ("wer", 1.0)
     with pytest.raises(ValueError):
         table_error_rate("?!", "x", "en")
-
-
-def test_bootstrap_and_sign_test_known_cases():
-    assert ev.bootstrap_ci([0.25] * 7, resamples=500) == (pytest.approx(0.25), pytest.approx(0.25))
-    lo, hi = ev.bootstrap_ci([0.0, 1.0] * 50, resamples=2000, seed=1)
-    assert lo < 0.5 < hi and hi - lo < 0.3
-    assert ev.bootstrap_ci([1, 2, 3], seed=3) == ev.bootstrap_ci([1, 2, 3], seed=3)  # seeded
-    assert ev.sign_test([1, 1, 1, 1, 1]) == pytest.approx(2 / 32)  # all five one way: 2 * 0.5^5
-    assert ev.sign_test([1, -1, 0, 0]) == 1.0  # zeros dropped
-    assert ev.sign_test([1] * 9 + [-1]) == pytest.approx(2 * 11 / 1024)
-    assert ev.sign_test([]) == 1.0
 
 
 def _results(folder, rows):
@@ -96,7 +86,7 @@ def test_seed_tts_list_wavs_resume_and_bad_rows(tmp_path, fake_asr, capsys):
             "--asr", "fake_asr_mod:transcribe", "--language", "en", "--speaker-model", "random-tiny"]
     summary = ev.main(argv)
     assert len(fake_asr.CALLS) == 2 and all(lang == "en" for _, lang in fake_asr.CALLS)
-    rows = {r["id"]: r for r in ev.read_results(str(tmp_path / "out" / "results.jsonl"))}
+    rows = {r["id"]: r for r in res.read_results(str(tmp_path / "out" / "results.jsonl"))}
     assert rows["u1"]["wer"] == 0.0 and rows["u2"]["wer"] == pytest.approx(4 / 3)
     assert rows["u1"]["sim"] is not None and rows["u1"]["reward"] is None  # no reward Whisper given
     assert rows["u3"]["error"].startswith("wav not found") and rows["u3"]["source"] == f"{lst}:3"
@@ -106,7 +96,7 @@ def test_seed_tts_list_wavs_resume_and_bad_rows(tmp_path, fake_asr, capsys):
     assert f"{lst}:3" in capsys.readouterr().err
     again = ev.main(argv)  # resumed: nothing left to do, the same summary
     assert len(fake_asr.CALLS) == 2 and again["wer_mean"] == summary["wer_mean"]
-    assert len(ev.read_results(str(tmp_path / "out" / "results.jsonl"))) == 4
+    assert len(res.read_results(str(tmp_path / "out" / "results.jsonl"))) == 4
 
 
 def test_unknown_language_is_a_bad_row(tmp_path, fake_asr):
@@ -160,7 +150,7 @@ def test_model_tiny_end_to_end(tmp_path, fake_asr):
     summary = ev.main(["--model", "tiny", "--codec", "tone", "--data", os.path.join(CLONE, "val.jsonl"),
                        "--out", str(tmp_path / "o"), "--asr", "fake_asr_mod:transcribe", "--max-new-tokens", "24",
                        "--reward-whisper", "random-tiny", "--speaker-model", "random-tiny", "--language", "en"])
-    rows = ev.read_results(str(tmp_path / "o" / "results.jsonl"))
+    rows = res.read_results(str(tmp_path / "o" / "results.jsonl"))
     assert [r["id"] for r in rows] == ["v0", "v1"] and len(fake_asr.CALLS) == 2
     for r in rows:
         assert r["error"] is None and r["wer"] == (0.0 if r["id"] == "v0" else pytest.approx(4 / 3))
@@ -171,14 +161,21 @@ def test_model_tiny_end_to_end(tmp_path, fake_asr):
 
 
 def test_model_top_k_one_is_greedy(tmp_path, fake_asr):
-    """--top-k reaches sampling: at --temperature 1, --top-k 1 draws the greedy clips."""
+    """--top-k reaches sampling: at --temperature 1, --top-k 1 draws the greedy clips. By default
+    eval samples (LLASA's temperature 0.8), the same clips for the same --seed."""
     base = ["--model", "tiny", "--codec", "tone", "--data", os.path.join(CLONE, "val.jsonl"),
             "--asr", "fake_asr_mod:transcribe", "--max-new-tokens", "24", "--language", "en"]
-    ev.main(base + ["--out", str(tmp_path / "greedy")])
+    ev.main(base + ["--out", str(tmp_path / "greedy"), "--temperature", "0"])
     ev.main(base + ["--out", str(tmp_path / "k1"), "--temperature", "1", "--top-k", "1", "--seed", "5"])
     for i in ("v0", "v1"):
         greedy, k1 = (soundfile.read(tmp_path / d / "wavs" / f"{i}.wav")[0] for d in ("greedy", "k1"))
         assert greedy.shape == k1.shape and np.array_equal(greedy, k1)
+    ev.main(base + ["--out", str(tmp_path / "sampled")])  # the default: LLASA's T 0.8, seeded
+    ev.main(base + ["--out", str(tmp_path / "again")])
+    clips = {d: [soundfile.read(tmp_path / d / "wavs" / f"{i}.wav")[0] for i in ("v0", "v1")]
+             for d in ("greedy", "sampled", "again")}
+    assert all(np.array_equal(a, b) for a, b in zip(clips["sampled"], clips["again"]))
+    assert not all(np.array_equal(a, b) for a, b in zip(clips["sampled"], clips["greedy"]))
 
 
 def test_wavs_with_real_whisper_tiny(tmp_path):
@@ -200,7 +197,7 @@ def test_wavs_with_real_whisper_tiny(tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = ev.main(["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
                        "--asr", checkpoint])
-    got = {r["id"]: r for r in ev.read_results(str(tmp_path / "o" / "results.jsonl"))}
+    got = {r["id"]: r for r in res.read_results(str(tmp_path / "o" / "results.jsonl"))}
     right = [got[f"right{i}"]["wer"] for i in range(3)]
     wrong = [got[f"wrong{i}"]["wer"] for i in range(3)]
     assert max(right) < min(wrong) and np.mean(right) < 0.4 and np.mean(wrong) > 0.6
@@ -225,24 +222,52 @@ def test_training_validation_uses_the_table_metric():
     assert table_metrics([Score(0.7)], examples[:1], world=1) == {}  # a custom reward: no transcript
 
 
-def test_torchrun_two_ranks_split_and_merge(tmp_path, fake_asr):
-    """torchrun --nproc_per_node=2: rank r scores rows r::2 into results.rank{r}.jsonl; rank 0 merges
-    them into results.jsonl in data order and writes the summary."""
+def test_torchrun_two_ranks_split_merge_and_world_changes(tmp_path, monkeypatch):
+    """torchrun --nproc_per_node=2: rank r scores rows r::2; rank 0 folds the ranks' files into
+    results.jsonl in data order, deletes them and writes the summary. World 2 -> 1 -> 2: a failure
+    of the first run, fixed by the second, stays fixed after the third (no stale rank file)."""
     import subprocess
-    for i in range(5):
-        _tone_wav(tmp_path / f"r{i}.wav")
+    (tmp_path / "rank_asr_mod.py").write_text(
+        "import os\ndef transcribe(audio, language):\n"
+        "    with open(os.environ['ASR_LOG'], 'a') as f:\n"
+        "        f.write(os.environ.get('RANK', '-') + ' ' + str(len(audio)) + '\\n')\n"
+        "    return 'where is the station'\n")
+    for i in (0, 1, 2, 4):  # r3.wav missing at first: rank 1's row fails
+        _tone_wav(tmp_path / f"r{i}.wav", seconds=0.1 * (i + 1))  # 1600 * (i + 1) samples
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(dict(id=f"r{i}", text="where is the station")) + "\n"
                                               for i in range(5)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(REPO, "eval.py"), "--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"),
-           "--out", str(tmp_path / "o"), "--asr", "fake_asr_mod:transcribe", "--batch-size", "2", "--language", "en"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), REPO])}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [[r["id"] for r in ev.read_results(str(tmp_path / "o" / f"results.rank{k}.jsonl"))] for k in (0, 1)]
-    assert ranks == [["r0", "r2", "r4"], ["r1", "r3"]]
-    assert [r["id"] for r in ev.read_results(str(tmp_path / "o" / "results.jsonl"))] == [f"r{i}" for i in range(5)]
-    assert json.load(open(tmp_path / "o" / "summary.json"))["scored"] == 5 and "| rows | 5 |" in proc.stdout
+    out = tmp_path / "o"
+    argv = ["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(out),
+            "--asr", "rank_asr_mod:transcribe", "--batch-size", "2", "--language", "en"]
+    log = tmp_path / "calls.txt"
+    monkeypatch.setenv("ASR_LOG", str(log))
+
+    def torchrun():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(REPO, "eval.py")] + argv
+        path = os.pathsep.join([str(tmp_path), REPO])
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not [n for n in os.listdir(out) if n.startswith("results.rank")]  # folded, deleted
+        return proc
+
+    proc = torchrun()
+    calls = sorted(tuple(int(x) for x in line.split()) for line in log.read_text().splitlines())
+    assert calls == [(0, 1600), (0, 4800), (0, 8000), (1, 3200)]  # rank 0: r0 r2 r4; rank 1: r1
+    rows = res.read_results(str(out / "results.jsonl"))
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(5)]
+    assert rows[3]["error"].startswith("wav not found")
+    assert json.load(open(out / "summary.json"))["scored"] == 4 and "| rows | 5 |" in proc.stdout
+    _tone_wav(tmp_path / "r3.wav", seconds=0.4)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert ev.main(argv)["errors"] == 0  # world 1: r3 retried, fixed
+    assert log.read_text().splitlines()[-1] == "- 6400"
+    torchrun()  # world 2 again: nothing left to do, and r3 stays fixed
+    rows = res.read_results(str(out / "results.jsonl"))
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(5)] and rows[3]["error"] is None
+    assert json.load(open(out / "summary.json"))["errors"] == 0
+    assert len(log.read_text().splitlines()) == 5
 
 
 def test_text_with_nothing_to_rate_is_a_bad_row_alone(tmp_path, fake_asr):
@@ -275,7 +300,7 @@ def test_row_without_language_stops_before_any_work(tmp_path, fake_asr):
 
 
 def _transcripts(out):
-    return {r["id"]: r for r in ev.read_results(str(out / "results.jsonl"))}
+    return {r["id"]: r for r in res.read_results(str(out / "results.jsonl"))}
 
 
 def test_resume_retries_failed_rows_and_keeps_the_newest(tmp_path, fake_asr):
@@ -289,7 +314,7 @@ def test_resume_retries_failed_rows_and_keeps_the_newest(tmp_path, fake_asr):
     again = ev.main(argv)
     assert fake_asr.CALLS[1:] == [(4000, "en")]  # only b retried, a kept
     assert again["errors"] == 0 and again["scored"] == 2
-    rows = ev.read_results(str(tmp_path / "o" / "results.jsonl"))
+    rows = res.read_results(str(tmp_path / "o" / "results.jsonl"))
     assert [r["id"] for r in rows] == ["a", "b"] and rows[1]["error"] is None and rows[1]["wer"] == 0.0
 
 
@@ -307,7 +332,7 @@ def test_resume_after_a_torn_last_line(tmp_path, fake_asr, capsys):
     summary = ev.main(argv)
     assert f"{path}:3: dropped an unfinished last line" in capsys.readouterr().err
     assert len(fake_asr.CALLS) == 4 and summary["scored"] == 3  # only c redone
-    assert [r["id"] for r in ev.read_results(str(path))] == ["a", "b", "c"]
+    assert [r["id"] for r in res.read_results(str(path))] == ["a", "b", "c"]
     path.write_text("{broken\n" + "".join(lines[1:]))  # a bad line elsewhere: an error naming it
     with pytest.raises(SystemExit, match=f"{path}:1: not a results row"):
         ev.main(argv)
@@ -345,3 +370,188 @@ def test_asr_exception_is_that_rows_error(tmp_path, monkeypatch):
     rows = _transcripts(tmp_path / "o")
     assert rows["a"]["wer"] == 0.0 and rows["b"]["error"] == "--asr flaky_asr_mod:transcribe: RuntimeError: boom"
     assert summary["errors"] == 1 and summary["scored"] == 1
+
+
+def test_bad_prompt_with_a_speaker_model_is_a_bad_row_alone(tmp_path, fake_asr):
+    """With a speaker model (SIM reads the prompts), a missing, unreadable or NaN prompt_wav is
+    that row's error; the batch's good row is scored, and a rerun retries only the bad ones."""
+    shutil.copy(os.path.join(CLONE, "low.wav"), tmp_path / "low.wav")
+    (tmp_path / "broken.wav").write_bytes(b"not a wav")
+    soundfile.write(tmp_path / "nan.wav", np.full(1600, np.nan, np.float32), 16000, subtype="FLOAT")
+    prompts = {"a": "low.wav", "b": "missing.wav", "c": "broken.wav", "d": "nan.wav"}
+    for name in prompts:
+        _tone_wav(tmp_path / f"{name}.wav")
+    rows = [dict(id=n, text="where is the station", language="en", prompt_wav=w,
+                 prompt_text="A voice.") for n, w in prompts.items()]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"),
+            "--out", str(tmp_path / "o"), "--asr", "fake_asr_mod:transcribe",
+            "--speaker-model", "random-tiny", "--batch-size", "4"]
+    summary = ev.main(argv)
+    rows = _transcripts(tmp_path / "o")
+    assert rows["a"]["error"] is None and -1 <= rows["a"]["sim"] <= 1 and len(fake_asr.CALLS) == 1
+    assert rows["b"]["error"].startswith("prompt audio not found")
+    assert "cannot be read" in rows["c"]["error"] and "NaN" in rows["d"]["error"]
+    assert summary["errors"] == 3 and summary["scored"] == 1
+    assert ev.main(argv)["errors"] == 3 and len(fake_asr.CALLS) == 1  # the rerun runs too
+
+
+def test_rerun_into_another_runs_out_is_refused(tmp_path, fake_asr, capsys):
+    """--out records what produced it (run.json); a rerun with another --wavs, speaker model or
+    sampling knob is refused in one line naming the flag (exit 2), before anything is scored."""
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        _tone_wav(tmp_path / d / "u.wav")
+    (tmp_path / "d.jsonl").write_text('{"id": "u", "text": "where is the station"}\n')
+    out = tmp_path / "o"
+    base = ["--data", str(tmp_path / "d.jsonl"), "--out", str(out),
+            "--asr", "fake_asr_mod:transcribe", "--language", "en"]
+    assert ev.main(["--wavs", str(tmp_path / "a")] + base)["scored"] == 1
+    record = json.load(open(out / "run.json"))
+    assert record["wavs"] == str(tmp_path / "a") and record["asr"] == "fake_asr_mod:transcribe"
+    other_speaker = ["--wavs", str(tmp_path / "a"), "--speaker-model", "random-tiny"]
+    other_wavs = ["--wavs", str(tmp_path / "b")]
+    for extra, flag in ((other_wavs, "--wavs"), (other_speaker, "--speaker-model")):
+        with pytest.raises(SystemExit) as e:
+            ev.main(extra + base)
+        assert e.value.code == 2 and f"holds the results of another run: {flag} was" in str(e.value)
+        assert "\n" not in str(e.value)
+    said = f"--wavs was '{tmp_path / 'a'}' there (run.json), '{tmp_path / 'b'}' now"
+    assert said in capsys.readouterr().err
+    assert len(fake_asr.CALLS) == 1  # nothing scored by the refused runs
+    assert ev.main(["--wavs", str(tmp_path / "a")] + base)["scored"] == 1  # the same flags: resumed
+    os.remove(out / "run.json")  # results whose origin is unknown
+    with pytest.raises(SystemExit, match="holds results but no run.json") as e:
+        ev.main(["--wavs", str(tmp_path / "a")] + base)
+    model = ["--model", "tiny", "--codec", "tone", "--data", os.path.join(CLONE, "val.jsonl"),
+             "--out", str(tmp_path / "m"), "--asr", "fake_asr_mod:transcribe",
+             "--max-new-tokens", "8", "--language", "en"]
+    ev.main(model)
+    with pytest.raises(SystemExit) as e:
+        ev.main(model + ["--temperature", "0"])
+    assert e.value.code == 2 and "--temperature was 0.8 there (run.json), 0.0 now" in str(e.value)
+
+
+def test_rerun_on_part_of_the_data_keeps_the_other_rows(tmp_path, fake_asr):
+    for name in "abc":
+        _tone_wav(tmp_path / f"{name}.wav")
+    row = '{{"id": "{}", "text": "where is the station"}}\n'
+    (tmp_path / "all.jsonl").write_text("".join(row.format(n) for n in "abc"))
+    (tmp_path / "part.jsonl").write_text(row.format("b"))
+    base = ["--wavs", str(tmp_path), "--out", str(tmp_path / "o"),
+            "--asr", "fake_asr_mod:transcribe", "--language", "en"]
+    ev.main(base + ["--data", str(tmp_path / "all.jsonl")])
+    summary = ev.main(base + ["--data", str(tmp_path / "part.jsonl")])
+    kept = res.read_results(str(tmp_path / "o" / "results.jsonl"))
+    assert [r["id"] for r in kept] == ["a", "b", "c"]
+    assert summary["rows"] == 1 and summary["scored"] == 1 and summary["other_rows"] == 2
+    assert "other ids' rows kept in results.jsonl" in res.table(summary)
+    assert len(fake_asr.CALLS) == 3  # b was done already
+
+
+def test_duplicate_ids_are_refused_naming_both_lines(tmp_path, fake_asr):
+    _tone_wav(tmp_path / "a.wav")
+    data_file = tmp_path / "d.jsonl"
+    data_file.write_text('{"id": "a", "text": "where is the station"}\n{"id": "b", "text": "hi"}\n'
+                         '{"id": "a", "text": "please sit down"}\n')
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--wavs", str(tmp_path), "--data", str(data_file), "--out", str(tmp_path / "o"),
+                 "--asr", "fake_asr_mod:transcribe", "--language", "en"])
+    assert e.value.code == 2 and "\n" not in str(e.value)
+    assert f"id 'a' appears twice, {data_file}:1 and {data_file}:3" in str(e.value)
+    assert fake_asr.CALLS == [] and not os.path.exists(tmp_path / "o")
+
+
+def test_default_sampling_is_llasas(capsys):
+    args = ev.parse_args(["--model", "tiny", "--data", "d", "--out", "o"])
+    assert (args.temperature, args.top_p, args.top_k, args.repetition_penalty) == (0.8, 1.0, 0, 1.0)
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "(default 0.8, LLASA's); 0 = greedy" in usage and "(default 1.0 = off)" in usage
+    assert "repetition penalty, > 0 (default 1.0 = none)" in usage
+
+
+BAD_FLAGS = [  # (flags, the one-line message): each refused before any model loads
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--resamples", "0"], "--resamples must be >= 1, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--temperature", "-0.5"], "--temperature must be >= 0 (0 = greedy), got -0.5"),
+    (["--temperature", "nan"], "--temperature must be >= 0 (0 = greedy), got nan"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--top-k", "-1"], "--top-k must be >= 0 (0 = off), got -1"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be > 0 (1 = none), got 0.0"),
+    (["--codec", "mp3"], "--codec 'mp3': expected 'tone', 'words[:PATH]', 'xcodec2[:PATH]'"),
+    (["--reward-whisper", "tiny"], "--reward-whisper 'tiny' is for a module:function --asr"),
+    (["--language", "klingon"], "--language: unknown language 'klingon'"),
+    (["--device", "toaster"], "--device 'toaster': Expected one of cpu"),
+]
+
+
+def test_bad_flags_are_one_line_exit_2_before_any_model_loads(tmp_path):
+    """Every bad flag or input: one line naming it, exit status 2, nothing loaded (the --model and
+    --asr given do not exist: loading either would stop with 'cannot load')."""
+    (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "hi"}\n')
+    (tmp_path / "file").write_text("")
+    data_file = str(tmp_path / "d.jsonl")
+    base = ["--model", str(tmp_path / "no-ckpt"), "--codec", "tone", "--data", data_file,
+            "--out", str(tmp_path / "o"), "--asr", str(tmp_path / "no-whisper.pt")]
+    cases = BAD_FLAGS + [
+        (["--data", str(tmp_path / "none")], f"--data {tmp_path / 'none'}: no such file"),
+        (["--out", str(tmp_path / "file")], f"--out {tmp_path / 'file'} is a file, not a folder"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as e:
+            ev.main(base + flags)
+        assert e.value.code == 2, flags
+        assert str(e.value).startswith(f"eval.py: {message}"), str(e.value)
+        assert "\n" not in str(e.value)
+    no_dir = str(tmp_path / "no-dir")
+    compare = ["--compare", str(tmp_path), str(tmp_path)]
+    others = [(["--wavs", no_dir, "--data", data_file, "--out", str(tmp_path / "o")],
+               f"--wavs {no_dir}: no such folder"),
+              (["--wavs", str(tmp_path), "--data", data_file], "--data and --out are needed"),
+              (compare, f"--compare: no results.jsonl in {tmp_path}"),
+              (compare + ["--resamples", "0"], "--resamples must be >= 1")]
+    for argv, message in others:
+        with pytest.raises(SystemExit) as e:
+            ev.main(argv)
+        assert e.value.code == 2, argv
+        assert str(e.value).startswith(f"eval.py: {message}"), str(e.value)
+    assert not os.path.exists(tmp_path / "o")
+    import subprocess  # as a command: that line on stderr, status 2, no traceback
+    cmd = [sys.executable, os.path.join(REPO, "eval.py")] + base + ["--batch-size", "0"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr == "eval.py: --batch-size must be >= 1, got 0\n"
+
+
+def test_clips_and_prompts_over_30_s(tmp_path, fake_asr):
+    """A 31 s clip and a 31 s voice prompt are scored (a module:function ASR hears any length; the
+    reward's Whisper refuses the clip as too_long, a bad row); with --model a 31 s prompt is cloned,
+    and a 90 s one, which leaves no room in the tiny model's context, is that row's error alone."""
+    _tone_wav(tmp_path / "long.wav", seconds=31)
+    _tone_wav(tmp_path / "huge.wav", seconds=90)
+    _tone_wav(tmp_path / "short.wav")
+    rows = [dict(id=i, text="where is the station", prompt_wav="long.wav", prompt_text="A voice.")
+            for i in ("long", "short")]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["--data", str(tmp_path / "d.jsonl"), "--asr", "fake_asr_mod:transcribe",
+            "--language", "en", "--speaker-model", "random-tiny"]
+    summary = ev.main(["--wavs", str(tmp_path), "--out", str(tmp_path / "o")] + base)
+    got = _transcripts(tmp_path / "o")
+    assert summary["errors"] == 0 and got["long"]["duration_s"] == 31
+    assert got["long"]["sim"] is not None
+    reward = ["--reward-whisper", "random-tiny"]
+    summary = ev.main(["--wavs", str(tmp_path), "--out", str(tmp_path / "r")] + reward + base)
+    got = _transcripts(tmp_path / "r")
+    assert got["long"]["too_long"] and "longer than Whisper's 30 s window" in got["long"]["error"]
+    assert got["short"]["error"] is None and summary["too_long"] == 1 and summary["scored"] == 1
+    rows[1]["prompt_wav"] = "huge.wav"
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = ["--model", "tiny", "--codec", "tone", "--max-new-tokens", "8"]
+    summary = ev.main(model + ["--out", str(tmp_path / "m")] + base[:-2])
+    got = _transcripts(tmp_path / "m")
+    assert got["long"]["error"] is None and got["long"]["duration_s"] > 0
+    assert "exceed the model's context of 4096 tokens" in got["short"]["error"]
+    assert summary["scored"] == 1
