@@ -312,7 +312,9 @@ def cli_problem(args) -> str | None:
                 "> 0 (1 = off)"),
                ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"))
     for flag, value, ok, what in numbers:
-        if not (ok and math.isfinite(value)):
+        if not math.isfinite(value):
+            return f"{flag} {value}: must be a finite number"
+        if not ok:
             return f"{flag} {value}: must be {what}"
     for flag, value, problem in (("--model", args.model, model_problem),
                                  ("--codec", args.codec, codec_problem),
