@@ -380,7 +380,7 @@ def train(cfg: Config) -> list[dict]:
 
 
 def main(argv=None):
-    cfg = parse_config(argv, description=__doc__)
+    cfg = parse_config(argv, description=__doc__, inputs=True)  # a user's error: one line, exit 2
     try:
         train(cfg)
     except FileExistsError as e:  # --out holds another run: a message, not a traceback

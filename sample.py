@@ -21,6 +21,9 @@ CLI (TTS inference):
 import argparse
 import contextlib
 import functools
+import math
+import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -210,6 +213,117 @@ def _check_args(model, prompts, vocab, max_new_tokens, temperature, top_p, top_k
         raise ValueError(f"generator is on {generator.device} but the model is on {device}")
 
 
+# ----------------------------------------------------------------------------- input checks
+# A user's mistake in a flag is one line naming the flag and the value, before anything loads.
+# The spec checks (--model, --codec, devices) are shared with the trainer's config.check_config.
+
+# A Hugging Face Hub id, 'org/name' or 'name': never a path with two '/' or one that starts '.'
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+class CLIParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `PROG: error: MESSAGE`, exit status 2 (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def model_problem(name: str) -> str | None:
+    """Why --model `name` cannot name a model ('tiny', 'demo', a Hugging Face directory or a Hub
+    id); None if it may (a Hub id is looked up only when loaded)."""
+    if name in ("tiny", "demo"):
+        return None
+    if os.path.isdir(name):
+        if os.path.isfile(os.path.join(name, "config.json")):
+            return None
+        return "a directory without config.json (not a Hugging Face model directory)"
+    if os.path.exists(name):
+        return "a file; expected a Hugging Face model directory or Hub id"
+    if HUB_ID.fullmatch(name):
+        return None
+    return "no such directory (nor a Hugging Face Hub id such as HKUSTAudio/Llasa-1B)"
+
+
+def codec_problem(spec: str) -> str | None:
+    """Why --codec `spec` names no codec that codec.load_codec knows; None if it may (PATH, when
+    given, must exist; a Hub id is looked up only when loaded)."""
+    kind, _, path = spec.partition(":")
+    if spec == "tone" or (kind in ("words", "xcodec2", "xcodec2-package") and not path):
+        return None
+    if kind not in ("words", "xcodec2", "xcodec2-package"):
+        return "expected 'tone', 'words[:PATH]', 'xcodec2[:PATH]' or 'xcodec2-package[:PATH]'"
+    if os.path.exists(path) or (kind != "words" and HUB_ID.fullmatch(path)):
+        return None
+    return f"no such file or directory: {path}"
+
+
+def device_problem(name: str, check_present: bool = True) -> str | None:
+    """Why `name` is not a device to run on: 'cpu', 'cuda' or 'cuda:N' (with `check_present`, a CUDA
+    device this machine has); None if it is."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        return "expected 'cpu', 'cuda' or 'cuda:N'"
+    if not check_present or device.type == "cpu":
+        return None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return "no CUDA device is visible on this machine"
+    if (device.index or 0) >= count:
+        return f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+    return None
+
+
+def audio_problem(path: str) -> str | None:
+    """Why `path` is not a sound file to read (missing, unreadable, empty); None if it is one."""
+    import soundfile
+    if not os.path.isfile(path):
+        return "no such file"
+    try:
+        frames = soundfile.info(path).frames
+    except Exception as e:  # noqa: BLE001 -- any reason it cannot be read, said in the line
+        return f"cannot be read ({e})"
+    return "empty (no audio frames)" if frames == 0 else None
+
+
+def cli_problem(args) -> str | None:
+    """The first of sample.py's arguments that cannot work, as one line naming the flag and value;
+    None if all may. Nothing is loaded (the model's context is checked once it is)."""
+    import soundfile
+    if not args.text.strip():
+        return f"--text {args.text!r}: nothing to say"
+    folder = os.path.dirname(args.out) or "."
+    if not os.path.isdir(folder):
+        return f"--out {args.out}: no such directory {folder}"
+    if os.path.splitext(args.out)[1][1:].upper() not in soundfile.available_formats():
+        return f"--out {args.out}: expected a sound file name such as out.wav"
+    if (args.prompt_wav is None) != (args.prompt_text is None):
+        return "--prompt-wav and --prompt-text: voice cloning needs both"
+    if args.prompt_wav is not None and (why := audio_problem(args.prompt_wav)):
+        return f"--prompt-wav {args.prompt_wav}: {why}"
+    if args.prompt_text is not None and not args.prompt_text.strip():
+        return f"--prompt-text {args.prompt_text!r}: empty"
+    numbers = (("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0 = greedy)"),
+               ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1] (1 = off)"),
+               ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0 = off)"),
+               ("--repetition-penalty", args.repetition_penalty, args.repetition_penalty > 0,
+                "> 0 (1 = off)"),
+               ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"))
+    for flag, value, ok, what in numbers:
+        if not math.isfinite(value):
+            return f"{flag} {value}: must be a finite number"
+        if not ok:
+            return f"{flag} {value}: must be {what}"
+    for flag, value, problem in (("--model", args.model, model_problem),
+                                 ("--codec", args.codec, codec_problem),
+                                 ("--device", args.device, device_problem)):
+        if why := problem(value):
+            return f"{flag} {value}: {why}"
+    return None
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
@@ -219,7 +333,8 @@ def main(argv=None):
     import demo
     from models import load_model
 
-    p = argparse.ArgumentParser(description="LLASA text-to-speech: text -> speech tokens -> 16 kHz wav.")
+    p = CLIParser(prog="sample.py",
+                  description="LLASA text-to-speech: text -> speech tokens -> 16 kHz wav.")
     p.add_argument("--model", required=True,
                    help="Hugging Face directory or hub id of a LLASA model, 'tiny' (random, offline) or 'demo' "
                         "(the CPU demo's policy, built on first use)")
@@ -249,18 +364,22 @@ def main(argv=None):
                    help="decode with the compiled static-shape step (CUDA graphs on a GPU; the first call "
                         "compiles, which takes a while) (default: on for cuda, off for cpu)")
     args = p.parse_args(argv)
+    if why := cli_problem(args):  # before anything loads
+        p.error(why)
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model, tokenizer = load_model(demo.resolve_model(args.model), device, dtype)
     vocab = data.speech_vocab(tokenizer)
-    if (args.prompt_wav is None) != (args.prompt_text is None):
-        p.error("voice cloning needs both --prompt-wav and --prompt-text")
     speech_codec = codec.load_codec(args.codec, device)
     prompt_codes = None
     if args.prompt_wav:  # LLASA's clone prompt: the prompt's speech tokens open the assistant turn
         prompt_codes = speech_codec.encode([data.read_audio(args.prompt_wav)])[0]
     ids = data.prompt_ids(tokenizer, args.text, args.prompt_text, prompt_codes)
+    positions = model.config.max_position_embeddings  # known once the model is loaded
+    if args.max_new_tokens > positions - len(ids):
+        p.error(f"--max-new-tokens {args.max_new_tokens}: the prompt takes {len(ids)} of the "
+                f"model's {positions} positions, leaving {positions - len(ids)}")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,

@@ -1,5 +1,9 @@
 """sample.py: batched generation against transformers' generate, seeded sampling, stops and allowed
 ids, input checks, concatenated rollouts; models.py: loading models; the TTS CLI."""
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -252,3 +256,100 @@ def test_cli_clones_a_voice(tmp_path, capsys):
     assert not torch.equal(r.tokens, plain.tokens)  # the prompt changes what it says
     with pytest.raises(SystemExit):
         sample.main([*args, "--out", str(out_path), "--prompt-wav", prompt])
+
+
+# ---- the CLI's checks: a user's error is one line naming the flag, exit 2, before loading ------
+
+# (flags after a good command line writing TMP/out.wav, what the one line must say). TMP is the
+# test's folder: TMP/e.wav has no frames, TMP/f is neither audio nor a model directory.
+SAMPLE_BAD_FLAGS = [
+    (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
+    (["--top-k", "-1"], "--top-k -1: must be >= 0"),
+    (["--repetition-penalty", "0"], "--repetition-penalty 0.0: must be > 0"),
+    (["--temperature", "-1"], "--temperature -1.0: must be >= 0"),
+    (["--temperature", "nan"], "--temperature nan: must be a finite number"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
+    (["--codec", "bogus"], "--codec bogus: expected 'tone', 'words[:PATH]'"),
+    (["--codec", "xcodec2:./nope"], "--codec xcodec2:./nope: no such file or directory"),
+    (["--model", "./nope"], "--model ./nope: no such directory"),
+    (["--model", "TMP/f"], "--model TMP/f: a file"),
+    (["--model", "TMP"], "--model TMP: a directory without config.json"),
+    (["--device", "bogus"], "--device bogus: expected 'cpu', 'cuda' or 'cuda:N'"),
+    (["--device", "cuda:0"], "--device cuda:0: no CUDA device is visible"),
+    (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+    (["--prompt-wav", "TMP/x.wav", "--prompt-text", "Hi."], "--prompt-wav TMP/x.wav: no such file"),
+    (["--prompt-wav", "TMP/e.wav", "--prompt-text", "Hi."], "--prompt-wav TMP/e.wav: empty"),
+    (["--prompt-wav", "TMP/f", "--prompt-text", "Hi."], "--prompt-wav TMP/f: cannot be read"),
+    (["--prompt-text", "Hi."], "--prompt-wav and --prompt-text: voice cloning needs both"),
+    (["--text", "  "], "--text '  ': nothing to say"),
+    (["--out", "TMP/no/dir.wav"], "--out TMP/no/dir.wav: no such directory TMP/no"),
+    (["--out", "TMP/out.xyz"], "--out TMP/out.xyz: expected a sound file name"),
+]
+
+
+@pytest.mark.parametrize("flags, message", SAMPLE_BAD_FLAGS,
+                         ids=[" ".join(f) for f, _ in SAMPLE_BAD_FLAGS])
+def test_cli_bad_flag_is_one_line_exit_2_before_loading(tmp_path, monkeypatch, capsys, flags,
+                                                        message):
+    def loaded(*args, **kwargs):
+        raise AssertionError("loaded a model or codec before the flags were checked")
+
+    monkeypatch.setattr(models, "load_model", loaded)
+    monkeypatch.setattr(codec, "load_codec", loaded)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    sf.write(tmp_path / "e.wav", np.zeros(0, dtype=np.float32), 16000)
+    (tmp_path / "f").write_text("not audio, not a model\n")
+    good = ["--model", "tiny", "--codec", "tone", "--text", "Hi.", "--device", "cpu",
+            "--out", str(tmp_path / "out.wav")]
+    with pytest.raises(SystemExit) as stop:
+        sample.main(good + [f.replace("TMP", str(tmp_path)) for f in flags])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    assert err.startswith(f"sample.py: error: {message.replace('TMP', str(tmp_path))}"), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_context_overflow_is_one_line(tmp_path, capsys):
+    """--max-new-tokens past the model's context: known once the model is loaded, said before
+    generating."""
+    with pytest.raises(SystemExit) as stop:
+        sample.main(["--model", "tiny", "--codec", "tone", "--text", "Hi.", "--device", "cpu",
+                     "--out", str(tmp_path / "o.wav"), "--max-new-tokens", "5000"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("sample.py: error: --max-new-tokens 5000: the prompt takes ")
+    assert "model's 4096 positions" in err
+    assert not (tmp_path / "o.wav").exists()
+
+
+def test_cli_bad_flag_exits_2_in_one_line_from_the_shell(tmp_path):
+    from helpers import REPO
+    argv = ["sample.py", "--model", "tiny", "--codec", "tone", "--text", "Hi.", "--top-k", "-1",
+            "--out", str(tmp_path / "o.wav")]
+    r = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert (r.returncode, r.stdout) == (2, ""), r.stderr[-2000:]
+    assert r.stderr == "sample.py: error: --top-k -1: must be >= 0 (0 = off)\n"
+
+
+def test_cli_help_explains_every_flag_with_its_default(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as stop:
+        sample.main(["--help"])
+    text = capsys.readouterr().out
+    assert stop.value.code == 0
+    parsers = []
+
+    def record(self, argv=None):
+        parsers.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(sample.CLIParser, "parse_args", record)
+    with pytest.raises(SystemExit):
+        sample.main([])
+    flags = [a for a in parsers[0]._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) >= 15
+    for action in flags:
+        assert action.option_strings[0] in text and action.help, action
+        if not action.required and action.default is not None:  # a default the user should know
+            assert "(default:" in action.help, action.option_strings
