@@ -282,15 +282,17 @@ def save_samples(folder: str, audios, texts, scores, finished):
 def table_metrics(scores: list, examples: list, world: int, language: str = "", prefix: str = "val_") -> dict:
     """The evaluation table's WER / CER (reward.table_error_rate, the one eval.py reports) of each
     Whisper-scored clip's transcript, as means of per-utterance rates: `{prefix}table_wer`, `{prefix}table_cer`
-    (only those with rows). scores come in Sampler.sample_and_score's order (rank 0's share
-    examples[0::world] first); clips with an error or no Whisper transcript (cer None) are left out."""
+    (only those with rows). A row's language: its own, else `language` (--language), else the one
+    Whisper heard the clip in (Score.language): CER for zh, ja, ko, th, yue, WER for the rest.
+    scores come in Sampler.sample_and_score's order (rank 0's share examples[0::world] first);
+    clips with an error or no Whisper transcript (cer None) are left out."""
     from reward import table_error_rate
     from scorer import language_code
     ordered = [ex for r in range(world) for ex in examples[r::world]]
     rates = {"wer": [], "cer": []}
     for score, ex in zip(scores, ordered):
         if score.error is None and score.cer is not None:
-            lang = ex.language or language or None
+            lang = ex.language or language or score.language
             try:
                 lang = lang and language_code(lang)
                 kind, rate = table_error_rate(ex.text, score.transcript, lang)

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -14,7 +15,8 @@ import grpo
 import models
 import outputs
 import parallel
-from helpers import _ScriptedScorer, _tiny
+import scorer as scoring
+from helpers import _ScriptedScorer, _tiny, noise
 from reward import Score
 
 
@@ -136,3 +138,31 @@ def test_step_metrics_report_errors_too_long_zero_std_and_the_lr_used(tmp_path):
     assert m["lr"] == pytest.approx(1e-3 / 4)  # warm-up: the first step runs at 1/4 of the rate
     m2, _ = tr.train_step(1)
     assert m2["lr"] == pytest.approx(2e-3 / 4)
+
+
+# ---- the validation table ------------------------------------------------------------------------
+
+def test_validation_table_rates_a_row_without_language_by_the_detected_one():
+    """A row without a language (and no --language) is rated in the language Whisper heard: CER
+    for zh (ja, ko, th, yue), WER for en; the row's own language or --language comes first."""
+    from data import Example
+    examples = [Example("你好世界", "0"), Example("Hello there.", "1"),
+                Example("你好世界", "2", language="en")]
+    zh = Score(0.5, "你好世间", cer=0.25, language="zh")
+    scores = [zh, Score(0.5, "hello", cer=0.1, language="en"), zh]
+    got = outputs.table_metrics(scores, examples, world=1)
+    assert got == {"val_table_cer": pytest.approx(0.25), "val_table_wer": pytest.approx(0.75)}
+    wer = {"val_table_wer": 1.0}  # one Chinese "word", wrong
+    assert outputs.table_metrics([zh], examples[:1], world=1, language="en") == wer
+    unheard = Score(0.5, "你好世间", cer=0.25)  # no language known: WER, as before
+    assert outputs.table_metrics([unheard], examples[:1], world=1) == wer
+
+
+def test_whisper_scores_say_the_language_heard():
+    """Score.language: the one asked for, else the one Whisper detected (silence too)."""
+    whisper = scoring.WhisperScorer(scoring.random_tiny_whisper(seed=0), "cpu", batch_size=4,
+                                    max_transcript_tokens=4)
+    audios = [noise(1.0, 1), noise(1.0, 2), np.zeros(16000, np.float32)]  # the last silent
+    results = whisper.score(audios, ["Hi.", "안녕", "Hi."], [None, "korean", None])
+    assert results[1].language == "ko"
+    assert all(r.language in scoring.model_languages(whisper.model) for r in results), results
