@@ -475,11 +475,11 @@ def main(argv=None):
     cfg = parse_config(argv, description=__doc__)
     try:
         train(cfg)
-    except FileExistsError as e:  # --out holds another run: a message, not a traceback
+    except (FileExistsError, outputs.Refused) as e:  # a user's error: one line, no traceback
         print(f"grpo.py: {e}", file=sys.stderr, flush=True)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            os._exit(1)  # no teardown that could wait on a peer
-        sys.exit(1)
+            os._exit(2)  # no teardown that could wait on a peer
+        sys.exit(2)
     except BaseException as e:
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             raise
