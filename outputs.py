@@ -19,6 +19,7 @@ import torch
 import lora
 import parallel
 from codec import SAMPLE_RATE
+from plot import plot
 
 STATE_FILE = "trainer_state.pt"  # written last: its presence marks a complete checkpoint
 OPTIMIZER_DIR = "optimizer"  # with --fsdp: every rank's AdamW shard (torch distributed checkpoint)
@@ -338,6 +339,19 @@ def open_metrics(out: str, start_step: int) -> str:
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(keep)
     return path
+
+
+def write_step(d, out: str, metrics_path: str | None, reporter, metrics: dict, samples: dict):
+    """A step's metrics (metrics.jsonl, --report-to's reporter, metrics.png) and samples/<name> for
+    each name in `samples` (rank 0's clips), written by rank 0; every rank calls it (a collective:
+    a failed write stops every rank)."""
+    with d.together(f"writing step {metrics['step']}'s metrics and samples"):
+        if d.rank == 0:
+            append_metrics(metrics_path, metrics)
+            reporter.log(metrics, samples)  # and the first validation clips
+            plot(metrics_path)
+            for name, shown in samples.items():
+                save_samples(os.path.join(out, "samples", name), **shown)
 
 
 def append_metrics(path: str, metrics: dict):
