@@ -7,6 +7,9 @@ the rewards (truncated samples 0, guards applied) and the speaker similarities. 
 update and teaches nothing. Such groups are dropped and replaced by the informative groups of
 further rounds (`pick_groups`, `merge_rounds`); when the refill rounds run out, the batch keeps its
 shape with dropped groups that the update masks out (`Round.keep`): it trains on what there is.
+
+`Skips` counts the steps whose update was skipped for a non-finite gradient norm or loss, and
+stops the run after --max-skipped-steps of them in a row.
 """
 import math
 import sys
@@ -123,3 +126,38 @@ def refill(first: Round, cfg, d, more) -> tuple[Round, dict]:
               "on those", file=sys.stderr, flush=True)
     return merge_rounds(rounds, picks, G), {"dyn_rounds": len(rounds), "dyn_groups_kept": kept_all,
                                              "dyn_rollouts_per_kept_group": rollouts / max(kept_all, 1)}
+
+
+class TooManySkipped(FloatingPointError):
+    """--max-skipped-steps steps in a row had a non-finite gradient norm or loss: the run stops."""
+
+
+@dataclass
+class Skips:
+    """Steps skipped for a non-finite gradient norm or loss (grpo.update_policy's `skipped`, alike
+    on every rank), in all and in a row: trainer state, so a resumed run counts on exactly."""
+    total: int = 0
+    in_row: int = 0
+
+    def count(self, step: int, stats: dict, rank: int):
+        """Count step `step` (0-based) from its update's stats; a skipped one is said on stderr."""
+        if not stats["skipped"]:
+            self.in_row = 0
+            return
+        self.total += 1
+        self.in_row += 1
+        if rank == 0:
+            print(f"grpo.py: step {step + 1} skipped: non-finite gradient norm "
+                  f"({stats['grad_norm']}) or loss ({stats['loss']}); no optimizer step, gradients "
+                  f"dropped ({self.in_row} in a row, {self.total} in all)", file=sys.stderr,
+                  flush=True)
+
+    def check(self, step: int, limit: int):
+        """TooManySkipped once `limit` steps in a row were skipped, step `step` (0-based) the last
+        (0: never)."""
+        if limit and self.in_row >= limit:
+            raise TooManySkipped(
+                f"step {step + 1}: {self.in_row} steps in a row skipped for a non-finite gradient "
+                f"norm or loss (--max-skipped-steps {limit}); the run stops, its last checkpoint "
+                "is whole. Try a lower --lr, a smaller --grad-clip or more --warmup-steps, and "
+                "check these steps' data (metrics.jsonl, samples/); bf16 autocast (CUDA) may overflow")

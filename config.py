@@ -118,6 +118,8 @@ class Config:
     warmup_steps: int = opt(0, "linear learning-rate warmup, steps")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     grad_clip: float = opt(1.0, "max global gradient norm (0 = off)")
+    max_skipped_steps: int = opt(3, "a step with a non-finite gradient norm or loss is skipped (no "
+                                    "optimizer step); stop after this many in a row (0 = never)")
     grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     seed: int = opt(0, "seed for data order, sampling and the tiny models")
     # outputs
@@ -255,6 +257,7 @@ RANGES = {
     "save_every": AT_LEAST_1,
     "val_every": AT_LEAST_1,
     "worker_timeout": (lambda v: v > 0, "> 0 seconds"),
+    "max_skipped_steps": (lambda v: v >= 0, ">= 0 (0 = never)"),
 }
 CHOICES = {
     "preset": ("", *PRESETS),

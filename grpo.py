@@ -13,7 +13,6 @@ model trained (full fine-tuning or LoRA, lora.py) and its reference, llama.py th
 parallel.py the collectives, outputs.py what a run writes.
 """
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -30,7 +29,6 @@ from config import Config, parse_config
 from loss import group_advantages, policy_loss, tis_weights  # noqa: F401  (grpo.* is the contract)
 import parallel
 import report
-from plot import plot
 from policy import build_policy, checkpoint_state
 from parallel import Dist, is_sharded, setup_distributed, sync_gradients
 from prosody import GUARDED, guard_factor, sim_factor
@@ -64,7 +62,9 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
     given, logp_mismatch / logp_mismatch_max: mean and max |rollout - training| log-prob (nats) over
     response tokens (the same policy computed twice: 0 up to float rounding on a CPU, the bf16
     noise of the decode path on a GPU); with --tis-cap, tis_weight_mean / tis_capped_frac (token
-    means). A handful of host syncs per step, none per micro-batch."""
+    means). A handful of host syncs per step, none per micro-batch.
+    A non-finite gradient norm or loss (on any rank) skips the step: no optimizer step from that
+    update on, gradients dropped, the scheduler moved on; `skipped` 1 (else 0), every rank alike."""
     policy, ref = (LogProbs(m) if hasattr(m, "lm_head") else m for m in (policy, ref))  # HF models wrapped
     sharded = is_sharded(policy)
     device = ro.tokens.device
@@ -109,7 +109,9 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
     with d.together("the reference and old log-prob passes"), torch.no_grad():  # fixed for all updates
         ref_logp = [forward(ref, j) for j in range(len(mbs))] if ref is not None and cfg.kl_coef else None
         old_logp = [forward(policy, j) for j in range(len(mbs))] if cfg.updates_per_rollout > 1 else None
+    skipped = False
     for update in range(cfg.updates_per_rollout):
+        update_loss = torch.zeros((), device=device)  # this rank's share of this update's loss
         with d.together("the update's forward and backward passes"):
             for j, r in enumerate(rows_of):
                 out = forward(policy, j, with_entropy=update == 0)
@@ -122,6 +124,7 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
                                        norm_len=cfg.max_new_tokens, importance_level=cfg.importance_level,
                                        rollout_logp=roll_lp, tis_cap=cfg.tis_cap)
                 loss.backward()
+                update_loss += loss.detach()
                 if update == 0:
                     n = m.sum()
                     gap = torch.zeros_like(m)
@@ -135,10 +138,14 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
             sync_gradients(params, d)  # sum the ranks' shares of the global mean loss
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # a DTensor under FSDP
-        if not torch.isfinite(gnorm):  # identical on every rank (same summed gradients): all stop together
+        # A non-finite norm or loss on any rank (a bf16 overflow, a bad sample) skips this update
+        # and the rollout's later ones: no optimizer step, gradients dropped. The flag's max over
+        # ranks makes every rank skip alike (the norm is already global; the loss shares are not).
+        bad = (~(torch.isfinite(gnorm) & torch.isfinite(update_loss))).float()
+        if d.all_reduce(bad, op="max").item():
             optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"non-finite gradient norm ({gnorm.item()}) in update {update}; "
-                                     "the optimizer step was skipped and no checkpoint was written")
+            skipped = True
+            break
         if total > 0:  # (AdamW's momentum and weight decay would move the weights on zero gradients)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # free the gradients before the next rollout
@@ -148,6 +155,7 @@ def update_policy(policy, ref, optimizer, scheduler, ro: Rollouts, cfg: Config, 
     stats = {"loss": sums[0].item() / (d.world if sharded else 1),  # FSDP: each share was scaled by world
              "kl": (sums[1] / n).item(), "clip_frac": (sums[2] / n).item(), "dual_clip_frac": (sums[3] / n).item(),
              "entropy": (sums[4] / n).item(), "grad_norm": gnorm.item(), "lr": lr}
+    stats["skipped"] = int(skipped)  # 1: a non-finite norm or loss, the optimizer step skipped
     if ro.logprobs is not None:
         stats["logp_mismatch"] = (sums[6] / n).item()
         stats["logp_mismatch_max"] = d.all_reduce(mismatch_max, op="max").item()
@@ -184,6 +192,7 @@ class Trainer:
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + d.rank)  # sampling RNG
         self.start_step = 0
         self.prosody_reference = None  # the initial policy's median chars_per_s and f0_std_semitones
+        self.skips = batch.Skips()  # steps skipped for a non-finite gradient norm or loss
         if resume_from:
             if cfg.fsdp:
                 parallel.load_sharded_optimizer(os.path.join(resume_from, outputs.OPTIMIZER_DIR), self.policy,
@@ -194,6 +203,7 @@ class Trainer:
             self.gen.set_state(state["generators"][d.rank].cpu())
             self.start_step = state["step"]
             self.prosody_reference = state.get("prosody_reference")
+            self.skips = batch.Skips(**state.get("skips", {}))  # (none in checkpoints from before)
 
     def load_model(self, name: str):
         # fp32 master weights (bf16 autocast on CUDA); 'tiny' is a seeded random model with 64 speech
@@ -231,13 +241,13 @@ class Trainer:
                       advantages.to(self.device), roll.logprobs, rnd.keep)
         stats = update_policy(self.policy, self.ref, self.optimizer, self.scheduler, ro, cfg, d,
                               self.autocast, self.sampler.allowed_ids)
-        if not math.isfinite(stats["loss"]):
-            raise FloatingPointError(f"step {step + 1}: non-finite loss {stats['loss']}")
+        self.skips.count(step, stats, d.rank)
         seconds = rnd.seconds + [time.time() - t0]
 
         # 6. Metrics over every rank's clips.
         metrics = {"step": step + 1, **outputs.step_metrics(d, rnd.scores, rnd.rewards, roll, rnd.guard, seconds, G),
-                   **stats, **dyn, **{f"ref_{k}": v for k, v in (self.prosody_reference or {}).items()}}
+                   **stats, "skipped_total": self.skips.total, **dyn,
+                   **{f"ref_{k}": v for k, v in (self.prosody_reference or {}).items()}}
         n = cfg.n_samples
         shown = {"audios": rnd.audios[:n], "texts": [ex.text for ex in rnd.items[:n]], "scores": rnd.scores[:n],
                  "finished": roll.finished[:n].tolist()}
@@ -300,7 +310,8 @@ class Trainer:
         return {"step": step, "optimizer": None if self.cfg.fsdp else self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "generators": self.d.gather(self.gen.get_state()),
                 "data_position": step * self.cfg.prompts_per_step, "world_size": self.d.world,
-                "prosody_reference": self.prosody_reference, "config": dataclasses.asdict(self.cfg)}
+                "prosody_reference": self.prosody_reference, "config": dataclasses.asdict(self.cfg),
+                "skips": dataclasses.asdict(self.skips)}
 
 
 def train(cfg: Config) -> list[dict]:
@@ -330,20 +341,11 @@ def train(cfg: Config) -> list[dict]:
             print(f"grpo.py: {cfg.preset or 'no'} preset, seed {cfg.seed}, steps {tr.start_step + 1}-{cfg.steps}, "
                   f"{d.world} rank(s); metrics, samples and checkpoints in {cfg.out}", flush=True)
 
-        def write(done: int, metrics: dict, samples: dict):
-            """metrics.jsonl, metrics.png and samples/<name> for each name: clips of rank 0."""
-            with d.together(f"writing step {done}'s metrics and samples"):
-                if d.rank == 0:
-                    outputs.append_metrics(metrics_path, metrics)
-                    reporter.log(metrics, samples)  # and the first validation clips
-                    plot(metrics_path)
-                    for name, shown in samples.items():
-                        outputs.save_samples(os.path.join(cfg.out, "samples", name), **shown)
-
         if tr.val_examples and tr.start_step == 0:  # the learning curve's "before" point
             t0 = time.time()
             val, val_shown = tr.validate()
-            write(0, {"step": 0, **val, "time_step": time.time() - t0}, {"val_step_0": val_shown})
+            row = {"step": 0, **val, "time_step": time.time() - t0}
+            outputs.write_step(d, cfg.out, metrics_path, reporter, row, {"val_step_0": val_shown})
         bar = tqdm(range(tr.start_step, cfg.steps), initial=tr.start_step, total=cfg.steps,
                    disable=d.rank != 0, desc="grpo", dynamic_ncols=True)
         for step in bar:
@@ -358,7 +360,8 @@ def train(cfg: Config) -> list[dict]:
                     samples[f"val_step_{done}"] = val_shown
             metrics["time_step"] = time.time() - t0
             history.append(metrics)
-            write(done, metrics, samples)
+            outputs.write_step(d, cfg.out, metrics_path, reporter, metrics, samples)
+            tr.skips.check(step, cfg.max_skipped_steps)  # after the step's metrics are written
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", s_per_step=f"{metrics['time_step']:.1f}")
             if done % cfg.save_every == 0 or last:
                 tr.save(os.path.join(cfg.out, "checkpoints", f"step_{done}"), done)
@@ -383,11 +386,12 @@ def main(argv=None):
     cfg = parse_config(argv, description=__doc__, inputs=True)  # a user's error: one line, exit 2
     try:
         train(cfg)
-    except FileExistsError as e:  # --out holds another run: a message, not a traceback
+    except (FileExistsError, outputs.Refused, batch.TooManySkipped) as e:  # a line, no traceback
+        status = 1 if isinstance(e, batch.TooManySkipped) else 2  # 2: a user's error
         print(f"grpo.py: {e}", file=sys.stderr, flush=True)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            os._exit(1)  # no teardown that could wait on a peer
-        sys.exit(1)
+            os._exit(status)  # no teardown that could wait on a peer
+        sys.exit(status)
     except BaseException as e:
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             raise

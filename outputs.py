@@ -8,7 +8,9 @@ and a directory without trainer_state.pt is never taken for a checkpoint.
 """
 import dataclasses
 import json
+import math
 import os
+import pickle
 import re
 import shutil
 
@@ -18,9 +20,15 @@ import torch
 import lora
 import parallel
 from codec import SAMPLE_RATE
+from plot import plot
 
 STATE_FILE = "trainer_state.pt"  # written last: its presence marks a complete checkpoint
 OPTIMIZER_DIR = "optimizer"  # with --fsdp: every rank's AdamW shard (torch distributed checkpoint)
+
+
+class Refused(ValueError):
+    """A checkpoint --resume must not load, refused before anything is loaded or written (a user's
+    error: grpo.main prints the one line, exit status 2)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,15 +50,33 @@ def resolve_resume(out: str, resume: str) -> str | None:
 
     resume '' refuses an --out that already holds a run (metrics or checkpoints), before anything
     is written; 'auto' takes the newest complete checkpoint there (None if there is none yet);
-    anything else is a checkpoint directory, which must hold a trainer state."""
+    anything else is a checkpoint directory, which must hold a trainer state, and continues into
+    its own run's --out or one that holds no run: a resumed run rewrites --out's metrics past the
+    checkpoint and its later checkpoints, which must not be another run's (FileExistsError)."""
     if resume == "auto":
         found = checkpoints(out)
         return found[-1][1] if found else None
+    held = held_run(out)
     if resume:
         if not os.path.isfile(os.path.join(resume, STATE_FILE)):
             raise FileNotFoundError(f"--resume {resume}: no {STATE_FILE} there (expected OUT/checkpoints/step_N "
                                     "as written by a run; a directory without it is an incomplete checkpoint)")
+        home = run_of(resume)
+        if held and home != os.path.realpath(out):
+            raise FileExistsError(
+                f"--resume {resume} is a checkpoint of {home or 'no run directory'}, but --out "
+                f"{out} holds another run ({'; '.join(held)}). Nothing was written. Resume into "
+                "the checkpoint's own run directory, or choose an --out that holds no run.")
         return resume
+    if held:
+        raise FileExistsError(f"--out {out} already holds a run ({'; '.join(held)}). Nothing "
+                              "was written. To continue it, add --resume auto; to start a new run, "
+                              "choose another --out (or move that directory away).")
+    return None
+
+
+def held_run(out: str) -> list[str]:
+    """What of a run --out holds, in words (metrics.jsonl's steps, checkpoints/); [] for none."""
     held = []
     metrics = os.path.join(out, "metrics.jsonl")
     if os.path.exists(metrics):
@@ -59,11 +85,16 @@ def resolve_resume(out: str, resume: str) -> str | None:
     ckpt_dir = os.path.join(out, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         held.append(f"checkpoints/ ({', '.join(sorted(os.listdir(ckpt_dir))[:5])})")
-    if held:
-        raise FileExistsError(f"--out {out} already holds a run ({'; '.join(held)}). Nothing was written. "
-                              "To continue it, add --resume auto; to start a new run, choose another --out "
-                              "(or move that directory away).")
-    return None
+    return held
+
+
+def run_of(checkpoint: str) -> str | None:
+    """The run directory (real path) of checkpoint RUN/checkpoints/step_N; None when it is not
+    laid out so (a copied checkpoint belongs to no run directory)."""
+    parent = os.path.dirname(os.path.realpath(checkpoint))
+    if os.path.basename(parent) != "checkpoints":
+        return None
+    return os.path.dirname(parent)
 
 
 def read_trainer_state(path: str, cfg, world: int) -> dict:
@@ -71,11 +102,16 @@ def read_trainer_state(path: str, cfg, world: int) -> dict:
 
     Loaded on the CPU: optimizer.load_state_dict moves AdamW's moments to their parameters' device
     and keeps each `step` a CPU scalar, as a fresh AdamW has it (loaded onto the GPU, every step
-    count would cost a host sync per parameter per step); the generator states are CPU tensors."""
-    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    count would cost a host sync per parameter per step); the generator states are CPU tensors.
+    Nothing in the checkpoint runs (load_plain); with --fsdp, neither does the optimizer shards'
+    index (check_dcp_metadata). Refused: a checkpoint that is not plain data, or of another
+    setup."""
+    state = load_plain(os.path.join(path, STATE_FILE), f"--resume {path}")
+    if cfg.fsdp:
+        check_dcp_metadata(os.path.join(path, OPTIMIZER_DIR, ".metadata"), f"--resume {path}")
     if state["world_size"] != world:
-        raise ValueError(f"--resume {path}: checkpoint was written by {state['world_size']} ranks, this run has "
-                         f"{world}; the sampling streams cannot continue exactly")
+        raise Refused(f"--resume {path}: checkpoint was written by {state['world_size']} ranks, "
+                      f"this run has {world}; the sampling streams cannot continue exactly")
     keys = ("prompts_per_step", "group_size", "seed", "fsdp", "lora_rank", "lora_alpha", "lora_targets")
     for key in keys + (("model",) if cfg.lora_rank else ()):  # LoRA: the adapter fits its base model only
         was = state["config"].get(key, {f.name: f.default for f in dataclasses.fields(cfg)}[key])
@@ -84,15 +120,67 @@ def read_trainer_state(path: str, cfg, world: int) -> dict:
         else:
             now = getattr(cfg, key)
         if was != now:
-            raise ValueError(f"--resume {path}: --{key.replace('_', '-')} was {was!r} in the checkpoint, "
-                             f"{now!r} now")
+            raise Refused(f"--resume {path}: --{key.replace('_', '-')} was {was!r} in the "
+                          f"checkpoint, {now!r} now")
     for key in ("prosody_guard", "sim_guard"):  # a guard holds to the *initial* policy's medians
         if getattr(cfg, key) and not state["config"].get(key, False):
             flag = "--" + key.replace("_", "-")
-            raise ValueError(f"--resume {path}: {flag} is on, but the run that wrote the checkpoint had it off, "
-                             "so the initial policy's reference it holds to was never measured; resume without "
-                             f"{flag}, or start a new run with it")
+            raise Refused(f"--resume {path}: {flag} is on, but the run that wrote the checkpoint "
+                          "had it off, so the initial policy's reference it holds to was never "
+                          f"measured; resume without {flag}, or start a new run with it")
     return state
+
+
+def load_plain(path: str, what: str) -> dict:
+    """A trainer state file as plain data: torch.load(weights_only=True) takes tensors, numbers,
+    strings, lists, tuples and dicts only, so nothing in the file runs as it loads (a pickled
+    object would: a shared checkpoint could run any code). Refused, in one line naming `what`
+    and the reason, when the file needs more, or is not a trainer state."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message is a paragraph: keep what it names
+        named = re.search(r"GLOBAL (\S+)", str(e))
+        why = f"it names {named.group(1)}" if named else "not a torch.save file"
+        raise Refused(f"{what}: {os.path.basename(path)} is not plain data ({why}); refused "
+                      "without running anything in it (a trainer state holds tensors, numbers, "
+                      "strings, lists and dicts only)") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise Refused(f"{what}: {os.path.basename(path)} is not a trainer state (no 'step')")
+    return state
+
+
+# What a torch distributed checkpoint's .metadata (one pickle, which torch.distributed.checkpoint
+# reads with pickle.load: anything in it would run) may name: its classes, sizes, layouts, paths.
+_DCP = "torch.distributed.checkpoint."
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                ("pathlib", "WindowsPath"), ("collections", "OrderedDict"),
+                (_DCP + "filesystem", "_StorageInfo")} | {
+    (_DCP + "metadata", name) for name in ("Metadata", "MetadataIndex", "StorageMeta",
+                                          "TensorProperties", "TensorStorageMetadata",
+                                          "BytesStorageMetadata", "ChunkStorageMetadata",
+                                          "_MEM_FORMAT_ENCODING")}
+
+
+class _DcpUnpickler(pickle.Unpickler):
+    """Builds only _DCP_GLOBALS' classes and torch's dtypes; any other global is an error."""
+
+    def find_class(self, module, name):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _DCP_GLOBALS or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name}, which no distributed checkpoint "
+                                     "index holds")
+
+
+def check_dcp_metadata(path: str, what: str):
+    """Refuse (one line naming `what`) a distributed checkpoint index that names anything beyond
+    what torch writes there, before torch.distributed.checkpoint unpickles it."""
+    try:
+        with open(path, "rb") as f:
+            _DcpUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, OSError) as e:
+        raise Refused(f"{what}: {path} is not a plain distributed checkpoint index ({e}); refused "
+                      "without running anything in it") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,9 +342,30 @@ def open_metrics(out: str, start_step: int) -> str:
     return path
 
 
+def write_step(d, out: str, metrics_path: str | None, reporter, metrics: dict, samples: dict):
+    """A step's metrics (metrics.jsonl, --report-to's reporter, metrics.png) and samples/<name> for
+    each name in `samples` (rank 0's clips), written by rank 0; every rank calls it (a collective:
+    a failed write stops every rank)."""
+    with d.together(f"writing step {metrics['step']}'s metrics and samples"):
+        if d.rank == 0:
+            append_metrics(metrics_path, metrics)
+            reporter.log(metrics, samples)  # and the first validation clips
+            plot(metrics_path)
+            for name, shown in samples.items():
+                save_samples(os.path.join(out, "samples", name), **shown)
+
+
 def append_metrics(path: str, metrics: dict):
+    """One line of metrics.jsonl; a non-finite number (a skipped step's loss) is written null."""
+    finite = {name: _json_number(value) for name, value in metrics.items()}
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(metrics) + "\n")
+        f.write(json.dumps(finite, allow_nan=False) + "\n")
+
+
+def _json_number(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _step_of(line: str) -> float:
@@ -282,15 +391,17 @@ def save_samples(folder: str, audios, texts, scores, finished):
 def table_metrics(scores: list, examples: list, world: int, language: str = "", prefix: str = "val_") -> dict:
     """The evaluation table's WER / CER (reward.table_error_rate, the one eval.py reports) of each
     Whisper-scored clip's transcript, as means of per-utterance rates: `{prefix}table_wer`, `{prefix}table_cer`
-    (only those with rows). scores come in Sampler.sample_and_score's order (rank 0's share
-    examples[0::world] first); clips with an error or no Whisper transcript (cer None) are left out."""
+    (only those with rows). A row's language: its own, else `language` (--language), else the one
+    Whisper heard the clip in (Score.language): CER for zh, ja, ko, th, yue, WER for the rest.
+    scores come in Sampler.sample_and_score's order (rank 0's share examples[0::world] first);
+    clips with an error or no Whisper transcript (cer None) are left out."""
     from reward import table_error_rate
     from scorer import language_code
     ordered = [ex for r in range(world) for ex in examples[r::world]]
     rates = {"wer": [], "cer": []}
     for score, ex in zip(scores, ordered):
         if score.error is None and score.cer is not None:
-            lang = ex.language or language or None
+            lang = ex.language or language or score.language
             try:
                 lang = lang and language_code(lang)
                 kind, rate = table_error_rate(ex.text, score.transcript, lang)

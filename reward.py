@@ -72,6 +72,9 @@ class Score:
     # in [-1, 1]; None without a prompt or a speaker model, and for a clip that could not be heard
     # (error set). Silence (empty, all zeros, too short for the model) is 0.0: no voice, counted.
     sim: float | None = None
+    # The language Whisper transcribed the clip in (the one asked for, else the one it detected);
+    # None where no Whisper heard it. outputs.table_metrics rates a row without a language by it.
+    language: str | None = None
 
 
 def tts_reward(cer: float, nll: float, *, beta_c: float = 3.0, tau_n: float = 3.0,

@@ -180,12 +180,13 @@ class WhisperScorer:
             n_prefix.append(len(prefix))
         nlls = teacher_forced_nll(self.model, features, sequences, n_prefix)
         results = []
-        for (_, text, _), transcript, nll in zip(clips, transcripts, nlls):
+        for (_, text, _), transcript, nll, lang in zip(clips, transcripts, nlls, languages):
             if not math.isfinite(nll):  # e.g. fp16 overflow: no reward can be read from it
                 raise FloatingPointError(f"non-finite NLL ({nll}) of the text {text!r}")
             cer = char_error_rate(text, transcript)  # 1.0 for silence's "" transcript
             reward = tts_reward(cer, nll, **vars(self.reward_config))
-            results.append(Score(reward=reward, transcript=transcript, cer=cer, nll=nll))
+            results.append(Score(reward=reward, transcript=transcript, cer=cer, nll=nll,
+                                 language=lang))
         return results
 
     def _transcript_bound(self, n_target: int) -> int:

@@ -885,7 +885,8 @@ def test_nan_reward_stops_with_step(tmp_path):
 
 
 def test_nan_gradient_skips_the_step():
-    """A non-finite gradient raises before the optimizer step: the weights stay as they were."""
+    """A non-finite gradient skips the optimizer step (no raise): the weights and AdamW's state stay
+    as they were, the gradients are dropped, the schedule moves on, and the stats say `skipped`."""
     tok, ro = _fixed_rollouts()
     policy = models.tiny_llama(len(tok), seed=1).train()
     with torch.no_grad():
@@ -893,11 +894,95 @@ def test_nan_gradient_skips_the_step():
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    with pytest.raises(FloatingPointError, match="non-finite gradient"):
-        grpo.update_policy(policy, None, opt, sched, ro, config.Config(kl_coef=0.0), parallel.Dist(),
-                           contextlib.nullcontext)
+    stats = grpo.update_policy(policy, None, opt, sched, ro, config.Config(kl_coef=0.0),
+                               parallel.Dist(), contextlib.nullcontext)
+    assert stats["skipped"] == 1 and not math.isfinite(stats["grad_norm"])
     after = policy.state_dict()
     assert all(torch.allclose(before[k], after[k], equal_nan=True) for k in before)
+    assert opt.state_dict()["state"] == {} and all(p.grad is None for p in policy.parameters())
+    assert sched.last_epoch == 1
+
+
+class _ClosableScorer(_ScriptedScorer):
+    """Rewards that vary within each group (the update has gradients), in place of the worker."""
+
+    def __init__(self):
+        super().__init__(lambda i: Score(reward=0.1 * (i % 4), transcript="x", cer=0.5, nll=1.0))
+
+    def close(self):
+        pass
+
+
+def _poison_steps(monkeypatch, bad: set) -> list:
+    """grpo.train in this process, without the Whisper worker; a NaN in one gradient element at
+    the steps (1-based) in `bad`. Returns the trained parameters as they were before each step's
+    optimizer step (one list of tensors per step)."""
+    monkeypatch.setattr(parallel, "start_scorer", lambda *a, **kw: (None, _ClosableScorer()))
+    at, before, real_step, real_sync = {}, [], grpo.Trainer.train_step, grpo.sync_gradients
+
+    def train_step(self, step):
+        at["step"] = step + 1
+        return real_step(self, step)
+
+    def sync(params, d):
+        real_sync(params, d)
+        before.append([p.detach().clone() for p in params])
+        if at["step"] in bad:
+            next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("nan")
+    monkeypatch.setattr(grpo.Trainer, "train_step", train_step)
+    monkeypatch.setattr(grpo, "sync_gradients", sync)
+    return before
+
+
+def test_a_nan_gradient_skips_its_step_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """Step 2's gradient has a NaN: the step is skipped (weights as they were, said on stderr and
+    in its metrics), the learning-rate warm-up and the data move on, and the run finishes."""
+    before = _poison_steps(monkeypatch, {2})
+    flags = ["--val-data", "", "--steps", "4", "--warmup-steps", "8", "--save-every", "2"]
+    history = grpo.train(_tiny(tmp_path, *flags))
+    assert [m["skipped"] for m in history] == [0, 1, 0, 0]
+    assert [m["skipped_total"] for m in history] == [0, 1, 1, 1]
+    assert not math.isfinite(history[1]["grad_norm"]) and math.isfinite(history[2]["grad_norm"])
+    assert [m["lr"] for m in history] == pytest.approx([1e-3 * k / 8 for k in (1, 2, 3, 4)])
+    assert all(torch.equal(a, b) for a, b in zip(before[1], before[2]))  # step 2 changed nothing
+    assert not all(torch.equal(a, b) for a, b in zip(before[2], before[3]))  # step 3 trained
+    assert "step 2 skipped: non-finite gradient norm" in capsys.readouterr().err
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped"] for m in lines] == [0, 1, 0, 0]
+    assert lines[1]["grad_norm"] is None  # strict JSON: a non-finite number is written null
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_2" / "trainer_state.pt")
+    assert state["skips"] == {"total": 1, "in_row": 1}
+
+
+def test_max_skipped_steps_in_a_row_stop_the_run_with_a_hint(tmp_path, monkeypatch, capsys):
+    """Steps 2 and 3 non-finite with --max-skipped-steps 2: the run stops after step 3's metrics,
+    in one line saying what to try, exit status 1 (no traceback)."""
+    _poison_steps(monkeypatch, {2, 3})
+    argv = ["--preset", "tiny", "--out", str(tmp_path / "run"), "--val-data", "", "--steps", "5",
+            "--max-skipped-steps", "2"]
+    with pytest.raises(SystemExit) as e:
+        grpo.main(argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("grpo.py: step 3: 2 steps in a row skipped") and "--lr" in err, err
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["skipped"]) for m in lines] == [(1, 0), (2, 1), (3, 1)]
+
+
+def test_skip_counts_resume_exactly(tmp_path, monkeypatch):
+    """The counters are trainer state: resumed after skipped step 2, a skipped step 3 is the
+    second in a row (--max-skipped-steps 2 stops there); a clean one continues the run exactly."""
+    _poison_steps(monkeypatch, {2})
+    common = ["--val-data", "", "--save-every", "2", "--max-skipped-steps", "2", "--steps", "4"]
+    full = grpo.train(_tiny(tmp_path / "a", *common))
+    ckpt = str(tmp_path / "a" / "run" / "checkpoints" / "step_2")
+    resumed = grpo.train(_tiny(tmp_path / "b", *common, "--resume", ckpt))
+    for a, b in zip(full[2:], resumed):
+        for key in ("loss", "grad_norm", "lr", "skipped", "skipped_total"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    _poison_steps(monkeypatch, {3})
+    with pytest.raises(batch.TooManySkipped, match="step 3: 2 steps in a row"):
+        grpo.train(_tiny(tmp_path / "c", *common, "--resume", ckpt))
 
 
 def test_a_step_where_no_clip_could_be_scored_stops(tmp_path):

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -14,7 +15,8 @@ import grpo
 import models
 import outputs
 import parallel
-from helpers import _ScriptedScorer, _tiny
+import scorer as scoring
+from helpers import _ScriptedScorer, _tiny, noise
 from reward import Score
 
 
@@ -88,7 +90,8 @@ def test_resume_refuses_a_guard_the_checkpointed_run_did_not_measure(tmp_path, g
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     before = _tiny(tmp_path)
-    torch.save({"world_size": 1, "config": dataclasses.asdict(before)}, ckpt / outputs.STATE_FILE)
+    state = {"step": 2, "world_size": 1, "config": dataclasses.asdict(before)}
+    torch.save(state, ckpt / outputs.STATE_FILE)
     assert outputs.read_trainer_state(str(ckpt), before, 1)["world_size"] == 1
     with pytest.raises(ValueError, match=f"{guard} is on, but the run that wrote the checkpoint had it off"):
         outputs.read_trainer_state(str(ckpt), _tiny(tmp_path, guard), 1)
@@ -116,6 +119,111 @@ def test_out_holding_a_run_is_refused_and_resume_auto_continues(tmp_path, capsys
     assert len(grpo.train(_tiny(tmp_path / "new", *common, "--steps", "1", "--resume", "auto"))) == 1
 
 
+def _fake_run(out, steps: int):
+    """An --out holding a run: metrics.jsonl with `steps` lines and checkpoint step_1 (a trainer
+    state file, nothing else). Returns the checkpoint's path."""
+    ckpt = out / "checkpoints" / "step_1"
+    ckpt.mkdir(parents=True)
+    torch.save({"step": 1}, ckpt / outputs.STATE_FILE)
+    lines = [json.dumps({"step": i + 1}) + "\n" for i in range(steps)]
+    (out / "metrics.jsonl").write_text("".join(lines))
+    return ckpt
+
+
+def test_resume_into_an_out_holding_another_run_is_refused(tmp_path, capsys, monkeypatch):
+    """--resume A/checkpoints/step_1 --out B, B holding a run: one line naming both, exit 2, and
+    nothing of B touched; into A itself (by any path to it), or into an empty --out, it goes on."""
+    ckpt, other = _fake_run(tmp_path / "a", 3), tmp_path / "b"
+    _fake_run(other, 2)
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        grpo.main(["--preset", "tiny", "--out", str(other), "--resume", str(ckpt)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {other} holds another run" in err[0], err
+    assert f"--resume {ckpt} is a checkpoint of {tmp_path / 'a'}," in err[0], err
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+    assert outputs.resolve_resume(str(tmp_path / "a"), str(ckpt)) == str(ckpt)  # its own run
+    monkeypatch.chdir(tmp_path)
+    assert outputs.resolve_resume("a/", "./a/checkpoints/step_1") == "./a/checkpoints/step_1"
+    assert outputs.resolve_resume(str(tmp_path / "new"), str(ckpt)) == str(ckpt)  # a fresh --out
+    copied = tmp_path / "copy"  # a checkpoint outside any run's checkpoints/: only a fresh --out
+    copied.mkdir()
+    torch.save({"step": 1}, copied / outputs.STATE_FILE)
+    with pytest.raises(FileExistsError, match="is a checkpoint of no run directory"):
+        outputs.resolve_resume(str(tmp_path / "a"), str(copied))
+
+
+class _Payload:
+    """Unpickled, it would write `marker`: what a shared checkpoint could do to whoever loads it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def _no_worker(monkeypatch):
+    """grpo.train/main in this process without the Whisper worker (a scorer never called)."""
+    class Unused:
+        def score(self, *a, **kw):
+            raise AssertionError("nothing is scored before the checkpoint is read")
+
+        def close(self):
+            pass
+    monkeypatch.setattr(parallel, "start_scorer", lambda *a, **kw: (None, Unused()))
+
+
+def test_resume_runs_no_code_from_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """A trainer state with a pickled payload is refused in one line (exit 2) and the payload never
+    runs; a plain one (tensors, numbers, strings, lists, dicts) loads as before."""
+    marker, ckpt = tmp_path / "ran", tmp_path / "run" / "checkpoints" / "step_1"
+    ckpt.mkdir(parents=True)
+    cfg = _tiny(tmp_path)
+    state = {"step": 1, "world_size": 1, "config": dataclasses.asdict(cfg)}
+    state["payload"] = _Payload(marker)
+    torch.save(state, ckpt / outputs.STATE_FILE)
+    with pytest.raises(outputs.Refused, match=r"trainer_state.pt is not plain data \(it names exe"):
+        outputs.read_trainer_state(str(ckpt), cfg, 1)
+    _no_worker(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        grpo.main(["--preset", "tiny", "--out", str(tmp_path / "run"), "--resume", "auto"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"grpo.py: --resume {ckpt}: trainer_state.pt is not plain data"), err
+    assert not marker.exists()  # the payload never ran
+    state["payload"] = [torch.zeros(2), {"a": (1, 2.5, "x", None)}]
+    torch.save(state, ckpt / outputs.STATE_FILE)
+    assert outputs.read_trainer_state(str(ckpt), cfg, 1)["payload"][1] == {"a": (1, 2.5, "x", None)}
+
+
+def test_fsdp_optimizer_index_runs_no_code(tmp_path):
+    """--fsdp's optimizer shards: torch.distributed.checkpoint unpickles their index (.metadata)
+    with pickle.load; one torch wrote passes the check, one with a payload is refused unrun."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    ckpt = tmp_path / "ckpt"
+    shards = str(ckpt / outputs.OPTIMIZER_DIR)
+    dcp.save({"optimizer": get_optimizer_state_dict(model, opt)}, checkpoint_id=shards)
+    cfg = dataclasses.replace(_tiny(tmp_path), fsdp=True)  # (check_config wants 2 ranks for --fsdp)
+    state = {"step": 1, "world_size": 1, "config": dataclasses.asdict(cfg)}
+    torch.save(state, ckpt / outputs.STATE_FILE)
+    assert outputs.read_trainer_state(str(ckpt), cfg, 1)["step"] == 1
+    marker = tmp_path / "ran"
+    with open(ckpt / outputs.OPTIMIZER_DIR / ".metadata", "wb") as f:
+        pickle.dump(_Payload(marker), f)
+    with pytest.raises(outputs.Refused, match=r"\.metadata is not a plain distributed checkpoint"):
+        outputs.read_trainer_state(str(ckpt), cfg, 1)
+    assert not marker.exists()
+
+
 # ---- metrics -------------------------------------------------------------------------------------
 
 def test_step_metrics_report_errors_too_long_zero_std_and_the_lr_used(tmp_path):
@@ -136,3 +244,31 @@ def test_step_metrics_report_errors_too_long_zero_std_and_the_lr_used(tmp_path):
     assert m["lr"] == pytest.approx(1e-3 / 4)  # warm-up: the first step runs at 1/4 of the rate
     m2, _ = tr.train_step(1)
     assert m2["lr"] == pytest.approx(2e-3 / 4)
+
+
+# ---- the validation table ------------------------------------------------------------------------
+
+def test_validation_table_rates_a_row_without_language_by_the_detected_one():
+    """A row without a language (and no --language) is rated in the language Whisper heard: CER
+    for zh (ja, ko, th, yue), WER for en; the row's own language or --language comes first."""
+    from data import Example
+    examples = [Example("你好世界", "0"), Example("Hello there.", "1"),
+                Example("你好世界", "2", language="en")]
+    zh = Score(0.5, "你好世间", cer=0.25, language="zh")
+    scores = [zh, Score(0.5, "hello", cer=0.1, language="en"), zh]
+    got = outputs.table_metrics(scores, examples, world=1)
+    assert got == {"val_table_cer": pytest.approx(0.25), "val_table_wer": pytest.approx(0.75)}
+    wer = {"val_table_wer": 1.0}  # one Chinese "word", wrong
+    assert outputs.table_metrics([zh], examples[:1], world=1, language="en") == wer
+    unheard = Score(0.5, "你好世间", cer=0.25)  # no language known: WER, as before
+    assert outputs.table_metrics([unheard], examples[:1], world=1) == wer
+
+
+def test_whisper_scores_say_the_language_heard():
+    """Score.language: the one asked for, else the one Whisper detected (silence too)."""
+    whisper = scoring.WhisperScorer(scoring.random_tiny_whisper(seed=0), "cpu", batch_size=4,
+                                    max_transcript_tokens=4)
+    audios = [noise(1.0, 1), noise(1.0, 2), np.zeros(16000, np.float32)]  # the last silent
+    results = whisper.score(audios, ["Hi.", "안녕", "Hi."], [None, "korean", None])
+    assert results[1].language == "ko"
+    assert all(r.language in scoring.model_languages(whisper.model) for r in results), results

@@ -216,6 +216,41 @@ def test_rank_0_failing_in_a_checkpoint_write_prints_its_error_under_torchrun(tm
     assert "rank 0 failed during writing checkpoint" in out  # rank 1's side of the agreement
 
 
+def _nan_loss_on_rank_1(rank, world, init_method, out_file):
+    """One update where only rank 1's loss share is non-finite (its gradients stay finite, so the
+    global norm is finite on both ranks): every rank must skip the step alike."""
+    tok, ro = _rank_share(rank, world, init_method)
+    if rank == 1:
+        real = grpo.policy_loss
+
+        def inf_loss(*a, **kw):
+            loss, stats = real(*a, **kw)
+            return loss + float("inf"), stats  # a constant: no gradient of its own
+        grpo.policy_loss = inf_loss
+    policy = models.tiny_llama(len(tok), seed=1).train()
+    before = {k: v.detach().clone() for k, v in policy.named_parameters()}
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    cfg = config.Config(kl_coef=0.0, micro_batch=3, temperature=0.8, max_new_tokens=7)
+    stats = grpo.update_policy(policy, None, opt, sched, ro, cfg, parallel.Dist(rank=rank, world=world),
+                               contextlib.nullcontext)
+    moved = any(not torch.equal(before[k], v) for k, v in policy.named_parameters())
+    with open(f"{out_file}.{rank}", "w") as f:
+        json.dump({"skipped": stats["skipped"], "moved": moved, "grad_norm": stats["grad_norm"]}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    out = str(tmp_path / "stats")
+    mp.spawn(_nan_loss_on_rank_1, args=(2, f"tcp://127.0.0.1:{_port()}", out), nprocs=2, join=True)
+    got = [json.load(open(f"{out}.{rank}")) for rank in range(2)]
+    assert all(math.isfinite(g["grad_norm"]) for g in got), got  # only the loss flags it
+    assert [(g["skipped"], g["moved"]) for g in got] == [(1, False), (1, False)], got
+
+
 # ---- FSDP2 ---------------------------------------------------------------------------------------
 
 def _fsdp_update(rank, world, init_method, out_file, ckpt):
