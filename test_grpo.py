@@ -299,7 +299,7 @@ def _fixed_rollouts(seed=0, vocab=None):
     tokens = torch.randint(sv.first, sv.first + sv.n, (B, T), generator=g)
     lengths = torch.tensor([7, 3, 5, 1, 6, 2, 7, 4])
     rewards = torch.rand(B, generator=g)
-    return tok, grpo.Rollouts(prompts, tokens, lengths, grpo.group_advantages(rewards, 2))
+    return tok, grpo.TrainBatch(prompts, tokens, lengths, grpo.group_advantages(rewards, 2))
 
 
 def _port():
@@ -317,7 +317,7 @@ def _rank_share(rank, world, init_method):
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     tok, ro = _fixed_rollouts()
     share = slice(rank * len(ro.prompts) // world, (rank + 1) * len(ro.prompts) // world)
-    return tok, grpo.Rollouts(ro.prompts[share], ro.tokens[share], ro.lengths[share], ro.advantages[share])
+    return tok, grpo.TrainBatch(ro.prompts[share], ro.tokens[share], ro.lengths[share], ro.advantages[share])
 
 
 def _one_update(rank, world, init_method, out_file, agg, updates=2):
@@ -434,11 +434,11 @@ def test_update_trains_on_kept_rows_only(agg):
     tok, ro = _fixed_rollouts()
     keep = torch.tensor([True, True, False, False, True, True, False, False])
     rows = keep.nonzero().flatten().tolist()
-    alone = grpo.Rollouts([ro.prompts[i] for i in rows], ro.tokens[keep], ro.lengths[keep], ro.advantages[keep])
+    alone = grpo.TrainBatch([ro.prompts[i] for i in rows], ro.tokens[keep], ro.lengths[keep], ro.advantages[keep])
     cfg = config.Config(kl_coef=0.1, micro_batch=3, temperature=0.8, max_new_tokens=7, loss_agg=agg)
     out = []
-    for r in (grpo.Rollouts(ro.prompts, ro.tokens, ro.lengths, ro.advantages, keep=keep), alone,
-              grpo.Rollouts(ro.prompts, ro.tokens, ro.lengths, ro.advantages, keep=torch.zeros(8, dtype=torch.bool))):
+    for r in (grpo.TrainBatch(ro.prompts, ro.tokens, ro.lengths, ro.advantages, keep=keep), alone,
+              grpo.TrainBatch(ro.prompts, ro.tokens, ro.lengths, ro.advantages, keep=torch.zeros(8, dtype=torch.bool))):
         policy = models.tiny_llama(len(tok), seed=1).train()
         opt = torch.optim.SGD(policy.parameters(), lr=0.5)
         stats = grpo.update_policy(policy, models.tiny_llama(len(tok), seed=2), opt,
@@ -456,7 +456,7 @@ def test_update_trains_on_kept_rows_only(agg):
     before = {k: v.detach().clone() for k, v in policy.named_parameters()}
     opt = torch.optim.AdamW(policy.parameters(), lr=0.1, weight_decay=0.5)
     grpo.update_policy(policy, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-                       grpo.Rollouts(ro.prompts, ro.tokens, ro.lengths, ro.advantages, keep=torch.zeros(8, dtype=torch.bool)),
+                       grpo.TrainBatch(ro.prompts, ro.tokens, ro.lengths, ro.advantages, keep=torch.zeros(8, dtype=torch.bool)),
                        config.Config(kl_coef=0.0, micro_batch=3), parallel.Dist(), contextlib.nullcontext)
     assert all(torch.equal(before[k], v) for k, v in policy.named_parameters())
 
