@@ -18,7 +18,7 @@ import torch
 import data
 import lora
 from codec import SAMPLES_PER_CODE, PromptCodes
-from decode import Decoder
+from decode import Decoder, compile_failed
 from parallel import Dist, gathered
 from sample import Rollout, cat_rollouts, generate
 
@@ -115,7 +115,8 @@ class Sampler:
         n, k = len(items), self.cfg.rollout_chunks
         bounds = sorted({n * i // k for i in range(k + 1)})
         rolls, audios, pending, seconds = [], [], [], [0.0, 0.0, 0.0]
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
             for a, b in zip(bounds, bounds[1:]):
                 t0 = time.time()
                 rolls.append(self.rollout(items[a:b], generator))
@@ -130,6 +131,10 @@ class Sampler:
             t0 = time.time()
             scores = [s for job in pending for s in job.result()]
             seconds[2] += time.time() - t0
+        finally:
+            # Not `with pool`, which would wait for the chunk being scored (up to
+            # --worker-timeout) before raising a rollout's error: it leaves at once.
+            pool.shutdown(wait=False, cancel_futures=True)
         return cat_rollouts(rolls), audios, scores, seconds
 
     def rollout(self, texts: list, generator) -> Rollout:
@@ -137,9 +142,9 @@ class Sampler:
         (speech tokens + stop only; after a voice prompt, only what the policy generates). With the
         compiled step the batch is padded to `self.batch` rows with copies of the last item, whose
         samples are dropped: every call of a run has the decoder's one shape
-        (no graph and no KV cache per odd batch size). If the compiled step fails on its first use
-        (a torch.compile or CUDA-graph problem on this machine), the run says so and goes on with
-        the eager loop rather than losing the job."""
+        (no graph and no KV cache per odd batch size). If torch.compile fails on the step's first
+        use (decode.compile_failed: dynamo's or inductor's errors, not an out-of-memory error), the
+        run says so and goes on with the eager loop rather than losing the job."""
         if not 0 < len(texts) <= self.batch:
             raise ValueError(f"rollout of {len(texts)} texts: expected 1 to {self.batch}")
         n = len(texts)
@@ -148,6 +153,7 @@ class Sampler:
         return self._generate(texts, generator).head(n)
 
     def _generate(self, texts: list[str], generator) -> Rollout:
+        prompts = [self.prompt(t) for t in texts]  # before the fallback's try: not a compile error
         self.policy.eval()
         cuda = self.device.type == "cuda"
         with torch.no_grad(), self.autocast(), gathered(self.policy):  # whole weights, freed after (FSDP)
@@ -156,7 +162,7 @@ class Sampler:
                 # copies merged weights itself (decode.Decoder.layer_weights), its eager prefill runs
                 # the adapted maps unmerged (the same function up to rounding). No-ops without LoRA.
                 with lora.merged(self.policy.lm) if decoder is None else contextlib.nullcontext():
-                    return generate(self.policy.lm, [self.prompt(t) for t in texts],
+                    return generate(self.policy.lm, prompts,
                                     max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                     top_p=self.cfg.top_p, top_k=self.cfg.top_k,
                                     repetition_penalty=self.cfg.repetition_penalty, stop_ids=(self.speech.end_id,),
@@ -167,7 +173,9 @@ class Sampler:
             rng = generator.get_state()  # the eager retry draws what the failed attempt drew
             try:
                 out = run(self.decoder)
-            except Exception as e:  # noqa: BLE001 -- reported, and the eager loop is the reference
+            except Exception as e:
+                if not compile_failed(e):  # OOM, data, CUDA: the run's errors, not the compiler's
+                    raise
                 print(f"[rank {self.d.rank}] --compile: the compiled decode step failed on first use "
                       f"({type(e).__name__}: {str(e)[:300]}); going on with the eager loop", file=sys.stderr)
                 self.decoder = None
