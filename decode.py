@@ -151,7 +151,8 @@ def compile_failed(error: BaseException) -> bool:
     compilers): what a fallback to the eager loop may catch. An out-of-memory error is not one, even
     raised inside the compiler (a transient OOM is no reason to stop compiling), nor is any other
     error of the run (data, CUDA)."""
-    from torch._dynamo.exc import TorchDynamoException  # BackendCompilerFailed, InductorError, ...
+    # dynamo's errors include its wrappers of a backend's: BackendCompilerFailed, InductorError
+    from torch._dynamo.exc import TorchDynamoException
     from torch._inductor import exc as inductor
     kinds = (TorchDynamoException,) + tuple(getattr(inductor, name) for name in (
         "CppCompileError", "InvalidCxxCompiler", "OperatorIssue", "CppWrapperCodegenError",
