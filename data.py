@@ -23,6 +23,9 @@ LLASA_MARKERS = [
 SPEECH_START, SPEECH_END = "<|SPEECH_GENERATION_START|>", "<|SPEECH_GENERATION_END|>"
 SAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample.jsonl")
 
+# The date Llama-3.2's chat template (Llasa's) prints in its system header: its own fallback when
+# no date is given, a constant so that prompts are the same every day (and across --resume).
+CHAT_DATE = "26 Jul 2024"
 # Llama-3's chat template, without the system preamble (enough for LLASA's prompts).
 LLAMA3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -200,25 +203,29 @@ def speech_vocab(tokenizer) -> SpeechVocab:
 
 def prompt_ids(tokenizer, text: str, prompt_text: str | None = None, prompt_codes=None) -> list[int]:
     """LLASA's TTS prompt for `text` as token ids, ending in <|SPEECH_GENERATION_START|>; with a
-    voice prompt, LLASA's clone prompt: the text is prompt_text + " " + text and the assistant turn
+    voice prompt, LLASA's clone prompt: the text is prompt_text + text, joined with nothing as
+    LLASA's model card joins them (`input_text = prompt_text + target_text`), and the assistant turn
     goes on after <|SPEECH_GENERATION_START|> with the prompt's speech tokens (prompt_codes, codec
     codes), so the model continues in that voice and only what it generates is the new speech.
 
     The chat is rendered to a string and then tokenized (instead of apply_chat_template(tokenize=True)),
-    which behaves the same on transformers 4.46+ and 5.x."""
+    which behaves the same on transformers 4.46+ and 5.x. It is rendered with `date_string` =
+    CHAT_DATE: Llasa's template (Llama-3.2-Instruct's) prints a date in its system header, today's
+    unless given, which would change the prompt ids from one day to the next (and across --resume)."""
     if not text or not text.strip():
         raise ValueError("empty text: nothing to synthesize")
     if (prompt_text is None) != (prompt_codes is None):
         raise ValueError("a voice prompt needs both prompt_text and prompt_codes")
     if prompt_text is not None:
-        text = f"{prompt_text.strip()} {text.strip()}"
+        text = prompt_text + text
     for name in ("<|TEXT_UNDERSTANDING_START|>", "<|TEXT_UNDERSTANDING_END|>", SPEECH_START):
         token_id(tokenizer, name)
     chat = [
         {"role": "user", "content": f"Convert the text to speech:<|TEXT_UNDERSTANDING_START|>{text}<|TEXT_UNDERSTANDING_END|>"},
         {"role": "assistant", "content": SPEECH_START},
     ]
-    rendered = tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True,
+                                             date_string=CHAT_DATE)
     ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     if ids[-1] != token_id(tokenizer, SPEECH_START):
         raise ValueError(f"the chat template did not end the prompt with {SPEECH_START}: ...{rendered[-80:]!r}")
