@@ -8,6 +8,7 @@ prompts are built through the tokenizer's own chat template, the way LLASA's inf
 (DESIGN.md §4); every special id is looked up by name.
 """
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -282,6 +283,13 @@ def load_data(cfg) -> tuple[list[Example], list[Example]]:
                 raise ValueError(f"{where}: language {language!r} is not one Whisper {cfg.whisper!r} knows "
                                  f"({', '.join(sorted(known)[:12])}{', ...' if len(known) > 12 else ''})")
     return examples, val_examples
+
+
+def epoch_steps(epochs: float, rows: int, prompts_per_step: int) -> int:
+    """The steps that pass `epochs` times over `rows` training examples at `prompts_per_step`
+    prompts a step (--epochs): ceil(epochs * rows / prompts_per_step), at least 1."""
+    steps = round(epochs * rows / prompts_per_step, 9)  # 0.1 * 80 / 8 is 1, not 1.0000000000000002
+    return max(1, math.ceil(steps))
 
 
 def step_examples(examples: list, step: int, cfg, d) -> list:

@@ -42,13 +42,16 @@ class Sampler:
         # will roll out: training and validation) + --max-new-tokens; without them, 256 prompt slots.
         # A longer prompt later grows the cache (a new cache and graphs, said on stderr).
         compiled = cfg.compile if cfg.compile is not None else device.type == "cuda" and not cfg.fsdp
-        longest = max(self.longest_prompt(examples), 256) if compiled and examples else 256  # >= 256: the spans README names
+        lengths = self.prompt_lengths(examples or [])
+        longest = max(lengths + [256]) if compiled else 256  # >= 256: the spans README names
         self.decoder = Decoder(policy.lm, compile=True, max_len=cfg.max_new_tokens + longest) if compiled else None
         self.decoder_works = False  # until its first rollout succeeds
         # Rows per generate call: a training chunk (this rank's samples / --rollout-chunks, rounded
         # up). With the compiled step every call is padded to it: one shape, one set of buffers.
         per_rank = cfg.prompts_per_step * cfg.group_size // d.world
         self.batch = -(-per_rank // cfg.rollout_chunks)
+        if d.rank == 0:
+            self.say_past_context(lengths)
 
     def close(self):
         """Free the compiled step's buffers (KV cache, weight copies) at the end of a run."""
@@ -65,10 +68,11 @@ class Sampler:
             self._prompts[key] = data.prompt_ids(self.tokenizer, ex.text, ex.prompt_text, codes)
         return self._prompts[key]
 
-    def longest_prompt(self, examples: list) -> int:
-        """An upper bound on the prompt ids of any of `examples`, without encoding a voice prompt:
-        its codes are counted from its file's length (every codec here gives at most one code per
-        320 samples at 16 kHz, plus one), so a run with thousands of voices starts at once."""
+    def prompt_lengths(self, examples: list) -> list[int]:
+        """An upper bound on the prompt ids of each distinct item of `examples`, without encoding a
+        voice prompt: its codes are counted from its file's length (every codec here gives at most
+        one code per 320 samples at 16 kHz, plus one), so a run with thousands of voices starts at
+        once."""
         import soundfile as sf
 
         @functools.lru_cache(maxsize=None)
@@ -76,9 +80,22 @@ class Sampler:
             info = sf.info(path)
             return [0] * (round(info.frames * data.SAMPLE_RATE / info.samplerate) // SAMPLES_PER_CODE + 1)
         keys = {(ex.text, ex.prompt_wav, ex.prompt_text): ex for ex in map(_example, examples)}
-        return max(len(data.prompt_ids(self.tokenizer, ex.text, ex.prompt_text,
-                                       codes(ex.prompt_wav) if ex.prompt_wav else None))
-                   for ex in keys.values())
+        return [len(data.prompt_ids(self.tokenizer, ex.text, ex.prompt_text,
+                                    codes(ex.prompt_wav) if ex.prompt_wav else None))
+                for ex in keys.values()]
+
+    def say_past_context(self, lengths: list[int]):
+        """Say once, on stderr, how many of the run's prompts (`lengths`, prompt_lengths) a response
+        of --max-new-tokens can take past --max-context, the length the model was trained at (LLASA:
+        2,048 tokens in all): speech that runs that long is past what it learned."""
+        cfg = self.cfg
+        past = [n for n in lengths if n + cfg.max_new_tokens > cfg.max_context]
+        if cfg.max_context and past:
+            print(f"rollout: {len(past)} of {len(lengths)} prompts (training and validation) + "
+                  f"--max-new-tokens {cfg.max_new_tokens} can pass --max-context "
+                  f"{cfg.max_context}, "
+                  f"the length the model was trained at (longest prompt: {max(past)} tokens)",
+                  file=sys.stderr, flush=True)
 
     def prompt_audio(self, path: str) -> np.ndarray:
         """A prompt recording as float32 16 kHz, read once per run."""

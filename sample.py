@@ -21,6 +21,7 @@ CLI (TTS inference):
 import argparse
 import contextlib
 import functools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -228,16 +229,21 @@ def main(argv=None):
     p.add_argument("--prompt-wav", default=None,
                    help="voice cloning: a recording of the voice to speak in (any rate, resampled to 16 kHz)")
     p.add_argument("--prompt-text", default=None, help="voice cloning: what --prompt-wav says")
-    # Official LLASA sampling settings (DESIGN.md §4) as defaults.
+    # LLASA's model cards' settings as defaults: temperature 0.8, top-p 1, no repetition penalty,
+    # max_length=2048 counting the prompt (the length LLASA was trained at).
     p.add_argument("--temperature", type=float, default=0.8,
                    help="sampling temperature, 0 = greedy (default: 0.8)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off (default: 1.0)")
     p.add_argument("--top-k", type=int, default=0,
                    help="keep the k most likely tokens, 0 = off (default: 0)")
-    p.add_argument("--repetition-penalty", type=float, default=1.2,
-                   help="HF repetition penalty, 1 = off (default: 1.2)")
-    p.add_argument("--max-new-tokens", type=int, default=2048,
-                   help="most speech tokens to generate, 50 per second of audio (default: 2048)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="HF repetition penalty, 1 = off (default: 1.0)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="most speech tokens to generate, 50 per second of audio "
+                        "(default: --max-context minus the prompt's tokens)")
+    p.add_argument("--max-context", type=int, default=2048,
+                   help="prompt + response tokens the model was trained at; a --max-new-tokens "
+                        "that can pass it is warned about (default: 2048, LLASA's)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--codec", default="xcodec2",
                    help="'xcodec2[:PATH]' or 'tone' (test codec) (default: xcodec2)")
@@ -261,8 +267,18 @@ def main(argv=None):
     if args.prompt_wav:  # LLASA's clone prompt: the prompt's speech tokens open the assistant turn
         prompt_codes = speech_codec.encode([data.read_audio(args.prompt_wav)])[0]
     ids = data.prompt_ids(tokenizer, args.text, args.prompt_text, prompt_codes)
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:  # the rest of the context, as the cards' max_length=2048
+        context = min(args.max_context, model.config.max_position_embeddings)
+        max_new_tokens = context - len(ids)
+        if max_new_tokens < 1:
+            p.error(f"--max-context {args.max_context}: the prompt alone is {len(ids)} tokens")
+    elif len(ids) + max_new_tokens > args.max_context:
+        print(f"sample.py: warning: the prompt ({len(ids)} tokens) + --max-new-tokens "
+              f"{max_new_tokens} can pass --max-context {args.max_context}, the length the model "
+              "was trained at", file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    out = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
                    stop_ids=(vocab.end_id,), allowed_ids=vocab.allowed_ids(), generator=generator,
                    compile=device.type == "cuda" if args.compile is None else args.compile)
@@ -270,7 +286,7 @@ def main(argv=None):
     codes = vocab.to_codes(out.tokens[0, :n].tolist())
     wav = speech_codec.decode([codes])[0]  # the generated speech only, after the prompt's
     soundfile.write(args.out, wav, codec.SAMPLE_RATE)
-    status = "finished" if out.finished[0] else f"not finished (hit --max-new-tokens {args.max_new_tokens})"
+    status = "finished" if out.finished[0] else f"not finished (hit {max_new_tokens} new tokens)"
     cloned = f", in the voice of {args.prompt_wav}" if args.prompt_wav else ""
     print(f"wrote {args.out}: {len(wav) / codec.SAMPLE_RATE:.2f} s, {n} speech tokens, {status}{cloned}")
     return out

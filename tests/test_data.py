@@ -1,4 +1,6 @@
-"""data.py: datasets, the LLASA prompt, the speech vocabulary."""
+"""data.py: datasets, the LLASA prompt, the speech vocabulary, --epochs."""
+import json
+
 import pytest
 
 import config
@@ -167,3 +169,36 @@ def test_speaker_similarity_flags_need_voice_prompts(tmp_path, flag):
     clone = config.parse_config(["--preset", "tiny-clone", "--out", str(tmp_path / "run"), *flag])
     examples, _ = data.load_data(clone)
     assert all(ex.prompt_wav for ex in examples)
+
+
+def test_epoch_steps_pass_over_the_data():
+    assert data.epoch_steps(1, 15000, 8) == 1875  # the seed's one epoch of its 15K Korean rows
+    assert data.epoch_steps(1, 10, 4) == 3  # the last step partial
+    assert data.epoch_steps(2.5, 10, 4) == 7
+    assert data.epoch_steps(0.1, 80, 8) == 1  # not 2: 0.1 * 80 / 8 is 1.0000000000000002 in floats
+    assert data.epoch_steps(0.01, 10, 4) == 1  # at least one step
+
+
+def test_epochs_flag_sets_the_runs_steps(tmp_path, monkeypatch, capsys):
+    """--epochs E: the trainer runs ceil(E * rows / --prompts-per-step) steps, not --steps (the
+    tiny preset's 6): 6 rows at 4 prompts a step, one epoch, is 2 steps. A negative value is a
+    user's error."""
+    import grpo
+    import parallel
+    from helpers import _FakeScorer, _tiny
+
+    class Scorer(_FakeScorer):
+        def close(self):
+            pass
+
+    rows = tmp_path / "six.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"Sentence number {i}."}) + "\n" for i in range(6)))
+    no_worker = lambda cfg, d, speaker_model=None: (None, Scorer(0.5))  # noqa: E731
+    monkeypatch.setattr(parallel, "start_scorer", no_worker)
+    cfg = _tiny(tmp_path, "--data", str(rows), "--val-data", "", "--epochs", "1")
+    history = grpo.train(cfg)
+    assert cfg.steps == 2 and [m["step"] for m in history] == [1, 2]
+    assert "steps 1-2" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        config.parse_config(["--preset", "tiny", "--epochs", "-1"])
+    assert exit_.value.code == 2 and "--epochs must be >= 0" in capsys.readouterr().err

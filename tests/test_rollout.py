@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+import data
 import decode
 import grpo
 import parallel
@@ -105,3 +106,27 @@ def test_a_rollout_error_is_raised_at_once_not_after_the_chunk_being_scored(tmp_
         assert time.time() - t0 < 10, time.time() - t0
     finally:
         scorer.release.set()
+
+
+def test_prompts_that_can_pass_max_context_are_counted_once_at_start(tmp_path, capsys):
+    """--max-context (LLASA was trained on 2,048 tokens of prompt + speech): the run's prompts
+    that a --max-new-tokens response can take past it are counted over training and validation
+    texts and said once, on stderr, when the sampler is built; none past it, nothing said; 0 turns
+    it off."""
+    def sampler(*flags):
+        cfg = _tiny(tmp_path, *flags)
+        return grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), _FakeScorer(0.5)).sampler
+
+    s = sampler()  # the tiny run: short prompts + 64 new tokens, far below 2048
+    train, val = data.load_data(s.cfg)
+    lengths = s.prompt_lengths(train + val)
+    assert "--max-context" not in capsys.readouterr().err
+    cut = sorted(lengths)[len(lengths) // 2] + s.cfg.max_new_tokens  # about half pass it
+    want = sum(n + s.cfg.max_new_tokens > cut for n in lengths)
+    assert 0 < want < len(lengths)
+    sampler("--max-context", str(cut))
+    err = capsys.readouterr().err
+    assert err.count("--max-context") == 1
+    assert f"rollout: {want} of {len(lengths)} prompts (training and validation)" in err, err
+    sampler("--max-context", "0")
+    assert "--max-context" not in capsys.readouterr().err
