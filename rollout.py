@@ -92,9 +92,8 @@ class Sampler:
         past = [n for n in lengths if n + cfg.max_new_tokens > cfg.max_context]
         if cfg.max_context and past:
             print(f"rollout: {len(past)} of {len(lengths)} prompts (training and validation) + "
-                  f"--max-new-tokens {cfg.max_new_tokens} can pass --max-context "
-                  f"{cfg.max_context}, "
-                  f"the length the model was trained at (longest prompt: {max(past)} tokens)",
+                  f"--max-new-tokens {cfg.max_new_tokens} can pass --max-context {cfg.max_context}"
+                  f", the length the model was trained at (longest prompt: {max(past)} tokens)",
                   file=sys.stderr, flush=True)
 
     def prompt_audio(self, path: str) -> np.ndarray:
