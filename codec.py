@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tf32 import fp32_math
+
 SAMPLE_RATE = 16000  # Hz
 SAMPLES_PER_CODE = 320  # 16000 / 50 codes per second
 CODEBOOK_SIZE = 65536  # XCodec2's one FSQ codebook: 8 levels of 4 values
@@ -370,7 +372,8 @@ class XCodec2Codec:
     (default) fp32 weights with TF32 matmuls and convolutions, about 8x the strict-fp32 throughput of an
     H100's tensor cores at ~1e-3 relative error per product; "bf16" autocast, 2x more, 37 dB SNR against fp32
     (max error 0.0015 at a 0.09 peak, on the test file's and the full-size random decoder), TF32 off beside it;
-    "fp32" strict: TF32 matmuls and convolutions off, whatever the process had set (`_numerics`)."""
+    "fp32" strict: TF32 matmuls and convolutions off, whatever the process had set (`_numerics`, tf32.py:
+    torch's fp32_precision settings where it has them, as transformers' enable_tf32 sets them)."""
     sample_rate = SAMPLE_RATE
 
     def __init__(self, model=XCODEC2, device="cpu", config: XCodec2Config = XCodec2Config(),
@@ -405,15 +408,9 @@ class XCodec2Codec:
     def _numerics(self):
         """The precision's settings for one decode, whatever the caller's, restored after (process-wide)."""
         tf32 = self.precision == "tf32" and self.device.type == "cuda"  # else strict fp32 (beside bf16's autocast)
-        matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-        torch.set_float32_matmul_precision("high" if tf32 else "highest")  # TF32 matmuls, or none
-        torch.backends.cudnn.allow_tf32 = tf32  # TF32 convolutions, or none (torch's default is on)
-        try:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                yield
-        finally:
-            torch.set_float32_matmul_precision(matmul)
-            torch.backends.cudnn.allow_tf32 = cudnn
+        bf16 = self.precision == "bf16"
+        with fp32_math(cuda_tf32=tf32), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            yield
 
     @torch.no_grad()
     def decode(self, codes) -> list[np.ndarray]:

@@ -56,9 +56,14 @@ class Config:
                           "checkpoint directory OUT/checkpoints/step_N")
     # GRPO
     steps: int = opt(200, "optimizer steps (rollout batches) to run in total")
+    epochs: float = opt(0.0, "if > 0, the run's length in passes over --data instead of "
+                             "--steps: ceil(epochs * rows / --prompts-per-step) steps (seed: 1)")
     prompts_per_step: int = opt(8, "prompts per step over all ranks; must divide by the world size")
     group_size: int = opt(16, "samples per prompt (G)")
     max_new_tokens: int = opt(1500, "longest response in speech tokens (50 tokens = 1 s; Whisper hears 30 s)")
+    max_context: int = opt(2048, "prompt + response tokens the model was trained at (LLASA: "
+                                 "2048); prompts --max-new-tokens can take past it are counted, "
+                                 "said once at start; 0 = off")
     temperature: float = opt(0.8, "sampling temperature; training log-probs use the same")
     top_p: float = opt(0.9, "nucleus sampling threshold (1 = off)")
     top_k: int = opt(0, "top-k sampling (0 = off)")
@@ -145,10 +150,11 @@ PRESETS = {
                        out="runs/tiny-clone", steps=4, prompts_per_step=4, group_size=4, max_new_tokens=64,
                        top_p=1.0, lr=1e-3, kl_coef=0.04, micro_batch=8, sample_every=2, save_every=2, val_every=2,
                        n_samples=2, whisper_max_tokens=16, whisper_threads=1, speaker_model="random-tiny"),
-    # The seed's recipe, except responses capped at Whisper's 30 s window (1500 tokens, not 2048).
+    # The seed's recipe (README: Changes from the seed), responses capped at Whisper's 30 s window.
     "llasa-1b": dict(model="HKUSTAudio/Llasa-1B", codec="xcodec2", whisper="large-v3", whisper_device="cuda:2",
                      steps=200, prompts_per_step=8, group_size=16, max_new_tokens=1500, temperature=0.8,
                      top_p=0.9, lr=1e-6, kl_coef=0.0, updates_per_rollout=1, micro_batch=2,
+                     weight_decay=0.01,  # the seed's AdamW
                      # One GPU worker serves both ranks' 64 clips a step: one batch per rank.
                      whisper_batch=64),
 }
@@ -258,6 +264,8 @@ RANGES = {
     "val_every": AT_LEAST_1,
     "worker_timeout": (lambda v: v > 0, "> 0 seconds"),
     "max_skipped_steps": (lambda v: v >= 0, ">= 0 (0 = never)"),
+    "epochs": (lambda v: v >= 0, ">= 0 (0 = off: --steps)"),
+    "max_context": (lambda v: v >= 0, ">= 0 (0 = off)"),
 }
 CHOICES = {
     "preset": ("", *PRESETS),

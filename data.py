@@ -8,6 +8,7 @@ prompts are built through the tokenizer's own chat template, the way LLASA's inf
 (DESIGN.md §4); every special id is looked up by name.
 """
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ LLASA_MARKERS = [
 SPEECH_START, SPEECH_END = "<|SPEECH_GENERATION_START|>", "<|SPEECH_GENERATION_END|>"
 SAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample.jsonl")
 
+# The date Llama-3.2's chat template (Llasa's) prints in its system header: its own fallback when
+# no date is given, a constant so that prompts are the same every day (and across --resume).
+CHAT_DATE = "26 Jul 2024"
 # Llama-3's chat template, without the system preamble (enough for LLASA's prompts).
 LLAMA3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -200,25 +204,29 @@ def speech_vocab(tokenizer) -> SpeechVocab:
 
 def prompt_ids(tokenizer, text: str, prompt_text: str | None = None, prompt_codes=None) -> list[int]:
     """LLASA's TTS prompt for `text` as token ids, ending in <|SPEECH_GENERATION_START|>; with a
-    voice prompt, LLASA's clone prompt: the text is prompt_text + " " + text and the assistant turn
+    voice prompt, LLASA's clone prompt: the text is prompt_text + text, joined with nothing as
+    LLASA's model card joins them (`input_text = prompt_text + target_text`), and the assistant turn
     goes on after <|SPEECH_GENERATION_START|> with the prompt's speech tokens (prompt_codes, codec
     codes), so the model continues in that voice and only what it generates is the new speech.
 
     The chat is rendered to a string and then tokenized (instead of apply_chat_template(tokenize=True)),
-    which behaves the same on transformers 4.46+ and 5.x."""
+    which behaves the same on transformers 4.46+ and 5.x. It is rendered with `date_string` =
+    CHAT_DATE: Llasa's template (Llama-3.2-Instruct's) prints a date in its system header, today's
+    unless given, which would change the prompt ids from one day to the next (and across --resume)."""
     if not text or not text.strip():
         raise ValueError("empty text: nothing to synthesize")
     if (prompt_text is None) != (prompt_codes is None):
         raise ValueError("a voice prompt needs both prompt_text and prompt_codes")
     if prompt_text is not None:
-        text = f"{prompt_text.strip()} {text.strip()}"
+        text = prompt_text + text
     for name in ("<|TEXT_UNDERSTANDING_START|>", "<|TEXT_UNDERSTANDING_END|>", SPEECH_START):
         token_id(tokenizer, name)
     chat = [
         {"role": "user", "content": f"Convert the text to speech:<|TEXT_UNDERSTANDING_START|>{text}<|TEXT_UNDERSTANDING_END|>"},
         {"role": "assistant", "content": SPEECH_START},
     ]
-    rendered = tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True,
+                                             date_string=CHAT_DATE)
     ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     if ids[-1] != token_id(tokenizer, SPEECH_START):
         raise ValueError(f"the chat template did not end the prompt with {SPEECH_START}: ...{rendered[-80:]!r}")
@@ -275,6 +283,13 @@ def load_data(cfg) -> tuple[list[Example], list[Example]]:
                 raise ValueError(f"{where}: language {language!r} is not one Whisper {cfg.whisper!r} knows "
                                  f"({', '.join(sorted(known)[:12])}{', ...' if len(known) > 12 else ''})")
     return examples, val_examples
+
+
+def epoch_steps(epochs: float, rows: int, prompts_per_step: int) -> int:
+    """The steps that pass `epochs` times over `rows` training examples at `prompts_per_step`
+    prompts a step (--epochs): ceil(epochs * rows / prompts_per_step), at least 1."""
+    steps = round(epochs * rows / prompts_per_step, 9)  # 0.1 * 80 / 8 is 1, not 1.0000000000000002
+    return max(1, math.ceil(steps))
 
 
 def step_examples(examples: list, step: int, cfg, d) -> list:

@@ -146,6 +146,27 @@ def spans(length: int, first: int = 256) -> list[int]:
     return out + [length]
 
 
+def compile_failed(error: BaseException) -> bool:
+    """Whether `error` is torch.compile's own failure (dynamo, inductor, their C++/Triton
+    compilers): what a fallback to the eager loop may catch. An out-of-memory error is not one, even
+    raised inside the compiler (a transient OOM is no reason to stop compiling), nor is any other
+    error of the run (data, CUDA)."""
+    # dynamo's errors include its wrappers of a backend's: BackendCompilerFailed, InductorError
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor import exc as inductor
+    kinds = (TorchDynamoException,) + tuple(getattr(inductor, name) for name in (
+        "CppCompileError", "InvalidCxxCompiler", "OperatorIssue", "CppWrapperCodegenError",
+        "SubgraphLoweringException") if hasattr(inductor, name))
+    chain = []  # the error and what it wraps (dynamo keeps the backend's error as inner_exception)
+    e = error
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = getattr(e, "inner_exception", None) or e.__cause__ or e.__context__
+    if any(isinstance(x, torch.OutOfMemoryError) for x in chain):
+        return False
+    return isinstance(error, kinds)
+
+
 class Decoder:
     """The static-shape decode step of `generate` for one model, built once and kept by the caller
     (the trainer: one per run), so the step compiles once per shape, not once per call.

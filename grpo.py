@@ -464,6 +464,8 @@ def train(cfg: Config) -> list[dict]:
         with d.together("start-up"):  # before anything is written or loaded: the cheap checks
             resume_from = outputs.resolve_resume(cfg.out, cfg.resume)
             datasets = data.load_data(cfg)
+        if cfg.epochs > 0:  # the run's length in passes over the training data (said in the banner)
+            cfg.steps = data.epoch_steps(cfg.epochs, len(datasets[0]), cfg.prompts_per_step)
         cloning = any(ex.prompt_wav for ex in datasets[0] + datasets[1])
         worker, scorer = parallel.start_scorer(cfg, d, cfg.speaker_model if cloning else None)
         with d.together("loading the models"):

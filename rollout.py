@@ -18,7 +18,7 @@ import torch
 import data
 import lora
 from codec import SAMPLES_PER_CODE, PromptCodes
-from decode import Decoder
+from decode import Decoder, compile_failed
 from parallel import Dist, gathered
 from sample import Rollout, cat_rollouts, generate
 
@@ -42,13 +42,16 @@ class Sampler:
         # will roll out: training and validation) + --max-new-tokens; without them, 256 prompt slots.
         # A longer prompt later grows the cache (a new cache and graphs, said on stderr).
         compiled = cfg.compile if cfg.compile is not None else device.type == "cuda" and not cfg.fsdp
-        longest = max(self.longest_prompt(examples), 256) if compiled and examples else 256  # >= 256: the spans README names
+        lengths = self.prompt_lengths(examples or [])
+        longest = max(lengths + [256]) if compiled else 256  # >= 256: the spans README names
         self.decoder = Decoder(policy.lm, compile=True, max_len=cfg.max_new_tokens + longest) if compiled else None
         self.decoder_works = False  # until its first rollout succeeds
         # Rows per generate call: a training chunk (this rank's samples / --rollout-chunks, rounded
         # up). With the compiled step every call is padded to it: one shape, one set of buffers.
         per_rank = cfg.prompts_per_step * cfg.group_size // d.world
         self.batch = -(-per_rank // cfg.rollout_chunks)
+        if d.rank == 0:
+            self.say_past_context(lengths)
 
     def close(self):
         """Free the compiled step's buffers (KV cache, weight copies) at the end of a run."""
@@ -65,10 +68,11 @@ class Sampler:
             self._prompts[key] = data.prompt_ids(self.tokenizer, ex.text, ex.prompt_text, codes)
         return self._prompts[key]
 
-    def longest_prompt(self, examples: list) -> int:
-        """An upper bound on the prompt ids of any of `examples`, without encoding a voice prompt:
-        its codes are counted from its file's length (every codec here gives at most one code per
-        320 samples at 16 kHz, plus one), so a run with thousands of voices starts at once."""
+    def prompt_lengths(self, examples: list) -> list[int]:
+        """An upper bound on the prompt ids of each distinct item of `examples`, without encoding a
+        voice prompt: its codes are counted from its file's length (every codec here gives at most
+        one code per 320 samples at 16 kHz, plus one), so a run with thousands of voices starts at
+        once."""
         import soundfile as sf
 
         @functools.lru_cache(maxsize=None)
@@ -76,9 +80,21 @@ class Sampler:
             info = sf.info(path)
             return [0] * (round(info.frames * data.SAMPLE_RATE / info.samplerate) // SAMPLES_PER_CODE + 1)
         keys = {(ex.text, ex.prompt_wav, ex.prompt_text): ex for ex in map(_example, examples)}
-        return max(len(data.prompt_ids(self.tokenizer, ex.text, ex.prompt_text,
-                                       codes(ex.prompt_wav) if ex.prompt_wav else None))
-                   for ex in keys.values())
+        return [len(data.prompt_ids(self.tokenizer, ex.text, ex.prompt_text,
+                                    codes(ex.prompt_wav) if ex.prompt_wav else None))
+                for ex in keys.values()]
+
+    def say_past_context(self, lengths: list[int]):
+        """Say once, on stderr, how many of the run's prompts (`lengths`, prompt_lengths) a response
+        of --max-new-tokens can take past --max-context, the length the model was trained at (LLASA:
+        2,048 tokens in all): speech that runs that long is past what it learned."""
+        cfg = self.cfg
+        past = [n for n in lengths if n + cfg.max_new_tokens > cfg.max_context]
+        if cfg.max_context and past:
+            print(f"rollout: {len(past)} of {len(lengths)} prompts (training and validation) + "
+                  f"--max-new-tokens {cfg.max_new_tokens} can pass --max-context {cfg.max_context}"
+                  f", the length the model was trained at (longest prompt: {max(past)} tokens)",
+                  file=sys.stderr, flush=True)
 
     def prompt_audio(self, path: str) -> np.ndarray:
         """A prompt recording as float32 16 kHz, read once per run."""
@@ -115,7 +131,8 @@ class Sampler:
         n, k = len(items), self.cfg.rollout_chunks
         bounds = sorted({n * i // k for i in range(k + 1)})
         rolls, audios, pending, seconds = [], [], [], [0.0, 0.0, 0.0]
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
             for a, b in zip(bounds, bounds[1:]):
                 t0 = time.time()
                 rolls.append(self.rollout(items[a:b], generator))
@@ -130,6 +147,10 @@ class Sampler:
             t0 = time.time()
             scores = [s for job in pending for s in job.result()]
             seconds[2] += time.time() - t0
+        finally:
+            # Not `with pool`, which would wait for the chunk being scored (up to
+            # --worker-timeout) before raising a rollout's error: it leaves at once.
+            pool.shutdown(wait=False, cancel_futures=True)
         return cat_rollouts(rolls), audios, scores, seconds
 
     def rollout(self, texts: list, generator) -> Rollout:
@@ -137,9 +158,9 @@ class Sampler:
         (speech tokens + stop only; after a voice prompt, only what the policy generates). With the
         compiled step the batch is padded to `self.batch` rows with copies of the last item, whose
         samples are dropped: every call of a run has the decoder's one shape
-        (no graph and no KV cache per odd batch size). If the compiled step fails on its first use
-        (a torch.compile or CUDA-graph problem on this machine), the run says so and goes on with
-        the eager loop rather than losing the job."""
+        (no graph and no KV cache per odd batch size). If torch.compile fails on the step's first
+        use (decode.compile_failed: dynamo's or inductor's errors, not an out-of-memory error), the
+        run says so and goes on with the eager loop rather than losing the job."""
         if not 0 < len(texts) <= self.batch:
             raise ValueError(f"rollout of {len(texts)} texts: expected 1 to {self.batch}")
         n = len(texts)
@@ -148,6 +169,7 @@ class Sampler:
         return self._generate(texts, generator).head(n)
 
     def _generate(self, texts: list[str], generator) -> Rollout:
+        prompts = [self.prompt(t) for t in texts]  # before the fallback's try: not a compile error
         self.policy.eval()
         cuda = self.device.type == "cuda"
         with torch.no_grad(), self.autocast(), gathered(self.policy):  # whole weights, freed after (FSDP)
@@ -156,7 +178,7 @@ class Sampler:
                 # copies merged weights itself (decode.Decoder.layer_weights), its eager prefill runs
                 # the adapted maps unmerged (the same function up to rounding). No-ops without LoRA.
                 with lora.merged(self.policy.lm) if decoder is None else contextlib.nullcontext():
-                    return generate(self.policy.lm, [self.prompt(t) for t in texts],
+                    return generate(self.policy.lm, prompts,
                                     max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                     top_p=self.cfg.top_p, top_k=self.cfg.top_k,
                                     repetition_penalty=self.cfg.repetition_penalty, stop_ids=(self.speech.end_id,),
@@ -167,7 +189,9 @@ class Sampler:
             rng = generator.get_state()  # the eager retry draws what the failed attempt drew
             try:
                 out = run(self.decoder)
-            except Exception as e:  # noqa: BLE001 -- reported, and the eager loop is the reference
+            except Exception as e:
+                if not compile_failed(e):  # OOM, data, CUDA: the run's errors, not the compiler's
+                    raise
                 print(f"[rank {self.d.rank}] --compile: the compiled decode step failed on first use "
                       f"({type(e).__name__}: {str(e)[:300]}); going on with the eager loop", file=sys.stderr)
                 self.decoder = None

@@ -24,6 +24,7 @@ import functools
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -310,7 +311,10 @@ def cli_problem(args) -> str | None:
                ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0 = off)"),
                ("--repetition-penalty", args.repetition_penalty, args.repetition_penalty > 0,
                 "> 0 (1 = off)"),
-               ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"))
+               ("--max-context", args.max_context, args.max_context >= 1, ">= 1"))
+    if args.max_new_tokens is not None:
+        ok = args.max_new_tokens >= 1
+        numbers += (("--max-new-tokens", args.max_new_tokens, ok, ">= 1 (unset: the context left)"),)
     for flag, value, ok, what in numbers:
         if not math.isfinite(value):
             return f"{flag} {value}: must be a finite number"
@@ -343,16 +347,21 @@ def main(argv=None):
     p.add_argument("--prompt-wav", default=None,
                    help="voice cloning: a recording of the voice to speak in (any rate, resampled to 16 kHz)")
     p.add_argument("--prompt-text", default=None, help="voice cloning: what --prompt-wav says")
-    # Official LLASA sampling settings (DESIGN.md §4) as defaults.
+    # LLASA's model cards' settings as defaults: temperature 0.8, top-p 1, no repetition penalty,
+    # max_length=2048 counting the prompt (the length LLASA was trained at).
     p.add_argument("--temperature", type=float, default=0.8,
                    help="sampling temperature, 0 = greedy (default: 0.8)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off (default: 1.0)")
     p.add_argument("--top-k", type=int, default=0,
                    help="keep the k most likely tokens, 0 = off (default: 0)")
-    p.add_argument("--repetition-penalty", type=float, default=1.2,
-                   help="HF repetition penalty, 1 = off (default: 1.2)")
-    p.add_argument("--max-new-tokens", type=int, default=2048,
-                   help="most speech tokens to generate, 50 per second of audio (default: 2048)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="HF repetition penalty, 1 = off (default: 1.0)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="most speech tokens to generate, 50 per second of audio "
+                        "(default: --max-context minus the prompt's tokens)")
+    p.add_argument("--max-context", type=int, default=2048,
+                   help="prompt + response tokens the model was trained at; a --max-new-tokens "
+                        "that can pass it is warned about (default: 2048, LLASA's)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--codec", default="xcodec2",
                    help="'xcodec2[:PATH]' or 'tone' (test codec) (default: xcodec2)")
@@ -377,11 +386,21 @@ def main(argv=None):
         prompt_codes = speech_codec.encode([data.read_audio(args.prompt_wav)])[0]
     ids = data.prompt_ids(tokenizer, args.text, args.prompt_text, prompt_codes)
     positions = model.config.max_position_embeddings  # known once the model is loaded
-    if args.max_new_tokens > positions - len(ids):
-        p.error(f"--max-new-tokens {args.max_new_tokens}: the prompt takes {len(ids)} of the "
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:  # the rest of the context, as the cards' max_length=2048
+        context = min(args.max_context, positions)
+        max_new_tokens = context - len(ids)
+        if max_new_tokens < 1:
+            p.error(f"--max-context {args.max_context}: the prompt alone is {len(ids)} tokens")
+    elif max_new_tokens > positions - len(ids):
+        p.error(f"--max-new-tokens {max_new_tokens}: the prompt takes {len(ids)} of the "
                 f"model's {positions} positions, leaving {positions - len(ids)}")
+    elif len(ids) + max_new_tokens > args.max_context:
+        print(f"sample.py: warning: the prompt ({len(ids)} tokens) + --max-new-tokens "
+              f"{max_new_tokens} can pass --max-context {args.max_context}, the length the model "
+              "was trained at", file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    out = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
                    stop_ids=(vocab.end_id,), allowed_ids=vocab.allowed_ids(), generator=generator,
                    compile=device.type == "cuda" if args.compile is None else args.compile)
@@ -389,7 +408,7 @@ def main(argv=None):
     codes = vocab.to_codes(out.tokens[0, :n].tolist())
     wav = speech_codec.decode([codes])[0]  # the generated speech only, after the prompt's
     soundfile.write(args.out, wav, codec.SAMPLE_RATE)
-    status = "finished" if out.finished[0] else f"not finished (hit --max-new-tokens {args.max_new_tokens})"
+    status = "finished" if out.finished[0] else f"not finished (hit {max_new_tokens} new tokens)"
     cloned = f", in the voice of {args.prompt_wav}" if args.prompt_wav else ""
     print(f"wrote {args.out}: {len(wav) / codec.SAMPLE_RATE:.2f} s, {n} speech tokens, {status}{cloned}")
     return out

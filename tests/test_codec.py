@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import codec
 import demo
+import tf32 as tf32_module
 from helpers import REPO
 
 transformers = pytest.importorskip("transformers")
@@ -159,16 +160,16 @@ def test_word_codec_decodes_codes_to_the_stored_clips_joined_by_gaps():
         codec.load_codec("words:/nonexistent/words.npz")
 
 
-def test_xcodec2_precisions(golden_codec):
+def test_xcodec2_precisions(golden_codec, tf32_clean):
     """bf16 autocast stays within the error the class states (37 dB SNR against fp32); tf32 on a
     CPU is fp32 itself (TF32 is a CUDA setting), and the process-wide settings are restored."""
     cfg, codes, _ = _golden()
     seqs = [codes[0, 0], codes[1, 0, :17]]
     ref = golden_codec.decode(seqs)
     bf16 = codec.XCodec2Codec(golden_codec.model, "cpu", cfg, precision="bf16").decode(seqs)
-    before = torch.get_float32_matmul_precision()
+    before = _flags()
     tf32 = codec.XCodec2Codec(golden_codec.model, "cpu", cfg, precision="tf32").decode(seqs)
-    assert torch.get_float32_matmul_precision() == before and not torch.is_autocast_enabled("cpu")
+    assert _flags() == before and not torch.is_autocast_enabled("cpu")
     for r, b, t in zip(ref, bf16, tf32):
         snr = 10 * np.log10(np.mean(r ** 2) / np.mean((b - r) ** 2))
         assert 30 < snr < 80, snr  # rounded, and not much
@@ -177,22 +178,45 @@ def test_xcodec2_precisions(golden_codec):
         codec.XCodec2Codec(golden_codec.model, "cpu", cfg, precision="fp16")
 
 
+def _flags() -> dict:
+    """What fp32 matmuls and convolutions compute in, per (backend, op) (tf32.py), and autocast."""
+    got = {f"{b}.{o}": tf32_module._computes_in((b, o)) for b, o in tf32_module.OPS}
+    return dict(got, autocast=torch.is_autocast_enabled("cpu"))
 
-def _flags():
-    b = torch.backends
-    return dict(matmul=torch.get_float32_matmul_precision(), cuda_matmul_tf32=b.cuda.matmul.allow_tf32,
-                cudnn_tf32=b.cudnn.allow_tf32, autocast=torch.is_autocast_enabled("cpu"))
+
+@pytest.fixture
+def tf32_clean():
+    """torch's default settings before and after the test (decodes change them process-wide)."""
+    def reset():
+        torch.set_float32_matmul_precision("highest")
+        for backend, op in [("generic", "all")] + [(b, o) for b in ("cuda", "mkldnn") for o in ("all", "matmul")]:
+            tf32_module._set((backend, op), "none")
+        torch.backends.cudnn.allow_tf32 = True
+    reset()
+    yield
+    reset()
+
+
+# How a process may have set TF32 before a decode: torch's defaults, the legacy switches, or the
+# new fp32_precision settings the way transformers' enable_tf32 sets them (without its lru_cache).
+_enable_tf32 = getattr(transformers.utils.import_utils.enable_tf32, "__wrapped__",
+                       transformers.utils.import_utils.enable_tf32)
+CALLERS = {"torch-defaults": lambda: None,
+           "legacy-tf32": lambda: torch.set_float32_matmul_precision("high"),
+           "legacy-strict": lambda: setattr(torch.backends.cudnn, "allow_tf32", False),
+           "transformers-enable-tf32": lambda: _enable_tf32(True),
+           "transformers-disable-tf32": lambda: _enable_tf32(False)}
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")  # the CUDA-typed codec's autocast
-@pytest.mark.parametrize("caller", [("highest", True), ("high", True), ("highest", False)],
-                         ids=["torch-defaults", "caller-tf32", "caller-strict"])
-def test_xcodec2_precision_sets_tf32_flags_inside_decode_and_restores_them(golden_codec, caller):
+@pytest.mark.parametrize("caller", CALLERS)
+def test_xcodec2_precision_sets_tf32_flags_inside_decode_and_restores_them(golden_codec, tf32_clean, caller):
     """The process-wide TF32 settings a decode runs under are the precision's, whatever the caller
-    set (torch's default leaves cuDNN's TF32 on): on CUDA "tf32" turns TF32 matmuls and convolutions
-    on, "fp32" and "bf16" (beside its autocast) off; a CPU computes in fp32 (TF32 off) but under
-    "bf16". Spied inside decode on the CPU, and on a CUDA-typed codec in `_numerics` itself; the
-    caller's settings are back after each."""
+    set (torch's default leaves cuDNN's TF32 on; transformers' enable_tf32 uses torch's new
+    fp32_precision API, after which torch's legacy getters raise): on CUDA "tf32" turns TF32
+    matmuls and convolutions on, "fp32" and "bf16" (beside its autocast) off; a CPU computes in
+    fp32 (TF32 off) but under "bf16". Spied inside decode on the CPU, and on a CUDA-typed codec in
+    `_numerics` itself; the caller's settings, and what torch's legacy getters say, are back after."""
     cfg, codes, _ = _golden()
     seen = []
 
@@ -201,27 +225,47 @@ def test_xcodec2_precision_sets_tf32_flags_inside_decode_and_restores_them(golde
             seen.append(_flags())
             return torch.zeros(batch.shape[0], 1, batch.shape[-1] * codec.SAMPLES_PER_CODE)
 
-    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    try:
-        torch.set_float32_matmul_precision(caller[0])
-        torch.backends.cudnn.allow_tf32 = caller[1]
-        before = _flags()
-        strict = dict(matmul="highest", cuda_matmul_tf32=False, cudnn_tf32=False)
-        for precision in codec.PRECISIONS:
-            c = codec.XCodec2Codec(golden_codec.model, "cpu", cfg, precision=precision)
-            c.model = Spy()
-            c.decode([codes[0, 0].tolist()])
-            assert seen.pop() == dict(strict, autocast=precision == "bf16"), precision
-            assert _flags() == before
-            c.device = torch.device("cuda")  # what a GPU's decode sets (no CUDA op runs)
-            with c._numerics():
-                got = {k: v for k, v in _flags().items() if k != "autocast"}
-            tf32 = precision == "tf32"
-            assert got == (dict(matmul="high", cuda_matmul_tf32=True, cudnn_tf32=True) if tf32 else strict), precision
-            assert _flags() == before
-    finally:
-        torch.set_float32_matmul_precision(matmul)
-        torch.backends.cudnn.allow_tf32 = cudnn
+    CALLERS[caller]()
+    before, legacy = _flags(), _legacy_getters()
+    strict = {f"{b}.{o}": "ieee" for b, o in tf32_module.OPS}
+    for precision in codec.PRECISIONS:
+        c = codec.XCodec2Codec(golden_codec.model, "cpu", cfg, precision=precision)
+        c.model = Spy()
+        c.decode([codes[0, 0].tolist()])
+        assert seen.pop() == dict(strict, autocast=precision == "bf16"), precision
+        assert _flags() == before and _legacy_getters() == legacy
+        c.device = torch.device("cuda")  # what a GPU's decode sets (no CUDA op runs)
+        with c._numerics():
+            got = {k: v for k, v in _flags().items() if k != "autocast"}
+        cuda = "tf32" if precision == "tf32" else "ieee"
+        assert got == dict(strict, **{"cuda.matmul": cuda, "cuda.conv": cuda}), precision
+        assert _flags() == before and _legacy_getters() == legacy
+
+
+def test_xcodec2_decodes_after_transformers_enable_tf32(golden_codec, tf32_clean):
+    """The issue's case: once transformers' enable_tf32 set torch's new fp32_precision API,
+    torch.get_float32_matmul_precision() raises; a decode must not read it, and must leave the
+    new settings as they were."""
+    cfg, codes, audio = _golden()
+    _enable_tf32(True)
+    with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+        torch.get_float32_matmul_precision()
+    before = _flags()
+    out = codec.XCodec2Codec(golden_codec.model, "cpu", cfg, precision="fp32").decode([codes[0, 0]])
+    np.testing.assert_allclose(out[0], audio[0, 0].numpy(), rtol=0, atol=1e-5)
+    assert _flags() == before and torch.backends.fp32_precision == "tf32"
+
+
+def _legacy_getters() -> list:
+    """What torch's legacy TF32 getters answer, "raises" where they raise."""
+    out = []
+    for get in (torch.get_float32_matmul_precision, lambda: torch.backends.cuda.matmul.allow_tf32,
+                lambda: torch.backends.cudnn.allow_tf32):
+        try:
+            out.append(get())
+        except RuntimeError:
+            out.append("raises")
+    return out
 
 # ----------------------------------------------------------------------------- encode
 

@@ -178,3 +178,11 @@ def test_cli_bad_flag_exits_2_in_one_line(tmp_path):
     assert (r.returncode, r.stdout) == (2, ""), r.stderr[-2000:]
     assert r.stderr == "grpo.py: error: --top-p 0.0: must be in (0, 1] (1 = off)\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_llasa_presets_use_the_seeds_adamw_weight_decay():
+    """The seed's AdamW had weight decay 0.01 (the llasa presets once ran 0.0); the other presets keep 0."""
+    assert config.parse_config(["--preset", "llasa-1b"]).weight_decay == 0.01
+    for preset in ("llasa-3b", "llasa-8b"):  # FSDP presets: parsed alone they would need torchrun
+        assert config.PRESETS[preset]["weight_decay"] == 0.01, preset
+    assert config.parse_config(["--preset", "tiny"]).weight_decay == 0.0

@@ -1,4 +1,6 @@
-"""data.py: datasets, the LLASA prompt, the speech vocabulary."""
+"""data.py: datasets, the LLASA prompt, the speech vocabulary, --epochs."""
+import json
+
 import pytest
 
 import config
@@ -93,21 +95,57 @@ def test_seed_tts_eval_lists(tmp_path):
 
 
 def test_clone_prompt_ids_equal_a_hand_built_llasa_prompt():
-    """LLASA's clone prompt: text = prompt_text + " " + text, the assistant turn goes on after
-    <|SPEECH_GENERATION_START|> with the prompt's speech tokens."""
+    """LLASA's clone prompt, as its model card builds it: text = prompt_text + text joined with
+    nothing (`input_text = prompt_text + target_text`; no space token LLASA never saw at the seam
+    of a Chinese or Japanese pair), the assistant turn going on after <|SPEECH_GENERATION_START|>
+    with the prompt's speech tokens."""
     tok = data.tiny_tokenizer(n_speech=300)
-    chat = [{"role": "user", "content": "Convert the text to speech:<|TEXT_UNDERSTANDING_START|>"
-                                        "A voice. Say this.<|TEXT_UNDERSTANDING_END|>"},
-            {"role": "assistant", "content": "<|SPEECH_GENERATION_START|><|s_3|><|s_299|><|s_0|>"}]
-    rendered = tok.apply_chat_template(chat, tokenize=False, continue_final_message=True)
-    want = tok(rendered, add_special_tokens=False)["input_ids"]
-    assert data.prompt_ids(tok, "Say this.", "A voice.", [3, 299, 0]) == want
+    for prompt_text, text in (("A voice.", "Say this."), ("我是一个声音。", "请说这个。")):
+        chat = [{"role": "user", "content": "Convert the text to speech:<|TEXT_UNDERSTANDING_START|>"
+                                            f"{prompt_text}{text}<|TEXT_UNDERSTANDING_END|>"},
+                {"role": "assistant", "content": "<|SPEECH_GENERATION_START|><|s_3|><|s_299|><|s_0|>"}]
+        rendered = tok.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+        want = tok(rendered, add_special_tokens=False)["input_ids"]
+        assert data.prompt_ids(tok, text, prompt_text, [3, 299, 0]) == want
     plain = data.prompt_ids(tok, "Say this.")
     assert want[:len(plain) - 1] != plain[:-1]  # the text differs too (prompt text first)
     with pytest.raises(ValueError, match="outside"):
         data.prompt_ids(tok, "Say this.", "A voice.", [300])
     with pytest.raises(ValueError, match="both"):
         data.prompt_ids(tok, "Say this.", "A voice.")
+
+
+# Llama-3.2-Instruct's way (Llasa's template) of printing a date in its system header: the
+# caller's date_string, else today's (transformers' strftime_now), else its own fallback.
+DATED_TEMPLATE = (
+    "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+    "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}{%- set date_string = '26 Jul 2024' %}"
+    "{%- endif %}{%- endif %}"
+    "{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\nToday Date: {{ date_string }}<|eot_id|>"
+    + data.LLAMA3_CHAT_TEMPLATE.removeprefix("{{ bos_token }}")
+)
+
+
+def test_prompt_ids_do_not_depend_on_todays_date(monkeypatch):
+    """Llasa's chat template prints today's date unless given one: the prompt ids would change from
+    one day to the next, and across a --resume. They are rendered with data.CHAT_DATE instead."""
+    import datetime
+
+    from transformers.utils import chat_template_utils
+    tok = data.tiny_tokenizer(n_speech=300)
+    tok.chat_template = DATED_TEMPLATE
+    days = []
+    for day in (datetime.datetime(2025, 1, 1), datetime.datetime(2026, 6, 30)):
+        class Today(datetime.datetime):  # what the template's strftime_now reads as "now"
+            @classmethod
+            def now(cls, tz=None, day=day):
+                return day
+        monkeypatch.setattr(chat_template_utils, "datetime", Today)
+        assert tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).count(
+            day.strftime("%d %b %Y")) == 1  # the template does print "today"
+        days.append((data.prompt_ids(tok, "Say this."), data.prompt_ids(tok, "Say this.", "A voice.", [3])))
+    assert days[0] == days[1]
+    assert tok.decode(days[0][0]).count(f"Today Date: {data.CHAT_DATE}") == 1
 
 
 def test_read_audio_resamples_to_16k(tmp_path):
@@ -131,3 +169,36 @@ def test_speaker_similarity_flags_need_voice_prompts(tmp_path, flag):
     clone = config.parse_config(["--preset", "tiny-clone", "--out", str(tmp_path / "run"), *flag])
     examples, _ = data.load_data(clone)
     assert all(ex.prompt_wav for ex in examples)
+
+
+def test_epoch_steps_pass_over_the_data():
+    assert data.epoch_steps(1, 15000, 8) == 1875  # the seed's one epoch of its 15K Korean rows
+    assert data.epoch_steps(1, 10, 4) == 3  # the last step partial
+    assert data.epoch_steps(2.5, 10, 4) == 7
+    assert data.epoch_steps(0.1, 80, 8) == 1  # not 2: 0.1 * 80 / 8 is 1.0000000000000002 in floats
+    assert data.epoch_steps(0.01, 10, 4) == 1  # at least one step
+
+
+def test_epochs_flag_sets_the_runs_steps(tmp_path, monkeypatch, capsys):
+    """--epochs E: the trainer runs ceil(E * rows / --prompts-per-step) steps, not --steps (the
+    tiny preset's 6): 6 rows at 4 prompts a step, one epoch, is 2 steps. A negative value is a
+    user's error."""
+    import grpo
+    import parallel
+    from helpers import _FakeScorer, _tiny
+
+    class Scorer(_FakeScorer):
+        def close(self):
+            pass
+
+    rows = tmp_path / "six.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"Sentence number {i}."}) + "\n" for i in range(6)))
+    no_worker = lambda cfg, d, speaker_model=None: (None, Scorer(0.5))  # noqa: E731
+    monkeypatch.setattr(parallel, "start_scorer", no_worker)
+    cfg = _tiny(tmp_path, "--data", str(rows), "--val-data", "", "--epochs", "1")
+    history = grpo.train(cfg)
+    assert cfg.steps == 2 and [m["step"] for m in history] == [1, 2]
+    assert "steps 1-2" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        config.parse_config(["--preset", "tiny", "--epochs", "-1"])
+    assert exit_.value.code == 2 and "--epochs -1.0: must be >= 0" in capsys.readouterr().err

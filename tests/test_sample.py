@@ -353,3 +353,44 @@ def test_cli_help_explains_every_flag_with_its_default(monkeypatch, capsys):
         assert action.option_strings[0] in text and action.help, action
         if not action.required and action.default is not None:  # a default the user should know
             assert "(default:" in action.help, action.option_strings
+
+
+def _cli_generate_kwargs(monkeypatch, tmp_path, *flags) -> tuple[dict, list]:
+    """What the CLI passes to generate (kwargs, prompt ids), with generate stubbed out."""
+    seen = {}
+
+    def fake_generate(model, prompts, **kwargs):
+        seen.update(kwargs, prompts=prompts)
+        vocab = data.speech_vocab(models.load_model("tiny")[1])
+        tokens = torch.tensor([[vocab.first + 5, vocab.end_id]])
+        return sample.Rollout(tokens, torch.tensor([2]), torch.zeros(1, 2), torch.tensor([True]))
+
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    sample.main(["--model", "tiny", "--codec", "tone", "--text", "Hello there.", "--device", "cpu",
+                 "--out", str(tmp_path / "t.wav"), *flags])
+    return seen, seen.pop("prompts")
+
+
+def test_cli_defaults_are_llasa_model_cards(monkeypatch, tmp_path, capsys):
+    """LLASA's cards sample with temperature 0.8, top-p 1, no repetition penalty and max_length=2048
+    counting the prompt (the length LLASA was trained at): the rest of the 2,048 for new tokens."""
+    kwargs, prompts = _cli_generate_kwargs(monkeypatch, tmp_path)
+    assert kwargs["temperature"] == 0.8 and kwargs["top_p"] == 1.0 and kwargs["top_k"] == 0
+    assert kwargs["repetition_penalty"] == 1.0
+    assert len(prompts[0]) + kwargs["max_new_tokens"] == 2048
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_cli_warns_when_the_response_can_pass_max_context(monkeypatch, tmp_path, capsys):
+    """A --max-new-tokens that can take prompt + response past --max-context (the length the
+    model was trained at) is said once on stderr; a prompt that fills --max-context alone is a
+    user's error (one line, status 2)."""
+    kwargs, prompts = _cli_generate_kwargs(monkeypatch, tmp_path, "--max-new-tokens", "2048")
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and f"the prompt ({len(prompts[0])} tokens)" in err
+    assert "--max-context 2048" in err and kwargs["max_new_tokens"] == 2048
+    _cli_generate_kwargs(monkeypatch, tmp_path, "--max-context", "100", "--max-new-tokens", "100")
+    assert "can pass --max-context 100" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        _cli_generate_kwargs(monkeypatch, tmp_path, "--max-context", str(len(prompts[0])))
+    assert exit_.value.code == 2 and "the prompt alone is" in capsys.readouterr().err
