@@ -42,7 +42,7 @@ def _small(dev, smoke):
     prompts = [data.prompt_ids(tok, t) for t in ["Hello.", "A longer sentence here.", "Hi", "안녕"] for _ in range(2)]
     tokens = torch.randint(sv.first, sv.first + sv.n, (8, 7), generator=g)
     lengths, rewards = torch.tensor([7, 3, 5, 1, 6, 2, 7, 4]), torch.rand(8, generator=g)
-    ro = grpo.Rollouts(prompts, tokens.to(dev), lengths.to(dev), grpo.group_advantages(rewards, 2).to(dev))
+    ro = grpo.TrainBatch(prompts, tokens.to(dev), lengths.to(dev), grpo.group_advantages(rewards, 2).to(dev))
     cfg = config.Config(kl_coef=0.1, micro_batch=3, temperature=0.8, lr=1e-3, grad_clip=1.0, max_new_tokens=7)
     return lm, ref, ro, cfg, torch.tensor(sv.allowed_ids())
 
@@ -171,7 +171,7 @@ def part_c(dev, smoke, world=2):
             d = _ThreadDist(rank=r, world=world, device=dev, fsdp=True)
             pol, ref = (parallel.shard(llama.LogProbs(m), dev) for m in copies[r])
             s = slice(r * 8 // world, (r + 1) * 8 // world)  # 4 rows each: micro-batches of 3 and 1
-            mine = grpo.Rollouts(ro.prompts[s], ro.tokens[s], ro.lengths[s], ro.advantages[s])
+            mine = grpo.TrainBatch(ro.prompts[s], ro.tokens[s], ro.lengths[s], ro.advantages[s])
             stats = _update(pol, ref, torch.optim.SGD(pol.parameters(), lr=0.5), mine, cfg, d, dev, allowed)
             results[r] = (stats, _full(pol, d))
         except BaseException as e:  # noqa: BLE001 -- reported below; the peer is woken from its collective
