@@ -4,21 +4,21 @@ Two ONNX models that the MIT-licensed `speechmos` package ships, run with onnxru
 P.835 reads the raw waveform and gives SIG (the speech itself), BAK (the background) and OVRL
 (overall); P.808 reads a mel spectrogram and gives one overall MOS. All are on the 1-5 MOS scale,
 higher is better. Whisper's reward does not hear noise, hiss or buzz that leaves the words
-intelligible; these scores do (on the shared spoken clips: clean OVRL 2.8-3.1, 0 dB noisy 1.5-1.6).
+intelligible; these scores do (figures and cost: docs/prosody.md).
 
 The method is the reference's (Microsoft's dnsmos_local.py, as speechmos's dnsmos.py runs it),
 rewritten here without librosa: 9.01 s windows hopped by 1 s, a shorter clip tiled by doubling,
 each window's raw P.835 scores mapped through the fitted polynomials, the scores averaged over
-windows. It agrees with speechmos within 1e-6 on the shared clips (tests/test_dnsmos.py).
+windows. tests/test_dnsmos.py holds it to speechmos's own scores on the shared clips.
 
     scorer = DNSMOS()                 # ImportError naming the pip command without the packages
     scorer.score(audio)               # {"dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808"}
     mel_features(audio)               # the P.808 model's input, as librosa computes it
 
-Optional: `pip install speechmos onnxruntime`. Cost: about 0.25 s of one CPU core per window
-(measured on this project's 2-core machine). Any clip up to 33 s makes 1 to 7 windows (a short
-one once tiled: 3 s makes 3, 4.2 s 7, 4.7 s 1; see _windows for why never more).
+Optional: `pip install speechmos onnxruntime`. Any clip up to 33 s makes 1 to 7 windows (a
+short one once tiled: 3 s makes 3, 4.2 s 7, 4.7 s 1; see _windows for why never more).
 """
+
 import importlib.util
 import os
 
@@ -37,12 +37,16 @@ KEYS = ("dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808")
 # The polynomials (np.polyval order: highest power first) that map the P.835 model's raw outputs to
 # MOS, fitted by Microsoft to listeners' ratings; the personalized model has its own.
 POLYNOMIALS = {
-    False: {"sig": (-0.08397278, 1.22083953, 0.0052439),
-            "bak": (-0.13166888, 1.60915514, -0.39604546),
-            "ovrl": (-0.06766283, 1.11546468, 0.04602535)},
-    True: {"sig": (-0.01019296, 0.02751166, 1.19576786, -0.24348726),
-           "bak": (-0.04976499, 0.44276479, -0.1644611, 0.96883132),
-           "ovrl": (-0.00533021, 0.005101, 1.18058466, -0.11236046)},
+    False: {
+        "sig": (-0.08397278, 1.22083953, 0.0052439),
+        "bak": (-0.13166888, 1.60915514, -0.39604546),
+        "ovrl": (-0.06766283, 1.11546468, 0.04602535),
+    },
+    True: {
+        "sig": (-0.01019296, 0.02751166, 1.19576786, -0.24348726),
+        "bak": (-0.04976499, 0.44276479, -0.1644611, 0.96883132),
+        "ovrl": (-0.00533021, 0.005101, 1.18058466, -0.11236046),
+    },
 }
 
 
@@ -67,13 +71,15 @@ class DNSMOS:
     def __init__(self, *, personalized: bool = False, threads: int = 0):
         root = model_dir()  # first: its one-line error, not import's, when a package is missing
         import onnxruntime
+
         folder = "pdnsmos_models" if personalized else "dnsmos_models"
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
 
         def session(path):
-            return onnxruntime.InferenceSession(os.path.join(root, path), options,
-                                                providers=["CPUExecutionProvider"])
+            return onnxruntime.InferenceSession(
+                os.path.join(root, path), options, providers=["CPUExecutionProvider"]
+            )
 
         self.p835 = session(os.path.join(folder, "sig_bak_ovr.onnx"))
         self.p808 = session(os.path.join("dnsmos_models", "model_v8.onnx"))
@@ -93,8 +99,10 @@ class DNSMOS:
         # P.808 reads the window less its last 10 ms: 144,000 samples, 900 mel frames.
         mels = np.stack([mel_features(window[:-MEL_HOP]) for window in windows])  # [W, 900, 120]
         p808 = self.p808.run(None, {"input_1": mels.astype(np.float32)})[0][:, 0]  # [W]
-        scores = {f"dnsmos_{name}": np.polyval(self.polynomials[name], raw[:, i])
-                  for i, name in enumerate(("sig", "bak", "ovrl"))}
+        scores = {
+            f"dnsmos_{name}": np.polyval(self.polynomials[name], raw[:, i])
+            for i, name in enumerate(("sig", "bak", "ovrl"))
+        }
         scores["dnsmos_p808"] = p808
         return {key: float(np.mean(scores[key])) for key in KEYS}
 
@@ -122,7 +130,9 @@ def mel_filterbank() -> np.ndarray:
     normalization, 0 to 8 kHz): [120, 161] float64, row m weighting the rfft bins of mel band m."""
     bins = np.arange(N_FFT // 2 + 1) * SAMPLE_RATE / N_FFT  # rfft bin centres, Hz
     edges = _mel_to_hz(np.linspace(0.0, _hz_to_mel(SAMPLE_RATE / 2), N_MELS + 2))  # [122] Hz
-    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    lower = edges[:-2, None]  # [120, 1] Hz: band m rises from lower[m] to centre[m]
+    centre = edges[1:-1, None]
+    upper = edges[2:, None]  # and falls to upper[m]
     rising = (bins - lower) / (centre - lower)
     falling = (upper - bins) / (upper - centre)
     triangles = np.maximum(0.0, np.minimum(rising, falling))
@@ -165,6 +175,6 @@ def _windows(audio: np.ndarray):
     count = int(np.floor(audio.size / SAMPLE_RATE) - WINDOW_S) + 1
     for i in range(count):
         start = i * HOP
-        window = audio[start:int((i + WINDOW_S) * HOP)]
+        window = audio[start : int((i + WINDOW_S) * HOP)]
         if window.size == WINDOW:
             yield window

@@ -116,7 +116,9 @@ def parse_guards(specs) -> dict:
     for spec in specs:
         name, _, band_text = spec.partition(":")
         if name not in MEASURES:
-            raise ValueError(f"--guard {spec}: unknown measure; expected one of {', '.join(MEASURES)}")
+            raise ValueError(
+                f"--guard {spec}: unknown measure; expected one of {', '.join(MEASURES)}"
+            )
         if name in guards:
             raise ValueError(f"--guard {spec}: {name} is guarded twice")
         band = MEASURES[name].band

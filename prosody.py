@@ -3,24 +3,32 @@
 GRPO on a CER/NLL reward is known to flatten prosody into a monotone (arXiv 2509.18531) and to
 speed speech up until words blur; Whisper's reward sees neither. These per-clip figures make both
 visible in metrics.jsonl: `f0_std_semitones` falls as the voice goes monotone, `chars_per_s` rises
-as it rushes. No dependency beyond numpy; a 10 s clip takes a few milliseconds.
+as it rushes. No dependency beyond numpy (its speed: docs/prosody.md).
 
     f0, voiced = f0_track(audio)               # [frames] Hz (0 where unvoiced), [frames] bool
     f0_std_semitones(f0, voiced), f0_median_hz(f0, voiced), voiced_frac(voiced)
     chars_per_s(len(text), audio)
     measure(audio, text) -> {"f0_std_semitones", "voiced_frac", "chars_per_s"}
 """
+
 import numpy as np
 
 from reward import normalize_text
 
 SAMPLE_RATE = 16000
 SILENCE_DB = -40.0  # frames this far below the clip's loudest frame are silence
-FLOOR_POWER = 1e-10  # mean square (-100 dBFS): below it a frame is digital silence, whatever the peak
+# Mean square (-100 dBFS): below it a frame is digital silence, whatever the peak
+FLOOR_POWER = 1e-10
 
 
-def f0_track(audio: np.ndarray, *, hop_s: float = 0.01, fmin: float = 50.0, fmax: float = 500.0,
-             threshold: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+def f0_track(
+    audio: np.ndarray,
+    *,
+    hop_s: float = 0.01,
+    fmin: float = 50.0,
+    fmax: float = 500.0,
+    threshold: float = 0.15,
+) -> tuple[np.ndarray, np.ndarray]:
     """YIN fundamental frequency (de Cheveigné & Kawahara 2002), vectorized over frames.
 
     audio: float [S] at 16 kHz. Frame i is centred at i * hop_s seconds; it spans one integration
@@ -30,8 +38,9 @@ def f0_track(audio: np.ndarray, *, hop_s: float = 0.01, fmin: float = 50.0, fmax
     (noise never dips: it is aperiodic) and it is not silence (SILENCE_DB below the loudest frame,
     or under FLOOR_POWER). Silence or an empty clip gives all frames unvoiced, no error."""
     audio = np.asarray(audio, dtype=np.float64).reshape(-1)
-    hop = int(round(hop_s * SAMPLE_RATE))
-    tau_min, tau_max = int(SAMPLE_RATE // fmax), int(np.ceil(SAMPLE_RATE / fmin))
+    hop = round(hop_s * SAMPLE_RATE)  # samples
+    tau_min = int(SAMPLE_RATE // fmax)  # the shortest period searched, in samples
+    tau_max = int(np.ceil(SAMPLE_RATE / fmin))  # the longest
     frames = _frames(audio, hop, length=2 * tau_max)  # [F, 2W], W = tau_max
     n = frames.shape[0]
     if n == 0:
@@ -42,11 +51,14 @@ def f0_track(audio: np.ndarray, *, hop_s: float = 0.01, fmin: float = 50.0, fmax
     # Parabolic interpolation on the raw difference d (not d', whose tau factor biases the dip):
     # the true period sits between integer lags, and 1 sample at 220 Hz is 1.4% of the period.
     rows = np.arange(n)
-    left, mid, right = d[rows, tau - 1], d[rows, tau], d[rows, np.minimum(tau + 1, tau_max)]
+    left = d[rows, tau - 1]  # [F]
+    mid = d[rows, tau]
+    right = d[rows, np.minimum(tau + 1, tau_max)]
     curve = left - 2 * mid + right
-    shift = np.where(curve > 0, 0.5 * (left - right) / np.where(curve > 0, curve, 1.0), 0.0)
+    convex = curve > 0  # a parabola with a minimum; else no shift
+    shift = np.where(convex, 0.5 * (left - right) / np.where(convex, curve, 1.0), 0.0)
     period = tau + np.clip(shift, -1.0, 1.0)
-    power = np.mean(frames ** 2, axis=1)
+    power = np.mean(frames**2, axis=1)
     voiced = found & ~_silent(power)
     f0 = np.where(voiced, SAMPLE_RATE / period, 0.0)
     return f0, voiced
@@ -79,17 +91,21 @@ def voiced_frac(voiced: np.ndarray) -> float:
     return float(voiced.mean()) if voiced.size else 0.0
 
 
-def speech_seconds(audio: np.ndarray, *, threshold_db: float = SILENCE_DB, frame_s: float = 0.01) -> float:
+def speech_seconds(
+    audio: np.ndarray, *, threshold_db: float = SILENCE_DB, frame_s: float = 0.01
+) -> float:
     """Seconds from the first to the last frame within `threshold_db` of the loudest frame.
 
     Leading and trailing silence are trimmed, pauses inside the clip are kept (they are part of
-    the pace). Frames are frame_s long (10 ms), not overlapping. 0.0 for silence or an empty clip."""
+    the pace). Frames are frame_s long (10 ms), not overlapping. 0.0 for silence or an empty
+    clip."""
     audio = np.asarray(audio, dtype=np.float64).reshape(-1)
-    frame = int(round(frame_s * SAMPLE_RATE))
-    n = -(-audio.size // frame)
+    frame = round(frame_s * SAMPLE_RATE)  # samples
+    n = -(-audio.size // frame)  # frames, the last zero-padded
     if n == 0:
         return 0.0
-    power = np.mean(np.pad(audio, (0, n * frame - audio.size)).reshape(n, frame) ** 2, axis=1)
+    frames = np.pad(audio, (0, n * frame - audio.size)).reshape(n, frame)  # [n, frame]
+    power = np.mean(frames**2, axis=1)
     loud = np.flatnonzero(~_silent(power, threshold_db))
     if loud.size == 0:
         return 0.0
@@ -109,18 +125,24 @@ def chars_per_s(text_chars: int, audio: np.ndarray) -> float:
 def measure(audio: np.ndarray, text: str) -> dict:
     """Per-clip prosody and pacing: {"f0_std_semitones", "voiced_frac", "chars_per_s"} (floats).
 
-    audio: float [S] at 16 kHz; text: what the clip should say (its normalized length sets the rate)."""
+    audio: float [S] at 16 kHz; text: what the clip should say (its normalized length sets the
+    rate)."""
     f0, voiced = f0_track(audio)
-    return {"f0_std_semitones": f0_std_semitones(f0, voiced), "voiced_frac": voiced_frac(voiced),
-            "chars_per_s": chars_per_s(len(normalize_text(text)), audio)}
+    return {
+        "f0_std_semitones": f0_std_semitones(f0, voiced),
+        "voiced_frac": voiced_frac(voiced),
+        "chars_per_s": chars_per_s(len(normalize_text(text)), audio),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
 
+
 def _frames(audio: np.ndarray, hop: int, *, length: int) -> np.ndarray:
-    """[S] -> [ceil(S / hop), length] frames, frame i centred on sample i * hop (zero-padded ends)."""
+    """[S] -> [ceil(S / hop), length] frames, frame i centred on sample i * hop (zero-padded
+    ends)."""
     n = -(-audio.size // hop)
     if n == 0:
         return np.zeros((0, length))
@@ -129,24 +151,29 @@ def _frames(audio: np.ndarray, hop: int, *, length: int) -> np.ndarray:
 
 
 def _difference(frames: np.ndarray, tau_max: int) -> np.ndarray:
-    """YIN difference d(tau) = sum_{j<W} (x_j - x_{j+tau})^2, tau = 0..tau_max: [F, 2W] -> [F, tau_max+1].
+    """YIN difference d(tau) = sum_{j<W} (x_j - x_{j+tau})^2, tau = 0..tau_max:
+    [F, 2W] -> [F, tau_max + 1].
 
     Expanded as e(0) + e(tau) - 2 r(tau): the cross term r is one FFT correlation per frame
     (O(W log W), not O(W * tau_max)), the energies e are running sums of x^2."""
     width = frames.shape[1] - tau_max  # W: the integration window
-    # FFT size 2W: j + tau < 2W, so the circular correlation never wraps; no padding to a power of 2
-    # (640 = 2^7 * 5 at 50 Hz is already a fast size, and the padded copy cost more than it saved).
+    # FFT size 2W: j + tau < 2W, so the circular correlation never wraps; no padding to a power
+    # of 2 (640 = 2^7 * 5 at 50 Hz is already a fast size, and the padded copy cost more than it
+    # saved).
     size = frames.shape[1]
     spec = np.fft.rfft(frames, size)
     head = np.fft.rfft(frames[:, :width], size)
-    r = np.fft.irfft(np.conj(head) * spec, size)[:, :tau_max + 1]  # r(tau) = sum_{j<W} x_j x_{j+tau}
-    csum = np.concatenate([np.zeros((frames.shape[0], 1)), np.cumsum(frames ** 2, axis=1)], axis=1)
-    energy = csum[:, width:width + tau_max + 1] - csum[:, :tau_max + 1]  # e(tau) = sum x_{tau..tau+W-1}^2
+    # r(tau) = sum_{j<W} x_j x_{j+tau}, [F, tau_max + 1]
+    r = np.fft.irfft(np.conj(head) * spec, size)[:, : tau_max + 1]
+    # e(tau) = sum x_{tau..tau+W-1}^2, from the running sum of x^2 (csum[:, k] = sum x_{<k}^2)
+    csum = np.concatenate([np.zeros((frames.shape[0], 1)), np.cumsum(frames**2, axis=1)], axis=1)
+    energy = csum[:, width : width + tau_max + 1] - csum[:, : tau_max + 1]
     return np.maximum(energy[:, :1] + energy - 2 * r, 0.0)  # FFT rounding can dip below 0
 
 
 def _cmnd(d: np.ndarray) -> np.ndarray:
-    """Cumulative mean normalized difference d'(tau) = d(tau) / mean(d(1..tau)), d'(0) = 1: [F, T] -> [F, T].
+    """Cumulative mean normalized difference d'(tau) = d(tau) / mean(d(1..tau)), d'(0) = 1:
+    [F, T] -> [F, T].
 
     The normalization removes YIN's bias toward lag 0 and makes one threshold fit any loudness."""
     mean = np.cumsum(d[:, 1:], axis=1) / np.arange(1, d.shape[1])
@@ -158,14 +185,16 @@ def _cmnd(d: np.ndarray) -> np.ndarray:
 def _first_dip(cmnd: np.ndarray, tau_min: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """YIN's absolute threshold: per frame, the first lag >= tau_min with d' < threshold, walked
     down to the bottom of that dip. The first dip, not the deepest: deeper dips at 2, 3... periods
-    would halve the pitch (octave errors). Returns lag [F] int (tau_min where none) and found [F]."""
+    would halve the pitch (octave errors). Returns lag [F] int (tau_min where none) and found [F]
+    bool."""
     lags = np.arange(cmnd.shape[1])
     below = (cmnd < threshold) & (lags >= tau_min)
     found = below.any(axis=1)
     start = np.where(found, below.argmax(axis=1), tau_min)
     # Bottom of the dip: the first lag at or after start where d' stops falling.
     rising = np.append(cmnd[:, 1:] >= cmnd[:, :-1], np.ones((cmnd.shape[0], 1), dtype=bool), axis=1)
-    return (rising & (lags >= start[:, None])).argmax(axis=1), found
+    lag = (rising & (lags >= start[:, None])).argmax(axis=1)
+    return lag, found
 
 
 def _silent(power: np.ndarray, threshold_db: float = SILENCE_DB) -> np.ndarray:
@@ -188,7 +217,7 @@ def band_factor(value: float | None, reference: float, band: float) -> float:
         return 0.0
     w = np.log1p(band)
     x = max(0.0, abs(float(np.log(value / reference))) - w)
-    return float(np.exp(-(x / w) ** 2))
+    return float(np.exp(-((x / w) ** 2)))
 
 
 def guard_factor(score, reference: dict, *, rate_band: float, pitch_band: float) -> float:
@@ -197,8 +226,9 @@ def guard_factor(score, reference: dict, *, rate_band: float, pitch_band: float)
     without measures (an error: its reward is already 0) keeps factor 1."""
     if score.chars_per_s is None:
         return 1.0
-    return (band_factor(score.chars_per_s, reference["chars_per_s"], rate_band)
-            * band_factor(score.f0_std_semitones, reference["f0_std_semitones"], pitch_band))
+    rate = band_factor(score.chars_per_s, reference["chars_per_s"], rate_band)
+    pitch = band_factor(score.f0_std_semitones, reference["f0_std_semitones"], pitch_band)
+    return rate * pitch
 
 
 def sim_factor(sim: float | None, reference: float, band: float) -> float:
@@ -209,4 +239,4 @@ def sim_factor(sim: float | None, reference: float, band: float) -> float:
     if sim is None:
         return 1.0
     x = max(0.0, reference - band - float(sim))
-    return float(np.exp(-(x / band) ** 2))
+    return float(np.exp(-((x / band) ** 2)))

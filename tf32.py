@@ -1,4 +1,4 @@
-"""TF32 on or off for a block of code, process-wide, and the process's settings restored exactly after.
+"""TF32 on or off for a block of code, process-wide, the process's settings restored exactly after.
 
 torch >= 2.9 keeps the fp32 precision of matmuls and convolutions as `fp32_precision` settings per
 (backend, op): "ieee", "tf32", "bf16" (oneDNN only) or "none", which inherits from (backend, "all"),
@@ -7,6 +7,7 @@ sets torch.backends.fp32_precision), torch's legacy switches (torch.get_float32_
 torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) may raise on reading. So the
 new settings are used where torch has them, the legacy ones only where it does not.
 """
+
 import contextlib
 
 import torch
@@ -39,7 +40,7 @@ def fp32_math(cuda_tf32: bool):
 
 
 def _computes_in(op: tuple) -> str:
-    """"tf32", "bf16" or "ieee": what (backend, op) computes fp32 in ("none" inherited to the top
+    """What (backend, op) computes fp32 in: "tf32", "bf16" or "ieee" ("none" inherited to the top
     is IEEE)."""
     precision = _get(op)
     if precision == "none":
@@ -82,7 +83,8 @@ def _legacy(cuda_tf32: bool):
     matmul = torch.get_float32_matmul_precision()
     cudnn = torch.backends.cudnn.allow_tf32
     torch.set_float32_matmul_precision("high" if cuda_tf32 else "highest")  # TF32 matmuls, or none
-    torch.backends.cudnn.allow_tf32 = cuda_tf32  # TF32 convolutions, or none (torch's default is on)
+    # TF32 convolutions, or none (torch's default is on)
+    torch.backends.cudnn.allow_tf32 = cuda_tf32
     try:
         yield
     finally:

@@ -15,6 +15,7 @@ import pytest
 import soundfile as sf
 import whisper
 
+import ecapa
 import prosody
 import scorer as scoring
 import speaker
@@ -242,7 +243,8 @@ def test_cli_prints_sim_for_rows_with_a_prompt_wav(tmp_path, capsys):
     (ww, ["WhisperWorker", "WorkerClient", "WorkerError", "WorkerDiedError", "read_wav", "main"]),
     (speaker, ["load_speaker_model", "similarity", "SpeakerModel", "SpeakerSimilarity", "FunctionSpeaker",
                "WavLMSpeaker", "wavlm_hidden_states", "XVectorHead", "xvector_speaker", "random_wavlm_sv",
-               "load_seed_tts_sim", "wavlm_from_unispeech", "ECAPAHead"])])
+               "load_seed_tts_sim"]),
+    (ecapa, ["wavlm_from_unispeech", "ECAPAHead"])])
 def test_scorer_and_worker_layout(module, public):
     """Public names first, in reading order; each private helper after the first public one it serves."""
     source = open(module.__file__, encoding="utf-8").read()
