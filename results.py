@@ -2,6 +2,7 @@
 must repeat), results.jsonl (read, and the ranks' files folded into it), the summary and its
 table, and --compare's paired bootstrap and sign test. Nothing here loads a model.
 """
+
 import json
 import math
 import os
@@ -38,7 +39,7 @@ def read_results(path: str, *, repair: bool = False) -> list[dict]:
     rows = []
     keep = lines
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for i, line in enumerate(lines[:last + 1]):
+    for i, line in enumerate(lines[: last + 1]):
         if not line.strip():
             continue
         try:
@@ -47,11 +48,16 @@ def read_results(path: str, *, repair: bool = False) -> list[dict]:
             row = None
         if not isinstance(row, dict) or "id" not in row:
             if i != last:
-                raise Refused(f"{path}:{i + 1}: not a results row: {line.strip()[:80]!r}; "
-                              "remove that line (or the file) and rerun")
+                raise Refused(
+                    f"{path}:{i + 1}: not a results row: {line.strip()[:80]!r}; "
+                    "remove that line (or the file) and rerun"
+                )
             note = "; file rewritten without it" if repair else ""
-            print(f"eval.py: {path}:{i + 1}: dropped an unfinished last line (a run stopped "
-                  f"mid-write){note}", file=sys.stderr)
+            print(
+                f"eval.py: {path}:{i + 1}: dropped an unfinished last line (a run stopped "
+                f"mid-write){note}",
+                file=sys.stderr,
+            )
             keep = lines[:i]
             break
         rows.append(row)
@@ -68,8 +74,10 @@ def _shown(value) -> str:
 
 def rank_files(out: str) -> list[str]:
     """The OUT/results.rank{r}.jsonl files there, by rank (any world size)."""
-    found = []
-    for name in os.listdir(out) if os.path.isdir(out) else []:
+    if not os.path.isdir(out):
+        return []
+    found = []  # (rank, path)
+    for name in os.listdir(out):
         m = re.fullmatch(r"results\.rank(\d+)\.jsonl", name)
         if m:
             found.append((int(m.group(1)), os.path.join(out, name)))
@@ -85,8 +93,10 @@ def check_record(out: str, record: dict):
         return
     path = os.path.join(out, RECORD)
     if not os.path.isfile(path):
-        raise Refused(f"--out {out} holds results but no {RECORD}, so what produced them is "
-                      "unknown; choose another --out (or move that folder away)")
+        raise Refused(
+            f"--out {out} holds results but no {RECORD}, so what produced them is "
+            "unknown; choose another --out (or move that folder away)"
+        )
     try:
         with open(path, encoding="utf-8") as f:
             was = json.load(f)
@@ -97,9 +107,11 @@ def check_record(out: str, record: dict):
     for key in dict.fromkeys([*record, *was]):
         if was.get(key) != record.get(key):
             flag = "--" + key.replace("_", "-")
-            raise Refused(f"--out {out} holds the results of another run: {flag} was "
-                          f"{_shown(was.get(key))} there ({RECORD}), {_shown(record.get(key))} "
-                          "now; choose another --out, or repeat that run's flags")
+            raise Refused(
+                f"--out {out} holds the results of another run: {flag} was "
+                f"{_shown(was.get(key))} there ({RECORD}), {_shown(record.get(key))} "
+                "now; choose another --out, or repeat that run's flags"
+            )
 
 
 def write_record(out: str, record: dict):
@@ -149,7 +161,8 @@ def summarize(results: list[dict], n_rows: int, other_rows: int = 0) -> dict:
     summary = dict(rows=n_rows, results=len(results), scored=len(good), other_rows=other_rows)
     for kind in ("wer", "cer"):
         rated = [r[kind] for r in good if r.get("metric") == kind]
-        summary[f"{kind}_mean"], summary[f"n_{kind}"] = _mean(rated), len(rated)
+        summary[f"{kind}_mean"] = _mean(rated)
+        summary[f"n_{kind}"] = len(rated)
     summary["sim_mean"] = _mean(r.get("sim") for r in good)
     summary["reward_mean"] = _mean(r.get("reward") for r in good)
     for k in PROSODY:
@@ -166,45 +179,65 @@ def summarize(results: list[dict], n_rows: int, other_rows: int = 0) -> dict:
 
 
 def _fmt(x):
-    return "-" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
 
 
 def table(summary: dict) -> str:
-    names = [("rows", "rows"), ("scored", "scored"),
-             ("wer_mean", "WER (mean of per-utterance WER)"), ("n_wer", "rows rated by WER"),
-             ("cer_mean", "CER (mean of per-utterance CER)"), ("n_cer", "rows rated by CER"),
-             ("sim_mean", "SIM (mean)"), ("reward_mean", "reward (mean)"),
-             ("f0_std_semitones_median", "pitch spread, semitones (median)"),
-             ("voiced_frac_median", "voiced fraction (median)"),
-             ("chars_per_s_median", "chars/s (median)"),
-             ("duration_s_mean", "duration, s (mean)"), ("rtf_mean", "real-time factor (mean)"),
-             ("silent", "silent clips"), ("too_long", "too long (> 30 s)"),
-             ("truncated", "truncated"),
-             ("errors", "bad rows (errors)")]
+    """The summary as a markdown table: | metric | value |, one row per measure."""
+    names = [
+        ("rows", "rows"),
+        ("scored", "scored"),
+        ("wer_mean", "WER (mean of per-utterance WER)"),
+        ("n_wer", "rows rated by WER"),
+        ("cer_mean", "CER (mean of per-utterance CER)"),
+        ("n_cer", "rows rated by CER"),
+        ("sim_mean", "SIM (mean)"),
+        ("reward_mean", "reward (mean)"),
+        ("f0_std_semitones_median", "pitch spread, semitones (median)"),
+        ("voiced_frac_median", "voiced fraction (median)"),
+        ("chars_per_s_median", "chars/s (median)"),
+        ("duration_s_mean", "duration, s (mean)"),
+        ("rtf_mean", "real-time factor (mean)"),
+        ("silent", "silent clips"),
+        ("too_long", "too long (> 30 s)"),
+        ("truncated", "truncated"),
+        ("errors", "bad rows (errors)"),
+    ]
     if summary.get("other_rows"):
         names.append(("other_rows", "other ids' rows kept in results.jsonl (not in this table)"))
-    return "\n".join(["| metric | value |", "| --- | --- |"] +
-                     [f"| {label} | {_fmt(summary.get(key))} |" for key, label in names])
+    return "\n".join(
+        ["| metric | value |", "| --- | --- |"]
+        + [f"| {label} | {_fmt(summary.get(key))} |" for key, label in names]
+    )
 
 
 # ---- --compare: paired bootstrap and sign test --------------------------------------------------
 
-def bootstrap_ci(diffs, *, resamples: int = 10000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
+
+def bootstrap_ci(
+    diffs, *, resamples: int = 10000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile interval of the mean of `diffs` over `resamples` paired resamples (seeded)."""
-    d = np.asarray(diffs, np.float64)
-    means = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+    d = np.asarray(diffs, np.float64)  # [N]
+    picks = np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))  # [resamples, N]
+    means = d[picks].mean(axis=1)  # [resamples]
     lo, hi = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return float(lo), float(hi)
 
 
 def sign_test(diffs) -> float:
     """Two-sided exact binomial sign test p-value of the differences (zeros dropped)."""
-    pos, neg = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-    n, k = pos + neg, min(pos, neg)
+    pos = sum(d > 0 for d in diffs)
+    neg = sum(d < 0 for d in diffs)
+    n = pos + neg
+    k = min(pos, neg)
     if n == 0:
         return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
 def compare(dir_a: str, dir_b: str, *, resamples: int = 10000, seed: int = 0) -> list[dict]:
@@ -223,18 +256,33 @@ def compare(dir_a: str, dir_b: str, *, resamples: int = 10000, seed: int = 0) ->
             continue
         diffs = [y - x for x, y in pairs]
         lo, hi = bootstrap_ci(diffs, resamples=resamples, seed=seed)
-        out.append(dict(metric=key, n=len(pairs), mean_a=float(np.mean([x for x, _ in pairs])),
-                        mean_b=float(np.mean([y for _, y in pairs])), diff=float(np.mean(diffs)),
-                        ci_low=lo, ci_high=hi, sign_p=sign_test(diffs)))
-    title = (f"B = {dir_b} minus A = {dir_a}, paired by id ({len(ids)} ids in both); 95% paired "
-             f"bootstrap ({resamples} resamples, seed {seed}); two-sided exact sign test")
-    lines = [title, "", "| metric | pairs | mean A | mean B | B - A | 95% CI | sign test p |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+        out.append(
+            dict(
+                metric=key,
+                n=len(pairs),
+                mean_a=float(np.mean([x for x, _ in pairs])),
+                mean_b=float(np.mean([y for _, y in pairs])),
+                diff=float(np.mean(diffs)),
+                ci_low=lo,
+                ci_high=hi,
+                sign_p=sign_test(diffs),
+            )
+        )
+    title = (
+        f"B = {dir_b} minus A = {dir_a}, paired by id ({len(ids)} ids in both); 95% paired "
+        f"bootstrap ({resamples} resamples, seed {seed}); two-sided exact sign test"
+    )
+    lines = [
+        title,
+        "",
+        "| metric | pairs | mean A | mean B | B - A | 95% CI | sign test p |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in out:
         ci = f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
-        lines.append(f"| {r['metric']} | {r['n']} | {r['mean_a']:.4f} | {r['mean_b']:.4f} | "
-                     f"{r['diff']:+.4f} | {ci} | {r['sign_p']:.3g} |")
+        lines.append(
+            f"| {r['metric']} | {r['n']} | {r['mean_a']:.4f} | {r['mean_b']:.4f} | "
+            f"{r['diff']:+.4f} | {ci} | {r['sign_p']:.3g} |"
+        )
     print("\n".join(lines))
     return out
-
-

@@ -10,6 +10,7 @@ The CER compares texts normalized the same way for every script (normalize_text:
 punctuation, symbols or spaces; letters, numbers and combining marks kept). Score is what every
 scorer answers per clip.
 """
+
 import importlib
 import math
 import re
@@ -28,6 +29,7 @@ class RewardConfig:
     """The reward's knobs, passed down from the trainer's config to the Whisper worker.
 
     Defaults are the seed recipe's (DESIGN.md §4)."""
+
     beta_c: float = 3.0  # CER sharpness: U_cer(0.1) = 0.71, U_cer(0.5) = 0.09
     tau_n: float = 3.0  # NLL scale in nats/token: U_nll(1.0) = 0.72, U_nll(3.0) = 0.37
     lambda_c: float = 0.6  # weight of U_cer
@@ -43,7 +45,9 @@ class RewardConfig:
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
         if self.lambda_c + self.lambda_n <= 0:
-            raise ValueError(f"lambda_c + lambda_n must be positive, got {self.lambda_c} + {self.lambda_n}")
+            raise ValueError(
+                f"lambda_c + lambda_n must be positive, got {self.lambda_c} + {self.lambda_n}"
+            )
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Score:
     A clip that could not be heard (bad input, longer than Whisper's window, a failed batch) has
     reward 0 and `error` set; its cer and nll are None and it counts in `error_frac`, not in the
     cer/nll means. Silence is not an error: it is heard, transcribed as "" and scored CER 1."""
+
     reward: float  # in [0, 1]
     transcript: str = ""  # Whisper's greedy transcript ("" for a custom reward)
     cer: float | None = None  # character error rate, >= 0 (may exceed 1 with insertions)
@@ -68,23 +73,32 @@ class Score:
     f0_std_semitones: float | None = field(default=None, metadata={"agg": "median"})
     voiced_frac: float | None = None
     chars_per_s: float | None = field(default=None, metadata={"agg": "median"})
-    # Speaker similarity (speaker.py): cosine of the clip's and its voice prompt's speaker embeddings,
-    # in [-1, 1]; None without a prompt or a speaker model, and for a clip that could not be heard
-    # (error set). Silence (empty, all zeros, too short for the model) is 0.0: no voice, counted.
+    # Speaker similarity (speaker.py): cosine of the clip's and its voice prompt's speaker
+    # embeddings, in [-1, 1]; None without a prompt or a speaker model, and for a clip that could
+    # not be heard (error set). Silence (empty, all zeros, too short for the model) is 0.0: no
+    # voice, counted.
     sim: float | None = None
     # The language Whisper transcribed the clip in (the one asked for, else the one it detected);
     # None where no Whisper heard it. outputs.table_metrics rates a row without a language by it.
     language: str | None = None
 
 
-def tts_reward(cer: float, nll: float, *, beta_c: float = 3.0, tau_n: float = 3.0,
-               lambda_c: float = 0.6, lambda_n: float = 0.4) -> float:
+def tts_reward(
+    cer: float,
+    nll: float,
+    *,
+    beta_c: float = 3.0,
+    tau_n: float = 3.0,
+    lambda_c: float = 0.6,
+    lambda_n: float = 0.4,
+) -> float:
     """Reward in [0, 1] of one clip from its character error rate and its mean NLL (nats/token).
 
     cer >= 0 (it may exceed 1 with insertions); nll >= 0, inf allowed (utility 0). A utility of 0
     with a positive weight gives 0: the harmonic mean's limit, computed without dividing by 0."""
     RewardConfig(beta_c, tau_n, lambda_c, lambda_n)  # validates the knobs
-    cer, nll = _non_negative("cer", cer), _non_negative("nll", nll)
+    cer = _non_negative("cer", cer)
+    nll = _non_negative("nll", nll)
     u_cer = 1.0 - math.tanh(beta_c * cer)
     u_nll = math.exp(-nll / tau_n)
     terms = [(w, u) for w, u in ((lambda_c, u_cer), (lambda_n, u_nll)) if w > 0]
@@ -113,7 +127,8 @@ def normalize_text(text: str) -> str:
     Whisper's normalizer (which turns category M into spaces) would score "नमस्ते" and "नमसत" alike.
     Removing every space makes the rate comparable across scripts: Korean spacing varies
     ("안녕 하세요" = "안녕하세요") and Chinese or Japanese have no spaces at all."""
-    # NFKC again after casefold, as Unicode's NFKC_Casefold: casefold may decompose (U+01F0 -> j + U+030C).
+    # NFKC again after casefold, as Unicode's NFKC_Casefold: casefold may decompose
+    # (U+01F0 -> j + U+030C).
     text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
     return "".join(c for c in _BRACKETED.sub("", text) if unicodedata.category(c)[0] in "LNM")
 
@@ -133,9 +148,10 @@ def char_error_rate(reference: str, hypothesis: str, *, normalize: bool = True) 
     return float(jiwer.cer(ref, hyp))
 
 
-# ---- the evaluation table's WER / CER (seed-tts-eval's run_wer.py), not the reward's CER above ----
+# ---- the evaluation table's WER / CER (seed-tts-eval's run_wer.py), not the reward's CER ----
 
-CER_LANGUAGES = frozenset({"zh", "ja", "ko", "th", "yue"})  # no spaces between words: rated by character
+# No spaces between words: rated by character.
+CER_LANGUAGES = frozenset({"zh", "ja", "ko", "th", "yue"})
 # run_wer.py deletes every character of string.punctuation + zhon.hanzi.punctuation but the ASCII
 # apostrophe. Ours: ASCII punctuation, any other character of Unicode category P* (CJK and
 # fullwidth marks, ‘’“”…), fullwidth forms NFKC maps to ASCII punctuation (＋ ＄ ～ ｜), and the
@@ -151,8 +167,10 @@ def _is_deleted(c: str) -> bool:
         return True
     if c.isascii():
         return False
-    folded = unicodedata.normalize("NFKC", c)
-    return unicodedata.category(c).startswith("P") or (folded != "" and all(x in _ASCII_PUNCT for x in folded))
+    if unicodedata.category(c).startswith("P"):
+        return True
+    folded = unicodedata.normalize("NFKC", c)  # fullwidth forms of ASCII punctuation
+    return folded != "" and all(x in _ASCII_PUNCT for x in folded)
 
 
 def seed_tts_normalize(text: str, language: str | None) -> str:
@@ -176,10 +194,13 @@ def table_error_rate(reference: str, hypothesis: str, language: str | None) -> t
     unless the ASR is English-only). An empty hypothesis is 1.0 (every unit deleted); a reference
     empty after normalization is a ValueError."""
     kind = "cer" if (language or "").lower() in CER_LANGUAGES else "wer"
-    ref, hyp = seed_tts_normalize(reference, language), seed_tts_normalize(hypothesis, language)
+    ref = seed_tts_normalize(reference, language)
+    hyp = seed_tts_normalize(hypothesis, language)
     if not ref:
         raise ValueError(f"reference {reference!r} has nothing left to compare after normalization")
-    return kind, 1.0 if not hyp else float(jiwer.wer(ref, hyp))
+    if not hyp:
+        return kind, 1.0
+    return kind, float(jiwer.wer(ref, hyp))
 
 
 def import_function(spec: str, what: str, forms: str = "'module:function'"):
@@ -191,6 +212,8 @@ def import_function(spec: str, what: str, forms: str = "'module:function'"):
     module = importlib.import_module(module_name)
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise AttributeError(f"{what} {spec!r}: module {module_name!r} ({module.__file__}) "
-                             f"has no function {function_name!r}")
+        raise AttributeError(
+            f"{what} {spec!r}: module {module_name!r} ({module.__file__}) "
+            f"has no function {function_name!r}"
+        )
     return function
