@@ -376,9 +376,8 @@ def main(argv=None):
     compile = args.compile
     if compile is None:
         compile = device.type == "cuda"
-    model, tokenizer = load_model(
-        demo.resolve_model(args.model), device, getattr(torch, dtype_name)
-    )
+    model_dir = demo.resolve_model(args.model)  # "demo": its starting policy, built on first use
+    model, tokenizer = load_model(model_dir, device, getattr(torch, dtype_name))
     vocab = data.speech_vocab(tokenizer)
     speech_codec = codec.load_codec(args.codec, device)
     prompt_codes = None
