@@ -16,7 +16,7 @@ import torch
 
 import data
 import lora
-from sample import HUB_ID, CLIParser, codec_problem, device_problem, model_problem
+from checks import HUB_ID, CLIParser, codec_problem, device_problem, model_problem
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 IMPORTANCE_LEVELS = ("token", "sequence")

@@ -7,6 +7,7 @@ per line. Prompt audio paths are relative to the data file and are checked at lo
 prompts are built through the tokenizer's own chat template, the way LLASA's inference code does
 (DESIGN.md §4); every special id is looked up by name.
 """
+
 import json
 import math
 import os
@@ -16,12 +17,17 @@ import numpy as np
 
 # The 8 markers LLASA added to Llama-3's vocabulary (with add_tokens, not as special tokens).
 LLASA_MARKERS = [
-    "<|TEXT_GENERATION_START|>", "<|TEXT_GENERATION_END|>",
-    "<|TEXT_UNDERSTANDING_START|>", "<|TEXT_UNDERSTANDING_END|>",
-    "<|SPEECH_GENERATION_START|>", "<|SPEECH_GENERATION_END|>",
-    "<|SPEECH_UNDERSTANDING_START|>", "<|SPEECH_UNDERSTANDING_END|>",
+    "<|TEXT_GENERATION_START|>",
+    "<|TEXT_GENERATION_END|>",
+    "<|TEXT_UNDERSTANDING_START|>",
+    "<|TEXT_UNDERSTANDING_END|>",
+    "<|SPEECH_GENERATION_START|>",
+    "<|SPEECH_GENERATION_END|>",
+    "<|SPEECH_UNDERSTANDING_START|>",
+    "<|SPEECH_UNDERSTANDING_END|>",
 ]
-SPEECH_START, SPEECH_END = "<|SPEECH_GENERATION_START|>", "<|SPEECH_GENERATION_END|>"
+SPEECH_START = "<|SPEECH_GENERATION_START|>"
+SPEECH_END = "<|SPEECH_GENERATION_END|>"
 SAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample.jsonl")
 
 # The date Llama-3.2's chat template (Llasa's) prints in its system header: its own fallback when
@@ -30,16 +36,20 @@ CHAT_DATE = "26 Jul 2024"
 # Llama-3's chat template, without the system preamble (enough for LLASA's prompts).
 LLAMA3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
 
 @dataclass
 class Example:
+    """One row of a dataset: a text to say, and for voice cloning the voice to say it in."""
+
     text: str
     id: str
-    language: str | None = None  # Whisper language (code or name) of this row; None = the run's default
+    language: str | None = None  # Whisper language (code or name) of the row; None: the run's
     source: str = ""  # "file:line", for error messages
     prompt_wav: str | None = None  # voice cloning: the voice's recording (a path, checked at load)
     prompt_text: str | None = None  # what prompt_wav says
@@ -52,6 +62,7 @@ def read_audio(path: str) -> np.ndarray:
     """A sound file as float32 mono [S] at 16 kHz: channels averaged, another rate resampled (by
     FFT: exact for band-limited audio, the right tool for whole short clips)."""
     import soundfile as sf
+
     audio, rate = sf.read(path, dtype="float32", always_2d=True)  # [S, channels]
     audio = audio.mean(axis=1)
     if rate != SAMPLE_RATE and len(audio):
@@ -62,13 +73,17 @@ def read_audio(path: str) -> np.ndarray:
     return audio.astype(np.float32)
 
 
-def _prompt(where: str, base: str, wav, text, check: bool = True) -> tuple[str | None, str | None]:
-    """A row's (prompt_wav as a path, prompt_text), both or neither; the audio must be readable (if `check`)."""
+def _prompt(where: str, base: str, wav, text, check: bool = True) -> tuple:
+    """A row's (prompt_wav as a path, prompt_text), both str or both None; with `check`, the audio
+    must be a readable, non-empty file. A bad row raises an error naming `where` (file:line)."""
     if wav is None and text is None:
         return None, None
-    if not isinstance(wav, str) or not isinstance(text, str) or not wav.strip() or not text.strip():
-        raise ValueError(f"{where}: voice cloning needs both 'prompt_wav' and 'prompt_text' as non-empty "
-                         f"strings, got prompt_wav={wav!r}, prompt_text={text!r}")
+    both_strings = isinstance(wav, str) and isinstance(text, str)
+    if not both_strings or not wav.strip() or not text.strip():
+        raise ValueError(
+            f"{where}: voice cloning needs both 'prompt_wav' and 'prompt_text' as non-empty "
+            f"strings, got prompt_wav={wav!r}, prompt_text={text!r}"
+        )
     path = os.path.join(base, wav.strip())
     if not check:
         return path, text.strip()
@@ -76,8 +91,9 @@ def _prompt(where: str, base: str, wav, text, check: bool = True) -> tuple[str |
         raise FileNotFoundError(f"{where}: prompt audio not found: {path}")
     try:
         import soundfile as sf
+
         info = sf.info(path)
-    except Exception as e:  # noqa: BLE001 -- any reason it cannot be read, named with the line
+    except Exception as e:  # any reason it cannot be read, named with the line
         raise ValueError(f"{where}: prompt audio {path} cannot be read: {e}") from None
     if info.frames == 0:
         raise ValueError(f"{where}: prompt audio {path} is empty")
@@ -87,20 +103,28 @@ def _prompt(where: str, base: str, wav, text, check: bool = True) -> tuple[str |
 def _seed_tts_list(path: str, check: bool = True) -> list[Example]:
     """Seed-TTS-eval's list format, one row per line: utt|prompt_text|prompt_wav|text (a 5th field,
     the reference recording of the text, is allowed and not needed here)."""
-    examples, base = [], os.path.dirname(path)
+    examples = []
+    base = os.path.dirname(path)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where, fields = f"{path}:{lineno}", line.rstrip("\n").split("|")
+            where = f"{path}:{lineno}"
+            fields = line.rstrip("\n").split("|")
             if len(fields) not in (4, 5):
-                raise ValueError(f"{where}: expected 4 or 5 '|'-separated fields (utt|prompt_text|prompt_wav|"
-                                 f"text[|wav]), got {len(fields)}: {line.strip()[:80]!r}")
+                raise ValueError(
+                    f"{where}: expected 4 or 5 '|'-separated fields "
+                    f"(utt|prompt_text|prompt_wav|text[|wav]), got {len(fields)}: "
+                    f"{line.strip()[:80]!r}"
+                )
             utt, prompt_text, prompt_wav, text = (x.strip() for x in fields[:4])
             if not utt or not text:
                 raise ValueError(f"{where}: empty utterance id or text")
             wav, prompt_text = _prompt(where, base, prompt_wav, prompt_text, check)
-            examples.append(Example(text=text, id=utt, source=where, prompt_wav=wav, prompt_text=prompt_text))
+            example = Example(
+                text=text, id=utt, source=where, prompt_wav=wav, prompt_text=prompt_text
+            )
+            examples.append(example)
     return examples
 
 
@@ -114,9 +138,11 @@ def read_jsonl(path: str):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                why = f"not valid JSON ({e.msg} at column {e.colno})"
+                raise ValueError(f"{path}:{lineno}: {why}") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {line.strip()[:80]!r}")
+                got = line.strip()[:80]
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {got!r}")
             yield lineno, row
 
 
@@ -129,30 +155,61 @@ def load_dataset(path: str, check_prompts: bool = True) -> list[Example]:
     checks it per row)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset not found: {path}")
-    examples = []
-    name = os.path.basename(path)
     if path.endswith(".lst"):
         examples = _seed_tts_list(path, check_prompts)
-    elif not path.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
-            examples = [Example(text=line.strip(), id=f"{name}:{lineno}", source=f"{path}:{lineno}")
-                        for lineno, line in enumerate(f, 1) if line.strip()]
+    elif path.endswith((".jsonl", ".json")):
+        examples = _jsonl_examples(path, check_prompts)
     else:
-        for lineno, row in read_jsonl(path):
-            where = f"{path}:{lineno}"
-            if not isinstance(row.get("text"), str):
-                raise ValueError(f"{where}: expected an object with a string field 'text', got {str(row)[:80]!r}")
-            if not row["text"].strip():
-                raise ValueError(f"{where}: field 'text' is empty")
-            lang = row.get("language")
-            if lang is not None and not isinstance(lang, str):
-                raise ValueError(f"{where}: field 'language' must be a string, got {lang!r}")
-            wav, prompt_text = _prompt(where, os.path.dirname(path), row.get("prompt_wav"), row.get("prompt_text"),
-                                       check_prompts)
-            examples.append(Example(text=row["text"].strip(), id=str(row.get("id", f"{name}:{lineno}")),
-                                    language=lang, source=where, prompt_wav=wav, prompt_text=prompt_text))
+        examples = _text_lines(path)
     if not examples:
         raise ValueError(f"{path}: no texts found")
+    return examples
+
+
+def _text_lines(path: str) -> list[Example]:
+    """A .txt dataset: one text per non-blank line."""
+    name = os.path.basename(path)
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                example = Example(
+                    text=line.strip(), id=f"{name}:{lineno}", source=f"{path}:{lineno}"
+                )
+                examples.append(example)
+    return examples
+
+
+def _jsonl_examples(path: str, check_prompts: bool) -> list[Example]:
+    """A JSONL dataset: `text`, optional `id`, `language`, `prompt_wav` + `prompt_text` per row."""
+    name = os.path.basename(path)
+    examples = []
+    for lineno, row in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(row.get("text"), str):
+            got = str(row)[:80]
+            raise ValueError(f"{where}: expected an object with a string field 'text', got {got!r}")
+        if not row["text"].strip():
+            raise ValueError(f"{where}: field 'text' is empty")
+        lang = row.get("language")
+        if lang is not None and not isinstance(lang, str):
+            raise ValueError(f"{where}: field 'language' must be a string, got {lang!r}")
+        wav, prompt_text = _prompt(
+            where,
+            os.path.dirname(path),
+            row.get("prompt_wav"),
+            row.get("prompt_text"),
+            check_prompts,
+        )
+        example = Example(
+            text=row["text"].strip(),
+            id=str(row.get("id", f"{name}:{lineno}")),
+            language=lang,
+            source=where,
+            prompt_wav=wav,
+            prompt_text=prompt_text,
+        )
+        examples.append(example)
     return examples
 
 
@@ -162,14 +219,17 @@ def token_id(tokenizer, name: str) -> int:
     # An unknown name comes back as the unk id (or None), so check the round trip.
     tid = tokenizer.convert_tokens_to_ids(name)
     if tid is None or tokenizer.convert_ids_to_tokens(tid) != name:
-        raise KeyError(f"token {name!r} is not in the tokenizer's vocabulary "
-                       f"(is this a LLASA checkpoint? it needs the LLASA markers and <|s_k|> speech tokens)")
+        raise KeyError(
+            f"token {name!r} is not in the tokenizer's vocabulary "
+            "(is this a LLASA checkpoint? it needs the LLASA markers and <|s_k|> speech tokens)"
+        )
     return tid
 
 
 @dataclass
 class SpeechVocab:
     """Where the speech tokens and the stop token live. Speech id = first + code, code in [0, n)."""
+
     first: int  # id of <|s_0|>
     n: int  # number of speech tokens (65536 for LLASA)
     start_id: int  # <|SPEECH_GENERATION_START|>
@@ -184,7 +244,8 @@ class SpeechVocab:
         codes = [int(i) - self.first for i in ids]
         bad = [c for c in codes if not 0 <= c < self.n]
         if bad:
-            raise ValueError(f"non-speech token ids in a speech sequence: {[b + self.first for b in bad][:5]}")
+            ids = [b + self.first for b in bad[:5]]
+            raise ValueError(f"non-speech token ids in a speech sequence: {ids}")
         return codes
 
 
@@ -195,24 +256,35 @@ def speech_vocab(tokenizer) -> SpeechVocab:
     n = 0
     while vocab.get(f"<|s_{n}|>") == first + n:
         n += 1
-    if f"<|s_{n}|>" in vocab:
-        raise ValueError(f"speech token <|s_{n}|> has id {vocab[f'<|s_{n}|>']}, expected {first + n}: "
-                         "speech tokens must have contiguous ids")
-    return SpeechVocab(first=first, n=n, start_id=token_id(tokenizer, SPEECH_START),
-                       end_id=token_id(tokenizer, SPEECH_END))
+    after = f"<|s_{n}|>"  # the first speech token out of place, if any
+    if after in vocab:
+        raise ValueError(
+            f"speech token {after} has id {vocab[after]}, expected {first + n}: "
+            "speech tokens must have contiguous ids"
+        )
+    return SpeechVocab(
+        first=first,
+        n=n,
+        start_id=token_id(tokenizer, SPEECH_START),
+        end_id=token_id(tokenizer, SPEECH_END),
+    )
 
 
-def prompt_ids(tokenizer, text: str, prompt_text: str | None = None, prompt_codes=None) -> list[int]:
+def prompt_ids(
+    tokenizer, text: str, prompt_text: str | None = None, prompt_codes=None
+) -> list[int]:
     """LLASA's TTS prompt for `text` as token ids, ending in <|SPEECH_GENERATION_START|>; with a
     voice prompt, LLASA's clone prompt: the text is prompt_text + text, joined with nothing as
     LLASA's model card joins them (`input_text = prompt_text + target_text`), and the assistant turn
     goes on after <|SPEECH_GENERATION_START|> with the prompt's speech tokens (prompt_codes, codec
     codes), so the model continues in that voice and only what it generates is the new speech.
 
-    The chat is rendered to a string and then tokenized (instead of apply_chat_template(tokenize=True)),
-    which behaves the same on transformers 4.46+ and 5.x. It is rendered with `date_string` =
-    CHAT_DATE: Llasa's template (Llama-3.2-Instruct's) prints a date in its system header, today's
-    unless given, which would change the prompt ids from one day to the next (and across --resume)."""
+    The chat is rendered to a string and then tokenized (instead of
+    apply_chat_template(tokenize=True)), which behaves the same on transformers 4.46+ and 5.x. It
+    is rendered with `date_string` = CHAT_DATE: Llasa's template (Llama-3.2-Instruct's) prints a
+    date in its system header, today's unless given, which would change the prompt ids from one
+    day to the next (and across --resume). Bad input raises ValueError; a tokenizer without
+    LLASA's markers, KeyError."""
     if not text or not text.strip():
         raise ValueError("empty text: nothing to synthesize")
     if (prompt_text is None) != (prompt_codes is None):
@@ -221,15 +293,22 @@ def prompt_ids(tokenizer, text: str, prompt_text: str | None = None, prompt_code
         text = prompt_text + text
     for name in ("<|TEXT_UNDERSTANDING_START|>", "<|TEXT_UNDERSTANDING_END|>", SPEECH_START):
         token_id(tokenizer, name)
+    request = (
+        f"Convert the text to speech:<|TEXT_UNDERSTANDING_START|>{text}<|TEXT_UNDERSTANDING_END|>"
+    )
     chat = [
-        {"role": "user", "content": f"Convert the text to speech:<|TEXT_UNDERSTANDING_START|>{text}<|TEXT_UNDERSTANDING_END|>"},
+        {"role": "user", "content": request},
         {"role": "assistant", "content": SPEECH_START},
     ]
-    rendered = tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True,
-                                             date_string=CHAT_DATE)
+    rendered = tokenizer.apply_chat_template(
+        chat, tokenize=False, continue_final_message=True, date_string=CHAT_DATE
+    )
     ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     if ids[-1] != token_id(tokenizer, SPEECH_START):
-        raise ValueError(f"the chat template did not end the prompt with {SPEECH_START}: ...{rendered[-80:]!r}")
+        end = rendered[-80:]
+        raise ValueError(
+            f"the chat template did not end the prompt with {SPEECH_START}: ...{end!r}"
+        )
     if prompt_codes is not None:  # the speech tokens <|s_k|> are single tokens: their ids, in order
         speech = speech_vocab(tokenizer)
         bad = [c for c in prompt_codes if not 0 <= int(c) < speech.n]
@@ -250,10 +329,16 @@ def tiny_tokenizer(n_speech: int = 512):
     core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(byte_chars)}, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     core.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|begin_of_text|>",
-                                  eos_token="<|eot_id|>", pad_token="<|end_of_text|>")
-    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
-    tok.add_tokens(LLASA_MARKERS + [f"<|s_{k}|>" for k in range(n_speech)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|end_of_text|>",
+    )
+    headers = ["<|start_header_id|>", "<|end_header_id|>"]
+    tok.add_special_tokens({"additional_special_tokens": headers})
+    speech = [f"<|s_{k}|>" for k in range(n_speech)]
+    tok.add_tokens(LLASA_MARKERS + speech)
     tok.chat_template = LLAMA3_CHAT_TEMPLATE
     return tok
 
@@ -263,26 +348,48 @@ def load_data(cfg) -> tuple[list[Example], list[Example]]:
     every row's language must be one the Whisper model knows: a bad one stops the run here, naming
     file and line, instead of being scored 0 at every step."""
     examples = load_dataset(cfg.data)
-    val_examples = load_dataset(cfg.val_data) if cfg.val_data else []
-    uses = [f for f, on in (("--sim-weight", cfg.sim_weight), ("--sim-guard", cfg.sim_guard)) if on]
-    if uses and not any(ex.prompt_wav for ex in examples):  # sim would be 0 for every clip, silently
-        raise ValueError(f"{cfg.data}: no row has a prompt_wav, so {' and '.join(uses)} would have no speaker "
-                         "similarity to work on (sim needs a voice prompt per row: see README, Voice cloning)")
+    val_examples = []
+    if cfg.val_data:
+        val_examples = load_dataset(cfg.val_data)
+    uses = []  # the flags that need a voice prompt per row
+    if cfg.sim_weight:
+        uses.append("--sim-weight")
+    if cfg.sim_guard:
+        uses.append("--sim-guard")
+    if uses and not any(
+        ex.prompt_wav for ex in examples
+    ):  # sim would be 0 for every clip, silently
+        raise ValueError(
+            f"{cfg.data}: no row has a prompt_wav, so {' and '.join(uses)} would have no speaker "
+            "similarity to work on (sim needs a voice prompt per row: see README, Voice cloning)"
+        )
     if cfg.reward == "whisper":
-        from scorer import language_code, model_languages
-        known = model_languages(cfg.whisper)
-        rows = [("--language", cfg.language)] + [(ex.source, ex.language) for ex in examples + val_examples]
-        for where, language in rows:
-            if not language:
-                continue
-            try:
-                ok = language_code(language) in known
-            except ValueError:
-                ok = False
-            if not ok:
-                raise ValueError(f"{where}: language {language!r} is not one Whisper {cfg.whisper!r} knows "
-                                 f"({', '.join(sorted(known)[:12])}{', ...' if len(known) > 12 else ''})")
+        _check_languages(cfg, examples + val_examples)
     return examples, val_examples
+
+
+def _check_languages(cfg, examples: list):
+    """ValueError naming the first of --language and the examples' languages that Whisper
+    `cfg.whisper` does not know."""
+    from scorer import language_code, model_languages
+
+    known = model_languages(cfg.whisper)
+    rows = [("--language", cfg.language)] + [(ex.source, ex.language) for ex in examples]
+    for where, language in rows:
+        if not language:
+            continue
+        try:
+            ok = language_code(language) in known
+        except ValueError:
+            ok = False
+        if ok:
+            continue
+        listed = ", ".join(sorted(known)[:12])
+        if len(known) > 12:
+            listed += ", ..."
+        raise ValueError(
+            f"{where}: language {language!r} is not one Whisper {cfg.whisper!r} knows ({listed})"
+        )
 
 
 def epoch_steps(epochs: float, rows: int, prompts_per_step: int) -> int:
@@ -300,16 +407,18 @@ def step_examples(examples: list, step: int, cfg, d) -> list:
     per_rank = cfg.prompts_per_step // d.world
     start = step * cfg.prompts_per_step + d.rank * per_rank
     out = []
-    for k in range(start, start + per_rank):
+    for k in range(start, start + per_rank):  # k: the position in the endless stream
         epoch, i = divmod(k, len(examples))
-        out.append(examples[np.random.default_rng([cfg.seed, epoch]).permutation(len(examples))[i]])
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(examples))
+        out.append(examples[order[i]])
     return out
 
 
 def refill_examples(examples: list, step: int, round: int, cfg, d) -> list:
-    """Rank d.rank's prompts for refill round `round` (1, 2, ...) of `step` under --dynamic-sampling:
-    a seeded permutation of its own per (step, round), apart from the main stream of
-    `step_examples`, so the data order stays a function of the step (exact --resume)."""
+    """Rank d.rank's prompts for refill round `round` (1, 2, ...) of `step` under
+    --dynamic-sampling: a seeded permutation of its own per (step, round), apart from the main
+    stream of `step_examples`, so the data order stays a function of the step (exact --resume)."""
     per_rank = cfg.prompts_per_step // d.world
     order = np.random.default_rng([cfg.seed, step, round]).permutation(len(examples))
-    return [examples[order[k % len(examples)]] for k in range(d.rank * per_rank, (d.rank + 1) * per_rank)]
+    ranks_part = range(d.rank * per_rank, (d.rank + 1) * per_rank)
+    return [examples[order[k % len(examples)]] for k in ranks_part]

@@ -2,7 +2,8 @@
 
 Each targeted linear map y = W x + b of the decoder layers becomes
 
-    y = W x + b + (alpha / r) * B (A x),   A [r, in] ~ kaiming-uniform (as nn.Linear, PEFT), B [out, r] = 0
+    y = W x + b + (alpha / r) * B (A x),    A [r, in] ~ kaiming-uniform (as nn.Linear, PEFT),
+                                            B [out, r] = 0
 
 so the initial policy is the base model exactly. Only A and B train (fp32); W and everything else
 is frozen (bf16 on CUDA: half the memory, no gradients, no AdamW state). What the trainer needs:
@@ -12,10 +13,13 @@ is frozen (bf16 on CUDA: half the memory, no gradients, no AdamW state). What th
   - `merged_state(state)`: a plain LLASA state dict (fp32) for the checkpoint's Hugging Face
     directory, which AutoModelForCausalLM and LLASA's own code load;
   - `save_adapter` / `load_adapter`: the adapter alone in PEFT's layout (adapter_config.json +
-    adapter_model.safetensors: `peft.PeftModel.from_pretrained(base, dir)` loads it), which --resume reads.
+    adapter_model.safetensors: `peft.PeftModel.from_pretrained(base, dir)` loads it), which
+    --resume reads.
 Merging in bf16 rounds W + delta to bf16: a rollout's log-probs then differ from the update's
-(unmerged) pass a little more than a full fine-tune's do; `logp_mismatch` reports it, --tis-cap corrects it.
+(unmerged) pass a little more than a full fine-tune's do; `logp_mismatch` reports it, --tis-cap
+corrects it.
 """
+
 import contextlib
 import json
 import math
@@ -24,7 +28,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # attention + MLP
+# The linear maps of attention (q, k, v, o) and of the MLP (gate, up, down)
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_DIR = "adapter"  # in a checkpoint: the adapter in PEFT's layout
 
 
@@ -34,10 +39,12 @@ class LoRALinear(torch.nn.Module):
     def __init__(self, base: torch.nn.Linear, rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
         self.base = base.requires_grad_(False)
-        A = torch.empty(rank, base.in_features)
-        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # nn.Linear's (and PEFT's) init
-        self.lora_A = torch.nn.Parameter(A.to(base.weight.device))  # [r, in]
-        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))  # [out, r]
+        device = base.weight.device
+        A = torch.empty(rank, base.in_features)  # [r, in]
+        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # as nn.Linear, PEFT
+        B = torch.zeros(base.out_features, rank, device=device)  # [out, r]
+        self.lora_A = torch.nn.Parameter(A.to(device))
+        self.lora_B = torch.nn.Parameter(B)
         self.scale = alpha / rank
         self.enabled = True  # False: the base map (`disabled`)
         self.merged = None  # a merged weight [out, in] while `merged` holds it
@@ -62,7 +69,8 @@ class LoRALinear(torch.nn.Module):
     def merged_weight(self) -> torch.Tensor:
         """W + scale * B @ A in the base weight's dtype (computed in fp32)."""
         w = self.base.weight
-        return (w.float() + self.scale * (self.lora_B.float() @ self.lora_A.float())).to(w.dtype)
+        delta = self.lora_B.float() @ self.lora_A.float()  # [out, in]
+        return (w.float() + self.scale * delta).to(w.dtype)
 
 
 def add_adapters(model, rank: int, alpha: float, targets=TARGETS, seed: int = 0) -> list[str]:
@@ -73,18 +81,32 @@ def add_adapters(model, rank: int, alpha: float, targets=TARGETS, seed: int = 0)
     gen = torch.Generator().manual_seed(seed)
     names = []
     for i, layer in enumerate(model.model.layers):
-        found = {f"{part}.{n}": (getattr(layer, part), n) for part in ("self_attn", "mlp") for n, m in
-                 getattr(layer, part).named_children() if isinstance(m, torch.nn.Linear)}
+        found = _linear_children(layer)  # "self_attn.q_proj" -> (the attention module, "q_proj")
         for target in targets:
             hits = [k for k in found if k.split(".")[-1] == target]
             if not hits:
-                raise ValueError(f"--lora-targets {target!r} names no linear map of decoder layer {i} (it has "
-                                 f"{', '.join(k.split('.')[-1] for k in found)})")
+                there = ", ".join(k.split(".")[-1] for k in found)
+                raise ValueError(
+                    f"--lora-targets {target!r} names no linear map of decoder layer {i} "
+                    f"(it has {there})"
+                )
             for key in hits:
                 parent, child = found[key]
                 setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, gen))
                 names.append(f"model.layers.{i}.{key}")
     return names
+
+
+def _linear_children(layer) -> dict:
+    """A decoder layer's nn.Linear maps: "part.name" -> (the part's module, name), part being
+    self_attn or mlp."""
+    found = {}
+    for part in ("self_attn", "mlp"):
+        module = getattr(layer, part)
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.Linear):
+                found[f"{part}.{name}"] = (module, name)
+    return found
 
 
 def adapters(model) -> list:
@@ -121,9 +143,11 @@ def merged(model):
 
 def weight_of(linear) -> torch.Tensor:
     """The weight a linear map applies: an nn.Linear's own, a LoRALinear's merged one."""
-    if isinstance(linear, LoRALinear):
-        return linear.merged if linear.merged is not None else linear.merged_weight()
-    return linear.weight
+    if not isinstance(linear, LoRALinear):
+        return linear.weight
+    if linear.merged is not None:
+        return linear.merged
+    return linear.merged_weight()
 
 
 class AdaptersOff:
@@ -140,10 +164,12 @@ class AdaptersOff:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+
 def merged_state(state: dict, scale: float) -> dict:
     """A LoRA model's state dict (keys `...q_proj.base.weight`, `.lora_A`, `.lora_B`) as a plain
     model's, fp32: W + scale * B @ A under `...q_proj.weight` (computed in fp32: bf16 would round
     small updates away), every other tensor as it is, in fp32; on the CPU, one tensor at a time."""
+
     def cpu(t):
         return t.detach().cpu().float()
 
@@ -151,26 +177,45 @@ def merged_state(state: dict, scale: float) -> dict:
     for key, value in state.items():
         if key.endswith((".lora_A", ".lora_B")):
             continue
-        if key.endswith(".base.weight") and key[:-len("base.weight")] + "lora_A" in state:
-            stem = key[:-len("base.weight")]
-            out[stem + "weight"] = cpu(value) + scale * (cpu(state[stem + "lora_B"]) @ cpu(state[stem + "lora_A"]))
+        stem = key.removesuffix("base.weight")  # "...q_proj." for an adapted map's base weight
+        if key.endswith(".base.weight") and stem + "lora_A" in state:
+            delta = cpu(state[stem + "lora_B"]) @ cpu(state[stem + "lora_A"])  # [out, in]
+            out[stem + "weight"] = cpu(value) + scale * delta
+        elif key.endswith(".base.bias"):
+            out[key.removesuffix(".base.bias") + ".bias"] = cpu(value)
         else:
-            out[key.removesuffix(".base.bias") + ".bias" if key.endswith(".base.bias") else key] = cpu(value)
+            out[key] = cpu(value)
     return out
 
 
 def save_adapter(folder: str, state: dict, rank: int, alpha: float, targets, base_model: str):
-    """The adapter tensors of `state` (a LoRA model's state dict) in PEFT's layout: folder/
-    adapter_config.json and adapter_model.safetensors, keys base_model.model.<module>.lora_A.weight."""
+    """The adapter tensors of `state` (a LoRA model's state dict) in PEFT's layout:
+    folder/adapter_config.json and folder/adapter_model.safetensors, with keys
+    base_model.model.<module>.lora_A.weight (and lora_B)."""
     from safetensors.torch import save_file
+
     os.makedirs(folder, exist_ok=True)
-    tensors = {f"base_model.model.{k}.weight": v.detach().cpu().float().contiguous()
-               for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))}
+    tensors = {
+        f"base_model.model.{k}.weight": v.detach().cpu().float().contiguous()
+        for k, v in state.items()
+        if k.endswith((".lora_A", ".lora_B"))
+    }
     save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
-              "lora_alpha": alpha, "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none",
-              "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True, "inference_mode": True,
-              "modules_to_save": None}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
     with open(os.path.join(folder, "adapter_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
 
@@ -179,14 +224,20 @@ def load_adapter(model, folder: str, rank: int, alpha: float, targets):
     """Copy a `save_adapter` folder's tensors into `model`'s adapters (made by add_adapters with the
     same rank, alpha and targets; a mismatch is an error naming the folder)."""
     from safetensors.torch import load_file
+
     path = os.path.join(folder, "adapter_config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder}: no adapter_config.json (a LoRA checkpoint holds its adapter there)")
+        raise FileNotFoundError(
+            f"{folder}: no adapter_config.json (a LoRA checkpoint holds its adapter there)"
+        )
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
-    if (config["r"], float(config["lora_alpha"]), sorted(config["target_modules"])) != (rank, float(alpha), sorted(targets)):
-        raise ValueError(f"{folder}: adapter of rank {config['r']}, alpha {config['lora_alpha']}, targets "
-                         f"{config['target_modules']}; this run has {rank}, {alpha}, {sorted(targets)}")
+    saved = (config["r"], float(config["lora_alpha"]), sorted(config["target_modules"]))
+    if saved != (rank, float(alpha), sorted(targets)):
+        raise ValueError(
+            f"{folder}: adapter of rank {config['r']}, alpha {config['lora_alpha']}, targets "
+            f"{config['target_modules']}; this run has {rank}, {alpha}, {sorted(targets)}"
+        )
     tensors = load_file(os.path.join(folder, "adapter_model.safetensors"))
     with torch.no_grad():
         for name, m in adapters(model):
@@ -200,7 +251,11 @@ def load_adapter(model, folder: str, rank: int, alpha: float, targets):
 def parse_targets(text: str) -> tuple:
     """--lora-targets: comma-separated projection names -> a tuple, each name once (unknown names
     are caught by add_adapters, which knows the model)."""
-    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))  # each once, in order
+    stripped = [t.strip() for t in text.split(",")]
+    names = tuple(dict.fromkeys(t for t in stripped if t))  # each once, in order
     if not names:
-        raise ValueError(f"--lora-targets {text!r}: expected comma-separated names such as {','.join(TARGETS)}")
+        examples = ",".join(TARGETS)
+        raise ValueError(
+            f"--lora-targets {text!r}: expected comma-separated names such as {examples}"
+        )
     return names

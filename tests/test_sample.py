@@ -394,3 +394,11 @@ def test_cli_warns_when_the_response_can_pass_max_context(monkeypatch, tmp_path,
     with pytest.raises(SystemExit) as exit_:
         _cli_generate_kwargs(monkeypatch, tmp_path, "--max-context", str(len(prompts[0])))
     assert exit_.value.code == 2 and "the prompt alone is" in capsys.readouterr().err
+
+
+def test_a_model_without_lm_head_is_the_type_error_naming_what_generate_needs():
+    """A bare LlamaModel (no lm_head) fails the model check itself (an AttributeError on
+    model.lm_head before issue 27 put that check first)."""
+    model = models.tiny_llama(VOCAB, seed=1)
+    with pytest.raises(TypeError, match="Llama-family"):
+        sample.generate(model.model, [[1, 2]], max_new_tokens=1)
