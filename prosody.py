@@ -123,7 +123,8 @@ def chars_per_s(text_chars: int, audio: np.ndarray) -> float:
 
 
 def measure(audio: np.ndarray, text: str) -> dict:
-    """Per-clip prosody and pacing: {"f0_std_semitones", "voiced_frac", "chars_per_s"} (floats).
+    """Per-clip prosody and pacing: {"f0_std_semitones", "voiced_frac", "chars_per_s",
+    "f0_median_hz"} (floats).
 
     audio: float [S] at 16 kHz; text: what the clip should say (its normalized length sets the
     rate)."""
@@ -132,6 +133,7 @@ def measure(audio: np.ndarray, text: str) -> dict:
         "f0_std_semitones": f0_std_semitones(f0, voiced),
         "voiced_frac": voiced_frac(voiced),
         "chars_per_s": chars_per_s(len(normalize_text(text)), audio),
+        "f0_median_hz": f0_median_hz(f0, voiced),
     }
 
 

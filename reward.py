@@ -67,17 +67,25 @@ class Score:
     error: str | None = None  # why the clip got reward 0 without being scored, else None
     too_long: bool = False  # longer than Whisper's 30 s window: refused (reward 0, error set)
     # Prosody and pacing (prosody.measure), which the reward cannot see; None when not measured:
-    # the pitch spread over voiced frames (semitones), the voiced fraction of 10 ms frames, and the
-    # speaking rate (normalized characters per second of speech, outer silence trimmed). Steps
-    # report the median of the first and last: one near-empty clip has a huge rate.
+    # the pitch spread over voiced frames (semitones), the voiced fraction of 10 ms frames, the
+    # speaking rate (normalized characters per second of speech, outer silence trimmed) and the
+    # voice's median pitch over voiced frames (Hz; 0 with none). Steps report the median of
+    # the spread, the rate and the pitch: one near-empty clip has a huge rate.
     f0_std_semitones: float | None = field(default=None, metadata={"agg": "median"})
     voiced_frac: float | None = None
     chars_per_s: float | None = field(default=None, metadata={"agg": "median"})
+    f0_median_hz: float | None = field(default=None, metadata={"agg": "median"})
     # Speaker similarity (speaker.py): cosine of the clip's and its voice prompt's speaker
     # embeddings, in [-1, 1]; None without a prompt or a speaker model, and for a clip that could
     # not be heard (error set). Silence (empty, all zeros, too short for the model) is 0.0: no
     # voice, counted.
     sim: float | None = None
+    # Speech quality (dnsmos.py, with --quality dnsmos): DNSMOS P.835's signal, background and
+    # overall ratings and P.808's, MOS 1-5; None when not measured.
+    dnsmos_sig: float | None = None
+    dnsmos_bak: float | None = None
+    dnsmos_ovrl: float | None = None
+    dnsmos_p808: float | None = None
     # The language Whisper transcribed the clip in (the one asked for, else the one it detected);
     # None where no Whisper heard it. outputs.table_metrics rates a row without a language by it.
     language: str | None = None
