@@ -76,7 +76,7 @@ def test_f0_track_noise_silence_empty_unvoiced():
         f0s, voiced = prosody.f0_track(audio)
         assert f0s.shape == voiced.shape == (len(audio) // 160,)
         assert prosody.voiced_frac(voiced) == 0.0 and prosody.f0_std_semitones(f0s, voiced) == 0.0
-        assert prosody.measure(audio, "hello") == {"f0_std_semitones": 0.0, "voiced_frac": 0.0, "chars_per_s": 0.0}
+        assert prosody.measure(audio, "hello") == {"f0_std_semitones": 0.0, "voiced_frac": 0.0, "chars_per_s": 0.0, "f0_median_hz": 0.0}
 
 
 def test_f0_track_energy_gate():
@@ -119,7 +119,7 @@ def test_prosody_of_real_speech():
             assert 0.3 < m["voiced_frac"] < 0.9 and 5 < m["chars_per_s"] < 25, (row["wav"], m)
             assert m["f0_std_semitones"] > 0.5, (row["wav"], m)
         elif row["kind"] == "silence":
-            assert m == {"f0_std_semitones": 0.0, "voiced_frac": 0.0, "chars_per_s": 0.0}, row["wav"]
+            assert m == {"f0_std_semitones": 0.0, "voiced_frac": 0.0, "chars_per_s": 0.0, "f0_median_hz": 0.0}, row["wav"]
     assert {"clean", "silence"} <= {row["kind"] for row in rows}
 
 
