@@ -15,6 +15,7 @@ from llama import LogProbs, to_rows
 from loss import policy_loss
 from parallel import Dist, is_sharded, sync_gradients
 
+
 @dataclass
 class TrainBatch:
     """One rank's rollouts as the update reads them. B = groups on this rank * G."""
@@ -42,7 +43,14 @@ TOTALS = (
 
 
 def update_policy(
-    policy, ref, optimizer, scheduler, train_batch: TrainBatch, cfg: Config, d: Dist, autocast,
+    policy,
+    ref,
+    optimizer,
+    scheduler,
+    train_batch: TrainBatch,
+    cfg: Config,
+    d: Dist,
+    autocast,
     allowed_ids=None,
 ) -> dict:
     """`cfg.updates_per_rollout` AdamW steps on the clipped GRPO loss over this rank's rollouts.
@@ -88,11 +96,16 @@ def update_policy(
         """log-probs [mb, length] of the micro-batch's responses under `model`."""
         prompts = [train_batch.prompts[i] for i in mb.rows]
         tokens = train_batch.tokens[mb.rows_dev, : mb.length]
-        rows = head_rows[mb.rows_dev, : mb.length]
+        token_rows = head_rows[mb.rows_dev, : mb.length]  # each token's row in the head
         with autocast():
             return model(
-                prompts, tokens, cfg.temperature, allowed_ids=allowed_ids, index=head_ids,
-                rows=rows, with_entropy=with_entropy,
+                prompts,
+                tokens,
+                cfg.temperature,
+                allowed_ids=allowed_ids,
+                index=head_ids,
+                rows=token_rows,
+                with_entropy=with_entropy,
             )
 
     lr = scheduler.get_last_lr()[0]  # the rate of this step (the scheduler moves on after it)
@@ -130,8 +143,14 @@ def update_policy(
                 if train_batch.logprobs is not None:
                     rollout_logp = train_batch.logprobs[mb.rows_dev, : mb.length]
                 loss, stats = policy_loss(
-                    logp, old, ref_j, train_batch.advantages[mb.rows_dev], mb_mask,
-                    denom=denom, rollout_logp=rollout_logp, tensor_stats=True,
+                    logp,
+                    old,
+                    ref_j,
+                    train_batch.advantages[mb.rows_dev],
+                    mb_mask,
+                    denom=denom,
+                    rollout_logp=rollout_logp,
+                    tensor_stats=True,
                     **loss_options(cfg),
                 )
                 loss.backward()
@@ -152,7 +171,9 @@ def update_policy(
             optimizer.zero_grad(set_to_none=True)
             skipped = True
             break
-        if total > 0:  # (AdamW's momentum and weight decay would move the weights on zero gradients)
+        # No row trained anywhere: no step (AdamW's momentum and weight decay would move the
+        # weights on zero gradients).
+        if total > 0:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # free the gradients before the next rollout
     scheduler.step()  # the schedule counts rollout steps, whatever --updates-per-rollout
