@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import data
 import lora
-from checks import (
+from config_checks import (
     RANGES,  # noqa: F401 (re-exported: tests read config.RANGES)
     ConfigError,
     check_config,
