@@ -1,22 +1,25 @@
 """GRPO for LLASA text-to-speech, rewarded by Whisper. Run with
 
     torchrun --nproc_per_node=2 grpo.py --preset llasa-1b --whisper-device cuda:2
-    python grpo.py --preset tiny                    # offline smoke run on a CPU, about a minute
+    python grpo.py --preset tiny                    # offline smoke run on a CPU
 
 One training step (`Trainer.train_step`): prompts -> G rollouts each (sample.generate) -> audio
 (codec) -> rewards (Whisper worker process) -> group-normalized advantages -> clipped policy loss
 with KL to a frozen reference -> gradients summed over ranks -> AdamW step. Each rank owns whole
 prompt groups; the gradient is that of the global token-mean loss, so 2 ranks step exactly like 1.
-This file is the algorithm; config.py holds the flags, rollout.py the rollout stage (generation,
-codec, scorer), batch.py a step's scored rounds (and --dynamic-sampling's refill), policy.py the
-model trained (full fine-tuning or LoRA, lora.py) and its reference, llama.py the log-prob formula,
-parallel.py the collectives, outputs.py what a run writes.
+
+To read the algorithm: loss.py (advantages and the loss) -> update.py (the policy update, the
+paper's inner loop) -> grpo.py (the step, the run loop, main). Beside them: config.py holds the
+flags, rollout.py the rollout stage (generation, codec, scorer), batch.py a step's scored rounds
+(and --dynamic-sampling's refill), policy.py the model trained (full fine-tuning or LoRA, lora.py)
+and its reference, llama.py the log-prob formula, parallel.py the collectives, outputs.py what a
+run writes.
 """
+
 import dataclasses
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -24,345 +27,141 @@ import batch
 import data
 import demo
 import outputs
-from codec import load_codec
-from config import Config, parse_config
-from loss import group_advantages, policy_loss, tis_weights  # noqa: F401  (grpo.* is the contract)
 import parallel
 import report
-from policy import build_policy, checkpoint_state
-from parallel import Dist, is_sharded, setup_distributed, sync_gradients
-from prosody import GUARDED, guard_factor, sim_factor
+from codec import load_codec
+from config import Config, parse_config
+
+# Re-exported: tests and DESIGN.md call grpo.update_policy, grpo.TrainBatch, grpo.policy_loss, ...
+from loss import group_advantages, policy_loss, tis_weights  # noqa: F401 (re-exported)
+from metrics import clip_means, step_metrics, table_metrics
 from models import load_model
-from llama import LogProbs, to_rows
+from parallel import Dist, setup_distributed
+from policy import build_policy, checkpoint_state
+from prosody import GUARDED, guard_factor, sim_factor
 from rollout import Sampler
-
-
-# ----------------------------------------------------------------------------------------------
-# The policy update
-
-
-@dataclass
-class TrainBatch:
-    """One rank's rollouts as the update reads them. B = groups on this rank * G."""
-
-    prompts: list  # [B] prompt token-id lists
-    tokens: torch.Tensor  # [B, T] response ids, right-padded
-    lengths: torch.Tensor  # [B] response lengths, stop token included
-    advantages: torch.Tensor  # [B]
-    logprobs: torch.Tensor | None = None  # [B, T] float32: the rollout's own log-probs
-    keep: torch.Tensor | None = None  # [B] bool: rows to train on (None: all)
-
-
-# What the first update sums over this rank's tokens, all-reduced once at the end.
-TOTALS = (
-    "loss",
-    "tokens",
-    "entropy",
-    "kl",
-    "clip_frac",
-    "dual_clip_frac",
-    "logp_gap",  # |rollout - training| log-prob
-    "tis_weight_mean",
-    "tis_capped_frac",
-)
-
-
-def update_policy(
-    policy, ref, optimizer, scheduler, train_batch: TrainBatch, cfg: Config, d: Dist, autocast,
-    allowed_ids=None,
-) -> dict:
-    """`cfg.updates_per_rollout` AdamW steps on the clipped GRPO loss over this rank's rollouts.
-
-    Each micro-batch's loss is divided by the global token (or sequence) count and gradients are
-    summed over ranks: the step is that of the global mean loss, whatever the world size.
-    policy, ref: causal LMs or llama.LogProbs, sharded or not (ref None: no KL).
-    Returns loss, kl, clip_frac, dual_clip_frac, entropy (nats), grad_norm, lr, skipped; with the
-    rollout's log-probs logp_mismatch(_max), their mean and max gap to the update's (nats); with
-    --tis-cap tis_weight_mean, tis_capped_frac. A non-finite gradient norm or loss on any rank
-    skips the step on every rank: no optimizer step, gradients dropped, `skipped` 1.
-    """
-    policy = as_logprobs(policy)
-    ref = as_logprobs(ref)
-    sharded = is_sharded(policy)
-    device = train_batch.tokens.device
-    n_rows, n_positions = train_batch.tokens.shape
-    keep = torch.ones(n_rows, dtype=torch.bool, device=device)  # [B]
-    if train_batch.keep is not None:
-        keep = train_batch.keep.to(device)
-    positions = torch.arange(n_positions, device=device)
-    in_response = positions[None, :] < train_batch.lengths[:, None]  # [B, T] bool
-    mask = (in_response & keep[:, None]).float()  # [B, T] float: tokens trained on
-
-    # The loss's divisor: the global count of trained tokens (or sequences) over ranks. FSDP
-    # averages gradients over ranks where the replicated path sums them: divide by world less.
-    # A step that trains no row anywhere runs its passes (the same collectives on every rank)
-    # with zero loss, and takes no optimizer step.
-    if cfg.loss_agg == "token-mean":
-        count = mask.sum()
-    else:
-        count = keep.sum().float()
-    total = d.all_reduce(count.clone()).item()
-    denom = max(total, 1.0)
-    if sharded:
-        denom = denom / d.world
-
-    lengths = (train_batch.lengths * keep).clamp(min=1).tolist()  # rows not trained: length 1
-    micro_batches = plan_micro_batches(lengths, cfg.micro_batch, device)
-    head_ids, head_rows = head_positions(train_batch.tokens, mask, allowed_ids)
-
-    def logprobs_of(model, mb, with_entropy=False):
-        """log-probs [mb, length] of the micro-batch's responses under `model`."""
-        prompts = [train_batch.prompts[i] for i in mb.rows]
-        tokens = train_batch.tokens[mb.rows_dev, : mb.length]
-        rows = head_rows[mb.rows_dev, : mb.length]
-        with autocast():
-            return model(
-                prompts, tokens, cfg.temperature, allowed_ids=allowed_ids, index=head_ids,
-                rows=rows, with_entropy=with_entropy,
-            )
-
-    lr = scheduler.get_last_lr()[0]  # the rate of this step (the scheduler moves on after it)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    totals = {name: torch.zeros((), device=device) for name in TOTALS}
-    mismatch_max = torch.zeros((), device=device)
-    # Fixed for all updates: the reference's log-probs, and the policy's before the first update.
-    ref_logp = None
-    old_logp = None
-    with d.together("the reference and old log-prob passes"), torch.no_grad():
-        if ref is not None and cfg.kl_coef:
-            ref_logp = [logprobs_of(ref, mb) for mb in micro_batches]
-        if cfg.updates_per_rollout > 1:
-            old_logp = [logprobs_of(policy, mb) for mb in micro_batches]
-
-    skipped = False
-    for update in range(cfg.updates_per_rollout):
-        first = update == 0
-        update_loss = torch.zeros((), device=device)  # this rank's share of this update's loss
-        with d.together("the update's forward and backward passes"):
-            for j, mb in enumerate(micro_batches):
-                entropy = None
-                if first:
-                    logp, entropy = logprobs_of(policy, mb, with_entropy=True)
-                else:
-                    logp = logprobs_of(policy, mb)
-                old = logp.detach()  # one update: on-policy, the ratio is 1
-                if old_logp is not None:
-                    old = old_logp[j]
-                ref_j = None
-                if ref_logp is not None:
-                    ref_j = ref_logp[j]
-                mb_mask = mask[mb.rows_dev, : mb.length]  # [mb, length]
-                rollout_logp = None
-                if train_batch.logprobs is not None:
-                    rollout_logp = train_batch.logprobs[mb.rows_dev, : mb.length]
-                loss, stats = policy_loss(
-                    logp, old, ref_j, train_batch.advantages[mb.rows_dev], mb_mask,
-                    denom=denom, rollout_logp=rollout_logp, tensor_stats=True,
-                    **loss_options(cfg),
-                )
-                loss.backward()
-                update_loss += loss.detach()
-                if first:
-                    gap = torch.zeros_like(mb_mask)  # the rollout's log-probs against this pass's
-                    if rollout_logp is not None:
-                        gap = (logp.detach() - rollout_logp).abs() * mb_mask
-                        mismatch_max = torch.maximum(mismatch_max, gap.max())
-                    add_totals(totals, loss, stats, entropy, gap, mb_mask)
-
-        if not sharded:  # FSDP reduced them in backward
-            sync_gradients(params, d)  # sum the ranks' shares of the global mean loss
-        grad_norm = clip_gradients(params, cfg.grad_clip)
-        # A non-finite norm or loss on any rank (a bf16 overflow, a bad sample) skips this update
-        # and the rollout's later ones. The flag's max over ranks makes every rank skip alike.
-        if non_finite_anywhere(grad_norm, update_loss, d):
-            optimizer.zero_grad(set_to_none=True)
-            skipped = True
-            break
-        if total > 0:  # (AdamW's momentum and weight decay would move the weights on zero gradients)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)  # free the gradients before the next rollout
-    scheduler.step()  # the schedule counts rollout steps, whatever --updates-per-rollout
-
-    summed = d.all_reduce(torch.stack([totals[name] for name in TOTALS]))  # one all-reduce
-    totals = dict(zip(TOTALS, summed))
-    tokens = totals["tokens"].clamp(min=1)
-    loss_sum = totals["loss"].item()
-    if sharded:
-        loss_sum = loss_sum / d.world  # FSDP: each share was scaled by world
-    result = {
-        "loss": loss_sum,
-        "kl": (totals["kl"] / tokens).item(),
-        "clip_frac": (totals["clip_frac"] / tokens).item(),
-        "dual_clip_frac": (totals["dual_clip_frac"] / tokens).item(),
-        "entropy": (totals["entropy"] / tokens).item(),
-        "grad_norm": grad_norm.item(),
-        "lr": lr,
-        "skipped": int(skipped),
-    }
-    if train_batch.logprobs is not None:
-        result["logp_mismatch"] = (totals["logp_gap"] / tokens).item()
-        result["logp_mismatch_max"] = d.all_reduce(mismatch_max, op="max").item()
-        if cfg.tis_cap > 0:
-            result["tis_weight_mean"] = (totals["tis_weight_mean"] / tokens).item()
-            result["tis_capped_frac"] = (totals["tis_capped_frac"] / tokens).item()
-    return result
-
-
-@dataclass
-class MicroBatch:
-    """Rows of the batch trained together, cut to their longest response."""
-
-    rows: list  # [mb] row indices into the batch, on the host
-    rows_dev: torch.Tensor  # [mb] the same, on the device
-    length: int  # response positions kept: the longest response among these rows
-
-
-def plan_micro_batches(lengths: list, micro_batch: int, device) -> list:
-    """Micro-batches of similar lengths: rows sorted longest first (stable), `micro_batch` at a
-    time, each cut to its longest response, so that one long sample does not pad every
-    micro-batch to --max-new-tokens. Decided on the host from one copy of the lengths."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    order_dev = torch.tensor(order, device=device)  # one copy to the device for all micro-batches
-    plan = []
-    for start in range(0, len(order), micro_batch):
-        rows = order[start : start + micro_batch]
-        rows_dev = order_dev[start : start + micro_batch]
-        plan.append(MicroBatch(rows, rows_dev, max(lengths[i] for i in rows)))
-    return plan
-
-
-def head_positions(tokens, mask, allowed_ids):
-    """The head's sorted token ids (None: the full vocabulary) and every response token's row in
-    that head [B, T], computed once for all passes (`to_rows` checks the tokens: one host sync
-    here instead of one per micro-batch and pass). Positions off `mask` get row 0."""
-    if allowed_ids is None:
-        return None, tokens.masked_fill(mask == 0, 0)
-    ids = allowed_ids
-    if not torch.is_tensor(ids):
-        ids = torch.tensor(list(ids))
-    head_ids = torch.unique(ids.to(device=tokens.device, dtype=torch.long))
-    return head_ids, to_rows(tokens, head_ids, mask.bool())
-
-
-def loss_options(cfg: Config) -> dict:
-    """policy_loss's keyword arguments from the run's flags."""
-    return {
-        "clip_eps": cfg.clip_eps,
-        "clip_eps_high": cfg.clip_eps_high,
-        "clip_ratio_c": cfg.clip_ratio_c,
-        "kl_coef": cfg.kl_coef,
-        "agg": cfg.loss_agg,
-        "norm_len": cfg.max_new_tokens,
-        "importance_level": cfg.importance_level,
-        "tis_cap": cfg.tis_cap,
-    }
-
-
-def add_totals(totals: dict, loss, stats: dict, entropy, gap, mask):
-    """Adds one micro-batch's sums to `totals` (token means from policy_loss, back to sums)."""
-    tokens = mask.sum()
-    totals["loss"] += loss.detach()
-    totals["tokens"] += tokens
-    totals["entropy"] += (entropy * mask).sum()
-    totals["logp_gap"] += gap.sum()
-    for name in ("kl", "clip_frac", "dual_clip_frac", "tis_weight_mean", "tis_capped_frac"):
-        if name in stats:
-            totals[name] += stats[name] * tokens
-
-
-def clip_gradients(params, max_norm: float):
-    """Clips the gradients' global norm to max_norm (<= 0: no clipping); returns the norm before
-    clipping, a plain tensor (also under FSDP, where torch returns a DTensor)."""
-    if max_norm <= 0:
-        max_norm = float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return norm
-
-
-def non_finite_anywhere(grad_norm, loss, d: Dist) -> bool:
-    """Whether the gradient norm or this rank's loss is non-finite on any rank (one all-reduce:
-    the norm is already global, the loss shares are not)."""
-    bad = (~(torch.isfinite(grad_norm) & torch.isfinite(loss))).float()
-    return bool(d.all_reduce(bad, op="max").item())
-
-
-def as_logprobs(model):
-    """A Hugging Face causal LM wrapped as llama.LogProbs; LogProbs or None as they are."""
-    if hasattr(model, "lm_head"):
-        return LogProbs(model)
-    return model
-
+from update import TrainBatch, update_policy
 
 # ----------------------------------------------------------------------------------------------
 # The trainer
+
 
 class Trainer:
     """Holds what a step needs: models, optimizer, codec, reward scorer, RNG, distributed info.
 
     scorer: anything with .score(audios, texts, languages) -> list[reward.Score] (the Whisper
-    worker's client in a run, a fake in tests). resume_from: a checkpoint directory or None."""
+    worker's client in a run, a fake in tests). resume_from: a checkpoint directory or None.
+    datasets: (training examples, validation examples); None: read from the flags' files."""
 
-    def __init__(self, cfg: Config, d: Dist, device: torch.device, scorer, resume_from: str | None = None,
-                 datasets: tuple[list, list] | None = None):
-        self.cfg, self.d, self.device = cfg, d, device
+    def __init__(
+        self,
+        cfg: Config,
+        d: Dist,
+        device: torch.device,
+        scorer,
+        resume_from: str | None = None,
+        datasets: tuple[list, list] | None = None,
+    ):
+        self.cfg = cfg
+        self.d = d
+        self.device = device
         self.examples, self.val_examples = datasets or data.load_data(cfg)
-        state = outputs.read_trainer_state(resume_from, cfg, d.world) if resume_from else None  # checked first
-        # The policy and the KL reference (policy.py: full fine-tuning or LoRA, FSDP2-sharded or not).
-        self.policy, self.ref, self.tokenizer = build_policy(cfg, device, self.load_model, resume_from)
+        state = None
+        if resume_from:  # read and checked before any model loads
+            state = outputs.read_trainer_state(resume_from, cfg, d.world)
+        # The policy and its KL reference (policy.py: full fine-tuning or LoRA, sharded or not).
+        self.policy, self.ref, self.tokenizer = build_policy(
+            cfg, device, self.load_model, resume_from
+        )
         # Rollouts: generation (the compiled decode step, built once per run), codec and scorer.
+        # Every example of the run is passed to size the compiled step's KV cache.
         codec = load_codec(cfg.codec, device, cfg.codec_precision)
-        self.sampler = Sampler(cfg, d, device, self.policy, self.tokenizer, codec, scorer, self.autocast,
-                               examples=self.examples + self.val_examples)  # sizes the compiled step's cache
-        trained = [p for p in self.policy.parameters() if p.requires_grad]  # all, or LoRA's adapters
+        self.sampler = Sampler(
+            cfg,
+            d,
+            device,
+            self.policy,
+            self.tokenizer,
+            codec,
+            scorer,
+            self.autocast,
+            examples=self.examples + self.val_examples,
+        )
+        trained = [p for p in self.policy.parameters() if p.requires_grad]  # all, or the adapters
         self.optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warm = max(cfg.warmup_steps, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        self.gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + d.rank)  # sampling RNG
+        warmup = max(cfg.warmup_steps, 0)
+
+        def lr_factor(step: int) -> float:
+            """Linear warm-up over --warmup-steps, then the full rate."""
+            if not warmup:
+                return 1.0
+            return min(1.0, (step + 1) / warmup)
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
+        self.gen = torch.Generator(device=device)  # the rollouts' sampling RNG
+        self.gen.manual_seed(cfg.seed * 1000 + d.rank)
         self.start_step = 0
-        self.prosody_reference = None  # the initial policy's median chars_per_s and f0_std_semitones
+        self.prosody_reference = None  # the initial policy's medians of what the guards hold
         self.skips = batch.Skips()  # steps skipped for a non-finite gradient norm or loss
         if resume_from:
-            if cfg.fsdp:
-                parallel.load_sharded_optimizer(os.path.join(resume_from, outputs.OPTIMIZER_DIR), self.policy,
-                                                self.optimizer)
-            else:
-                self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.gen.set_state(state["generators"][d.rank].cpu())
-            self.start_step = state["step"]
-            self.prosody_reference = state.get("prosody_reference")
-            self.skips = batch.Skips(**state.get("skips", {}))  # (none in checkpoints from before)
+            self.load_state(resume_from, state)
+
+    def load_state(self, resume_from: str, state: dict):
+        """Continue from checkpoint `resume_from`, whose trainer state is `state`."""
+        if self.cfg.fsdp:
+            folder = os.path.join(resume_from, outputs.OPTIMIZER_DIR)
+            parallel.load_sharded_optimizer(folder, self.policy, self.optimizer)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.gen.set_state(state["generators"][self.d.rank].cpu())
+        self.start_step = state["step"]
+        self.prosody_reference = state.get("prosody_reference")
+        self.skips = batch.Skips(**state.get("skips", {}))  # (none in older checkpoints)
 
     def load_model(self, name: str):
-        # fp32 master weights (bf16 autocast on CUDA); 'tiny' is a seeded random model with 64 speech
-        # tokens, so that a random policy emits the stop token within 64 steps most of the time.
+        """(Hugging Face causal LM, tokenizer) of `name` in fp32 on the trainer's device."""
+        # fp32 master weights (bf16 autocast on CUDA); 'tiny' is a seeded random model with 64
+        # speech tokens, so that a random policy emits the stop token within 64 steps most times.
         return load_model(demo.resolve_model(name), self.device, torch.float32, seed=self.cfg.seed)
 
     def autocast(self):
+        """The update's and the rollouts' autocast context: bf16 on CUDA, off on the CPU."""
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
 
     # -- one GRPO step ------------------------------------------------------------------------
     def train_step(self, step: int) -> tuple[dict, dict]:
-        cfg, d, G = self.cfg, self.d, self.cfg.group_size
+        """GRPO step `step` (0-based) on this rank's prompts. Returns (the step's metrics over
+        every rank, this rank's first --n-samples clips to listen to)."""
+        cfg = self.cfg
+        d = self.d
+        G = cfg.group_size
         examples = data.step_examples(self.examples, step, cfg, d)
-        if (cfg.prosody_guard or cfg.sim_guard) and self.prosody_reference is None:  # once per run
+        guarded = cfg.prosody_guard or cfg.sim_guard
+        if guarded and self.prosody_reference is None:  # once per run
             self.prosody_reference = self.measure_reference()
+
         # 1-3. Rollouts, audio and rewards of this rank's prompts; with --dynamic-sampling, groups
         # whose samples all scored alike are replaced by those of further prompts (batch.refill).
-        rnd, dyn = self.scored_round(examples, step), {}
+        rnd = self.scored_round(examples, step)
+        dyn = {}  # dynamic sampling's metrics
         if cfg.dynamic_sampling:
-            rnd, dyn = batch.refill(rnd, cfg, d, lambda r: self.scored_round(
-                data.refill_examples(self.examples, step, r, cfg, d), step, r))
+
+            def refill_round(r: int) -> batch.Round:
+                """Refill round r (1, 2, ...): the scored round of further prompts."""
+                more = data.refill_examples(self.examples, step, r, cfg, d)
+                return self.scored_round(more, step, r)
+
+            rnd, dyn = batch.refill(rnd, cfg, d, refill_round)
+
         # 4. Advantages within each group (whole groups live on one rank); with --sim-weight,
         # plus the weighted, separately normalized advantage of speaker similarity (GLM-TTS).
         advantages = group_advantages(rnd.rewards, G, scale=cfg.scale_rewards)  # [B*G]
         if cfg.sim_weight:
-            advantages = advantages + cfg.sim_weight * group_advantages(rnd.sims, G, scale=cfg.scale_rewards)
+            sim_advantages = group_advantages(rnd.sims, G, scale=cfg.scale_rewards)  # [B*G]
+            advantages = advantages + cfg.sim_weight * sim_advantages
 
         # 5. Clipped policy-gradient update with KL to the reference, gradients summed over ranks.
         t0 = time.time()
@@ -377,19 +176,34 @@ class Trainer:
             keep=rnd.keep,
         )
         stats = update_policy(
-            self.policy, self.ref, self.optimizer, self.scheduler, train_batch, cfg, d,
-            self.autocast, self.sampler.allowed_ids,
+            self.policy,
+            self.ref,
+            self.optimizer,
+            self.scheduler,
+            train_batch,
+            cfg,
+            d,
+            self.autocast,
+            self.sampler.allowed_ids,
         )
         self.skips.count(step, stats, d.rank)
-        seconds = rnd.seconds + [time.time() - t0]
+        seconds = {**rnd.seconds, "train": time.time() - t0}  # per phase (rollout.PHASES + train)
 
         # 6. Metrics over every rank's clips.
-        metrics = {"step": step + 1, **outputs.step_metrics(d, rnd.scores, rnd.rewards, roll, rnd.guard, seconds, G),
-                   **stats, "skipped_total": self.skips.total, **dyn,
-                   **{f"ref_{k}": v for k, v in (self.prosody_reference or {}).items()}}
+        metrics = {"step": step + 1}
+        metrics.update(step_metrics(d, rnd.scores, rnd.rewards, roll, rnd.guard, seconds, G))
+        metrics.update(stats)
+        metrics["skipped_total"] = self.skips.total
+        metrics.update(dyn)
+        for name, value in (self.prosody_reference or {}).items():
+            metrics[f"ref_{name}"] = value
         n = cfg.n_samples
-        shown = {"audios": rnd.audios[:n], "texts": [ex.text for ex in rnd.items[:n]], "scores": rnd.scores[:n],
-                 "finished": roll.finished[:n].tolist()}
+        shown = {
+            "audios": rnd.audios[:n],
+            "texts": [ex.text for ex in rnd.items[:n]],
+            "scores": rnd.scores[:n],
+            "finished": roll.finished[:n].tolist(),
+        }
         return metrics, shown
 
     def scored_round(self, examples: list, step: int, refill: int = 0) -> batch.Round:
@@ -399,67 +213,115 @@ class Trainer:
         for a truncated sample (no stop token); with the guards, less for rushed or monotone
         speech or a voice drifting from the prompt's. Every rank runs it, failures agreed on.
         refill: the round's number under --dynamic-sampling (0: the step's own prompts)."""
-        cfg, G = self.cfg, self.cfg.group_size
-        where = f"step {step + 1}" + (f", refill round {refill}" if refill else "")
-        stage = f"{where}'s rollouts and rewards"
+        cfg = self.cfg
+        G = cfg.group_size
+        where = f"step {step + 1}"
+        if refill:
+            where += f", refill round {refill}"
         items = [ex for ex in examples for _ in range(G)]  # [B*G], group by group
-        with self.d.together(stage):
+        guard = None
+        sims = None
+        with self.d.together(f"{where}'s rollouts and rewards"):
             roll, audios, scores, seconds = self.sampler.rollout_and_score(items, self.gen)
             if not len(scores) == len(audios) == len(items) == roll.tokens.shape[0]:
                 raise RuntimeError(f"{where}: {len(scores)} scores for {len(items)} rollouts")
-            guard = [self.guard(s) for s in scores] if cfg.prosody_guard or cfg.sim_guard else None
-            rewards = batch.step_rewards(scores, roll.finished.cpu(), guard, where)
-            sims = batch.step_sims(scores, roll.finished.cpu(), G) if cfg.sim_weight else None
+            finished = roll.finished.cpu()  # [B*G] bool
+            if cfg.prosody_guard or cfg.sim_guard:
+                guard = [self.guard(s) for s in scores]
+            rewards = batch.step_rewards(scores, finished, guard, where)
+            if cfg.sim_weight:
+                sims = batch.step_sims(scores, finished, G)
         return batch.Round(items, roll, audios, scores, seconds, rewards, guard, sims)
 
     def guard(self, score) -> float:
         """The guards' factor on a clip's reward (1 where no guard is on)."""
-        cfg, ref = self.cfg, self.prosody_reference
-        prosody = guard_factor(score, ref, rate_band=cfg.guard_rate_band,
-                               pitch_band=cfg.guard_pitch_band) if cfg.prosody_guard else 1.0
-        return prosody * (sim_factor(score.sim, ref["sim"], cfg.sim_guard_band) if cfg.sim_guard else 1.0)
+        cfg = self.cfg
+        ref = self.prosody_reference
+        prosody = 1.0
+        if cfg.prosody_guard:
+            bands = {"rate_band": cfg.guard_rate_band, "pitch_band": cfg.guard_pitch_band}
+            prosody = guard_factor(score, ref, **bands)
+        sim = 1.0
+        if cfg.sim_guard:
+            sim = sim_factor(score.sim, ref["sim"], cfg.sim_guard_band)
+        return prosody * sim
 
     def measure_reference(self) -> dict:
         """The initial policy's medians of what the guards hold (--prosody-guard: speaking rate and
         pitch spread; --sim-guard: speaker similarity), on G samples of each validation text (or
         of the first step's prompts), at most one training batch of clips."""
         cfg = self.cfg
-        names = (GUARDED if cfg.prosody_guard else ()) + (("sim",) if cfg.sim_guard else ())
+        names = ()
+        if cfg.prosody_guard:
+            names += GUARDED
+        if cfg.sim_guard:
+            names += ("sim",)
         examples = self.val_examples or data.step_examples(self.examples, 0, cfg, Dist())
         return self.sampler.reference(examples, names, "the guards' reference")
 
     def validate(self) -> tuple[dict, dict]:
         """One sample per validation text with a fixed seed, so steps compare like for like: (the
         val_ metrics, this rank's first --n-samples clips to listen to)."""
-        scores, rewards, finished, shown = self.sampler.sample_and_score(self.val_examples, "validation")
-        table = outputs.table_metrics(scores, self.val_examples, self.sampler.d.world, self.cfg.language)
-        return {**outputs.clip_means(scores, rewards, finished, prefix="val_"), **table, "val_clips": len(scores)}, shown
+        examples = self.val_examples
+        scores, rewards, finished, shown = self.sampler.sample_and_score(examples, "validation")
+        world = self.sampler.d.world
+        metrics = clip_means(scores, rewards, finished, prefix="val_")
+        metrics.update(table_metrics(scores, examples, world, self.cfg.language))
+        metrics["val_clips"] = len(scores)
+        return metrics, shown
 
     def save(self, path: str, step: int):
-        """Checkpoint `path` after `step` steps (a collective): a Hugging Face directory of the policy
-        (with LoRA: merged, plus the adapter in PEFT's layout) and what --resume needs."""
+        """Checkpoint `path` after `step` steps (a collective): a Hugging Face directory of the
+        policy (with LoRA: merged, plus the adapter in PEFT's layout) and what --resume needs."""
         cfg = self.cfg
         weights, extra = checkpoint_state(self.policy, cfg, self.d, demo.resolve_model(cfg.model))
-        outputs.save_everywhere(path, self.policy, self.optimizer, self.tokenizer, self.trainer_state(step), self.d,
-                                cfg.fsdp, weights=weights, extra=extra)
+        outputs.save_everywhere(
+            path,
+            self.policy,
+            self.optimizer,
+            self.tokenizer,
+            self.trainer_state(step),
+            self.d,
+            cfg.fsdp,
+            weights=weights,
+            extra=extra,
+        )
 
     def trainer_state(self, step: int) -> dict:
         """Everything --resume needs besides the weights (and, with FSDP, the sharded optimizer
         state, which every rank writes itself). A collective: every rank takes part."""
-        return {"step": step, "optimizer": None if self.cfg.fsdp else self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "generators": self.d.gather(self.gen.get_state()),
-                "data_position": step * self.cfg.prompts_per_step, "world_size": self.d.world,
-                "prosody_reference": self.prosody_reference, "config": dataclasses.asdict(self.cfg),
-                "skips": dataclasses.asdict(self.skips)}
+        optimizer = None  # FSDP: in the checkpoint's sharded optimizer folder instead
+        if not self.cfg.fsdp:
+            optimizer = self.optimizer.state_dict()
+        return {
+            "step": step,
+            "optimizer": optimizer,
+            "scheduler": self.scheduler.state_dict(),
+            "generators": self.d.gather(self.gen.get_state()),
+            "data_position": step * self.cfg.prompts_per_step,
+            "world_size": self.d.world,
+            "prosody_reference": self.prosody_reference,
+            "config": dataclasses.asdict(self.cfg),
+            "skips": dataclasses.asdict(self.skips),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
 
 
 def train(cfg: Config) -> list[dict]:
     """Run (or continue) training; returns the metrics of the steps run (every rank)."""
     from tqdm import tqdm
+
     d, device = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)
-    worker = scorer = tr = reporter = None
-    history, succeeded = [], False
+    worker = None  # this node's Whisper worker process (local rank 0 only)
+    scorer = None
+    tr = None
+    reporter = None
+    history = []
+    succeeded = False
     try:
         with d.together("start-up"):  # before anything is written or loaded: the cheap checks
             resume_from = outputs.resolve_resume(cfg.out, cfg.resume)
@@ -467,33 +329,53 @@ def train(cfg: Config) -> list[dict]:
         if cfg.epochs > 0:  # the run's length in passes over the training data (said in the banner)
             cfg.steps = data.epoch_steps(cfg.epochs, len(datasets[0]), cfg.prompts_per_step)
         cloning = any(ex.prompt_wav for ex in datasets[0] + datasets[1])
-        worker, scorer = parallel.start_scorer(cfg, d, cfg.speaker_model if cloning else None)
+        speaker_model = None
+        if cloning:
+            speaker_model = cfg.speaker_model
+        worker, scorer = parallel.start_scorer(cfg, d, speaker_model)
         with d.together("loading the models"):
             tr = Trainer(cfg, d, device, scorer, resume_from, datasets)
         if tr.start_step >= cfg.steps:
             if d.rank == 0:
-                print(f"{cfg.out}: the run is already complete ({tr.start_step} of {cfg.steps} steps, "
-                      f"{resume_from}); nothing to do. Raise --steps to train further.")
+                print(
+                    f"{cfg.out}: the run is already complete ({tr.start_step} of {cfg.steps} "
+                    f"steps, {resume_from}); nothing to do. Raise --steps to train further."
+                )
             succeeded = True
             return history
-        metrics_path = outputs.open_metrics(cfg.out, tr.start_step) if d.rank == 0 else None
-        reporter = report.Reporter(cfg.report_to, cfg.out, dataclasses.asdict(cfg)) if d.rank == 0 else None
-        if d.rank == 0:  # what reproduces this run: the same flags, this seed
-            print(f"grpo.py: {cfg.preset or 'no'} preset, seed {cfg.seed}, steps {tr.start_step + 1}-{cfg.steps}, "
-                  f"{d.world} rank(s); metrics, samples and checkpoints in {cfg.out}", flush=True)
+        metrics_path = None  # rank 0 writes metrics.jsonl and reports
+        if d.rank == 0:
+            metrics_path = outputs.open_metrics(cfg.out, tr.start_step)
+            reporter = report.Reporter(cfg.report_to, cfg.out, dataclasses.asdict(cfg))
+            # What reproduces this run: the same flags, this seed.
+            print(
+                f"grpo.py: {cfg.preset or 'no'} preset, seed {cfg.seed}, "
+                f"steps {tr.start_step + 1}-{cfg.steps}, {d.world} rank(s); "
+                f"metrics, samples and checkpoints in {cfg.out}",
+                flush=True,
+            )
 
         if tr.val_examples and tr.start_step == 0:  # the learning curve's "before" point
             t0 = time.time()
             val, val_shown = tr.validate()
             row = {"step": 0, **val, "time_step": time.time() - t0}
             outputs.write_step(d, cfg.out, metrics_path, reporter, row, {"val_step_0": val_shown})
-        bar = tqdm(range(tr.start_step, cfg.steps), initial=tr.start_step, total=cfg.steps,
-                   disable=d.rank != 0, desc="grpo", dynamic_ncols=True)
+        bar = tqdm(
+            range(tr.start_step, cfg.steps),
+            initial=tr.start_step,
+            total=cfg.steps,
+            disable=d.rank != 0,
+            desc="grpo",
+            dynamic_ncols=True,
+        )
         for step in bar:
             t0 = time.time()
             metrics, shown = tr.train_step(step)
-            done, last = step + 1, step + 1 == cfg.steps
-            samples = {f"step_{done}": shown} if done % cfg.sample_every == 0 or last else {}
+            done = step + 1  # steps done, and the step's number in metrics.jsonl
+            last = done == cfg.steps
+            samples = {}
+            if done % cfg.sample_every == 0 or last:
+                samples[f"step_{done}"] = shown
             if tr.val_examples and (done % cfg.val_every == 0 or last):
                 val, val_shown = tr.validate()
                 metrics.update(val)
@@ -503,7 +385,8 @@ def train(cfg: Config) -> list[dict]:
             history.append(metrics)
             outputs.write_step(d, cfg.out, metrics_path, reporter, metrics, samples)
             tr.skips.check(step, cfg.max_skipped_steps)  # after the step's metrics are written
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", s_per_step=f"{metrics['time_step']:.1f}")
+            reward = f"{metrics['reward_mean']:.3f}"
+            bar.set_postfix(reward=reward, s_per_step=f"{metrics['time_step']:.1f}")
             if done % cfg.save_every == 0 or last:
                 tr.save(os.path.join(cfg.out, "checkpoints", f"step_{done}"), done)
         succeeded = True
@@ -519,22 +402,27 @@ def train(cfg: Config) -> list[dict]:
             worker.close()
         if succeeded and d.world > 1:  # on an error, leave at once: a teardown could wait on a peer
             import torch.distributed as dist
+
             dist.barrier()  # every rank ends after the last checkpoint is on disk
             dist.destroy_process_group()
 
 
 def main(argv=None):
+    """grpo.py's command line: parse and check the flags, then train."""
     cfg = parse_config(argv, description=__doc__, inputs=True)  # a user's error: one line, exit 2
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         train(cfg)
     except (FileExistsError, outputs.Refused, batch.TooManySkipped) as e:  # a line, no traceback
-        status = 1 if isinstance(e, batch.TooManySkipped) else 2  # 2: a user's error
+        status = 2  # a user's error
+        if isinstance(e, batch.TooManySkipped):
+            status = 1
         print(f"grpo.py: {e}", file=sys.stderr, flush=True)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if world > 1:
             os._exit(status)  # no teardown that could wait on a peer
         sys.exit(status)
     except BaseException as e:
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if world == 1:
             raise
         # Under torchrun: print this rank's error (unless Dist.together has) and leave now, without
         # interpreter or NCCL teardown (either may block on a peer); torchrun then stops the job.

@@ -7,8 +7,8 @@ three aggregations) is a small named helper below it.
 
 import torch
 
-from config import IMPORTANCE_LEVELS, LOSS_AGGS
-
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")  # see `aggregate`
+IMPORTANCE_LEVELS = ("token", "sequence")  # PPO's per-token ratio, or GSPO's per-sequence one
 LOG_RATIO_LIMIT = 20.0  # exp() of a clamped log-ratio stays finite
 GSPO_LOG_RATIO_CAP = 10.0  # verl's cap on GSPO's log s_i
 

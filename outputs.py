@@ -1,11 +1,12 @@
 """What a run writes and reads back (DESIGN.md §3): checkpoints and trainer state, the resume rules
-for --out, samples to listen to, metrics.jsonl.
+for --out, samples to listen to, metrics.jsonl (the numbers in it: metrics.py).
 
 Nothing is lost: a run never starts in an --out that holds another run unless asked to continue
 it; checkpoints are written to PATH.tmp, fsynced (files, then the trainer state last, then the
 directory) and renamed into place, so a crash at any moment leaves the previous checkpoint whole,
 and a directory without trainer_state.pt is never taken for a checkpoint.
 """
+
 import dataclasses
 import json
 import math
@@ -14,12 +15,12 @@ import pickle
 import re
 import shutil
 
-import numpy as np
 import torch
 
 import lora
 import parallel
 from codec import SAMPLE_RATE
+from metrics import clip_means, table_metrics  # noqa: F401 (re-exported: tests call outputs.*)
 from plot import plot
 
 STATE_FILE = "trainer_state.pt"  # written last: its presence marks a complete checkpoint
@@ -34,11 +35,14 @@ class Refused(ValueError):
 # ----------------------------------------------------------------------------------------------
 # --out and --resume
 
+
 def checkpoints(out: str) -> list[tuple[int, str]]:
     """Complete checkpoints in OUT/checkpoints as (step, path), oldest first."""
     root = os.path.join(out, "checkpoints")
     found = []
-    for name in os.listdir(root) if os.path.isdir(root) else []:
+    if not os.path.isdir(root):
+        return found
+    for name in os.listdir(root):
         m = re.fullmatch(r"step_(\d+)", name)
         if m and os.path.isfile(os.path.join(root, name, STATE_FILE)):
             found.append((int(m.group(1)), os.path.join(root, name)))
@@ -55,23 +59,30 @@ def resolve_resume(out: str, resume: str) -> str | None:
     checkpoint and its later checkpoints, which must not be another run's (FileExistsError)."""
     if resume == "auto":
         found = checkpoints(out)
-        return found[-1][1] if found else None
+        if not found:
+            return None
+        return found[-1][1]  # the newest one's path
     held = held_run(out)
     if resume:
         if not os.path.isfile(os.path.join(resume, STATE_FILE)):
-            raise FileNotFoundError(f"--resume {resume}: no {STATE_FILE} there (expected OUT/checkpoints/step_N "
-                                    "as written by a run; a directory without it is an incomplete checkpoint)")
+            raise FileNotFoundError(
+                f"--resume {resume}: no {STATE_FILE} there (expected OUT/checkpoints/step_N "
+                "as written by a run; a directory without it is an incomplete checkpoint)"
+            )
         home = run_of(resume)
         if held and home != os.path.realpath(out):
             raise FileExistsError(
                 f"--resume {resume} is a checkpoint of {home or 'no run directory'}, but --out "
                 f"{out} holds another run ({'; '.join(held)}). Nothing was written. Resume into "
-                "the checkpoint's own run directory, or choose an --out that holds no run.")
+                "the checkpoint's own run directory, or choose an --out that holds no run."
+            )
         return resume
     if held:
-        raise FileExistsError(f"--out {out} already holds a run ({'; '.join(held)}). Nothing "
-                              "was written. To continue it, add --resume auto; to start a new run, "
-                              "choose another --out (or move that directory away).")
+        raise FileExistsError(
+            f"--out {out} already holds a run ({'; '.join(held)}). Nothing "
+            "was written. To continue it, add --resume auto; to start a new run, "
+            "choose another --out (or move that directory away)."
+        )
     return None
 
 
@@ -81,10 +92,12 @@ def held_run(out: str) -> list[str]:
     metrics = os.path.join(out, "metrics.jsonl")
     if os.path.exists(metrics):
         with open(metrics, encoding="utf-8") as f:
-            held.append(f"metrics.jsonl with {sum(1 for line in f if line.strip())} steps")
+            steps = sum(1 for line in f if line.strip())
+        held.append(f"metrics.jsonl with {steps} steps")
     ckpt_dir = os.path.join(out, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        held.append(f"checkpoints/ ({', '.join(sorted(os.listdir(ckpt_dir))[:5])})")
+        first_names = sorted(os.listdir(ckpt_dir))[:5]
+        held.append(f"checkpoints/ ({', '.join(first_names)})")
     return held
 
 
@@ -110,24 +123,41 @@ def read_trainer_state(path: str, cfg, world: int) -> dict:
     if cfg.fsdp:
         check_dcp_metadata(os.path.join(path, OPTIMIZER_DIR, ".metadata"), f"--resume {path}")
     if state["world_size"] != world:
-        raise Refused(f"--resume {path}: checkpoint was written by {state['world_size']} ranks, "
-                      f"this run has {world}; the sampling streams cannot continue exactly")
-    keys = ("prompts_per_step", "group_size", "seed", "fsdp", "lora_rank", "lora_alpha", "lora_targets")
-    for key in keys + (("model",) if cfg.lora_rank else ()):  # LoRA: the adapter fits its base model only
-        was = state["config"].get(key, {f.name: f.default for f in dataclasses.fields(cfg)}[key])
+        raise Refused(
+            f"--resume {path}: checkpoint was written by {state['world_size']} ranks, "
+            f"this run has {world}; the sampling streams cannot continue exactly"
+        )
+    keys = [
+        "prompts_per_step",
+        "group_size",
+        "seed",
+        "fsdp",
+        "lora_rank",
+        "lora_alpha",
+        "lora_targets",
+    ]
+    if cfg.lora_rank:  # LoRA: the adapter fits its base model only
+        keys.append("model")
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}  # (older checkpoints)
+    for key in keys:
+        was = state["config"].get(key, defaults[key])
+        now = getattr(cfg, key)
         if key == "lora_targets":  # the same set in any order
-            was, now = sorted(lora.parse_targets(was)), sorted(lora.parse_targets(cfg.lora_targets))
-        else:
-            now = getattr(cfg, key)
+            was = sorted(lora.parse_targets(was))
+            now = sorted(lora.parse_targets(now))
         if was != now:
-            raise Refused(f"--resume {path}: --{key.replace('_', '-')} was {was!r} in the "
-                          f"checkpoint, {now!r} now")
+            raise Refused(
+                f"--resume {path}: --{key.replace('_', '-')} was {was!r} in the "
+                f"checkpoint, {now!r} now"
+            )
     for key in ("prosody_guard", "sim_guard"):  # a guard holds to the *initial* policy's medians
         if getattr(cfg, key) and not state["config"].get(key, False):
             flag = "--" + key.replace("_", "-")
-            raise Refused(f"--resume {path}: {flag} is on, but the run that wrote the checkpoint "
-                          "had it off, so the initial policy's reference it holds to was never "
-                          f"measured; resume without {flag}, or start a new run with it")
+            raise Refused(
+                f"--resume {path}: {flag} is on, but the run that wrote the checkpoint "
+                "had it off, so the initial policy's reference it holds to was never "
+                f"measured; resume without {flag}, or start a new run with it"
+            )
     return state
 
 
@@ -140,10 +170,14 @@ def load_plain(path: str, what: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # torch's message is a paragraph: keep what it names
         named = re.search(r"GLOBAL (\S+)", str(e))
-        why = f"it names {named.group(1)}" if named else "not a torch.save file"
-        raise Refused(f"{what}: {os.path.basename(path)} is not plain data ({why}); refused "
-                      "without running anything in it (a trainer state holds tensors, numbers, "
-                      "strings, lists and dicts only)") from None
+        why = "not a torch.save file"
+        if named:
+            why = f"it names {named.group(1)}"
+        raise Refused(
+            f"{what}: {os.path.basename(path)} is not plain data ({why}); refused "
+            "without running anything in it (a trainer state holds tensors, numbers, "
+            "strings, lists and dicts only)"
+        ) from None
     if not isinstance(state, dict) or "step" not in state:
         raise Refused(f"{what}: {os.path.basename(path)} is not a trainer state (no 'step')")
     return state
@@ -152,13 +186,25 @@ def load_plain(path: str, what: str) -> dict:
 # What a torch distributed checkpoint's .metadata (one pickle, which torch.distributed.checkpoint
 # reads with pickle.load: anything in it would run) may name: its classes, sizes, layouts, paths.
 _DCP = "torch.distributed.checkpoint."
-_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                ("pathlib", "WindowsPath"), ("collections", "OrderedDict"),
-                (_DCP + "filesystem", "_StorageInfo")} | {
-    (_DCP + "metadata", name) for name in ("Metadata", "MetadataIndex", "StorageMeta",
-                                          "TensorProperties", "TensorStorageMetadata",
-                                          "BytesStorageMetadata", "ChunkStorageMetadata",
-                                          "_MEM_FORMAT_ENCODING")}
+_DCP_METADATA_CLASSES = (
+    "Metadata",
+    "MetadataIndex",
+    "StorageMeta",
+    "TensorProperties",
+    "TensorStorageMetadata",
+    "BytesStorageMetadata",
+    "ChunkStorageMetadata",
+    "_MEM_FORMAT_ENCODING",
+)
+_DCP_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+    (_DCP + "filesystem", "_StorageInfo"),
+}
+_DCP_GLOBALS |= {(_DCP + "metadata", name) for name in _DCP_METADATA_CLASSES}
 
 
 class _DcpUnpickler(pickle.Unpickler):
@@ -168,8 +214,9 @@ class _DcpUnpickler(pickle.Unpickler):
         dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
         if (module, name) in _DCP_GLOBALS or dtype:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"GLOBAL {module}.{name}, which no distributed checkpoint "
-                                     "index holds")
+        raise pickle.UnpicklingError(
+            f"GLOBAL {module}.{name}, which no distributed checkpoint index holds"
+        )
 
 
 def check_dcp_metadata(path: str, what: str):
@@ -179,14 +226,18 @@ def check_dcp_metadata(path: str, what: str):
         with open(path, "rb") as f:
             _DcpUnpickler(f).load()
     except (pickle.UnpicklingError, EOFError, OSError) as e:
-        raise Refused(f"{what}: {path} is not a plain distributed checkpoint index ({e}); refused "
-                      "without running anything in it") from None
+        raise Refused(
+            f"{what}: {path} is not a plain distributed checkpoint index ({e}); refused "
+            "without running anything in it"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 
+
 def tmp_path(path: str) -> str:
+    """Where checkpoint `path` is written before it is renamed into place."""
     return path + ".tmp"
 
 
@@ -196,21 +247,33 @@ def begin_checkpoint(path: str):
     os.makedirs(tmp_path(path))
 
 
-def save_checkpoint(path: str, policy, tokenizer, trainer_state: dict, *, weights: dict | None = None,
-                    keep_tmp: bool = False, extra=None):
+def save_checkpoint(
+    path: str,
+    policy,
+    tokenizer,
+    trainer_state: dict,
+    *,
+    weights: dict | None = None,
+    keep_tmp: bool = False,
+    extra=None,
+):
     """A Hugging Face directory (model + tokenizer) plus trainer_state.pt, atomic and durable.
 
     Everything goes to PATH.tmp (kept as begin_checkpoint left it if keep_tmp); model and tokenizer
     files are fsynced, then the trainer state is written and fsynced last, then the directory; only
     then is it renamed into place (and the parent directory fsynced, so the rename itself survives
-    a power cut). weights: the full state dict to write (FSDP gathers it, LoRA merges it; or a function
-    returning it, called here), else the model's own. extra(folder): writes more files into the
-    checkpoint (LoRA's adapter) before the fsyncs."""
-    tmp, old = tmp_path(path), path + ".old"
+    a power cut). weights: the full state dict to write (FSDP gathers it, LoRA merges it; or a
+    function returning it, called here), else the model's own. extra(folder): writes more files
+    into the checkpoint (LoRA's adapter) before the fsyncs."""
+    tmp = tmp_path(path)
+    old = path + ".old"  # the previous checkpoint at `path`, until the new one is in place
     if not keep_tmp:
         begin_checkpoint(path)
-    weights = weights() if callable(weights) else weights
-    dtype = next(iter(weights.values())).dtype if weights else None  # (save_pretrained may empty the dict)
+    if callable(weights):
+        weights = weights()
+    dtype = None  # the weights' dtype, read first (save_pretrained may empty the dict)
+    if weights:
+        dtype = next(iter(weights.values())).dtype
     policy.save_pretrained(tmp, state_dict=weights)
     if dtype is not None:  # config.json names the parameters' dtype, which may not be the weights'
         config_dtype(os.path.join(tmp, "config.json"), dtype)
@@ -233,8 +296,18 @@ def save_checkpoint(path: str, policy, tokenizer, trainer_state: dict, *, weight
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_everywhere(path: str, policy, optimizer, tokenizer, state: dict, d, fsdp: bool, *,
-                    weights: dict | None = None, extra=None):
+def save_everywhere(
+    path: str,
+    policy,
+    optimizer,
+    tokenizer,
+    state: dict,
+    d,
+    fsdp: bool,
+    *,
+    weights: dict | None = None,
+    extra=None,
+):
     """Checkpoint `path`; every rank calls it. policy: llama.LogProbs (its .lm is the Hugging Face
     model); weights and extra as save_checkpoint takes them (on rank 0: under FSDP the caller has
     gathered the weights there). With FSDP every rank writes its optimizer shard; rank 0 writes the
@@ -243,10 +316,14 @@ def save_everywhere(path: str, policy, optimizer, tokenizer, state: dict, d, fsd
         with d.together(f"preparing checkpoint {path}"):
             if d.rank == 0:
                 begin_checkpoint(path)
-        parallel.save_sharded_optimizer(os.path.join(tmp_path(path), OPTIMIZER_DIR), policy, optimizer)
+        parallel.save_sharded_optimizer(
+            os.path.join(tmp_path(path), OPTIMIZER_DIR), policy, optimizer
+        )
     with d.together(f"writing checkpoint {path}"):
         if d.rank == 0:
-            save_checkpoint(path, policy.lm, tokenizer, state, weights=weights, keep_tmp=fsdp, extra=extra)
+            save_checkpoint(
+                path, policy.lm, tokenizer, state, weights=weights, keep_tmp=fsdp, extra=extra
+            )
 
 
 def _fsync(path: str):
@@ -259,8 +336,9 @@ def _fsync(path: str):
 
 
 def config_dtype(path: str, dtype: torch.dtype):
-    """Set a Hugging Face config.json's dtype (`dtype`, and 4.x's `torch_dtype` where present) to the
-    weights' own: LoRA writes fp32 merged weights from a bf16 base, which "auto" loading must keep."""
+    """Set a Hugging Face config.json's dtype (`dtype`, and 4.x's `torch_dtype` where present) to
+    the weights' own: LoRA writes fp32 merged weights from a bf16 base, which "auto" loading must
+    keep."""
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     name = str(dtype).removeprefix("torch.")
@@ -285,49 +363,6 @@ def portable_tokenizer_config(path: str):
 # ----------------------------------------------------------------------------------------------
 # metrics.jsonl and samples
 
-def clip_means(scores: list, rewards: list, finished: list, prefix: str = "") -> dict:
-    """Means over clips: the reward that was used (0 when truncated), every numeric field of the
-    scores (bool fields as `name_frac`; None = not measured, left out; the median where the field
-    says so in its metadata), and the error fraction."""
-    out = {f"{prefix}reward": mean(rewards), f"{prefix}finished": mean([float(f) for f in finished]),
-           f"{prefix}error_frac": mean([float(s.error is not None) for s in scores])}
-    for f in dataclasses.fields(scores[0]) if scores else ():
-        if f.name == "reward":
-            continue
-        values = [getattr(s, f.name) for s in scores]
-        if any(isinstance(v, bool) for v in values):
-            out[f"{prefix}{f.name}_frac"] = mean([float(v) for v in values])
-        elif any(isinstance(v, (int, float)) for v in values):
-            numbers = [v for v in values if isinstance(v, (int, float))]
-            out[f"{prefix}{f.name}"] = float(np.median(numbers)) if f.metadata.get("agg") == "median" else mean(numbers)
-    return out
-
-
-def step_metrics(d, scores: list, rewards, roll, guard: list | None, seconds: list, group_size: int) -> dict:
-    """A step's metrics over every rank's clips (a collective): clip_means, reward std, the fraction
-    of groups whose rewards are all equal (they teach nothing), response lengths, the mean prosody
-    guard factor, and seconds per phase of the slowest rank, which sets the pace."""
-    groups = rewards.view(-1, group_size)
-    local = {"scores": scores, "reward": rewards.tolist(), "finished": roll.finished.tolist(),
-             "length": roll.lengths.tolist(), "guard": guard or [],
-             "zero_std": (groups == groups[:, :1]).all(dim=1).tolist()}
-    parts = d.gather((local, seconds))
-    every = {k: sum((p[0][k] for p in parts), []) for k in local}
-    t = np.max([p[1] for p in parts], axis=0)
-    metrics = clip_means(every["scores"], every["reward"], every["finished"])
-    metrics["reward_mean"] = metrics.pop("reward")
-    return {**metrics, "reward_std": float(np.std(every["reward"])),
-            "zero_std_frac": mean([float(z) for z in every["zero_std"]]), "response_len": mean(every["length"]),
-            "truncated_frac": 1 - metrics["finished"], "prosody_guard": mean(every["guard"]),
-            "time_rollout": t[0], "time_codec": t[1], "time_reward": t[2], "time_train": t[3],
-            "tokens_per_s": sum(every["length"]) / max(t[0], 1e-9)}
-
-
-def mean(xs):
-    xs = [x for x in xs if x is not None]
-    return float(np.mean(xs)) if xs else None
-
-
 
 def open_metrics(out: str, start_step: int) -> str:
     """OUT/metrics.jsonl ready for appending: on a resumed run, the lines past `start_step` (and a
@@ -336,7 +371,8 @@ def open_metrics(out: str, start_step: int) -> str:
     path = os.path.join(out, "metrics.jsonl")
     keep = []
     if start_step and os.path.exists(path):
-        keep = [line for line in open(path, encoding="utf-8") if _step_of(line) <= start_step]
+        with open(path, encoding="utf-8") as f:
+            keep = [line for line in f if _step_of(line) <= start_step]
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(keep)
     return path
@@ -363,6 +399,7 @@ def append_metrics(path: str, metrics: dict):
 
 
 def _json_number(value):
+    """`value`, or None for a non-finite float (strict JSON has no NaN or inf)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -377,35 +414,19 @@ def _step_of(line: str) -> float:
 
 
 def save_samples(folder: str, audios, texts, scores, finished):
-    """Wavs to listen to, with samples.jsonl: text, every field of the clip's Score, finished, seconds."""
+    """Wavs to listen to, with samples.jsonl: text, every field of the clip's Score, finished,
+    seconds."""
     import soundfile as sf
+
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "samples.jsonl"), "w", encoding="utf-8") as f:
         for i, (audio, text, score, fin) in enumerate(zip(audios, texts, scores, finished)):
             sf.write(os.path.join(folder, f"{i}.wav"), audio, SAMPLE_RATE)
-            row = {"wav": f"{i}.wav", "text": text, **dataclasses.asdict(score), "finished": bool(fin),
-                   "seconds": len(audio) / SAMPLE_RATE}
+            row = {
+                "wav": f"{i}.wav",
+                "text": text,
+                **dataclasses.asdict(score),
+                "finished": bool(fin),
+                "seconds": len(audio) / SAMPLE_RATE,
+            }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def table_metrics(scores: list, examples: list, world: int, language: str = "", prefix: str = "val_") -> dict:
-    """The evaluation table's WER / CER (reward.table_error_rate, the one eval.py reports) of each
-    Whisper-scored clip's transcript, as means of per-utterance rates: `{prefix}table_wer`, `{prefix}table_cer`
-    (only those with rows). A row's language: its own, else `language` (--language), else the one
-    Whisper heard the clip in (Score.language): CER for zh, ja, ko, th, yue, WER for the rest.
-    scores come in Sampler.sample_and_score's order (rank 0's share examples[0::world] first);
-    clips with an error or no Whisper transcript (cer None) are left out."""
-    from reward import table_error_rate
-    from scorer import language_code
-    ordered = [ex for r in range(world) for ex in examples[r::world]]
-    rates = {"wer": [], "cer": []}
-    for score, ex in zip(scores, ordered):
-        if score.error is None and score.cer is not None:
-            lang = ex.language or language or score.language
-            try:
-                lang = lang and language_code(lang)
-                kind, rate = table_error_rate(ex.text, score.transcript, lang)
-            except ValueError:
-                continue
-            rates[kind].append(rate)
-    return {f"{prefix}table_{k}": mean(v) for k, v in rates.items() if v}

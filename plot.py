@@ -5,7 +5,9 @@
 The trainer rewrites OUT/metrics.png after every step: reward_mean (every step), val_reward and
 val_cer (validation steps, step 0 = before training) against the step, on one 0..1 axis.
 """
+
 import argparse
+import itertools
 import os
 import struct
 import zlib
@@ -14,20 +16,41 @@ import numpy as np
 
 import data
 
-
 # 5x7 bitmaps of the characters the plot writes (rows top to bottom, 5 bits each, MSB left).
 FONT = {
-    "0": [14, 17, 19, 21, 25, 17, 14], "1": [4, 12, 4, 4, 4, 4, 14], "2": [14, 17, 1, 2, 4, 8, 31],
-    "3": [31, 2, 4, 2, 1, 17, 14], "4": [2, 6, 10, 18, 31, 2, 2], "5": [31, 16, 30, 1, 1, 17, 14],
-    "6": [6, 8, 16, 30, 17, 17, 14], "7": [31, 1, 2, 4, 8, 8, 8], "8": [14, 17, 17, 14, 17, 17, 14],
-    "9": [14, 17, 17, 15, 1, 2, 12], ".": [0, 0, 0, 0, 0, 12, 12], " ": [0] * 7,
-    "a": [0, 0, 14, 1, 15, 17, 15], "c": [0, 0, 14, 16, 16, 17, 14], "d": [1, 1, 13, 19, 17, 17, 15],
-    "e": [0, 0, 14, 17, 31, 16, 14], "l": [12, 4, 4, 4, 4, 4, 14], "m": [0, 0, 26, 21, 21, 17, 17],
-    "n": [0, 0, 22, 25, 17, 17, 17], "p": [0, 0, 30, 17, 30, 16, 16], "r": [0, 0, 22, 25, 16, 16, 16],
-    "s": [0, 0, 14, 16, 14, 1, 30], "t": [8, 8, 28, 8, 8, 9, 6], "v": [0, 0, 17, 17, 17, 10, 4],
-    "w": [0, 0, 17, 17, 21, 21, 10], "_": [0, 0, 0, 0, 0, 0, 31],
+    "0": [14, 17, 19, 21, 25, 17, 14],
+    "1": [4, 12, 4, 4, 4, 4, 14],
+    "2": [14, 17, 1, 2, 4, 8, 31],
+    "3": [31, 2, 4, 2, 1, 17, 14],
+    "4": [2, 6, 10, 18, 31, 2, 2],
+    "5": [31, 16, 30, 1, 1, 17, 14],
+    "6": [6, 8, 16, 30, 17, 17, 14],
+    "7": [31, 1, 2, 4, 8, 8, 8],
+    "8": [14, 17, 17, 14, 17, 17, 14],
+    "9": [14, 17, 17, 15, 1, 2, 12],
+    ".": [0, 0, 0, 0, 0, 12, 12],
+    " ": [0] * 7,
+    "a": [0, 0, 14, 1, 15, 17, 15],
+    "c": [0, 0, 14, 16, 16, 17, 14],
+    "d": [1, 1, 13, 19, 17, 17, 15],
+    "e": [0, 0, 14, 17, 31, 16, 14],
+    "l": [12, 4, 4, 4, 4, 4, 14],
+    "m": [0, 0, 26, 21, 21, 17, 17],
+    "n": [0, 0, 22, 25, 17, 17, 17],
+    "p": [0, 0, 30, 17, 30, 16, 16],
+    "r": [0, 0, 22, 25, 16, 16, 16],
+    "s": [0, 0, 14, 16, 14, 1, 30],
+    "t": [8, 8, 28, 8, 8, 9, 6],
+    "v": [0, 0, 17, 17, 17, 10, 4],
+    "w": [0, 0, 17, 17, 21, 21, 10],
+    "_": [0, 0, 0, 0, 0, 0, 31],
 }
-SERIES = (("reward_mean", (31, 119, 180)), ("val_reward", (44, 160, 44)), ("val_cer", (214, 39, 40)))  # name, RGB
+# The curves drawn: (metric name, RGB colour).
+SERIES = (
+    ("reward_mean", (31, 119, 180)),
+    ("val_reward", (44, 160, 44)),
+    ("val_cer", (214, 39, 40)),
+)
 
 
 def write_png(path: str, rgb: np.ndarray):
@@ -36,51 +59,74 @@ def write_png(path: str, rgb: np.ndarray):
     raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))  # filter type 0 per row
 
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        """One PNG chunk: body length, kind, body, CRC-32 of kind + body."""
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
 
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8 bits per channel, RGB
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+        f.write(b"\x89PNG\r\n\x1a\n")  # the PNG signature
+        f.write(chunk(b"IHDR", header))
+        f.write(chunk(b"IDAT", zlib.compress(raw, 9)))
+        f.write(chunk(b"IEND", b""))
 
 
 def _text(img, x, y, s, color, scale=2):
+    """Draws the string s in FONT into img [H, W, 3], its top left at pixel (x, y), each font
+    pixel a square of `scale` pixels."""
     for ch in s:
         for r, bits in enumerate(FONT.get(ch, FONT[" "])):
             for c in range(5):
                 if bits >> (4 - c) & 1:
-                    img[y + r * scale:y + (r + 1) * scale, x + c * scale:x + (c + 1) * scale] = color
+                    top = y + r * scale
+                    left = x + c * scale
+                    img[top : top + scale, left : left + scale] = color
         x += 6 * scale
 
 
 def _line(img, x0, y0, x1, y1, color, width=2):
-    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
+    """Draws a line from (x0, y0) to (x1, y1) into img [H, W, 3], `width` pixels wide."""
+    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1  # points: one per pixel along the longer axis
     for t in np.linspace(0.0, 1.0, n):
-        x, y = int(round(x0 + t * (x1 - x0))), int(round(y0 + t * (y1 - y0)))
-        img[max(0, y - width // 2):y + (width + 1) // 2, max(0, x - width // 2):x + (width + 1) // 2] = color
+        x = int(np.rint(x0 + t * (x1 - x0)))
+        y = int(np.rint(y0 + t * (y1 - y0)))
+        rows = slice(max(0, y - width // 2), y + (width + 1) // 2)
+        cols = slice(max(0, x - width // 2), x + (width + 1) // 2)
+        img[rows, cols] = color
 
 
 def plot(metrics_jsonl: str, png_path: str | None = None, size=(640, 400)) -> str:
     """SERIES (reward_mean every step, blue; val_reward green and val_cer red at validation steps)
     against the step, on one 0..1 axis, as a PNG (default: metrics.png beside metrics.jsonl).
     Returns the PNG's path."""
-    png_path = png_path or os.path.join(os.path.dirname(os.path.abspath(metrics_jsonl)), "metrics.png")
+    if not png_path:
+        png_path = os.path.join(os.path.dirname(os.path.abspath(metrics_jsonl)), "metrics.png")
     rows = [row for _, row in data.read_jsonl(metrics_jsonl)]
     w, h = size
-    left, right, top, bottom = 60, 20, 40, 50  # margins, pixels
-    img = np.full((h, w, 3), 255, dtype=np.uint8)
+    # Margins around the axes, in pixels.
+    left = 60
+    right = 20
+    top = 40
+    bottom = 50
+    img = np.full((h, w, 3), 255, dtype=np.uint8)  # [H, W, 3], white
     steps = [r["step"] for r in rows] or [1]
-    s0, s1 = min(steps), max(max(steps), min(steps) + 1)
+    s0 = min(steps)  # the x axis's first step
+    s1 = max(max(steps), s0 + 1)  # and its last
 
     def px(step, value):
-        return (left + (step - s0) / (s1 - s0) * (w - left - right),
-                h - bottom - min(max(value, 0.0), 1.0) * (h - top - bottom))
+        """The pixel (x, y) of a point of the curve, its value clamped to 0..1."""
+        x = left + (step - s0) / (s1 - s0) * (w - left - right)
+        y = h - bottom - min(max(value, 0.0), 1.0) * (h - top - bottom)
+        return x, y
 
-    grey, black = (220, 220, 220), (0, 0, 0)
+    grey = (220, 220, 220)
+    black = (0, 0, 0)
     for v in np.linspace(0, 1, 6):  # horizontal grid and y labels
         _, y = px(s0, v)
         _line(img, left, y, w - right, y, grey, 1)
         _text(img, 8, int(y) - 7, f"{v:.1f}", black)
-    for st in sorted({int(round(s)) for s in np.linspace(s0, s1, min(6, s1 - s0 + 1))}):  # x ticks
+    ticks = np.linspace(s0, s1, min(6, s1 - s0 + 1))
+    for st in sorted({int(np.rint(s)) for s in ticks}):  # x ticks
         x, _ = px(st, 0)
         _line(img, x, h - bottom, x, h - bottom + 5, black, 1)
         _text(img, int(x) - 6 * len(str(st)), h - bottom + 10, str(st), black)
@@ -90,11 +136,11 @@ def plot(metrics_jsonl: str, png_path: str | None = None, size=(640, 400)) -> st
     x = left
     for name, color in SERIES:
         points = [px(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
-        for (xa, ya), (xb, yb) in zip(points, points[1:]):
+        for (xa, ya), (xb, yb) in itertools.pairwise(points):
             _line(img, xa, ya, xb, yb, color)
         for xp, yp in points:  # a dot on every point, so a single validation shows
-            img[max(0, int(yp) - 3):int(yp) + 4, max(0, int(xp) - 3):int(xp) + 4] = color
-        img[12:22, x:x + 20] = color  # legend
+            img[max(0, int(yp) - 3) : int(yp) + 4, max(0, int(xp) - 3) : int(xp) + 4] = color
+        img[12:22, x : x + 20] = color  # legend
         _text(img, x + 26, 10, name, black)
         x += 40 + 12 * len(name)
     write_png(png_path, img)
@@ -102,9 +148,14 @@ def plot(metrics_jsonl: str, png_path: str | None = None, size=(640, 400)) -> st
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """plot.py's command line: a run's metrics.jsonl -> its PNG."""
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("metrics", help="a run's metrics.jsonl")
-    p.add_argument("--out", default=None, help="PNG path (default: metrics.png beside metrics.jsonl)")
+    p.add_argument(
+        "--out", default=None, help="PNG path (default: metrics.png beside metrics.jsonl)"
+    )
     args = p.parse_args(argv)
     print(f"wrote {plot(args.metrics, args.out)}")
 

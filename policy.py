@@ -1,11 +1,12 @@
-"""The model GRPO trains, and its KL reference: full fine-tuning or LoRA, replicated or FSDP2-sharded.
+"""The model GRPO trains, and its KL reference: full fine-tuning or LoRA, replicated or sharded.
 
-Full fine-tuning: fp32 master weights (bf16 autocast on CUDA); the reference is a frozen copy of the
-initial model (on resume, --model loaded again), none at all without a KL term.
+Full fine-tuning: fp32 master weights (bf16 autocast on CUDA); the reference is a frozen copy of
+the initial model (on resume, --model loaded again), none at all without a KL term.
 LoRA (--lora-rank r): the base model (--model, also on resume) frozen, in bf16 on CUDA, with fp32
 adapters (lora.py; on resume, the checkpoint's adapter); the reference is the same module with its
 adapters off. Either way `build_policy` returns llama.LogProbs modules, sharded under --fsdp.
 """
+
 import copy
 import os
 
@@ -20,28 +21,38 @@ from models import cast_parameters
 def build_policy(cfg, device: torch.device, load, resume_from: str | None = None):
     """(policy, reference or None, tokenizer) for a run. load(name) -> (Hugging Face causal LM in
     fp32 on `device`, tokenizer); resume_from: a checkpoint directory or None."""
+    ref_lm = None  # the reference's Hugging Face model, when it is a model of its own
     if cfg.lora_rank:
         lm, tokenizer = load(cfg.model)  # the base: the checkpoint holds only what trains
         if device.type == "cuda":  # frozen: no fp32 master copy needed (rotary buffers stay fp32)
             cast_parameters(lm, torch.bfloat16)
-        lora.add_adapters(lm, cfg.lora_rank, cfg.lora_alpha, lora.parse_targets(cfg.lora_targets), seed=cfg.seed)
+        targets = lora.parse_targets(cfg.lora_targets)
+        lora.add_adapters(lm, cfg.lora_rank, cfg.lora_alpha, targets, seed=cfg.seed)
         if resume_from:
-            lora.load_adapter(lm, os.path.join(resume_from, lora.ADAPTER_DIR), cfg.lora_rank, cfg.lora_alpha,
-                              lora.parse_targets(cfg.lora_targets))
-        ref_lm = None
+            folder = os.path.join(resume_from, lora.ADAPTER_DIR)
+            lora.load_adapter(lm, folder, cfg.lora_rank, cfg.lora_alpha, targets)
     else:
         lm, tokenizer = load(resume_from or cfg.model)
         # The reference is the initial model, also on resume; none at all without a KL term.
-        ref_lm = (copy.deepcopy(lm) if not resume_from else load(cfg.model)[0]) if cfg.kl_coef else None
+        if cfg.kl_coef and resume_from:
+            ref_lm = load(cfg.model)[0]
+        elif cfg.kl_coef:
+            ref_lm = copy.deepcopy(lm)
     if cfg.grad_checkpointing:  # transformers 5 renamed it; 4.46 has only the old name
         getattr(lm, "activation_checkpointing_enable", lm.gradient_checkpointing_enable)()
-        if cfg.lora_rank:  # frozen embeddings: checkpointed layers still need an input that carries grad
+        if cfg.lora_rank:
+            # Frozen embeddings: checkpointed layers still need an input that carries grad.
             lm.enable_input_require_grads()
     policy = LogProbs(lm)
-    ref = LogProbs(ref_lm).eval().requires_grad_(False) if ref_lm is not None else None
-    if cfg.fsdp:  # before the optimizer, which then holds (and shards) the AdamW state of the shards
+    ref = None
+    if ref_lm is not None:
+        ref = LogProbs(ref_lm).eval().requires_grad_(False)
+    if (
+        cfg.fsdp
+    ):  # before the optimizer, which then holds (and shards) the AdamW state of the shards
         policy = parallel.shard(policy, device)
-        ref = parallel.shard(ref, device) if ref is not None else None
+        if ref is not None:
+            ref = parallel.shard(ref, device)
     if cfg.lora_rank and cfg.kl_coef:
         ref = lora.AdaptersOff(policy)
     return policy, ref, tokenizer
@@ -60,12 +71,24 @@ def checkpoint_state(policy, cfg, d, base_model: str = "") -> tuple:
         return gathered, None
 
     def state():
-        return gathered if cfg.fsdp else policy.lm.state_dict()
+        """The whole state dict: the one gathered under FSDP, else the model's own."""
+        if cfg.fsdp:
+            return gathered
+        return policy.lm.state_dict()
 
     def weights():
+        """The merged plain model's weights."""
         return lora.merged_state(state(), cfg.lora_alpha / cfg.lora_rank)
 
-    def extra(folder):  # (save_adapter takes the adapter's tensors out of the whole state)
-        lora.save_adapter(os.path.join(folder, lora.ADAPTER_DIR), state(), cfg.lora_rank, cfg.lora_alpha,
-                          lora.parse_targets(cfg.lora_targets), base_model or cfg.model)
+    def extra(folder):
+        """Writes the adapter in PEFT's layout (taken out of the whole state) into `folder`."""
+        lora.save_adapter(
+            os.path.join(folder, lora.ADAPTER_DIR),
+            state(),
+            cfg.lora_rank,
+            cfg.lora_alpha,
+            lora.parse_targets(cfg.lora_targets),
+            base_model or cfg.model,
+        )
+
     return weights, extra

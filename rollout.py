@@ -6,8 +6,10 @@ the compiled decode step, the codec, the reward scorer). The trainer calls `roll
 a step's batch and `sample_and_score` for validation and the prosody reference. Under --fsdp every
 rollout is a collective (the weights are gathered), so every rank runs the same rollouts.
 """
+
 import contextlib
 import functools
+import itertools
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,10 @@ from decode import Decoder, compile_failed
 from parallel import Dist, gathered
 from sample import Rollout, cat_rollouts, generate
 
+# The rollout stage's phases, timed in seconds per step (metrics.jsonl's time_rollout, time_codec,
+# time_reward): generation, audio decoding, and the wait for rewards not hidden behind generation.
+PHASES = ("rollout", "codec", "reward")
+
 
 class Sampler:
     """Rollouts of `policy` (llama.LogProbs, sharded or not; `.lm` the Hugging Face model), decoded
@@ -29,22 +35,46 @@ class Sampler:
     autocast: a function returning the trainer's autocast context. examples: the run's training and
     validation examples, whose longest prompt sizes the compiled step's KV cache (once per run)."""
 
-    def __init__(self, cfg, d: Dist, device: torch.device, policy, tokenizer, codec, scorer, autocast,
-                 examples: list | None = None):
-        self.cfg, self.d, self.device, self.policy = cfg, d, device, policy
-        self.tokenizer, self.codec, self.scorer, self.autocast = tokenizer, codec, scorer, autocast
+    def __init__(
+        self,
+        cfg,
+        d: Dist,
+        device: torch.device,
+        policy,
+        tokenizer,
+        codec,
+        scorer,
+        autocast,
+        examples: list | None = None,
+    ):
+        self.cfg = cfg
+        self.d = d
+        self.device = device
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.codec = codec
+        self.scorer = scorer
+        self.autocast = autocast
         self.speech = data.speech_vocab(tokenizer)
-        self.allowed_ids = torch.tensor(self.speech.allowed_ids(), device=device)  # speech tokens + stop
-        self._prompts, self._audio = {}, {}  # prompt ids, prompt audio (by path)
+        allowed_ids = self.speech.allowed_ids()  # speech tokens + stop
+        self.allowed_ids = torch.tensor(allowed_ids, device=device)
+        self._prompts = {}  # prompt ids (by text, prompt_wav, prompt_text)
+        self._audio = {}  # prompt audio (by path)
         self._codes = PromptCodes(codec)  # prompt codes (by content)
         # The static, compiled decode step: built once, reused by every rollout of the run, its KV
-        # cache sized once for the longest prompt of `examples` (every text or data.Example the run
-        # will roll out: training and validation) + --max-new-tokens; without them, 256 prompt slots.
-        # A longer prompt later grows the cache (a new cache and graphs, said on stderr).
-        compiled = cfg.compile if cfg.compile is not None else device.type == "cuda" and not cfg.fsdp
+        # cache sized once for the longest prompt of `examples` (every text or data.Example the
+        # run will roll out: training and validation) + --max-new-tokens; without them, 256
+        # prompt slots. A longer prompt later grows the cache (a new cache and graphs, said on
+        # stderr).
+        compiled = cfg.compile
+        if compiled is None:  # the default: on CUDA without --fsdp
+            compiled = device.type == "cuda" and not cfg.fsdp
         lengths = self.prompt_lengths(examples or [])
-        longest = max(lengths + [256]) if compiled else 256  # >= 256: the spans README names
-        self.decoder = Decoder(policy.lm, compile=True, max_len=cfg.max_new_tokens + longest) if compiled else None
+        self.decoder = None
+        if compiled:
+            longest = max(lengths + [256])  # >= 256: the spans README names
+            max_len = cfg.max_new_tokens + longest
+            self.decoder = Decoder(policy.lm, compile=True, max_len=max_len)
         self.decoder_works = False  # until its first rollout succeeds
         # Rows per generate call: a training chunk (this rank's samples / --rollout-chunks, rounded
         # up). With the compiled step every call is padded to it: one shape, one set of buffers.
@@ -58,7 +88,7 @@ class Sampler:
         if self.decoder is not None:
             self.decoder.release()
 
-    # -- prompts: text, or LLASA's clone prompt (prompt text + speech tokens of the prompt audio) ---
+    # -- prompts: text, or LLASA's clone prompt (prompt text + speech tokens of the prompt audio) --
     def prompt(self, item) -> list[int]:
         """The prompt ids of a text or a data.Example (with prompt_wav: LLASA's clone prompt)."""
         ex = _example(item)
@@ -75,26 +105,39 @@ class Sampler:
         once."""
         import soundfile as sf
 
-        @functools.lru_cache(maxsize=None)
+        @functools.cache
         def codes(path: str) -> list[int]:
+            """Stand-in codes: as many as the codec can give for the recording at `path`."""
             info = sf.info(path)
-            return [0] * (round(info.frames * data.SAMPLE_RATE / info.samplerate) // SAMPLES_PER_CODE + 1)
-        keys = {(ex.text, ex.prompt_wav, ex.prompt_text): ex for ex in map(_example, examples)}
-        return [len(data.prompt_ids(self.tokenizer, ex.text, ex.prompt_text,
-                                    codes(ex.prompt_wav) if ex.prompt_wav else None))
-                for ex in keys.values()]
+            samples = round(info.frames * data.SAMPLE_RATE / info.samplerate)  # at 16 kHz
+            return [0] * (samples // SAMPLES_PER_CODE + 1)
+
+        distinct = {}
+        for ex in map(_example, examples):
+            distinct[(ex.text, ex.prompt_wav, ex.prompt_text)] = ex
+        lengths = []
+        for ex in distinct.values():
+            prompt_codes = None
+            if ex.prompt_wav:
+                prompt_codes = codes(ex.prompt_wav)
+            ids = data.prompt_ids(self.tokenizer, ex.text, ex.prompt_text, prompt_codes)
+            lengths.append(len(ids))
+        return lengths
 
     def say_past_context(self, lengths: list[int]):
-        """Say once, on stderr, how many of the run's prompts (`lengths`, prompt_lengths) a response
-        of --max-new-tokens can take past --max-context, the length the model was trained at (LLASA:
-        2,048 tokens in all): speech that runs that long is past what it learned."""
+        """Say once, on stderr, how many of the run's prompts (`lengths`, prompt_lengths) a
+        response of --max-new-tokens can take past --max-context, the length the model was trained
+        at (LLASA: 2,048 tokens in all): speech that runs that long is past what it learned."""
         cfg = self.cfg
         past = [n for n in lengths if n + cfg.max_new_tokens > cfg.max_context]
         if cfg.max_context and past:
-            print(f"rollout: {len(past)} of {len(lengths)} prompts (training and validation) + "
-                  f"--max-new-tokens {cfg.max_new_tokens} can pass --max-context {cfg.max_context}"
-                  f", the length the model was trained at (longest prompt: {max(past)} tokens)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"rollout: {len(past)} of {len(lengths)} prompts (training and validation) + "
+                f"--max-new-tokens {cfg.max_new_tokens} can pass --max-context {cfg.max_context}"
+                f", the length the model was trained at (longest prompt: {max(past)} tokens)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def prompt_audio(self, path: str) -> np.ndarray:
         """A prompt recording as float32 16 kHz, read once per run."""
@@ -108,7 +151,8 @@ class Sampler:
         audio = self.prompt_audio(path)
         codes = self._codes.encode([audio])[0]
         if not codes:
-            raise ValueError(f"prompt audio {path}: the codec gave no codes ({len(audio) / data.SAMPLE_RATE:.2f} s)")
+            seconds = len(audio) / data.SAMPLE_RATE
+            raise ValueError(f"prompt audio {path}: the codec gave no codes ({seconds:.2f} s)")
         return codes
 
     def score(self, audios: list, items: list) -> list:
@@ -124,29 +168,35 @@ class Sampler:
 
     def rollout_and_score(self, items: list, generator, overlap: bool = True):
         """Rollouts, audio and scores for `items` (texts or data.Examples), generated in
-        --rollout-chunks chunks: each chunk's audio goes to the scorer (in a thread) as soon as it is
-        decoded, so scoring of chunk k runs while chunk k+1 is generated. overlap=False waits for
-        each chunk's scores (the same samples and scores: `generator` is used only here, in order).
-        Returns (rollout, audios, scores, seconds [rollout, codec, the reward wait not hidden])."""
-        n, k = len(items), self.cfg.rollout_chunks
-        bounds = sorted({n * i // k for i in range(k + 1)})
-        rolls, audios, pending, seconds = [], [], [], [0.0, 0.0, 0.0]
+        --rollout-chunks chunks: each chunk's audio goes to the scorer (in a thread) as soon as it
+        is decoded, so scoring of chunk k runs while chunk k+1 is generated. overlap=False waits
+        for each chunk's scores (the same samples and scores: `generator` is used only here, in
+        order). Returns (rollout, audios, scores, seconds: {phase: seconds} over PHASES)."""
+        n = len(items)
+        chunks = self.cfg.rollout_chunks
+        bounds = sorted({n * i // chunks for i in range(chunks + 1)})  # the chunks' edges
+        rolls = []
+        audios = []
+        pending = []  # each chunk's scoring job
+        seconds = dict.fromkeys(PHASES, 0.0)
         pool = ThreadPoolExecutor(max_workers=1)
         try:
-            for a, b in zip(bounds, bounds[1:]):
+            for start, end in itertools.pairwise(bounds):
+                chunk = items[start:end]
                 t0 = time.time()
-                rolls.append(self.rollout(items[a:b], generator))
+                rolls.append(self.rollout(chunk, generator))
                 t1 = time.time()
-                audios += self.decode_audio(rolls[-1], items[a:b])
-                seconds[0], seconds[1] = seconds[0] + t1 - t0, seconds[1] + time.time() - t1
-                pending.append(pool.submit(self.score, audios[a:b], items[a:b]))
+                audios += self.decode_audio(rolls[-1], chunk)
+                seconds["rollout"] += t1 - t0
+                seconds["codec"] += time.time() - t1
+                pending.append(pool.submit(self.score, audios[start:end], chunk))
                 if not overlap:
                     t0 = time.time()
                     pending[-1].result()
-                    seconds[2] += time.time() - t0
+                    seconds["reward"] += time.time() - t0
             t0 = time.time()
             scores = [s for job in pending for s in job.result()]
-            seconds[2] += time.time() - t0
+            seconds["reward"] += time.time() - t0
         finally:
             # Not `with pool`, which would wait for the chunk being scored (up to
             # --worker-timeout) before raising a rollout's error: it leaves at once.
@@ -169,21 +219,39 @@ class Sampler:
         return self._generate(texts, generator).head(n)
 
     def _generate(self, texts: list[str], generator) -> Rollout:
+        """`rollout` without the padding: one sample per text, the compiled step's fallback here."""
         prompts = [self.prompt(t) for t in texts]  # before the fallback's try: not a compile error
         self.policy.eval()
-        cuda = self.device.type == "cuda"
-        with torch.no_grad(), self.autocast(), gathered(self.policy):  # whole weights, freed after (FSDP)
-            def run(decoder):
-                # LoRA: the eager loop on merged weights (one matmul per map); the compiled step
-                # copies merged weights itself (decode.Decoder.layer_weights), its eager prefill runs
-                # the adapted maps unmerged (the same function up to rounding). No-ops without LoRA.
-                with lora.merged(self.policy.lm) if decoder is None else contextlib.nullcontext():
-                    return generate(self.policy.lm, prompts,
-                                    max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                    top_p=self.cfg.top_p, top_k=self.cfg.top_k,
-                                    repetition_penalty=self.cfg.repetition_penalty, stop_ids=(self.speech.end_id,),
-                                    allowed_ids=self.allowed_ids, generator=generator, decoder=decoder,
-                                    cache_dtype=torch.bfloat16 if cuda else None)  # bf16 cache under autocast
+        cache_dtype = None
+        if self.device.type == "cuda":
+            cache_dtype = torch.bfloat16  # the KV cache in bf16 under autocast
+
+        def run(decoder):
+            """generate() with `decoder` (None: the eager loop)."""
+            # LoRA: the eager loop on merged weights (one matmul per map); the compiled step
+            # copies merged weights itself (decode.Decoder.layer_weights), its eager prefill runs
+            # the adapted maps unmerged (the same function up to rounding). No-ops without LoRA.
+            merged = contextlib.nullcontext()
+            if decoder is None:
+                merged = lora.merged(self.policy.lm)
+            with merged:
+                return generate(
+                    self.policy.lm,
+                    prompts,
+                    max_new_tokens=self.cfg.max_new_tokens,
+                    temperature=self.cfg.temperature,
+                    top_p=self.cfg.top_p,
+                    top_k=self.cfg.top_k,
+                    repetition_penalty=self.cfg.repetition_penalty,
+                    stop_ids=(self.speech.end_id,),
+                    allowed_ids=self.allowed_ids,
+                    generator=generator,
+                    decoder=decoder,
+                    cache_dtype=cache_dtype,
+                )
+
+        # Whole weights (FSDP gathers them), freed after.
+        with torch.no_grad(), self.autocast(), gathered(self.policy):
             if self.decoder is None or self.decoder_works:
                 return run(self.decoder)
             rng = generator.get_state()  # the eager retry draws what the failed attempt drew
@@ -192,8 +260,11 @@ class Sampler:
             except Exception as e:
                 if not compile_failed(e):  # OOM, data, CUDA: the run's errors, not the compiler's
                     raise
-                print(f"[rank {self.d.rank}] --compile: the compiled decode step failed on first use "
-                      f"({type(e).__name__}: {str(e)[:300]}); going on with the eager loop", file=sys.stderr)
+                print(
+                    f"[rank {self.d.rank}] --compile: the compiled decode step failed on first use "
+                    f"({type(e).__name__}: {str(e)[:300]}); going on with the eager loop",
+                    file=sys.stderr,
+                )
                 self.decoder = None
                 generator.set_state(rng)
                 return run(None)
@@ -201,52 +272,70 @@ class Sampler:
             return out
 
     def decode_audio(self, roll, items=None) -> list[np.ndarray]:
-        """16 kHz audio of each row's speech tokens (the stop token left out). After a voice prompt,
-        the generated part only: decoded alone (--prompt-decode alone), or after the prompt's codes
-        as left context and cut at the seam (context: the codec's attention and convolutions see
-        the voice, at the price of decoding the prompt again with every clip)."""
-        codes = [self.speech.to_codes(roll.tokens[i, :n - int(fin)].tolist())
-                 for i, (n, fin) in enumerate(zip(roll.lengths.tolist(), roll.finished.tolist()))]
+        """16 kHz audio of each row's speech tokens (the stop token left out). After a voice
+        prompt, the generated part only: decoded alone (--prompt-decode alone), or after the
+        prompt's codes as left context and cut at the seam (context: the codec's attention and
+        convolutions see the voice, at the price of decoding the prompt again with every clip)."""
+        lengths = roll.lengths.tolist()
+        finished = roll.finished.tolist()
+        codes = []
+        for row, (length, fin) in enumerate(zip(lengths, finished)):
+            speech = roll.tokens[row, : length - int(fin)]  # the stop token left out
+            codes.append(self.speech.to_codes(speech.tolist()))
         if items is None or self.cfg.prompt_decode == "alone":
             return self.codec.decode(codes)
-        left = [self.prompt_codes(_example(x).prompt_wav) if _example(x).prompt_wav else [] for x in items]
+        left = []  # each clip's left context: its voice prompt's codes ([] without one)
+        for item in items:
+            wav = _example(item).prompt_wav
+            left.append(self.prompt_codes(wav) if wav else [])
         audios = self.codec.decode([p + c for p, c in zip(left, codes)])
-        return [a[len(p) * SAMPLES_PER_CODE:] for a, p in zip(audios, left)]
+        return [a[len(p) * SAMPLES_PER_CODE :] for a, p in zip(audios, left)]
 
     def reference(self, examples: list, names: tuple, stage: str) -> dict:
         """The current policy's medians of the Score fields `names`, on G samples of each example,
         at most one training batch of clips (medians: a few near-empty clips have huge rates)."""
         cfg = self.cfg
-        repeated = [ex for ex in examples for _ in range(cfg.group_size)][:cfg.prompts_per_step * cfg.group_size]
+        batch_clips = cfg.prompts_per_step * cfg.group_size
+        repeated = [ex for ex in examples for _ in range(cfg.group_size)]
+        repeated = repeated[:batch_clips]
         scores, *_ = self.sample_and_score(repeated, stage)
         reference = {}
         for name in names:
             values = [getattr(s, name) for s in scores if getattr(s, name) is not None]
             reference[name] = float(np.median(values)) if values else 0.0
         if not all(reference[n] for n in names if n != "sim"):
-            raise ValueError(f"--prosody-guard: the initial policy's {reference} cannot be a reference "
-                             "(no speech or no voiced frames in its samples)")
+            raise ValueError(
+                f"--prosody-guard: the initial policy's {reference} cannot be a reference "
+                "(no speech or no voiced frames in its samples)"
+            )
         if "sim" in names and not any(s.sim is not None for s in scores):
-            raise ValueError("--sim-guard: no sample of the initial policy has a speaker similarity (the data "
-                             "needs prompt_wav/prompt_text rows, and the worker a --speaker-model)")
+            raise ValueError(
+                "--sim-guard: no sample of the initial policy has a speaker similarity (the data "
+                "needs prompt_wav/prompt_text rows, and the worker a --speaker-model)"
+            )
         return reference
 
     @torch.no_grad()
     def sample_and_score(self, examples: list, stage: str) -> tuple[list, list, list, dict]:
-        """One sample per example (this rank's share), with a fixed seed, in rollout-sized chunks:
-        every rank's (scores, rewards with truncated ones 0, finished), in rank order, and this rank's
-        first --n-samples clips (audios, texts, scores, finished) for outputs.save_samples."""
-        cfg, d = self.cfg, self.d
-        mine = examples[d.rank::d.world]
-        scores, rewards, finished, audios = [], [], [], []
+        """One sample per example (this rank's share), with a fixed seed, in rollout-sized chunks.
+
+        Returns every rank's scores, rewards (truncated ones 0) and finished flags, in rank order,
+        and this rank's first --n-samples clips (audios, texts, scores, finished) to save."""
+        cfg = self.cfg
+        d = self.d
+        mine = examples[d.rank :: d.world]
+        scores = []
+        rewards = []
+        finished = []
+        audios = []
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 12345 + d.rank)
         # Every rank runs as many rollouts as the largest share needs, a short or empty share too
-        # (with a stand-in text, its sample dropped): under FSDP each rollout is a collective, and a
-        # rank that stopped early would leave the others waiting in it.
+        # (with a stand-in text, its sample dropped): under FSDP each rollout is a collective, and
+        # a rank that stopped early would leave the others waiting in it.
         share = -(-len(examples) // d.world)
         with d.together(stage):
             for i in range(0, share, self.batch):
-                part = mine[i:i + self.batch]
+                part = mine[i : i + self.batch]
                 roll = self.rollout(part or examples[:1], gen)
                 if not part:
                     continue
@@ -254,17 +343,30 @@ class Sampler:
                 part_scores = self.score(part_audios, part)
                 if len(part_scores) != len(part):
                     raise RuntimeError(f"{stage}: {len(part_scores)} scores for {len(part)} texts")
+                part_finished = roll.finished.tolist()
                 scores += part_scores
-                finished += roll.finished.tolist()
-                rewards += [s.reward if f else 0.0 for s, f in zip(part_scores, roll.finished.tolist())]
-                audios += part_audios[:cfg.n_samples - len(audios)]
+                finished += part_finished
+                rewards += [s.reward if f else 0.0 for s, f in zip(part_scores, part_finished)]
+                audios += part_audios[: cfg.n_samples - len(audios)]
         n = len(audios)
-        shown = {"audios": audios, "texts": [ex.text for ex in mine[:n]], "scores": scores[:n],
-                 "finished": finished[:n]}
-        parts = d.gather((scores, rewards, finished))
-        return (*(sum((p[k] for p in parts), []) for k in range(3)), shown)
+        shown = {
+            "audios": audios,
+            "texts": [ex.text for ex in mine[:n]],
+            "scores": scores[:n],
+            "finished": finished[:n],
+        }
+        every_scores = []
+        every_rewards = []
+        every_finished = []
+        for rank_scores, rank_rewards, rank_finished in d.gather((scores, rewards, finished)):
+            every_scores += rank_scores
+            every_rewards += rank_rewards
+            every_finished += rank_finished
+        return every_scores, every_rewards, every_finished, shown
 
 
 def _example(item) -> data.Example:
     """A data.Example, or a bare text as one (no prompt, the run's language)."""
-    return item if isinstance(item, data.Example) else data.Example(text=item, id=item)
+    if isinstance(item, data.Example):
+        return item
+    return data.Example(text=item, id=item)

@@ -51,6 +51,7 @@ import models
 import parallel
 import sample
 import scorer as scoring
+import update
 import whisper_worker as ww
 from reward import Score
 
@@ -918,7 +919,7 @@ def _poison_steps(monkeypatch, bad: set) -> list:
     the steps (1-based) in `bad`. Returns the trained parameters as they were before each step's
     optimizer step (one list of tensors per step)."""
     monkeypatch.setattr(parallel, "start_scorer", lambda *a, **kw: (None, _ClosableScorer()))
-    at, before, real_step, real_sync = {}, [], grpo.Trainer.train_step, grpo.sync_gradients
+    at, before, real_step, real_sync = {}, [], grpo.Trainer.train_step, update.sync_gradients
 
     def train_step(self, step):
         at["step"] = step + 1
@@ -930,7 +931,7 @@ def _poison_steps(monkeypatch, bad: set) -> list:
         if at["step"] in bad:
             next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("nan")
     monkeypatch.setattr(grpo.Trainer, "train_step", train_step)
-    monkeypatch.setattr(grpo, "sync_gradients", sync)
+    monkeypatch.setattr(update, "sync_gradients", sync)
     return before
 
 

@@ -18,7 +18,8 @@ def _round(rewards, tag, sims=None, G=2):
         tokens[i, :lengths[i]] = tag * 100 + i
     roll = Rollout(tokens, lengths, tokens.float() / 1000, torch.ones(n, dtype=torch.bool))
     return batch.Round([f"{tag}:{i // G}" for i in range(n)], roll, [f"audio {tag}:{i}" for i in range(n)],
-                       [Score(reward=r) for r in rewards], [1.0, 2.0, 3.0], torch.tensor(rewards),
+                       [Score(reward=r) for r in rewards], {"rollout": 1.0, "codec": 2.0, "reward": 3.0},
+                       torch.tensor(rewards),
                        None, None if sims is None else torch.tensor(sims))
 
 
@@ -47,7 +48,7 @@ def test_merge_rounds_by_hand():
     assert torch.equal(merged.roll.logprobs, merged.roll.tokens.float() / 1000)
     assert torch.equal(merged.rewards, torch.tensor([0.1, 0.9, 0.3, 0.7, 0.2, 0.2])) and merged.audios[2] == "audio 2:0"
     assert merged.keep.tolist() == [True, True, True, True, False, False]
-    assert merged.seconds == [2.0, 4.0, 6.0]
+    assert merged.seconds == {"rollout": 2.0, "codec": 4.0, "reward": 6.0}
 
 
 def test_refill_runs_rounds_until_full_or_out_of_rounds(capsys):

@@ -24,6 +24,7 @@ import llama
 import models
 import outputs
 import parallel
+import update
 import whisper_worker as ww
 from helpers import REPO, TESTS
 from test_grpo import _fixed_rollouts, _one_update, _port, _rank_share
@@ -221,12 +222,12 @@ def _nan_loss_on_rank_1(rank, world, init_method, out_file):
     global norm is finite on both ranks): every rank must skip the step alike."""
     tok, ro = _rank_share(rank, world, init_method)
     if rank == 1:
-        real = grpo.policy_loss
+        real = update.policy_loss
 
         def inf_loss(*a, **kw):
             loss, stats = real(*a, **kw)
             return loss + float("inf"), stats  # a constant: no gradient of its own
-        grpo.policy_loss = inf_loss
+        update.policy_loss = inf_loss
     policy = models.tiny_llama(len(tok), seed=1).train()
     before = {k: v.detach().clone() for k, v in policy.named_parameters()}
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
