@@ -22,6 +22,7 @@ from config_checks import (
     flag,
 )
 from loss import LOSS_AGGS
+from measures import MEASURES
 from presets import PRESETS
 
 PROG = "grpo.py"  # how a user's error begins: "grpo.py: error: --flag VALUE: why"
@@ -168,17 +169,18 @@ class Config:
     tau_n: float = opt(3.0, "NLL utility temperature: U_nll = exp(-nll / tau_n), nats")
     lambda_c: float = opt(0.6, "weight of the CER utility in the harmonic mean")
     lambda_n: float = opt(0.4, "weight of the NLL utility in the harmonic mean")
-    # prosody and pacing guard (prosody.guard_factor)
-    prosody_guard: bool = opt(
-        False,
-        "scale down the reward of samples whose speaking rate or pitch spread "
-        "leaves a band around the initial policy's",
+    # the per-clip measures beside the reward (measures.py) and the guard that holds them
+    quality: str = opt(
+        "",
+        "speech quality per clip: 'dnsmos' (DNSMOS P.835 + P.808; pip install speechmos "
+        "onnxruntime) or '' (off)",
     )
-    guard_rate_band: float = opt(
-        0.25, "relative band on chars_per_s: [ref / (1 + b), ref * (1 + b)]"
-    )
-    guard_pitch_band: float = opt(
-        0.5, "relative band on f0_std_semitones: [ref / (1 + b), ref * (1 + b)]"
+    guard: tuple = opt(
+        (),
+        "NAME[:BAND], repeatable: scale down the reward of a sample whose measure leaves BAND "
+        "(its own units) around the initial policy's median; NAME one of "
+        + ", ".join(MEASURES)
+        + " (docs/prosody.md: defaults, directions; replaces --prosody-guard and --sim-guard)",
     )
     # voice cloning: rows with prompt_wav + prompt_text (data.py)
     speaker_model: str = opt(
@@ -193,14 +195,6 @@ class Config:
     )
     sim_weight: float = opt(
         0.0, "weight of speaker similarity's own group-normalized advantage (GLM-TTS); 0 = off"
-    )
-    sim_guard: bool = opt(
-        False,
-        "scale down the reward of samples whose speaker similarity falls more than "
-        "--sim-guard-band below the initial policy's median",
-    )
-    sim_guard_band: float = opt(
-        0.05, "how far below the initial median SIM (cosine) the guard starts"
     )
     # LoRA (lora.py): train low-rank adapters on a frozen base instead of every weight
     lora_rank: int = opt(
@@ -259,13 +253,20 @@ def parse_config(
             help_text = f"{f.metadata['help']} (default: {default})"
             action = argparse.BooleanOptionalAction
             p.add_argument(name, action=action, default=default, help=help_text)
+        elif f.type in (tuple, "tuple"):  # repeatable: the flags given replace the preset's
+            help_text = f"{f.metadata['help']} (default: {' '.join(default) or 'none'})"
+            p.add_argument(name, action="append", default=None, help=help_text)
         elif f.type in (float | None, "float | None"):
             help_text = f"{f.metadata['help']} (default: {default!r})"
             p.add_argument(name, type=float, default=default, help=help_text)
         else:
             help_text = f"{f.metadata['help']} (default: {default!r})"
             p.add_argument(name, type=type(f.default), default=default, help=help_text)
-    cfg = Config(**vars(p.parse_args(argv)))
+    values = vars(p.parse_args(argv))
+    for f in dataclasses.fields(Config):
+        if f.type in (tuple, "tuple"):
+            values[f.name] = tuple(values[f.name] or defaults[f.name])
+    cfg = Config(**values)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # ranks under torchrun
     try:
         check_config(cfg, world=world)

@@ -11,9 +11,11 @@ import os
 import torch
 
 import data
+import dnsmos
 import lora
 from checks import HUB_ID, codec_problem, device_problem, model_problem
 from loss import IMPORTANCE_LEVELS, LOSS_AGGS
+from measures import DNSMOS_MEASURES, parse_guards
 from presets import PRESETS
 
 
@@ -56,10 +58,7 @@ RANGES = {
     "tau_n": POSITIVE,
     "lambda_c": NON_NEGATIVE,
     "lambda_n": NON_NEGATIVE,
-    "guard_rate_band": POSITIVE,
-    "guard_pitch_band": POSITIVE,
     "sim_weight": (lambda v: v >= 0, ">= 0 (0 = off)"),
-    "sim_guard_band": POSITIVE,
     "lora_rank": (lambda v: v >= 0, ">= 0 (0 = full fine-tuning)"),
     "lora_alpha": POSITIVE,
     "lr": NON_NEGATIVE,
@@ -83,6 +82,7 @@ CHOICES = {
     "importance_level": IMPORTANCE_LEVELS,
     "prompt_decode": ("alone", "context"),
     "report_to": ("", "tensorboard", "wandb"),
+    "quality": ("", "dnsmos"),
 }
 
 
@@ -113,8 +113,26 @@ def check_config(cfg, world: int = 1):
         lora.parse_targets(cfg.lora_targets)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_measures(cfg)
     check_specs(cfg)
     check_together(cfg, world)
+
+
+def check_measures(cfg):
+    """--guard's specs, and what each guarded measure needs: DNSMOS guards --quality dnsmos, and
+    --quality dnsmos its packages. ConfigError naming the flag."""
+    try:
+        guards = parse_guards(cfg.guard)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for name in guards:
+        if name in DNSMOS_MEASURES and cfg.quality != "dnsmos":
+            raise ConfigError(f"--guard {name}: needs --quality dnsmos (it measures {name})")
+    if cfg.quality == "dnsmos":
+        try:
+            dnsmos.model_dir()
+        except ImportError as e:
+            raise ConfigError(f"--quality dnsmos: {e}") from None
 
 
 def check_specs(cfg):

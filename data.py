@@ -354,8 +354,8 @@ def load_data(cfg) -> tuple[list[Example], list[Example]]:
     uses = []  # the flags that need a voice prompt per row
     if cfg.sim_weight:
         uses.append("--sim-weight")
-    if cfg.sim_guard:
-        uses.append("--sim-guard")
+    if "sim" in {spec.partition(":")[0] for spec in cfg.guard}:
+        uses.append("--guard sim")
     if uses and not any(
         ex.prompt_wav for ex in examples
     ):  # sim would be 0 for every clip, silently

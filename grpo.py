@@ -34,11 +34,11 @@ from config import Config, parse_config
 
 # Re-exported: tests and DESIGN.md call grpo.update_policy, grpo.TrainBatch, grpo.policy_loss, ...
 from loss import group_advantages, policy_loss, tis_weights  # noqa: F401 (re-exported)
+from measures import clip_guard_factor, parse_guards
 from metrics import clip_means, step_metrics, table_metrics
 from models import load_model
 from parallel import Dist, setup_distributed
 from policy import build_policy, checkpoint_state
-from prosody import GUARDED, guard_factor, sim_factor
 from rollout import Sampler
 from update import TrainBatch, update_policy
 
@@ -101,7 +101,8 @@ class Trainer:
         self.gen = torch.Generator(device=device)  # the rollouts' sampling RNG
         self.gen.manual_seed(cfg.seed * 1000 + d.rank)
         self.start_step = 0
-        self.prosody_reference = None  # the initial policy's medians of what the guards hold
+        self.guards = parse_guards(cfg.guard)  # {measure: band}, in the measure's units
+        self.guard_reference = None  # the initial policy's medians of the guarded measures
         self.skips = batch.Skips()  # steps skipped for a non-finite gradient norm or loss
         if resume_from:
             self.load_state(resume_from, state)
@@ -116,7 +117,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.gen.set_state(state["generators"][self.d.rank].cpu())
         self.start_step = state["step"]
-        self.prosody_reference = state.get("prosody_reference")
+        self.guard_reference = state.get("guard_reference", state.get("prosody_reference"))
         self.skips = batch.Skips(**state.get("skips", {}))  # (none in older checkpoints)
 
     def load_model(self, name: str):
@@ -139,9 +140,8 @@ class Trainer:
         d = self.d
         G = cfg.group_size
         examples = data.step_examples(self.examples, step, cfg, d)
-        guarded = cfg.prosody_guard or cfg.sim_guard
-        if guarded and self.prosody_reference is None:  # once per run
-            self.prosody_reference = self.measure_reference()
+        if self.guards and self.guard_reference is None:  # once per run
+            self.guard_reference = self.measure_reference()
 
         # 1-3. Rollouts, audio and rewards of this rank's prompts; with --dynamic-sampling, groups
         # whose samples all scored alike are replaced by those of further prompts (batch.refill).
@@ -195,7 +195,7 @@ class Trainer:
         metrics.update(stats)
         metrics["skipped_total"] = self.skips.total
         metrics.update(dyn)
-        for name, value in (self.prosody_reference or {}).items():
+        for name, value in (self.guard_reference or {}).items():
             metrics[f"ref_{name}"] = value
         n = cfg.n_samples
         shown = {
@@ -210,8 +210,8 @@ class Trainer:
         """G samples of each example from the current policy (after a voice prompt, in its voice)
         -> audio of the speech tokens before the stop token -> scores from the Whisper worker (and
         speaker similarity to the prompt), chunk by chunk, overlapped -> the rewards trained on: 0
-        for a truncated sample (no stop token); with the guards, less for rushed or monotone
-        speech or a voice drifting from the prompt's. Every rank runs it, failures agreed on.
+        for a truncated sample (no stop token); with --guard, less for a sample whose guarded
+        measures left their bands. Every rank runs it, failures agreed on.
         refill: the round's number under --dynamic-sampling (0: the step's own prompts)."""
         cfg = self.cfg
         G = cfg.group_size
@@ -226,38 +226,19 @@ class Trainer:
             if not len(scores) == len(audios) == len(items) == roll.tokens.shape[0]:
                 raise RuntimeError(f"{where}: {len(scores)} scores for {len(items)} rollouts")
             finished = roll.finished.cpu()  # [B*G] bool
-            if cfg.prosody_guard or cfg.sim_guard:
-                guard = [self.guard(s) for s in scores]
+            if self.guards:
+                guard = [clip_guard_factor(s, self.guards, self.guard_reference) for s in scores]
             rewards = batch.step_rewards(scores, finished, guard, where)
             if cfg.sim_weight:
                 sims = batch.step_sims(scores, finished, G)
         return batch.Round(items, roll, audios, scores, seconds, rewards, guard, sims)
 
-    def guard(self, score) -> float:
-        """The guards' factor on a clip's reward (1 where no guard is on)."""
-        cfg = self.cfg
-        ref = self.prosody_reference
-        prosody = 1.0
-        if cfg.prosody_guard:
-            bands = {"rate_band": cfg.guard_rate_band, "pitch_band": cfg.guard_pitch_band}
-            prosody = guard_factor(score, ref, **bands)
-        sim = 1.0
-        if cfg.sim_guard:
-            sim = sim_factor(score.sim, ref["sim"], cfg.sim_guard_band)
-        return prosody * sim
-
     def measure_reference(self) -> dict:
-        """The initial policy's medians of what the guards hold (--prosody-guard: speaking rate and
-        pitch spread; --sim-guard: speaker similarity), on G samples of each validation text (or
-        of the first step's prompts), at most one training batch of clips."""
+        """The initial policy's medians of the guarded measures, on G samples of each validation
+        text (or of the first step's prompts), at most one training batch of clips."""
         cfg = self.cfg
-        names = ()
-        if cfg.prosody_guard:
-            names += GUARDED
-        if cfg.sim_guard:
-            names += ("sim",)
         examples = self.val_examples or data.step_examples(self.examples, 0, cfg, Dist())
-        return self.sampler.reference(examples, names, "the guards' reference")
+        return self.sampler.reference(examples, tuple(self.guards), "the guards' reference")
 
     def validate(self) -> tuple[dict, dict]:
         """One sample per validation text with a fixed seed, so steps compare like for like: (the
@@ -300,7 +281,7 @@ class Trainer:
             "generators": self.d.gather(self.gen.get_state()),
             "data_position": step * self.cfg.prompts_per_step,
             "world_size": self.d.world,
-            "prosody_reference": self.prosody_reference,
+            "guard_reference": self.guard_reference,
             "config": dataclasses.asdict(self.cfg),
             "skips": dataclasses.asdict(self.skips),
         }

@@ -39,7 +39,7 @@ def step_metrics(
 ) -> dict:
     """A step's metrics over every rank's clips (a collective): clip_means, reward std, the
     fraction of groups whose rewards are all equal (they teach nothing), response lengths, the
-    mean prosody guard factor, and `time_<phase>` for each phase of `seconds` ({phase: seconds}
+    mean --guard factor, and `time_<phase>` for each phase of `seconds` ({phase: seconds}
     on this rank): the slowest rank's, which sets the pace."""
     groups = rewards.view(-1, group_size)  # [groups, G]
     local = {
@@ -62,7 +62,7 @@ def step_metrics(
     metrics["zero_std_frac"] = mean([float(z) for z in every["zero_std"]])
     metrics["response_len"] = mean(every["length"])
     metrics["truncated_frac"] = 1 - metrics["finished"]
-    metrics["prosody_guard"] = mean(every["guard"])
+    metrics["guard_factor"] = mean(every["guard"])
     for phase, value in slowest.items():
         metrics[f"time_{phase}"] = value
     metrics["tokens_per_s"] = sum(every["length"]) / max(slowest["rollout"], 1e-9)

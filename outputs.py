@@ -150,13 +150,20 @@ def read_trainer_state(path: str, cfg, world: int) -> dict:
                 f"--resume {path}: --{key.replace('_', '-')} was {was!r} in the "
                 f"checkpoint, {now!r} now"
             )
-    for key in ("prosody_guard", "sim_guard"):  # a guard holds to the *initial* policy's medians
-        if getattr(cfg, key) and not state["config"].get(key, False):
-            flag = "--" + key.replace("_", "-")
+    # A guard holds to the *initial* policy's median: one the checkpoint's run lacked was never
+    # measured. (Older checkpoints named --prosody-guard and --sim-guard instead.)
+    had = {spec.partition(":")[0] for spec in state["config"].get("guard", ())}
+    if state["config"].get("prosody_guard"):
+        had |= {"chars_per_s", "f0_std_semitones"}
+    if state["config"].get("sim_guard"):
+        had.add("sim")
+    for spec in cfg.guard:
+        name = spec.partition(":")[0]
+        if name not in had:
             raise Refused(
-                f"--resume {path}: {flag} is on, but the run that wrote the checkpoint "
-                "had it off, so the initial policy's reference it holds to was never "
-                f"measured; resume without {flag}, or start a new run with it"
+                f"--resume {path}: --guard {name} is on, but the run that wrote the checkpoint "
+                "had no such guard, so the initial policy's reference it holds to was never "
+                f"measured; resume without --guard {name}, or start a new run with it"
             )
     return state
 

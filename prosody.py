@@ -8,7 +8,7 @@ as it rushes. No dependency beyond numpy (its speed: docs/prosody.md).
     f0, voiced = f0_track(audio)               # [frames] Hz (0 where unvoiced), [frames] bool
     f0_std_semitones(f0, voiced), f0_median_hz(f0, voiced), voiced_frac(voiced)
     chars_per_s(len(text), audio)
-    measure(audio, text) -> {"f0_std_semitones", "voiced_frac", "chars_per_s"}
+    measure(audio, text) -> {"f0_std_semitones", "voiced_frac", "chars_per_s", "f0_median_hz"}
 """
 
 import numpy as np
@@ -204,41 +204,3 @@ def _silent(power: np.ndarray, threshold_db: float = SILENCE_DB) -> np.ndarray:
     under FLOOR_POWER (an all-quiet clip has no loud frame to be relative to)."""
     peak = power.max(initial=0.0)
     return (power < peak * 10.0 ** (threshold_db / 10.0)) | (power < FLOOR_POWER)
-
-
-# ----------------------------------------------------------------------------- the guard
-
-GUARDED = ("chars_per_s", "f0_std_semitones")  # the measures --prosody-guard holds near the start
-
-
-def band_factor(value: float | None, reference: float, band: float) -> float:
-    """1 while `value` lies in [reference / (1 + band), reference * (1 + band)]; outside, it falls
-    smoothly: exp(-(x / w)^2), x = how far beyond the band's edge in log units, w = log(1 + band)
-    (0.37 at twice the band's width away). A value of 0 or None (no speech, no pitch) gives 0."""
-    if value is None or value <= 0 or reference <= 0:
-        return 0.0
-    w = np.log1p(band)
-    x = max(0.0, abs(float(np.log(value / reference))) - w)
-    return float(np.exp(-((x / w) ** 2)))
-
-
-def guard_factor(score, reference: dict, *, rate_band: float, pitch_band: float) -> float:
-    """The factor --prosody-guard multiplies a clip's reward by: band_factor of its speaking rate
-    times that of its pitch spread, each against the initial policy's mean (`reference`). A clip
-    without measures (an error: its reward is already 0) keeps factor 1."""
-    if score.chars_per_s is None:
-        return 1.0
-    rate = band_factor(score.chars_per_s, reference["chars_per_s"], rate_band)
-    pitch = band_factor(score.f0_std_semitones, reference["f0_std_semitones"], pitch_band)
-    return rate * pitch
-
-
-def sim_factor(sim: float | None, reference: float, band: float) -> float:
-    """The factor --sim-guard multiplies a clip's reward by: 1 while its speaker similarity stays
-    above reference - band (the initial policy's median less the band; cosine units), then
-    exp(-(x / band)^2), x = how far below that edge (0.37 one band-width below it). A clip without
-    a similarity (no prompt, an error) keeps factor 1. Only a falling similarity is held back."""
-    if sim is None:
-        return 1.0
-    x = max(0.0, reference - band - float(sim))
-    return float(np.exp(-((x / band) ** 2)))

@@ -21,6 +21,7 @@ import data
 import lora
 from codec import SAMPLES_PER_CODE, PromptCodes
 from decode import Decoder, compile_failed
+from measures import MEASURES
 from parallel import Dist, gathered
 from sample import Rollout, cat_rollouts, generate
 
@@ -303,16 +304,17 @@ class Sampler:
         for name in names:
             values = [getattr(s, name) for s in scores if getattr(s, name) is not None]
             reference[name] = float(np.median(values)) if values else 0.0
-        if not all(reference[n] for n in names if n != "sim"):
-            raise ValueError(
-                f"--prosody-guard: the initial policy's {reference} cannot be a reference "
-                "(no speech or no voiced frames in its samples)"
-            )
-        if "sim" in names and not any(s.sim is not None for s in scores):
-            raise ValueError(
-                "--sim-guard: no sample of the initial policy has a speaker similarity (the data "
-                "needs prompt_wav/prompt_text rows, and the worker a --speaker-model)"
-            )
+        for name in names:
+            measure = MEASURES[name]
+            if measure.needs_speech and not reference[name]:
+                raise ValueError(
+                    f"--guard {name}: the initial policy's median is 0, no reference (no speech "
+                    f"or no voiced frames in its samples: {reference})"
+                )
+            if not any(getattr(s, name) is not None for s in scores):
+                raise ValueError(
+                    f"--guard {name}: no sample of the initial policy has one ({measure.source})"
+                )
         return reference
 
     @torch.no_grad()
