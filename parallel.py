@@ -193,6 +193,7 @@ def start_scorer(cfg, d: Dist, speaker_model: str | None = None):
                 max_transcript_tokens=cfg.whisper_max_tokens or None,
                 window_s=cfg.whisper_window,
                 speaker_model=speaker_model,
+                quality=cfg.quality or None,
                 reward_config=reward_config,
             )
             worker = WhisperWorker(

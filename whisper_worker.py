@@ -29,6 +29,7 @@ import numpy as np
 import soundfile as sf
 
 import data
+import dnsmos
 from reward import RewardConfig, Score
 from scorer import SAMPLE_RATE, WINDOW_S, WhisperScorer, check_lengths
 from worker_process import serve, write_file
@@ -306,6 +307,13 @@ def main(argv=None):
         help="speaker model for the sim of rows with prompt_wav (speaker.py): wavlm-sv "
         "(default), wavlm-sv:PATH, a Seed-TTS-eval .pth or module:function",
     )
+    parser.add_argument(
+        "--quality",
+        choices=("dnsmos",),
+        default=None,
+        help="speech quality per clip: dnsmos (DNSMOS P.835 + P.808: dnsmos_sig, dnsmos_bak, "
+        "dnsmos_ovrl, dnsmos_p808; pip install speechmos onnxruntime)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--max-transcript-tokens",
@@ -329,6 +337,11 @@ def main(argv=None):
         rows += _read_rows(args.jsonl)
     if not rows:
         parser.error("nothing to score: give --wav/--text pairs or --jsonl")
+    if args.quality == "dnsmos":
+        try:
+            dnsmos.model_dir()  # the packages, before any model loads
+        except ImportError as e:
+            parser.error(f"--quality dnsmos: {e}")
     config = RewardConfig(**{name: getattr(args, name) for name in vars(RewardConfig())})
     prompted = any(prompt for *_, prompt in rows)
     speaker_model = None  # sim only for rows with a voice prompt
@@ -343,6 +356,7 @@ def main(argv=None):
         reward_config=config,
         window_s=args.window,
         speaker_model=speaker_model,
+        quality=args.quality,
     )
     prompt_audio = {path: read_wav(path) for *_, path in rows if path}  # each file read once
     prompts = None

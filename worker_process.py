@@ -36,6 +36,7 @@ def serve(scorer_kwargs, reward, authkey, folder, parent, threads):
                 reward,
                 speaker_model=scorer_kwargs.get("speaker_model"),
                 device=scorer_kwargs.get("device", "cpu"),
+                quality=scorer_kwargs.get("quality"),
             )
         listener = Listener(("127.0.0.1", 0), authkey=authkey)  # port 0: any free port
     except BaseException:
