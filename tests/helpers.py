@@ -6,6 +6,7 @@ Importable as `helpers`: pytest puts tests/ on sys.path (its default "prepend" i
 __init__.py), and test_grpo.py adds it for a run of that file alone and for the child processes
 that import test_grpo.
 """
+
 import os
 
 import numpy as np
@@ -40,7 +41,9 @@ ASSETS = os.environ.get("TEST_ASSETS", os.path.join(REPO, "..", "shared", "asset
 
 
 def noise(seconds, seed, scale=0.1):
-    return (scale * np.random.default_rng(seed).standard_normal(int(seconds * 16000))).astype(np.float32)
+    return (scale * np.random.default_rng(seed).standard_normal(int(seconds * 16000))).astype(
+        np.float32
+    )
 
 
 # ---- generation against transformers' generate (test_sample.py, test_llama.py, GPU tests) --------
@@ -55,27 +58,40 @@ def left_padded(prompts, pad=0):
     ids = torch.full((len(prompts), P), pad, dtype=torch.long)
     mask = torch.zeros(len(prompts), P, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = 1
+        ids[i, P - len(p) :] = torch.tensor(p)
+        mask[i, P - len(p) :] = 1
     return ids, mask
 
 
 def hf_greedy(model, prompts, n, eos=None):
     ids, mask = left_padded(prompts)
-    kw = dict(eos_token_id=eos) if eos is not None else dict(min_new_tokens=n)  # min_new_tokens: no stop
+    kw = (
+        dict(eos_token_id=eos) if eos is not None else dict(min_new_tokens=n)
+    )  # min_new_tokens: no stop
     device = next(model.parameters()).device
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n,
-                         do_sample=False, pad_token_id=0, **kw)
-    return out[:, ids.shape[1]:]
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        **kw,
+    )
+    return out[:, ids.shape[1] :]
 
 
 # ---- the decode tests' texts (test_decode.py, GPU tests) -----------------------------------------
 
-COMPILE_TEXTS = ["Hi.", "Hello there, how are you today?", "Speech, please!",
-                 "A much longer sentence than the others, to pad."]
+COMPILE_TEXTS = [
+    "Hi.",
+    "Hello there, how are you today?",
+    "Speech, please!",
+    "A much longer sentence than the others, to pad.",
+]
 
 
 # ---- the trainer on the tiny preset, with stand-in scorers ---------------------------------------
+
 
 def _tiny(tmp_path, *flags):
     return config.parse_config(["--preset", "tiny", "--out", str(tmp_path / "run"), *flags])

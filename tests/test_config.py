@@ -1,5 +1,6 @@
 """config.py: flags, presets and their checks (a user's error: one line, exit 2, before anything
 loads); train.sh."""
+
 import dataclasses
 import os
 import subprocess
@@ -14,8 +15,12 @@ from helpers import REPO
 
 
 def test_config_rejects_values_that_would_fail_later():
-    for flags in (["--temperature", "0"], ["--save-every", "0"], ["--micro-batch", "0"],
-                  ["--loss-agg", "sum"]):
+    for flags in (
+        ["--temperature", "0"],
+        ["--save-every", "0"],
+        ["--micro-batch", "0"],
+        ["--loss-agg", "sum"],
+    ):
         with pytest.raises(SystemExit):
             config.parse_config(["--preset", "tiny", *flags])
 
@@ -54,8 +59,15 @@ def test_train_sh_takes_the_preset_and_the_gpu_count(tmp_path):
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NPROC")}
     env["PATH"] = f"{tmp_path}:{env['PATH']}"
-    run = lambda *args, **extra: subprocess.run(["bash", os.path.join(REPO, "train.sh"), *args], env={**env, **extra},
-                                               capture_output=True, text=True, check=True).stdout
+    run = lambda *args, **extra: (
+        subprocess.run(
+            ["bash", os.path.join(REPO, "train.sh"), *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     out = run("--steps", "3")
     assert "CUDA_VISIBLE_DEVICES=0,1,2 " in out and "--nproc_per_node=2" in out
     assert "--preset llasa-1b --whisper-device cuda:2 --out runs/llasa-1b --steps 3" in out
@@ -173,8 +185,9 @@ def test_every_number_has_a_range_and_every_preset_passes():
 def test_cli_bad_flag_exits_2_in_one_line(tmp_path):
     """The real command line: one line on stderr, status 2, nothing loaded or written."""
     argv = ["grpo.py", "--preset", "tiny", "--out", str(tmp_path / "run"), "--top-p", "0"]
-    r = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert (r.returncode, r.stdout) == (2, ""), r.stderr[-2000:]
     assert r.stderr == "grpo.py: error: --top-p 0.0: must be in (0, 1] (1 = off)\n"
     assert not (tmp_path / "run").exists()

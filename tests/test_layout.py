@@ -1,4 +1,5 @@
 """The project's layout (issue 17): modules in floors, no import cycle, every source file readable in one sitting."""
+
 import ast
 import glob
 import os
@@ -16,8 +17,11 @@ def read(path: str) -> str:
 
 def sources() -> dict[str, str]:
     """Module name -> path of every top-level source file (tests excluded)."""
-    return {f[:-3]: os.path.join(REPO, f) for f in sorted(os.listdir(REPO))
-            if f.endswith(".py") and not f.startswith("test_")}
+    return {
+        f[:-3]: os.path.join(REPO, f)
+        for f in sorted(os.listdir(REPO))
+        if f.endswith(".py") and not f.startswith("test_")
+    }
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -44,7 +48,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(u)
         for v in sorted(graph[u]):
             if state.get(v) == "open":
-                return stack[stack.index(v):] + [v]
+                return stack[stack.index(v) :] + [v]
             if v not in state and (cycle := visit(v)):
                 return cycle
         stack.pop()
@@ -65,13 +69,18 @@ def test_find_cycle_finds_cycles():
 def test_no_import_cycle():
     graph = import_graph()
     assert {"grpo", "sample", "decode", "llama", "scorer", "whisper_worker", "data"} <= set(graph)
-    assert "decode" in graph["sample"] and "scorer" in graph["whisper_worker"]  # the graph sees real imports
+    assert (
+        "decode" in graph["sample"] and "scorer" in graph["whisper_worker"]
+    )  # the graph sees real imports
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
 def test_every_source_file_under_500_lines():
-    long = {name: n for name, path in sources().items()
-            if (n := len(open(path, encoding="utf-8").read().splitlines())) >= MAX_LINES}
+    long = {
+        name: n
+        for name, path in sources().items()
+        if (n := len(open(path, encoding="utf-8").read().splitlines())) >= MAX_LINES
+    }
     assert not long, f"over {MAX_LINES} lines: {long}"
 
 
@@ -116,9 +125,11 @@ def broken_links(path: str) -> list[str]:
 def test_anchors_and_broken_links_find_what_is_wrong(tmp_path):
     page = tmp_path / "page.md"
     (tmp_path / "other.md").write_text("# Other\n\n## Peer recipes: GSPO, `--tis-cap`\n")
-    page.write_text("# Page\n[a](other.md) [b](other.md#peer-recipes-gspo---tis-cap) [c](#page)\n"
-                    "[d](missing.md#x) [e](other.md#nowhere) [f](https://example.com/x.md)\n"
-                    "```\n[g](in-code.md)\n```\n")
+    page.write_text(
+        "# Page\n[a](other.md) [b](other.md#peer-recipes-gspo---tis-cap) [c](#page)\n"
+        "[d](missing.md#x) [e](other.md#nowhere) [f](https://example.com/x.md)\n"
+        "```\n[g](in-code.md)\n```\n"
+    )
     assert broken_links(str(page)) == ["missing.md#x", "other.md#nowhere"]
 
 

@@ -1,6 +1,7 @@
 """outputs.py: checkpoints, the --out and --resume rules, metrics.
 
 Runs name `test_grpo:tone_reward` as their --reward (the Whisper worker imports test_grpo)."""
+
 import dataclasses
 import json
 import os
@@ -19,15 +20,17 @@ import scorer as scoring
 from helpers import _ScriptedScorer, _tiny, noise
 from reward import Score
 
-
 # ---- checkpoints ---------------------------------------------------------------------------------
+
 
 def test_checkpoint_loads_to_identical_logits(tmp_path):
     tok = data.tiny_tokenizer(n_speech=64)
     model = models.tiny_llama(len(tok), seed=5)
     path = str(tmp_path / "ckpt")
     outputs.save_checkpoint(path, model, tok, {"step": 1})
-    outputs.save_checkpoint(path, model, tok, {"step": 2})  # overwriting an existing checkpoint is atomic too
+    outputs.save_checkpoint(
+        path, model, tok, {"step": 2}
+    )  # overwriting an existing checkpoint is atomic too
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     loaded = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = torch.tensor([data.prompt_ids(AutoTokenizer.from_pretrained(path), "Hello there.")])
@@ -43,11 +46,16 @@ def test_checkpoint_is_durable_trainer_state_last(tmp_path, monkeypatch):
     model = models.tiny_llama(len(tok), seed=0)
     events = []
     real_fsync, real_replace = outputs._fsync, os.replace
-    monkeypatch.setattr(outputs, "_fsync", lambda p: (events.append(("fsync", os.path.relpath(p, tmp_path))),
-                                                      real_fsync(p)))
-    monkeypatch.setattr(outputs.os, "replace",
-                        lambda a, b: (events.append(("rename", os.path.relpath(a, tmp_path))),
-                                      real_replace(a, b)))
+    monkeypatch.setattr(
+        outputs,
+        "_fsync",
+        lambda p: (events.append(("fsync", os.path.relpath(p, tmp_path))), real_fsync(p)),
+    )
+    monkeypatch.setattr(
+        outputs.os,
+        "replace",
+        lambda a, b: (events.append(("rename", os.path.relpath(a, tmp_path))), real_replace(a, b)),
+    )
     outputs.save_checkpoint(str(tmp_path / "ckpt"), model, tok, {"step": 1})
     synced = [p for kind, p in events if kind == "fsync"]
     files = [p for p in synced if p.startswith("ckpt.tmp/")]
@@ -61,8 +69,14 @@ def test_checkpoint_is_durable_trainer_state_last(tmp_path, monkeypatch):
 
 # ---- --out and --resume --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flags", [["--reward", "test_grpo:tone_reward", "--prosody-guard"],
-                                   ["--reward", "test_grpo:half_flat_reward", "--dynamic-sampling"]])
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--reward", "test_grpo:tone_reward", "--prosody-guard"],
+        ["--reward", "test_grpo:half_flat_reward", "--dynamic-sampling"],
+    ],
+)
 def test_resume_continues_exactly(tmp_path, flags):
     """Resume from a run's step-2 checkpoint: steps 3-4 equal the uninterrupted run's (with
     --dynamic-sampling too: its refill prompts are a function of the step)."""
@@ -75,7 +89,9 @@ def test_resume_continues_exactly(tmp_path, flags):
         for key in ("reward_mean", "loss", "kl", "entropy", "response_len", "grad_norm", "lr"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
         assert a.get("dyn_rounds") == b.get("dyn_rounds")
-        refs = {k: v for k, v in a.items() if k.startswith("ref_")}  # the guard's initial medians, kept
+        refs = {
+            k: v for k, v in a.items() if k.startswith("ref_")
+        }  # the guard's initial medians, kept
         assert refs == {k: v for k, v in b.items() if k.startswith("ref_")}
         assert bool(refs) == ("--prosody-guard" in flags)
     if "--dynamic-sampling" in flags:
@@ -93,18 +109,29 @@ def test_resume_refuses_a_guard_the_checkpointed_run_did_not_measure(tmp_path, g
     state = {"step": 2, "world_size": 1, "config": dataclasses.asdict(before)}
     torch.save(state, ckpt / outputs.STATE_FILE)
     assert outputs.read_trainer_state(str(ckpt), before, 1)["world_size"] == 1
-    with pytest.raises(ValueError, match=f"{guard} is on, but the run that wrote the checkpoint had it off"):
+    with pytest.raises(
+        ValueError, match=f"{guard} is on, but the run that wrote the checkpoint had it off"
+    ):
         outputs.read_trainer_state(str(ckpt), _tiny(tmp_path, guard), 1)
 
 
 def test_out_holding_a_run_is_refused_and_resume_auto_continues(tmp_path, capsys):
-    common = ["--reward", "test_grpo:tone_reward", "--val-data", "", "--save-every", "1",
-              "--sample-every", "9"]
+    common = [
+        "--reward",
+        "test_grpo:tone_reward",
+        "--val-data",
+        "",
+        "--save-every",
+        "1",
+        "--sample-every",
+        "9",
+    ]
     grpo.train(_tiny(tmp_path, *common, "--steps", "2"))
     run = tmp_path / "run"
     before = (run / "metrics.jsonl").read_bytes()
-    with pytest.raises(FileExistsError,
-                       match=r"already holds a run \(metrics.jsonl with 2 steps; checkpoints/"):
+    with pytest.raises(
+        FileExistsError, match=r"already holds a run \(metrics.jsonl with 2 steps; checkpoints/"
+    ):
         grpo.train(_tiny(tmp_path, *common, "--steps", "3"))
     assert (run / "metrics.jsonl").read_bytes() == before  # nothing was touched
     # An incomplete checkpoint (no trainer state) is never picked.
@@ -116,7 +143,9 @@ def test_out_holding_a_run_is_refused_and_resume_auto_continues(tmp_path, capsys
     assert grpo.train(_tiny(tmp_path, *common, "--steps", "3", "--resume", "auto")) == []
     assert "already complete" in capsys.readouterr().out
     # A fresh --out with --resume auto simply starts.
-    assert len(grpo.train(_tiny(tmp_path / "new", *common, "--steps", "1", "--resume", "auto"))) == 1
+    assert (
+        len(grpo.train(_tiny(tmp_path / "new", *common, "--steps", "1", "--resume", "auto"))) == 1
+    )
 
 
 def _fake_run(out, steps: int):
@@ -166,12 +195,14 @@ class _Payload:
 
 def _no_worker(monkeypatch):
     """grpo.train/main in this process without the Whisper worker (a scorer never called)."""
+
     class Unused:
         def score(self, *a, **kw):
             raise AssertionError("nothing is scored before the checkpoint is read")
 
         def close(self):
             pass
+
     monkeypatch.setattr(parallel, "start_scorer", lambda *a, **kw: (None, Unused()))
 
 
@@ -205,6 +236,7 @@ def test_fsdp_optimizer_index_runs_no_code(tmp_path):
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 3)).sum().backward()
@@ -226,20 +258,29 @@ def test_fsdp_optimizer_index_runs_no_code(tmp_path):
 
 # ---- metrics -------------------------------------------------------------------------------------
 
-def test_step_metrics_report_errors_too_long_zero_std_and_the_lr_used(tmp_path):
-    cfg = _tiny(tmp_path, "--val-data", "", "--warmup-steps", "4", "--lr", "1e-3", "--max-new-tokens", "200")
 
-    def make(i):  # 4 groups of 4: group 0 all errors (zero std), group 1 too long at clip 4, others vary
+def test_step_metrics_report_errors_too_long_zero_std_and_the_lr_used(tmp_path):
+    cfg = _tiny(
+        tmp_path, "--val-data", "", "--warmup-steps", "4", "--lr", "1e-3", "--max-new-tokens", "200"
+    )
+
+    def make(
+        i,
+    ):  # 4 groups of 4: group 0 all errors (zero std), group 1 too long at clip 4, others vary
         if i < 4:
             return Score(reward=0.0, error="audio has 3 NaN or inf samples")
         if i == 4:
-            return Score(reward=0.0, error="31.0 s is longer than Whisper's 30 s window", too_long=True)
+            return Score(
+                reward=0.0, error="31.0 s is longer than Whisper's 30 s window", too_long=True
+            )
         return Score(reward=0.1 * (i % 4), transcript="x", cer=0.5, nll=1.0)
 
     tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), _ScriptedScorer(make))
     m, _ = tr.train_step(0)
     assert m["error_frac"] == pytest.approx(5 / 16) and m["too_long_frac"] == pytest.approx(1 / 16)
-    assert m["cer"] == pytest.approx(0.5) and m["nll"] == pytest.approx(1.0)  # errors have no cer, not 0
+    assert m["cer"] == pytest.approx(0.5) and m["nll"] == pytest.approx(
+        1.0
+    )  # errors have no cer, not 0
     assert m["zero_std_frac"] >= 0.25  # group 0 at least (truncation may zero more)
     assert m["lr"] == pytest.approx(1e-3 / 4)  # warm-up: the first step runs at 1/4 of the rate
     m2, _ = tr.train_step(1)
@@ -248,12 +289,17 @@ def test_step_metrics_report_errors_too_long_zero_std_and_the_lr_used(tmp_path):
 
 # ---- the validation table ------------------------------------------------------------------------
 
+
 def test_validation_table_rates_a_row_without_language_by_the_detected_one():
     """A row without a language (and no --language) is rated in the language Whisper heard: CER
     for zh (ja, ko, th, yue), WER for en; the row's own language or --language comes first."""
     from data import Example
-    examples = [Example("你好世界", "0"), Example("Hello there.", "1"),
-                Example("你好世界", "2", language="en")]
+
+    examples = [
+        Example("你好世界", "0"),
+        Example("Hello there.", "1"),
+        Example("你好世界", "2", language="en"),
+    ]
     zh = Score(0.5, "你好世间", cer=0.25, language="zh")
     scores = [zh, Score(0.5, "hello", cer=0.1, language="en"), zh]
     got = outputs.table_metrics(scores, examples, world=1)
@@ -266,8 +312,9 @@ def test_validation_table_rates_a_row_without_language_by_the_detected_one():
 
 def test_whisper_scores_say_the_language_heard():
     """Score.language: the one asked for, else the one Whisper detected (silence too)."""
-    whisper = scoring.WhisperScorer(scoring.random_tiny_whisper(seed=0), "cpu", batch_size=4,
-                                    max_transcript_tokens=4)
+    whisper = scoring.WhisperScorer(
+        scoring.random_tiny_whisper(seed=0), "cpu", batch_size=4, max_transcript_tokens=4
+    )
     audios = [noise(1.0, 1), noise(1.0, 2), np.zeros(16000, np.float32)]  # the last silent
     results = whisper.score(audios, ["Hi.", "안녕", "Hi."], [None, "korean", None])
     assert results[1].language == "ko"

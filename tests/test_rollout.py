@@ -1,5 +1,6 @@
 """rollout.py: the compiled step's fallback takes compile errors only, a rollout's error leaves at once
 (not after the chunk being scored), and the run's prompts that can pass --max-context are said once."""
+
 import threading
 import time
 
@@ -17,30 +18,38 @@ from reward import Score
 
 def _compiled_sampler(tmp_path, backend):
     """The tiny trainer's Sampler with a compiled step whose compiler is `backend`."""
-    tr = grpo.Trainer(_tiny(tmp_path, "--val-data", ""), parallel.Dist(), torch.device("cpu"), _FakeScorer(0.5))
-    tr.sampler.decoder = decode.Decoder(tr.policy.lm, compile=True, compile_options={"backend": backend})
+    tr = grpo.Trainer(
+        _tiny(tmp_path, "--val-data", ""), parallel.Dist(), torch.device("cpu"), _FakeScorer(0.5)
+    )
+    tr.sampler.decoder = decode.Decoder(
+        tr.policy.lm, compile=True, compile_options={"backend": backend}
+    )
     return tr.sampler
 
 
 def _compile_error(raised: BaseException) -> BaseException:
     """What torch.compile raises when its backend raises `raised`."""
+
     def backend(graph, example_inputs):
         raise raised
 
     torch._dynamo.reset()
     try:
         torch.compile(lambda x: x * 2 + 1, backend=backend, fullgraph=True)(torch.ones(3))
-    except Exception as e:  # noqa: BLE001 -- the error under test
+    except Exception as e:
         return e
     raise AssertionError("the backend's error was not raised")
 
 
 def test_compile_failed_tells_compile_errors_from_the_runs():
     from torch._inductor.exc import CppCompileError
+
     assert decode.compile_failed(_compile_error(RuntimeError("no kernels for this GPU")))
     assert decode.compile_failed(CppCompileError(["g++"], "error: ..."))
     oom = torch.OutOfMemoryError("CUDA out of memory")
-    assert not decode.compile_failed(_compile_error(oom))  # OOM inside the compiler: the run's error
+    assert not decode.compile_failed(
+        _compile_error(oom)
+    )  # OOM inside the compiler: the run's error
     assert not decode.compile_failed(oom)
     assert not decode.compile_failed(ValueError("empty text: nothing to synthesize"))
     assert not decode.compile_failed(RuntimeError("CUDA error: an illegal memory access"))
@@ -49,6 +58,7 @@ def test_compile_failed_tells_compile_errors_from_the_runs():
 def test_an_oom_in_the_compiler_propagates_and_keeps_the_compiled_step(tmp_path, capsys):
     """A transient out-of-memory error on the first compiled rollout (here inside the compiler) is the
     run's error: raised, and --compile stays on, instead of being blamed on the compiler."""
+
     def oom_backend(graph, example_inputs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
@@ -56,16 +66,23 @@ def test_an_oom_in_the_compiler_propagates_and_keeps_the_compiled_step(tmp_path,
     with pytest.raises(Exception) as caught:
         sampler.rollout(["Hello there."], torch.Generator().manual_seed(0))
     assert not decode.compile_failed(caught.value)  # OOM, as raised or as dynamo wraps it
-    assert sampler.decoder is not None and "going on with the eager loop" not in capsys.readouterr().err
+    assert (
+        sampler.decoder is not None
+        and "going on with the eager loop" not in capsys.readouterr().err
+    )
 
 
-def test_a_data_error_on_the_first_rollout_is_not_blamed_on_the_compiler(tmp_path, monkeypatch, capsys):
+def test_a_data_error_on_the_first_rollout_is_not_blamed_on_the_compiler(
+    tmp_path, monkeypatch, capsys
+):
     """A bad item (its prompt cannot be built) and an ordinary error of the step: raised as they are,
     with the compiled step kept, and nothing said about the compiler."""
     sampler = _compiled_sampler(tmp_path, "eager")
     with pytest.raises(ValueError, match="empty text"):
         sampler.rollout(["  "], torch.Generator().manual_seed(0))
-    monkeypatch.setattr(rollout, "generate", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("OOM")))
+    monkeypatch.setattr(
+        rollout, "generate", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("OOM"))
+    )
     with pytest.raises(torch.OutOfMemoryError):
         sampler.rollout(["Hello there."], torch.Generator().manual_seed(0))
     assert sampler.decoder is not None and not sampler.decoder_works
@@ -113,6 +130,7 @@ def test_prompts_that_can_pass_max_context_are_counted_once_at_start(tmp_path, c
     that a --max-new-tokens response can take past it are counted over training and validation
     texts and said once, on stderr, when the sampler is built; none past it, nothing said; 0 turns
     it off."""
+
     def sampler(*flags):
         cfg = _tiny(tmp_path, *flags)
         return grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), _FakeScorer(0.5)).sampler
