@@ -105,7 +105,8 @@ def test_policy_loss_aggregations_by_hand():
     assert loss.item() == pytest.approx((-2 / 4 + 0.5 / 4) / 2)
     loss, _ = _loss(logp, logp, adv, mask, agg="token-mean", kl_coef=0.0, denom=10.0)
     assert loss.item() == pytest.approx(-1.5 / 10)
-    assert st["clip_frac"] == 0.0 and st["kl"] == 0.0
+    assert st["clip_frac"] == 0.0
+    assert st["kl"] == 0.0
     with pytest.raises(ValueError):
         _loss(logp, logp, adv, mask, agg="mean")
 
@@ -154,9 +155,9 @@ def test_policy_loss_dual_clip_by_hand():
         kl_coef=0.0,
         clip_ratio_c=3.0,
     )
-    assert (
-        loss.item() == pytest.approx(3.0) and st["dual_clip_frac"] == 1.0 and st["clip_frac"] == 0.0
-    )
+    assert loss.item() == pytest.approx(3.0)
+    assert st["dual_clip_frac"] == 1.0
+    assert st["clip_frac"] == 0.0
     # A = -1, ratio = 2: max(2, 1.2) = 2 < 3, no dual clip.
     loss, st = grpo.policy_loss(
         torch.tensor([[math.log(2.0)]]),
@@ -168,7 +169,8 @@ def test_policy_loss_dual_clip_by_hand():
         kl_coef=0.0,
         clip_ratio_c=3.0,
     )
-    assert loss.item() == pytest.approx(2.0) and st["dual_clip_frac"] == 0.0
+    assert loss.item() == pytest.approx(2.0)
+    assert st["dual_clip_frac"] == 0.0
     # A = +2, ratio = e^2: the PPO clip alone: -min(2 * 7.39, 2 * 1.2) = -2.4, no dual clip for A > 0.
     loss, st = grpo.policy_loss(
         torch.tensor([[2.0]]),
@@ -180,11 +182,9 @@ def test_policy_loss_dual_clip_by_hand():
         kl_coef=0.0,
         clip_ratio_c=3.0,
     )
-    assert (
-        loss.item() == pytest.approx(-2.4)
-        and st["clip_frac"] == 1.0
-        and st["dual_clip_frac"] == 0.0
-    )
+    assert loss.item() == pytest.approx(-2.4)
+    assert st["clip_frac"] == 1.0
+    assert st["dual_clip_frac"] == 0.0
     # The log-ratio is clamped at 20: a huge one stays finite (and is dual-clipped for A < 0).
     loss, _ = grpo.policy_loss(
         torch.tensor([[80.0]]),
@@ -229,7 +229,8 @@ def test_policy_loss_clip_higher_by_hand():
         clip_eps_high=0.28,
         kl_coef=0.0,
     )
-    assert loss.item() == pytest.approx((-1.25 - 1.28) / 2, abs=1e-6) and st["clip_frac"] == 0.5
+    assert loss.item() == pytest.approx((-1.25 - 1.28) / 2, abs=1e-6)
+    assert st["clip_frac"] == 0.5
     loss.backward()
     assert logp.grad.tolist()[0] == pytest.approx([-1.25 / 2, 0.0], abs=1e-6)
     # Unset, the high bound is --clip-eps: both tokens clipped at 1.2, no gradient.
@@ -238,7 +239,8 @@ def test_policy_loss_clip_higher_by_hand():
         logp, torch.zeros(1, 2), None, torch.tensor([1.0]), mask, clip_eps=0.2, kl_coef=0.0
     )
     loss.backward()
-    assert loss.item() == pytest.approx(-1.2, abs=1e-6) and st["clip_frac"] == 1.0
+    assert loss.item() == pytest.approx(-1.2, abs=1e-6)
+    assert st["clip_frac"] == 1.0
     assert logp.grad.tolist()[0] == [0.0, 0.0]
     # The low side: ratio 0.5 with A = -1 is clipped at 1 - eps = 0.8 whatever eps_high.
     loss, _ = _loss(
@@ -383,7 +385,8 @@ def test_tis_weights_cap_and_fraction_by_hand():
     # Off (cap 0) or without rollout log-probs: no weights, no TIS stats.
     for kw in (dict(rollout_logp=rollout, tis_cap=0.0), dict(rollout_logp=None, tis_cap=2.0)):
         plain, st = grpo.policy_loss(old, old, None, adv, mask, kl_coef=0.0, **kw)
-        assert plain.item() == pytest.approx((-3 + 4) / 5) and "tis_weight_mean" not in st
+        assert plain.item() == pytest.approx((-3 + 4) / 5)
+        assert "tis_weight_mean" not in st
 
 
 # ---- log-probs and the update on 1 vs 2 ranks ----------------------------------------------------
@@ -549,11 +552,14 @@ def test_policy_loss_tensor_stats_equal_float_stats():
     adv, mask = torch.randn(3, generator=g), (torch.rand(3, 5, generator=g) > 0.3).float()
     loss, floats = grpo.policy_loss(logp, old, ref, adv, mask, kl_coef=0.1)
     loss_t, tensors = grpo.policy_loss(logp, old, ref, adv, mask, kl_coef=0.1, tensor_stats=True)
-    assert torch.equal(loss, loss_t) and set(floats) == set(tensors)
+    assert torch.equal(loss, loss_t)
+    assert set(floats) == set(tensors)
     assert all(
         torch.is_tensor(v) and v.dim() == 0 and v.item() == floats[k] for k, v in tensors.items()
     )
-    assert floats["dual_clip_frac"] > 0 and floats["kl"] > 0  # values, not just zeros, compared
+    # values, not just zeros, compared
+    assert floats["dual_clip_frac"] > 0
+    assert floats["kl"] > 0
 
 
 def _speech_update(micro_batch, logprobs=None, **cfg_kw):
@@ -636,13 +642,13 @@ def test_update_trains_on_kept_rows_only(agg):
         )
         out.append((stats, dict(policy.named_parameters())))
     (a, pa), (b, pb), (c, _) = out
-    assert a["loss"] == pytest.approx(b["loss"], abs=1e-7) and a["kl"] == pytest.approx(
-        b["kl"], rel=1e-6
-    )
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-7)
+    assert a["kl"] == pytest.approx(b["kl"], rel=1e-6)
     assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-6)
     for k in pa:
         assert torch.allclose(pa[k], pb[k], atol=1e-7), k
-    assert c["loss"] == 0.0 and c["grad_norm"] == 0.0
+    assert c["loss"] == 0.0
+    assert c["grad_norm"] == 0.0
     # and takes no optimizer step: AdamW's weight decay would otherwise move the weights
     policy = models.tiny_llama(len(tok), seed=1).train()
     before = {k: v.detach().clone() for k, v in policy.named_parameters()}
@@ -724,7 +730,8 @@ def tone_reward(audio, text):
 
 def test_tone_reward_knows_its_optimum():
     low, high = codec.ToneCodec().decode([[0, 5, 15, 3], [40, 50, 63, 30]])
-    assert tone_reward(low, "x") == 1.0 and tone_reward(high, "x") == 0.0
+    assert tone_reward(low, "x") == 1.0
+    assert tone_reward(high, "x") == 0.0
     assert tone_reward(np.zeros(0, np.float32), "x") == 0.0
 
 
@@ -768,13 +775,10 @@ def test_validation_in_training_sized_chunks(tmp_path):
     tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), Counting(0.5))
     val, shown = tr.validate()
     assert calls == [2, 2, 2]
-    assert (
-        shown["texts"] == [ex.text for ex in tr.val_examples[: cfg.n_samples]]
-        and len(shown["audios"]) == 2
-    )
-    assert 0 < val["val_finished"] <= 1 and val["val_reward"] == pytest.approx(
-        0.5 * val["val_finished"]
-    )
+    assert shown["texts"] == [ex.text for ex in tr.val_examples[: cfg.n_samples]]
+    assert len(shown["audios"]) == 2
+    assert 0 < val["val_finished"] <= 1
+    assert val["val_reward"] == pytest.approx(0.5 * val["val_finished"])
 
 
 def test_trainer_logp_mismatch_is_zero_on_cpu(tmp_path):
@@ -816,15 +820,15 @@ def test_trainer_dynamic_sampling_trains_on_informative_groups(tmp_path, monkeyp
     tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), Flat(0.5))
     metrics, _ = tr.train_step(0)
     ro = seen[0]
-    assert (
-        metrics["dyn_rounds"] >= 2 and ro.tokens.shape[0] == cfg.prompts_per_step * cfg.group_size
-    )
+    assert metrics["dyn_rounds"] >= 2
+    assert ro.tokens.shape[0] == cfg.prompts_per_step * cfg.group_size
     assert metrics["dyn_rollouts_per_kept_group"] == pytest.approx(
         metrics["dyn_rounds"] * cfg.prompts_per_step * cfg.group_size / metrics["dyn_groups_kept"]
     )
     groups = ro.advantages.view(-1, cfg.group_size).cpu()
     kept = ro.keep.view(-1, cfg.group_size)[:, 0]
-    assert kept.sum() == metrics["dyn_groups_kept"] and (groups[kept].abs().sum(dim=1) > 0).all()
+    assert kept.sum() == metrics["dyn_groups_kept"]
+    assert (groups[kept].abs().sum(dim=1) > 0).all()
     assert (groups[~kept] == 0).all()
 
 
@@ -846,10 +850,8 @@ def test_trainer_step_with_the_peer_recipe_flags(tmp_path):
     )
     tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), _FakeScorer(0.5))
     metrics, _ = tr.train_step(0)
-    assert (
-        metrics["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
-        and metrics["tis_capped_frac"] == 0.0
-    )
+    assert metrics["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["tis_capped_frac"] == 0.0
     assert math.isfinite(metrics["loss"])
 
 
@@ -893,13 +895,11 @@ def test_clone_rollouts_continue_after_the_prompt_voice(tmp_path):
     sv = data.speech_vocab(tr.tokenizer)
     ids = tr.sampler.prompt(ex)
     assert ids == data.prompt_ids(tr.tokenizer, ex.text, ex.prompt_text, codes)
-    assert (
-        ids[-len(codes) :] == [sv.first + c for c in codes] and ids[-len(codes) - 1] == sv.start_id
-    )
+    assert ids[-len(codes) :] == [sv.first + c for c in codes]
+    assert ids[-len(codes) - 1] == sv.start_id
     prompts = scorer.prompts[-1]
-    assert len(prompts) == 16 and all(
-        p is not None and len(p) == 30 * codec.SAMPLES_PER_CODE for p in prompts
-    )
+    assert len(prompts) == 16
+    assert all(p is not None and len(p) == 30 * codec.SAMPLES_PER_CODE for p in prompts)
     assert metrics["sim"] == pytest.approx(np.mean([float(p.mean() < 0.01) for p in prompts]))
     roll = tr.sampler.rollout([ex, tr.examples[1]], torch.Generator().manual_seed(0))
     assert int(roll.lengths.max()) <= cfg.max_new_tokens  # the generated part only
@@ -971,7 +971,9 @@ def test_trainer_step_with_sim_weight_trains_on_both_normalized_advantages(tmp_p
     G = cfg.group_size
     r = rounds[0].rewards.double().view(-1, G).numpy()
     sims = rounds[0].sims.double().view(-1, G).numpy()
-    assert np.ptp(sims, axis=1).max() > 0 and np.ptp(r, axis=1).max() > 0  # both terms act
+    # both terms act
+    assert np.ptp(sims, axis=1).max() > 0
+    assert np.ptp(r, axis=1).max() > 0
     norm = lambda x: (x - x.mean(1, keepdims=True)) / (x.std(1, ddof=1, keepdims=True) + 1e-6)  # noqa: E731
     np.testing.assert_allclose(
         seen[0].double().numpy(), (norm(r) + 0.5 * norm(sims)).reshape(-1), rtol=1e-3, atol=1e-5
@@ -1025,7 +1027,8 @@ def test_torchrun_two_ranks_tiny_preset(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [m["step"] for m in lines] == [0, 1, 2]  # 0: the validation before any update
-    assert math.isfinite(lines[0]["val_reward"]) and "reward_mean" not in lines[0]
+    assert math.isfinite(lines[0]["val_reward"])
+    assert "reward_mean" not in lines[0]
     assert any(
         k.startswith("val_table_") for k in lines[0]
     )  # eval.py's WER/CER (outputs.table_metrics)
@@ -1043,7 +1046,8 @@ def test_torchrun_two_ranks_tiny_preset(tmp_path):
             assert math.isfinite(m[key]), (key, m)
     assert "val_reward" in lines[-1]
     samples = out / "samples" / "step_2"
-    assert (samples / "0.wav").exists() and len(open(samples / "samples.jsonl").readlines()) == 2
+    assert (samples / "0.wav").exists()
+    assert len(open(samples / "samples.jsonl").readlines()) == 2
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step_2")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -1077,9 +1081,11 @@ def test_torchrun_two_ranks_tiny_clone_preset(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [m["step"] for m in lines] == [0, 1, 2]
-    assert all(-1 <= m["sim"] <= 1 for m in lines[1:]) and -1 <= lines[0]["val_sim"] <= 1
+    assert all(-1 <= m["sim"] <= 1 for m in lines[1:])
+    assert -1 <= lines[0]["val_sim"] <= 1
     rows = [json.loads(x) for x in open(out / "samples" / "step_2" / "samples.jsonl")]
-    assert rows and all(-1 <= r["sim"] <= 1 for r in rows)
+    assert rows
+    assert all(-1 <= r["sim"] <= 1 for r in rows)
 
 
 # ---- overlapped rollouts and rewards --------------------------------------------------------------
@@ -1117,7 +1123,8 @@ def test_overlapped_step_equals_sequential_step(tmp_path):
         assert seq[key] == ovl[key], key
     assert all(torch.equal(p_seq[k], p_ovl[k]) for k in p_seq)
     # Sequential waits for every chunk's 0.3 s; overlapped hides the first one behind generation.
-    assert seq["time_reward"] >= 0.55 and ovl["time_reward"] < seq["time_reward"]
+    assert seq["time_reward"] >= 0.55
+    assert ovl["time_reward"] < seq["time_reward"]
 
 
 # ---- the prosody guard on toy rewards ------------------------------------------------------------
@@ -1308,10 +1315,12 @@ def test_nan_gradient_skips_the_step():
         parallel.Dist(),
         contextlib.nullcontext,
     )
-    assert stats["skipped"] == 1 and not math.isfinite(stats["grad_norm"])
+    assert stats["skipped"] == 1
+    assert not math.isfinite(stats["grad_norm"])
     after = policy.state_dict()
     assert all(torch.allclose(before[k], after[k], equal_nan=True) for k in before)
-    assert opt.state_dict()["state"] == {} and all(p.grad is None for p in policy.parameters())
+    assert opt.state_dict()["state"] == {}
+    assert all(p.grad is None for p in policy.parameters())
     assert sched.last_epoch == 1
 
 
@@ -1355,7 +1364,8 @@ def test_a_nan_gradient_skips_its_step_and_the_run_goes_on(tmp_path, monkeypatch
     history = grpo.train(_tiny(tmp_path, *flags))
     assert [m["skipped"] for m in history] == [0, 1, 0, 0]
     assert [m["skipped_total"] for m in history] == [0, 1, 1, 1]
-    assert not math.isfinite(history[1]["grad_norm"]) and math.isfinite(history[2]["grad_norm"])
+    assert not math.isfinite(history[1]["grad_norm"])
+    assert math.isfinite(history[2]["grad_norm"])
     assert [m["lr"] for m in history] == pytest.approx([1e-3 * k / 8 for k in (1, 2, 3, 4)])
     assert all(torch.equal(a, b) for a, b in zip(before[1], before[2]))  # step 2 changed nothing
     assert not all(torch.equal(a, b) for a, b in zip(before[2], before[3]))  # step 3 trained
@@ -1530,7 +1540,8 @@ def test_cuda_lora_step_on_a_bf16_base(tmp_path):
     tr.sampler.scorer = _ScriptedScorer(lambda i: Score(reward=(i % 3) / 2))
     metrics, _ = tr.train_step(0)
     assert all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm", "entropy", "logp_mismatch"))
-    assert metrics["logp_mismatch"] < 0.05 and tr.sampler.decoder_works
+    assert metrics["logp_mismatch"] < 0.05
+    assert tr.sampler.decoder_works
 
 
 @cuda
@@ -1545,5 +1556,6 @@ def test_cuda_whisper_fp16_scores_match_fp32():
     fp32 = scoring.WhisperScorer("random-tiny", "cpu", **kw).score(audios, texts)
     fp16 = scoring.WhisperScorer("random-tiny", "cuda", **kw).score(audios, texts)
     for a, b in zip(fp32, fp16):
-        assert a.error is None and b.error is None
+        assert a.error is None
+        assert b.error is None
         assert b.nll == pytest.approx(a.nll, rel=2e-2), (a, b)

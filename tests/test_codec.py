@@ -152,7 +152,8 @@ def test_word_codec_decodes_codes_to_the_stored_clips_joined_by_gaps():
     wc = codec.load_codec("words")
     with np.load(codec.WORDS_FILE) as z:
         pcm, offsets, words = z["clips"], z["offsets"], [str(w) for w in z["words"]]
-    assert words == demo.VOCAB and len(offsets) == len(words) + 1
+    assert words == demo.VOCAB
+    assert len(offsets) == len(words) + 1
 
     def clip(k):
         return pcm[offsets[k] : offsets[k + 1]].astype(np.float32) / 32768.0
@@ -184,7 +185,8 @@ def test_xcodec2_precisions(golden_codec, tf32_clean):
     bf16 = codec.XCodec2Codec(golden_codec.model, "cpu", cfg, precision="bf16").decode(seqs)
     before = _flags()
     tf32 = codec.XCodec2Codec(golden_codec.model, "cpu", cfg, precision="tf32").decode(seqs)
-    assert _flags() == before and not torch.is_autocast_enabled("cpu")
+    assert _flags() == before
+    assert not torch.is_autocast_enabled("cpu")
     for r, b, t in zip(ref, bf16, tf32):
         snr = 10 * np.log10(np.mean(r**2) / np.mean((b - r) ** 2))
         assert 30 < snr < 80, snr  # rounded, and not much
@@ -259,13 +261,15 @@ def test_xcodec2_precision_sets_tf32_flags_inside_decode_and_restores_them(
         c.model = Spy()
         c.decode([codes[0, 0].tolist()])
         assert seen.pop() == dict(strict, autocast=precision == "bf16"), precision
-        assert _flags() == before and _legacy_getters() == legacy
+        assert _flags() == before
+        assert _legacy_getters() == legacy
         c.device = torch.device("cuda")  # what a GPU's decode sets (no CUDA op runs)
         with c._numerics():
             got = {k: v for k, v in _flags().items() if k != "autocast"}
         cuda = "tf32" if precision == "tf32" else "ieee"
         assert got == dict(strict, **{"cuda.matmul": cuda, "cuda.conv": cuda}), precision
-        assert _flags() == before and _legacy_getters() == legacy
+        assert _flags() == before
+        assert _legacy_getters() == legacy
 
 
 def test_xcodec2_decodes_after_transformers_enable_tf32(golden_codec, tf32_clean):
@@ -279,7 +283,8 @@ def test_xcodec2_decodes_after_transformers_enable_tf32(golden_codec, tf32_clean
     before = _flags()
     out = codec.XCodec2Codec(golden_codec.model, "cpu", cfg, precision="fp32").decode([codes[0, 0]])
     np.testing.assert_allclose(out[0], audio[0, 0].numpy(), rtol=0, atol=1e-5)
-    assert _flags() == before and torch.backends.fp32_precision == "tf32"
+    assert _flags() == before
+    assert torch.backends.fp32_precision == "tf32"
 
 
 def _legacy_getters() -> list:
@@ -503,20 +508,22 @@ def test_prompt_codes_encode_each_content_once():
     counting = CountingCodec()
     cache = codec.PromptCodes(counting)
     a, b = counting.decode([[1, 2, 3], [4, 5]])
-    assert cache.encode([a]) == [[1, 2, 3]] and counting.encoded == 1
-    assert (
-        cache.encode([a.copy()]) == [[1, 2, 3]] and counting.encoded == 1
-    )  # the same content: no encode
-    assert (
-        cache.encode([b, a, b]) == [[4, 5], [1, 2, 3], [4, 5]] and counting.encoded == 2
-    )  # b once
+    assert cache.encode([a]) == [[1, 2, 3]]
+    assert counting.encoded == 1
+    # the same content: no encode
+    assert cache.encode([a.copy()]) == [[1, 2, 3]]
+    assert counting.encoded == 1
+    assert cache.encode([b, a, b]) == [[4, 5], [1, 2, 3], [4, 5]]
+    assert counting.encoded == 2  # b once
     c = a.copy()
     c[100] += 1e-3  # different content, however close
     cache.encode([c])
     assert counting.encoded == 3
     cache.encode([a])[0].append(99)  # callers get copies
-    assert cache.encode([a]) == [[1, 2, 3]] and counting.encoded == 3
-    assert cache.encode([]) == [] and counting.encoded == 3
+    assert cache.encode([a]) == [[1, 2, 3]]
+    assert counting.encoded == 3
+    assert cache.encode([]) == []
+    assert counting.encoded == 3
 
 
 def test_package_codec_encode_cuts_as_ours(monkeypatch):

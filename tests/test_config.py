@@ -33,7 +33,9 @@ def test_help_explains_every_flag(capsys):
         assert "--" + f.name.replace("_", "-") in text
     assert text.count("(default:") >= len(dataclasses.fields(config.Config))
     cfg = config.parse_config(["--preset", "tiny", "--group-size", "8", "--no-scale-rewards"])
-    assert cfg.group_size == 8 and cfg.scale_rewards is False and cfg.codec == "tone"
+    assert cfg.group_size == 8
+    assert cfg.scale_rewards is False
+    assert cfg.codec == "tone"
 
 
 def test_large_presets_shard_and_need_ranks(monkeypatch):
@@ -42,8 +44,11 @@ def test_large_presets_shard_and_need_ranks(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     for name, micro in (("llasa-3b", 2), ("llasa-8b", 1)):
         cfg = config.parse_config(["--preset", name])
-        assert cfg.fsdp and cfg.grad_checkpointing and cfg.micro_batch == micro
-        assert cfg.max_new_tokens == 1500 and cfg.model == f"HKUSTAudio/Llasa-{name[-2:].upper()}"
+        assert cfg.fsdp
+        assert cfg.grad_checkpointing
+        assert cfg.micro_batch == micro
+        assert cfg.max_new_tokens == 1500
+        assert cfg.model == f"HKUSTAudio/Llasa-{name[-2:].upper()}"
     assert not config.parse_config(["--preset", "llasa-1b"]).fsdp
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(SystemExit):
@@ -69,10 +74,12 @@ def test_train_sh_takes_the_preset_and_the_gpu_count(tmp_path):
         ).stdout
     )
     out = run("--steps", "3")
-    assert "CUDA_VISIBLE_DEVICES=0,1,2 " in out and "--nproc_per_node=2" in out
+    assert "CUDA_VISIBLE_DEVICES=0,1,2 " in out
+    assert "--nproc_per_node=2" in out
     assert "--preset llasa-1b --whisper-device cuda:2 --out runs/llasa-1b --steps 3" in out
     out = run("llasa-8b", "--language", "ko", NPROC="4")
-    assert "CUDA_VISIBLE_DEVICES=0,1,2,3,4 " in out and "--nproc_per_node=4" in out
+    assert "CUDA_VISIBLE_DEVICES=0,1,2,3,4 " in out
+    assert "--nproc_per_node=4" in out
     assert "--preset llasa-8b --whisper-device cuda:4 --out runs/llasa-8b --language ko" in out
 
 
@@ -163,14 +170,16 @@ def test_a_bad_flag_is_one_line_exit_2_before_anything_loads(no_training, capsys
     err = capsys.readouterr().err
     assert stop.value.code == 2 and not reached, err
     assert err.startswith(f"grpo.py: error: {message.replace('TMP', tmp)}")
-    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
 
 
 def test_good_flags_reach_training(no_training):
     base, tmp, reached = no_training
     clone_data = os.path.join(REPO, "data", "clone", "train.jsonl")
     grpo.main(base + ["--resume", "auto", "--data", clone_data])
-    assert len(reached) == 1 and reached[0].resume == "auto"
+    assert len(reached) == 1
+    assert reached[0].resume == "auto"
 
 
 def test_every_number_has_a_range_and_every_preset_passes():

@@ -51,7 +51,8 @@ def test_llasa_prompt_and_speech_vocab():
         ids[-3:]
     )  # continue_final_message: no end of turn after the start
     sv = data.speech_vocab(tok)
-    assert sv.n == 300 and tok.convert_ids_to_tokens(sv.first + 7) == "<|s_7|>"
+    assert sv.n == 300
+    assert tok.convert_ids_to_tokens(sv.first + 7) == "<|s_7|>"
     assert sv.end_id == tok.convert_tokens_to_ids("<|SPEECH_GENERATION_END|>")
     assert set(sv.allowed_ids()) == set(range(sv.first, sv.first + 300)) | {sv.end_id}
     assert sv.to_codes([sv.first + 5, sv.first]) == [5, 0]
@@ -84,8 +85,10 @@ def test_voice_prompt_rows_and_their_errors(tmp_path):
         '{"text": "Hi.", "prompt_wav": "v/a.wav", "prompt_text": " A voice. "}\n{"text": "Plain."}\n'
     )
     rows = data.load_dataset(str(good))
-    assert rows[0].prompt_wav == str(tmp_path / "v" / "a.wav") and rows[0].prompt_text == "A voice."
-    assert rows[1].prompt_wav is None and rows[1].prompt_text is None
+    assert rows[0].prompt_wav == str(tmp_path / "v" / "a.wav")
+    assert rows[0].prompt_text == "A voice."
+    assert rows[1].prompt_wav is None
+    assert rows[1].prompt_text is None
     (tmp_path / "v" / "junk.wav").write_bytes(b"not audio at all")
     for i, (row, err, why) in enumerate(
         [
@@ -121,7 +124,8 @@ def test_seed_tts_eval_lists(tmp_path):
         ("u1", "Say this.", "Prompt one."),
         ("u2", "And this.", "Prompt two."),
     ]
-    assert rows[1].prompt_wav == str(tmp_path / "p1.wav") and rows[1].source == f"{lst}:3"
+    assert rows[1].prompt_wav == str(tmp_path / "p1.wav")
+    assert rows[1].source == f"{lst}:3"
     for i, (line, err, why) in enumerate(
         [
             ("u3|a|p1.wav", ValueError, "4 or 5"),
@@ -213,7 +217,8 @@ def test_read_audio_resamples_to_16k(tmp_path):
     )  # stereo, 8 kHz, 1 s
     audio = data.read_audio(str(tmp_path / "a.wav"))
     want = np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
-    assert audio.dtype == np.float32 and audio.shape == (16000,)
+    assert audio.dtype == np.float32
+    assert audio.shape == (16000,)
     assert np.abs(audio - want)[100:-100].max() < 0.02  # the same tone at the new rate
 
 
@@ -255,8 +260,10 @@ def test_epochs_flag_sets_the_runs_steps(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(parallel, "start_scorer", no_worker)
     cfg = _tiny(tmp_path, "--data", str(rows), "--val-data", "", "--epochs", "1")
     history = grpo.train(cfg)
-    assert cfg.steps == 2 and [m["step"] for m in history] == [1, 2]
+    assert cfg.steps == 2
+    assert [m["step"] for m in history] == [1, 2]
     assert "steps 1-2" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
         config.parse_config(["--preset", "tiny", "--epochs", "-1"])
-    assert exit_.value.code == 2 and "--epochs -1.0: must be >= 0" in capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "--epochs -1.0: must be >= 0" in capsys.readouterr().err

@@ -43,7 +43,8 @@ def graphs():
 
 def assert_same(a, b, atol=1e-5):
     assert torch.equal(a.tokens, b.tokens), (a.tokens, b.tokens)
-    assert torch.equal(a.lengths, b.lengths) and torch.equal(a.finished, b.finished)
+    assert torch.equal(a.lengths, b.lengths)
+    assert torch.equal(a.finished, b.finished)
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=atol, rtol=0)
 
 
@@ -111,9 +112,9 @@ def test_static_step_eager_equals_dynamic_loop(tok, prompts):
     # Buffers per batch size (and knobs on or off), P + N slots rounded up to 128, grown when a call needs more.
     assert slots[0] == [(4, 128)] and slots[2] == [(2, 128), (4, 128), (4, 128)], slots
     before, after = Counter(slots[-2]), Counter(slots[-1])
-    assert after - before == Counter({(4, 256): 1}) and before - after == Counter(
-        {(4, 128): 1}
-    )  # replaced
+    # replaced
+    assert after - before == Counter({(4, 256): 1})
+    assert before - after == Counter({(4, 128): 1})
     # fp32 weights under bf16 autocast (the trainer on CUDA): the step reads bf16 copies of the
     # weights, made once per call, where eager autocast casts them at each use: the same values, so
     # the same results as the step reading the fp32 weights (and the dynamic loop's tokens).
@@ -134,10 +135,12 @@ def test_static_step_eager_equals_dynamic_loop(tok, prompts):
         assert_same(
             ours, ref, atol=5e-3
         )  # attention runs in bf16 under autocast: see the bf16 cache above
-    assert dec.weight_copies[0].q[0].dtype == torch.bfloat16 and uncast.weight_copies is None
+    assert dec.weight_copies[0].q[0].dtype == torch.bfloat16
+    assert uncast.weight_copies is None
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
     dec.release()
-    assert not dec.states and dec.weight_copies is None
+    assert not dec.states
+    assert dec.weight_copies is None
     with pytest.raises(ValueError, match="another model"):
         sample.generate(models.tiny_llama(len(tok), seed=4), prompts, max_new_tokens=2, decoder=dec)
 
@@ -163,7 +166,9 @@ def test_compiled_greedy_equals_eager_and_compiles_once(small, prompts):
         stop_ids=(int(free.tokens[2, 8]),),
     )
     ref = sample.generate(model, prompts, **kw)
-    assert ref.finished.any() and not ref.finished.all() and len(set(ref.lengths.tolist())) > 1
+    assert ref.finished.any()
+    assert not ref.finished.all()
+    assert len(set(ref.lengths.tolist())) > 1
 
     dec = decode.Decoder(model, compile=True)
     before = graphs()
@@ -246,12 +251,11 @@ def test_compile_flag_builds_one_decoder_per_run(tmp_path):
         torch.device("cpu"),
         _FakeScorer(0.5),
     )
-    assert isinstance(tr.sampler.decoder, decode.Decoder) and tr.sampler.decoder.compiled
+    assert isinstance(tr.sampler.decoder, decode.Decoder)
+    assert tr.sampler.decoder.compiled
     longest = max(len(tr.sampler.prompt(ex)) for ex in tr.examples + tr.val_examples)
-    assert (
-        tr.sampler.decoder.model is tr.policy.lm
-        and tr.sampler.decoder.max_len >= tr.cfg.max_new_tokens + longest
-    )
+    assert tr.sampler.decoder.model is tr.policy.lm
+    assert tr.sampler.decoder.max_len >= tr.cfg.max_new_tokens + longest
 
 
 def test_sampler_sizes_the_cache_once_for_the_longest_clone_prompt(tmp_path, monkeypatch, capsys):
@@ -331,7 +335,8 @@ def test_a_compiled_step_that_fails_falls_back_to_the_eager_loop(tmp_path, capsy
 
 def test_spans_double_up_to_the_cache():
     assert decode.spans(1792) == [256, 512, 1024, 1792]  # the trainer's cache: 4 graphs at most
-    assert decode.spans(256) == [256] and decode.spans(128) == [128]
+    assert decode.spans(256) == [256]
+    assert decode.spans(128) == [128]
     assert decode.spans(2304) == [256, 512, 1024, 2048, 2304]
 
 
@@ -349,9 +354,9 @@ def test_static_step_across_spans_equals_the_dynamic_loop(tok, prompts):
         model, prompts, generator=torch.Generator().manual_seed(1), decoder=dec, **kw
     )
     assert_same(ours, ref)
-    assert (
-        ours.tokens.shape[1] == 430 and max(len(p) for p in prompts) + 430 > 512
-    )  # three spans read
+    # three spans read
+    assert ours.tokens.shape[1] == 430
+    assert max(len(p) for p in prompts) + 430 > 512
     assert graphs() - before == 3  # 256, 512 and 640 slots
     (state,) = dec.states.values()
     assert len(state.cache.k) == len(state.cache.v) == model.config.num_hidden_layers
@@ -420,7 +425,8 @@ def test_compiled_step_writes_one_cache_slot_not_a_copy_of_the_cache(small, prom
             decode.KVCache.for_model = staticmethod(real)
         assert_same(out, ref)
         (s,) = dec.states.values()
-        assert s.cache.length == 1792 and len(codes) == 1
+        assert s.cache.length == 1792
+        assert len(codes) == 1
         layer = s.cache.k[0].numel()  # B * kv_heads * L * head_dim
         found[design] = [n for n in loop_nests(codes[0]) if n >= layer]
         assert max(loop_nests(codes[0])) > 0
@@ -444,4 +450,5 @@ def test_trainer_decodes_one_shape_per_run_and_frees_it(tmp_path):
     assert metrics["response_len"] > 0
     assert [key[0] for key in tr.sampler.decoder.states] == [tr.sampler.batch]
     tr.sampler.close()
-    assert not tr.sampler.decoder.states and tr.sampler.decoder.weight_copies is None
+    assert not tr.sampler.decoder.states
+    assert tr.sampler.decoder.weight_copies is None

@@ -27,11 +27,12 @@ def test_demo_texts_use_only_the_vocabulary_and_validation_is_held_out():
     kept = [ex.text for ex in data.load_dataset(demo.VAL_DEMO_FILE)]
     # The shipped files are the script's output: every held-out candidate in val.jsonl, and kept
     # candidates, in the pools' order, in train.jsonl and val_demo.jsonl.
-    assert val == val_pool and not set(train_pool) & set(val_pool)
-    assert len(train) == demo.N_TRAIN and len(kept) == demo.N_VAL
-    assert train == [t for t in train_pool if t in set(train)] and kept == [
-        t for t in val_pool if t in set(kept)
-    ]
+    assert val == val_pool
+    assert not set(train_pool) & set(val_pool)
+    assert len(train) == demo.N_TRAIN
+    assert len(kept) == demo.N_VAL
+    assert train == [t for t in train_pool if t in set(train)]
+    assert kept == [t for t in val_pool if t in set(kept)]
     vocab = set(demo.VOCAB)
     assert all(w in vocab for t in train + val for w in t.split())
     tok = demo.demo_tokenizer()
@@ -85,7 +86,8 @@ def test_warm_start_is_deterministic_reads_then_confuses_word_pairs():
     reader, _ = demo.warm_start(seed=0, steps=60, confusion_steps=0, log=None)
     val = [ex.text for ex in data.load_dataset(demo.VAL_FILE)]
     partner = demo.confusions()
-    assert sorted(partner) == sorted(demo.VOCAB) and all(a != b for a, b in partner.items())
+    assert sorted(partner) == sorted(demo.VOCAB)
+    assert all(a != b for a, b in partner.items())
     assert all(
         any(a in ws and b in ws for ws in demo.WORDS.values()) for a, b in partner.items()
     )  # same role
@@ -101,13 +103,13 @@ def test_warm_start_is_deterministic_reads_then_confuses_word_pairs():
 def test_ensure_policy_builds_once_and_loads(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     path = demo.ensure_policy(str(tmp_path / "policy"), seed=0, steps=3, confusion_steps=2)
-    assert path == str(tmp_path / "policy") and sorted(os.listdir(tmp_path)) == ["policy"]
+    assert path == str(tmp_path / "policy")
+    assert sorted(os.listdir(tmp_path)) == ["policy"]
     weights = os.path.join(path, "model.safetensors")
     stamp = os.path.getmtime(weights)
-    assert (
-        demo.ensure_policy(path, seed=0, steps=3, confusion_steps=2) == path
-        and os.path.getmtime(weights) == stamp
-    )  # kept
+    # kept
+    assert demo.ensure_policy(path, seed=0, steps=3, confusion_steps=2) == path
+    assert os.path.getmtime(weights) == stamp
     monkeypatch.setattr(
         demo, "POLICY_DIR", path
     )  # where "demo" resolves to: built already, so loaded
@@ -176,11 +178,14 @@ def test_demo_grpo_steps_end_to_end_with_real_whisper(tmp_path):
         for key in ("reward_mean", "cer", "nll", "loss"):
             assert math.isfinite(m[key]), (key, m[key])
         # a 60-step policy may ramble past Whisper's 8 s: refused as too long, the only error allowed
-        assert 0 <= m["reward_mean"] <= 1 and m["error_frac"] == m["too_long_frac"]
+        assert 0 <= m["reward_mean"] <= 1
+        assert m["error_frac"] == m["too_long_frac"]
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: validation before any update
-    assert set(rows[0]) >= {"val_cer", "val_reward"} and "reward_mean" not in rows[0]
-    assert rows[0]["val_cer"] >= 0 and rows[2]["val_cer"] >= 0
+    assert set(rows[0]) >= {"val_cer", "val_reward"}
+    assert "reward_mean" not in rows[0]
+    assert rows[0]["val_cer"] >= 0
+    assert rows[2]["val_cer"] >= 0
     for folder in ("val_step_0", "val_step_2", "step_2"):  # before and after, to listen to
         names = sorted(os.listdir(out / "samples" / folder))
         assert sum(n.endswith(".wav") for n in names) == 2 and "samples.jsonl" in names, folder
@@ -206,7 +211,9 @@ def _read_png(path):
         pos += 12 + n
     w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
     raw = zlib.decompress(chunks[b"IDAT"])
-    assert (depth, color) == (8, 2) and len(raw) == h * (1 + 3 * w) and b"IEND" in chunks
+    assert (depth, color) == (8, 2)
+    assert len(raw) == h * (1 + 3 * w)
+    assert b"IEND" in chunks
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, 1 + 3 * w)
     assert (rows[:, 0] == 0).all()  # filter type 0
     return rows[:, 1:].reshape(h, w, 3)

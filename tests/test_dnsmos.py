@@ -126,5 +126,6 @@ def test_missing_package_is_one_line_naming_pip(monkeypatch, package):
     with pytest.raises(ImportError) as caught:
         dnsmos.DNSMOS()
     message = str(caught.value)
-    assert "\n" not in message and package in message
+    assert "\n" not in message
+    assert package in message
     assert "pip install speechmos onnxruntime" in message

@@ -66,12 +66,13 @@ def test_compare_pairs_by_id(tmp_path, capsys):
     _results(tmp_path / "a", a)
     _results(tmp_path / "b", b)
     out = {r["metric"]: r for r in ev.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])}
-    assert out["wer"]["n"] == 6 and out["wer"]["diff"] == pytest.approx(-0.2)
-    assert out["wer"]["ci_low"] == pytest.approx(-0.2) and out["wer"]["ci_high"] == pytest.approx(
-        -0.2
-    )
+    assert out["wer"]["n"] == 6
+    assert out["wer"]["diff"] == pytest.approx(-0.2)
+    assert out["wer"]["ci_low"] == pytest.approx(-0.2)
+    assert out["wer"]["ci_high"] == pytest.approx(-0.2)
     assert out["wer"]["sign_p"] == pytest.approx(2 / 64)
-    assert out["sim"]["diff"] == 0 and out["sim"]["sign_p"] == 1.0
+    assert out["sim"]["diff"] == 0
+    assert out["sim"]["sign_p"] == 1.0
     assert "| reward | 6 |" in capsys.readouterr().out
 
 
@@ -110,17 +111,25 @@ def test_seed_tts_list_wavs_resume_and_bad_rows(tmp_path, fake_asr, capsys):
         "random-tiny",
     ]
     summary = ev.main(argv)
-    assert len(fake_asr.CALLS) == 2 and all(lang == "en" for _, lang in fake_asr.CALLS)
+    assert len(fake_asr.CALLS) == 2
+    assert all(lang == "en" for _, lang in fake_asr.CALLS)
     rows = {r["id"]: r for r in res.read_results(str(tmp_path / "out" / "results.jsonl"))}
-    assert rows["u1"]["wer"] == 0.0 and rows["u2"]["wer"] == pytest.approx(4 / 3)
-    assert rows["u1"]["sim"] is not None and rows["u1"]["reward"] is None  # no reward Whisper given
-    assert rows["u3"]["error"].startswith("wav not found") and rows["u3"]["source"] == f"{lst}:3"
-    assert "unreadable audio" in rows["u4"]["error"] and rows["u4"]["source"] == f"{lst}:4"
-    assert summary["errors"] == 2 and summary["scored"] == 2 and summary["rows"] == 4
+    assert rows["u1"]["wer"] == 0.0
+    assert rows["u2"]["wer"] == pytest.approx(4 / 3)
+    assert rows["u1"]["sim"] is not None
+    assert rows["u1"]["reward"] is None  # no reward Whisper given
+    assert rows["u3"]["error"].startswith("wav not found")
+    assert rows["u3"]["source"] == f"{lst}:3"
+    assert "unreadable audio" in rows["u4"]["error"]
+    assert rows["u4"]["source"] == f"{lst}:4"
+    assert summary["errors"] == 2
+    assert summary["scored"] == 2
+    assert summary["rows"] == 4
     assert summary["wer_mean"] == pytest.approx((0 + 4 / 3) / 2)  # mean of per-utterance rates
     assert f"{lst}:3" in capsys.readouterr().err
     again = ev.main(argv)  # resumed: nothing left to do, the same summary
-    assert len(fake_asr.CALLS) == 2 and again["wer_mean"] == summary["wer_mean"]
+    assert len(fake_asr.CALLS) == 2
+    assert again["wer_mean"] == summary["wer_mean"]
     assert len(res.read_results(str(tmp_path / "out" / "results.jsonl"))) == 4
 
 
@@ -143,9 +152,11 @@ def test_unknown_language_is_a_bad_row(tmp_path, fake_asr):
             "fake_asr_mod:transcribe",
         ]
     )
-    assert summary["errors"] == 1 and "klingon" in summary["bad_rows"][0]["error"]
+    assert summary["errors"] == 1
+    assert "klingon" in summary["bad_rows"][0]["error"]
     assert summary["bad_rows"][0]["source"].endswith("d.jsonl:1")
-    assert summary["n_cer"] == 1 and summary["n_wer"] == 0
+    assert summary["n_cer"] == 1
+    assert summary["n_wer"] == 0
 
 
 def test_missing_model_is_one_line(tmp_path, fake_asr):
@@ -160,31 +171,33 @@ def test_missing_model_is_one_line(tmp_path, fake_asr):
     ]
     with pytest.raises(SystemExit) as e:
         ev.main(base + ["--asr", str(tmp_path / "no-such-whisper.pt")])
-    assert (
-        "--asr" in str(e.value)
-        and "no-such-whisper.pt" in str(e.value)
-        and "\n" not in str(e.value)
-    )
+    assert "--asr" in str(e.value)
+    assert "no-such-whisper.pt" in str(e.value)
+    assert "\n" not in str(e.value)
     with pytest.raises(SystemExit) as e:
         ev.main(
             base
             + ["--asr", "fake_asr_mod:transcribe", "--speaker-model", str(tmp_path / "none.pth")]
         )
-    assert "--speaker-model" in str(e.value) and "\n" not in str(e.value)
+    assert "--speaker-model" in str(e.value)
+    assert "\n" not in str(e.value)
     with pytest.raises(SystemExit) as e:
         ev.main(
             ["--model", str(tmp_path / "no-ckpt"), "--codec", "tone"]
             + base[2:]
             + ["--asr", "fake_asr_mod:transcribe"]
         )
-    assert "--model" in str(e.value) and "no-ckpt" in str(e.value)
+    assert "--model" in str(e.value)
+    assert "no-ckpt" in str(e.value)
     with pytest.raises(SystemExit) as e:
         ev.main(
             ["--model", "tiny", "--codec", "xcodec2:/nonexistent"]
             + base[2:]
             + ["--asr", "fake_asr_mod:transcribe"]
         )
-    assert "--codec" in str(e.value) and "/nonexistent" in str(e.value) and "\n" not in str(e.value)
+    assert "--codec" in str(e.value)
+    assert "/nonexistent" in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 def test_asr_download_failure_says_its_hint_once(tmp_path, monkeypatch):
@@ -209,7 +222,9 @@ def test_asr_download_failure_says_its_hint_once(tmp_path, monkeypatch):
             ]
         )
     msg = str(e.value)
-    assert msg.count("pass --asr PATH") == 1 and "point --asr" not in msg and "\n" not in msg
+    assert msg.count("pass --asr PATH") == 1
+    assert "point --asr" not in msg
+    assert "\n" not in msg
 
 
 def test_model_tiny_end_to_end(tmp_path, fake_asr):
@@ -238,12 +253,19 @@ def test_model_tiny_end_to_end(tmp_path, fake_asr):
         ]
     )
     rows = res.read_results(str(tmp_path / "o" / "results.jsonl"))
-    assert [r["id"] for r in rows] == ["v0", "v1"] and len(fake_asr.CALLS) == 2
+    assert [r["id"] for r in rows] == ["v0", "v1"]
+    assert len(fake_asr.CALLS) == 2
     for r in rows:
-        assert r["error"] is None and r["wer"] == (0.0 if r["id"] == "v0" else pytest.approx(4 / 3))
-        assert 0 <= r["reward"] <= 1 and -1 <= r["sim"] <= 1 and r["rtf"] > 0
-        assert r["duration_s"] > 0 and os.path.isfile(tmp_path / "o" / "wavs" / f"{r['id']}.wav")
-    assert summary["scored"] == 2 and summary["reward_mean"] is not None and summary["rtf_mean"] > 0
+        assert r["error"] is None
+        assert r["wer"] == (0.0 if r["id"] == "v0" else pytest.approx(4 / 3))
+        assert 0 <= r["reward"] <= 1
+        assert -1 <= r["sim"] <= 1
+        assert r["rtf"] > 0
+        assert r["duration_s"] > 0
+        assert os.path.isfile(tmp_path / "o" / "wavs" / f"{r['id']}.wav")
+    assert summary["scored"] == 2
+    assert summary["reward_mean"] is not None
+    assert summary["rtf_mean"] > 0
     assert json.load(open(tmp_path / "o" / "summary.json"))["wer_mean"] == pytest.approx(2 / 3)
 
 
@@ -272,7 +294,8 @@ def test_model_top_k_one_is_greedy(tmp_path, fake_asr):
         greedy, k1 = (
             soundfile.read(tmp_path / d / "wavs" / f"{i}.wav")[0] for d in ("greedy", "k1")
         )
-        assert greedy.shape == k1.shape and np.array_equal(greedy, k1)
+        assert greedy.shape == k1.shape
+        assert np.array_equal(greedy, k1)
     ev.main(base + ["--out", str(tmp_path / "sampled")])  # the default: LLASA's T 0.8, seeded
     ev.main(base + ["--out", str(tmp_path / "again")])
     clips = {
@@ -318,10 +341,15 @@ def test_wavs_with_real_whisper_tiny(tmp_path):
     got = {r["id"]: r for r in res.read_results(str(tmp_path / "o" / "results.jsonl"))}
     right = [got[f"right{i}"]["wer"] for i in range(3)]
     wrong = [got[f"wrong{i}"]["wer"] for i in range(3)]
-    assert max(right) < min(wrong) and np.mean(right) < 0.4 and np.mean(wrong) > 0.6
+    assert max(right) < min(wrong)
+    assert np.mean(right) < 0.4
+    assert np.mean(wrong) > 0.6
     assert all(got[f"right{i}"]["reward"] > got[f"wrong{i}"]["reward"] for i in range(3))
-    assert got["silence"]["wer"] == 1.0 and got["silence"]["silent"] and summary["silent"] == 1
-    assert summary["errors"] == 0 and not math.isnan(summary["chars_per_s_median"])
+    assert got["silence"]["wer"] == 1.0
+    assert got["silence"]["silent"]
+    assert summary["silent"] == 1
+    assert summary["errors"] == 0
+    assert not math.isnan(summary["chars_per_s_median"])
 
 
 def test_training_validation_uses_the_table_metric():
@@ -411,14 +439,16 @@ def test_torchrun_two_ranks_split_merge_and_world_changes(tmp_path, monkeypatch)
     rows = res.read_results(str(out / "results.jsonl"))
     assert [r["id"] for r in rows] == [f"r{i}" for i in range(5)]
     assert rows[3]["error"].startswith("wav not found")
-    assert json.load(open(out / "summary.json"))["scored"] == 4 and "| rows | 5 |" in proc.stdout
+    assert json.load(open(out / "summary.json"))["scored"] == 4
+    assert "| rows | 5 |" in proc.stdout
     _tone_wav(tmp_path / "r3.wav", seconds=0.4)
     monkeypatch.syspath_prepend(str(tmp_path))
     assert ev.main(argv)["errors"] == 0  # world 1: r3 retried, fixed
     assert log.read_text().splitlines()[-1] == "- 6400"
     torchrun()  # world 2 again: nothing left to do, and r3 stays fixed
     rows = res.read_results(str(out / "results.jsonl"))
-    assert [r["id"] for r in rows] == [f"r{i}" for i in range(5)] and rows[3]["error"] is None
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(5)]
+    assert rows[3]["error"] is None
     assert json.load(open(out / "summary.json"))["errors"] == 0
     assert len(log.read_text().splitlines()) == 5
 
@@ -443,11 +473,9 @@ def test_text_with_nothing_to_rate_is_a_bad_row_alone(tmp_path, fake_asr):
             "en",
         ]
     )
-    assert (
-        summary["errors"] == 1
-        and summary["bad_rows"][0]["id"] == "a"
-        and summary["wer_mean"] == 0.0
-    )
+    assert summary["errors"] == 1
+    assert summary["bad_rows"][0]["id"] == "a"
+    assert summary["wer_mean"] == 0.0
 
 
 def test_row_without_language_stops_before_any_work(tmp_path, fake_asr):
@@ -464,18 +492,20 @@ def test_row_without_language_stops_before_any_work(tmp_path, fake_asr):
         with pytest.raises(SystemExit) as e:
             ev.main(base + ["--asr", asr])
         msg = str(e.value)
-        assert f"{lst}:2" in msg and "'u1'" in msg and "--language" in msg and "\n" not in msg
-    assert fake_asr.CALLS == [] and not os.path.exists(tmp_path / "o" / "results.jsonl")
+        assert f"{lst}:2" in msg
+        assert "'u1'" in msg
+        assert "--language" in msg
+        assert "\n" not in msg
+    assert fake_asr.CALLS == []
+    assert not os.path.exists(tmp_path / "o" / "results.jsonl")
     with pytest.raises(
         SystemExit
     ) as e:  # .en: en implied, so the next stop is loading that Whisper
         ev.main(base + ["--asr", str(tmp_path / "whisper-tiny.en.pt")])
     assert "cannot load --asr" in str(e.value)
-    assert (
-        ev.english_only("tiny.en")
-        and ev.english_only("/x/whisper-tiny.en.pt")
-        and not ev.english_only("tiny")
-    )
+    assert ev.english_only("tiny.en")
+    assert ev.english_only("/x/whisper-tiny.en.pt")
+    assert not ev.english_only("tiny")
     assert ev.main(base + ["--asr", "fake_asr_mod:transcribe", "--language", "zh"])["n_cer"] == 1
 
 
@@ -500,15 +530,18 @@ def test_resume_retries_failed_rows_and_keeps_the_newest(tmp_path, fake_asr):
         "--language",
         "en",
     ]
-    assert ev.main(argv)["errors"] == 1 and len(fake_asr.CALLS) == 1  # b.wav missing
+    # b.wav missing
+    assert ev.main(argv)["errors"] == 1
+    assert len(fake_asr.CALLS) == 1
     _tone_wav(tmp_path / "b.wav", seconds=0.25)
     again = ev.main(argv)
     assert fake_asr.CALLS[1:] == [(4000, "en")]  # only b retried, a kept
-    assert again["errors"] == 0 and again["scored"] == 2
+    assert again["errors"] == 0
+    assert again["scored"] == 2
     rows = res.read_results(str(tmp_path / "o" / "results.jsonl"))
-    assert (
-        [r["id"] for r in rows] == ["a", "b"] and rows[1]["error"] is None and rows[1]["wer"] == 0.0
-    )
+    assert [r["id"] for r in rows] == ["a", "b"]
+    assert rows[1]["error"] is None
+    assert rows[1]["wer"] == 0.0
 
 
 def test_resume_after_a_torn_last_line(tmp_path, fake_asr, capsys):
@@ -536,7 +569,9 @@ def test_resume_after_a_torn_last_line(tmp_path, fake_asr, capsys):
     capsys.readouterr()
     summary = ev.main(argv)
     assert f"{path}:3: dropped an unfinished last line" in capsys.readouterr().err
-    assert len(fake_asr.CALLS) == 4 and summary["scored"] == 3  # only c redone
+    # only c redone
+    assert len(fake_asr.CALLS) == 4
+    assert summary["scored"] == 3
     assert [r["id"] for r in res.read_results(str(path))] == ["a", "b", "c"]
     path.write_text("{broken\n" + "".join(lines[1:]))  # a bad line elsewhere: an error naming it
     with pytest.raises(SystemExit, match=f"{path}:1: not a results row"):
@@ -577,12 +612,15 @@ def test_bad_prompt_audio_is_a_bad_row(tmp_path, fake_asr):
         ]
     )
     rows = _transcripts(tmp_path / "o")
-    assert rows["a"]["error"] is None and rows["a"]["wer"] == 0.0 and len(fake_asr.CALLS) == 1
-    assert rows["b"]["error"].startswith("prompt audio not found") and rows["b"]["source"].endswith(
-        "d.jsonl:2"
-    )
-    assert "cannot be read" in rows["c"]["error"] and rows["c"]["source"].endswith("d.jsonl:3")
-    assert summary["errors"] == 2 and summary["scored"] == 1
+    assert rows["a"]["error"] is None
+    assert rows["a"]["wer"] == 0.0
+    assert len(fake_asr.CALLS) == 1
+    assert rows["b"]["error"].startswith("prompt audio not found")
+    assert rows["b"]["source"].endswith("d.jsonl:2")
+    assert "cannot be read" in rows["c"]["error"]
+    assert rows["c"]["source"].endswith("d.jsonl:3")
+    assert summary["errors"] == 2
+    assert summary["scored"] == 1
 
 
 def test_asr_exception_is_that_rows_error(tmp_path, monkeypatch):
@@ -611,11 +649,10 @@ def test_asr_exception_is_that_rows_error(tmp_path, monkeypatch):
         ]
     )
     rows = _transcripts(tmp_path / "o")
-    assert (
-        rows["a"]["wer"] == 0.0
-        and rows["b"]["error"] == "--asr flaky_asr_mod:transcribe: RuntimeError: boom"
-    )
-    assert summary["errors"] == 1 and summary["scored"] == 1
+    assert rows["a"]["wer"] == 0.0
+    assert rows["b"]["error"] == "--asr flaky_asr_mod:transcribe: RuntimeError: boom"
+    assert summary["errors"] == 1
+    assert summary["scored"] == 1
 
 
 def test_bad_prompt_with_a_speaker_model_is_a_bad_row_alone(tmp_path, fake_asr):
@@ -648,11 +685,17 @@ def test_bad_prompt_with_a_speaker_model_is_a_bad_row_alone(tmp_path, fake_asr):
     ]
     summary = ev.main(argv)
     rows = _transcripts(tmp_path / "o")
-    assert rows["a"]["error"] is None and -1 <= rows["a"]["sim"] <= 1 and len(fake_asr.CALLS) == 1
+    assert rows["a"]["error"] is None
+    assert -1 <= rows["a"]["sim"] <= 1
+    assert len(fake_asr.CALLS) == 1
     assert rows["b"]["error"].startswith("prompt audio not found")
-    assert "cannot be read" in rows["c"]["error"] and "NaN" in rows["d"]["error"]
-    assert summary["errors"] == 3 and summary["scored"] == 1
-    assert ev.main(argv)["errors"] == 3 and len(fake_asr.CALLS) == 1  # the rerun runs too
+    assert "cannot be read" in rows["c"]["error"]
+    assert "NaN" in rows["d"]["error"]
+    assert summary["errors"] == 3
+    assert summary["scored"] == 1
+    # the rerun runs too
+    assert ev.main(argv)["errors"] == 3
+    assert len(fake_asr.CALLS) == 1
 
 
 def test_rerun_into_another_runs_out_is_refused(tmp_path, fake_asr, capsys):
@@ -675,13 +718,15 @@ def test_rerun_into_another_runs_out_is_refused(tmp_path, fake_asr, capsys):
     ]
     assert ev.main(["--wavs", str(tmp_path / "a")] + base)["scored"] == 1
     record = json.load(open(out / "run.json"))
-    assert record["wavs"] == str(tmp_path / "a") and record["asr"] == "fake_asr_mod:transcribe"
+    assert record["wavs"] == str(tmp_path / "a")
+    assert record["asr"] == "fake_asr_mod:transcribe"
     other_speaker = ["--wavs", str(tmp_path / "a"), "--speaker-model", "random-tiny"]
     other_wavs = ["--wavs", str(tmp_path / "b")]
     for extra, flag in ((other_wavs, "--wavs"), (other_speaker, "--speaker-model")):
         with pytest.raises(SystemExit) as e:
             ev.main(extra + base)
-        assert e.value.code == 2 and f"holds the results of another run: {flag} was" in str(e.value)
+        assert e.value.code == 2
+        assert f"holds the results of another run: {flag} was" in str(e.value)
         assert "\n" not in str(e.value)
     said = f"--wavs was '{tmp_path / 'a'}' there (run.json), '{tmp_path / 'b'}' now"
     assert said in capsys.readouterr().err
@@ -709,7 +754,8 @@ def test_rerun_into_another_runs_out_is_refused(tmp_path, fake_asr, capsys):
     ev.main(model)
     with pytest.raises(SystemExit) as e:
         ev.main(model + ["--temperature", "0"])
-    assert e.value.code == 2 and "--temperature was 0.8 there (run.json), 0.0 now" in str(e.value)
+    assert e.value.code == 2
+    assert "--temperature was 0.8 there (run.json), 0.0 now" in str(e.value)
 
 
 def test_rerun_on_part_of_the_data_keeps_the_other_rows(tmp_path, fake_asr):
@@ -732,7 +778,9 @@ def test_rerun_on_part_of_the_data_keeps_the_other_rows(tmp_path, fake_asr):
     summary = ev.main(base + ["--data", str(tmp_path / "part.jsonl")])
     kept = res.read_results(str(tmp_path / "o" / "results.jsonl"))
     assert [r["id"] for r in kept] == ["a", "b", "c"]
-    assert summary["rows"] == 1 and summary["scored"] == 1 and summary["other_rows"] == 2
+    assert summary["rows"] == 1
+    assert summary["scored"] == 1
+    assert summary["other_rows"] == 2
     assert "other ids' rows kept in results.jsonl" in res.table(summary)
     assert len(fake_asr.CALLS) == 3  # b was done already
 
@@ -759,9 +807,11 @@ def test_duplicate_ids_are_refused_naming_both_lines(tmp_path, fake_asr):
                 "en",
             ]
         )
-    assert e.value.code == 2 and "\n" not in str(e.value)
+    assert e.value.code == 2
+    assert "\n" not in str(e.value)
     assert f"id 'a' appears twice, {data_file}:1 and {data_file}:3" in str(e.value)
-    assert fake_asr.CALLS == [] and not os.path.exists(tmp_path / "o")
+    assert fake_asr.CALLS == []
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_default_sampling_is_llasas(capsys):
@@ -770,7 +820,8 @@ def test_default_sampling_is_llasas(capsys):
     with pytest.raises(SystemExit):
         ev.parse_args(["--help"])
     usage = " ".join(capsys.readouterr().out.split())
-    assert "(default 0.8, LLASA's); 0 = greedy" in usage and "(default 1.0 = off)" in usage
+    assert "(default 0.8, LLASA's); 0 = greedy" in usage
+    assert "(default 1.0 = off)" in usage
     assert "repetition penalty, > 0 (default 1.0 = none)" in usage
 
 
@@ -840,7 +891,8 @@ def test_bad_flags_are_one_line_exit_2_before_any_model_loads(tmp_path):
 
     cmd = [sys.executable, os.path.join(REPO, "eval.py")] + base + ["--batch-size", "0"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr == "eval.py: --batch-size must be >= 1, got 0\n"
+    assert proc.returncode == 2
+    assert proc.stderr == "eval.py: --batch-size must be >= 1, got 0\n"
 
 
 def test_clips_and_prompts_over_30_s(tmp_path, fake_asr):
@@ -867,18 +919,23 @@ def test_clips_and_prompts_over_30_s(tmp_path, fake_asr):
     ]
     summary = ev.main(["--wavs", str(tmp_path), "--out", str(tmp_path / "o")] + base)
     got = _transcripts(tmp_path / "o")
-    assert summary["errors"] == 0 and got["long"]["duration_s"] == 31
+    assert summary["errors"] == 0
+    assert got["long"]["duration_s"] == 31
     assert got["long"]["sim"] is not None
     reward = ["--reward-whisper", "random-tiny"]
     summary = ev.main(["--wavs", str(tmp_path), "--out", str(tmp_path / "r")] + reward + base)
     got = _transcripts(tmp_path / "r")
-    assert got["long"]["too_long"] and "longer than Whisper's 30 s window" in got["long"]["error"]
-    assert got["short"]["error"] is None and summary["too_long"] == 1 and summary["scored"] == 1
+    assert got["long"]["too_long"]
+    assert "longer than Whisper's 30 s window" in got["long"]["error"]
+    assert got["short"]["error"] is None
+    assert summary["too_long"] == 1
+    assert summary["scored"] == 1
     rows[1]["prompt_wav"] = "huge.wav"
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = ["--model", "tiny", "--codec", "tone", "--max-new-tokens", "8"]
     summary = ev.main(model + ["--out", str(tmp_path / "m")] + base[:-2])
     got = _transcripts(tmp_path / "m")
-    assert got["long"]["error"] is None and got["long"]["duration_s"] > 0
+    assert got["long"]["error"] is None
+    assert got["long"]["duration_s"] > 0
     assert "exceed the model's context of 4096 tokens" in got["short"]["error"]
     assert summary["scored"] == 1

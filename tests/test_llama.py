@@ -67,7 +67,9 @@ def test_logits_processing_matches_transformers():
         logits, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2, seen=seen
     )
     torch.testing.assert_close(got, expected, **close)
-    assert torch.isinf(got).any() and torch.isfinite(got).any()  # the filters did something
+    # the filters did something
+    assert torch.isinf(got).any()
+    assert torch.isfinite(got).any()
 
 
 # ---- the speech-only head: the policy restricted to allowed_ids and renormalized (DESIGN.md §2) --
@@ -108,7 +110,8 @@ def test_allowed_ids_greedy_equals_masked_hf_generate():
         model, PROMPTS, max_new_tokens=n, temperature=0, allowed_ids=ALLOWED, stop_ids=(stop,)
     )
     assert torch.equal(ours.tokens, masked_hf_greedy(model, PROMPTS, n, ALLOWED, eos_token_id=stop))
-    assert ours.finished[1] and int(ours.lengths[1]) <= 6
+    assert ours.finished[1]
+    assert int(ours.lengths[1]) <= 6
     pen = sample.generate(
         model, PROMPTS, max_new_tokens=n, temperature=0, allowed_ids=ALLOWED, repetition_penalty=1.5
     )
@@ -136,7 +139,8 @@ def test_allowed_ids_logprobs_are_the_restricted_policy():
         allowed_ids=ALLOWED,
         generator=torch.Generator().manual_seed(0),
     )
-    assert out.finished.any() and not out.finished.all()
+    assert out.finished.any()
+    assert not out.finished.all()
     allowed = torch.tensor(sorted(ALLOWED))
     for i, p in enumerate(PROMPTS * 2):
         n = int(out.lengths[i])
@@ -181,7 +185,8 @@ def test_head_logprobs_chunks_equal_the_unchunked_computation():
             hidden, weight, targets, temp, chunk=8, with_entropy=True
         )
         grads = torch.autograd.grad(logp, (hidden, weight), upstream.to(dtype))
-        assert logp.shape == (B, T) and logp.dtype == dtype
+        assert logp.shape == (B, T)
+        assert logp.dtype == dtype
         torch.testing.assert_close(logp, ref, atol=tol, rtol=0)
         for got, want in zip(
             grads, ref_grads
@@ -219,7 +224,8 @@ def test_head_rows_train_only_allowed_rows():
     model = models.tiny_llama(VOCAB, seed=6)
     allowed_ids = [299] + list(range(159, 99, -1)) + [120]  # any order, duplicates allowed
     weight, index = llama.head_rows(model, allowed_ids)
-    assert index.tolist() == sorted(ALLOWED) and weight.shape == (
+    assert index.tolist() == sorted(ALLOWED)
+    assert weight.shape == (
         len(ALLOWED),
         model.config.hidden_size,
     )
@@ -227,7 +233,8 @@ def test_head_rows_train_only_allowed_rows():
     tokens = torch.tensor([[150, 101, 299, 0, 0], [100, 159, 159, 120, 299]])  # row 0 right-padded
     valid = tokens != 0
     rows = llama.to_rows(tokens, index, valid)
-    assert torch.equal(index[rows][valid], tokens[valid]) and (rows[~valid] == 0).all()
+    assert torch.equal(index[rows][valid], tokens[valid])
+    assert (rows[~valid] == 0).all()
     with pytest.raises(ValueError, match=r"token ids \[0\] are not among the 61 allowed ids"):
         llama.to_rows(tokens, index)  # pads not marked invalid are not allowed ids
     prompt = [5, 6, 7, 8]
@@ -248,7 +255,8 @@ def test_head_rows_train_only_allowed_rows():
     assert (grad[outside] == 0).all()
     assert (grad[index].abs().sum(-1) > 0).all()  # every allowed row is in the softmax's gradient
     full, full_index = llama.head_rows(model)  # None: the full head, no copy
-    assert full is model.lm_head.weight and torch.equal(full_index, torch.arange(VOCAB))
+    assert full is model.lm_head.weight
+    assert torch.equal(full_index, torch.arange(VOCAB))
     with pytest.raises(
         ValueError, match="allowed_ids must be a non-empty set of ids in \\[0, 300\\)"
     ):
@@ -265,7 +273,9 @@ def test_head_logits_are_fp32_under_autocast():
         rounded = torch.nn.functional.linear(h, w)
         ours = llama.head_logits(h, w)
         lp = llama.head_logprobs(h[None], w, torch.arange(4)[None], 1.0)
-    assert rounded.dtype == torch.bfloat16 and (rounded.float() - exact).abs().max() > 0.01
-    assert ours.dtype == torch.float32 and torch.equal(ours, exact)
+    assert rounded.dtype == torch.bfloat16
+    assert (rounded.float() - exact).abs().max() > 0.01
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours, exact)
     assert torch.allclose(lp[0], llama.token_logprobs(exact, torch.arange(4), 1.0), atol=1e-6)
     assert llama.head_logits(h.double(), w).dtype == torch.float64  # float64 stays

@@ -52,16 +52,19 @@ def test_initial_lora_policy_is_the_base_model_exactly():
     base = models.tiny_llama(300, seed=1)
     adapted = copy.deepcopy(base)
     names = lora.add_adapters(adapted, 4, 8.0, seed=0)
-    assert len(names) == 2 * 7 and names[0] == "model.layers.0.self_attn.q_proj"
+    assert len(names) == 2 * 7
+    assert names[0] == "model.layers.0.self_attn.q_proj"
     trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
-    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    assert trainable
+    assert all(n.endswith(("lora_A", "lora_B")) for n in trainable)
     ids = _ids(300)
     with torch.no_grad():
         assert torch.equal(adapted(ids).logits, base(ids).logits)
         with lora.merged(adapted):
             assert torch.equal(adapted(ids).logits, base(ids).logits)
     for _, m in lora.adapters(adapted):
-        assert torch.equal(m.merged_weight(), m.base.weight) and m.merged is None
+        assert torch.equal(m.merged_weight(), m.base.weight)
+        assert m.merged is None
     with pytest.raises(ValueError, match="names no linear map of decoder layer 0"):
         lora.add_adapters(models.tiny_llama(300), 4, 8.0, targets=("q_proj", "qkv"))
 
@@ -109,12 +112,12 @@ def test_lora_rollouts_run_on_merged_weights_eager_static_and_compiled():
         off = copy.deepcopy(lm)
         with lora.disabled(off):
             base = sample.generate(off, prompts, generator=torch.Generator().manual_seed(0), **kw)
-    assert torch.equal(plain.tokens, merged.tokens) and torch.equal(plain.tokens, static.tokens)
+    assert torch.equal(plain.tokens, merged.tokens)
+    assert torch.equal(plain.tokens, static.tokens)
     assert torch.allclose(plain.logprobs, merged.logprobs, atol=1e-5)
     assert torch.allclose(plain.logprobs, static.logprobs, atol=1e-5)
-    assert torch.equal(plain.tokens, compiled.tokens) and torch.allclose(
-        plain.logprobs, compiled.logprobs, atol=1e-5
-    )
+    assert torch.equal(plain.tokens, compiled.tokens)
+    assert torch.allclose(plain.logprobs, compiled.logprobs, atol=1e-5)
     assert not torch.allclose(
         plain.logprobs, base.logprobs, atol=1e-3
     )  # the adapters do change the policy
@@ -126,10 +129,8 @@ def test_a_bf16_base_keeps_fp32_rotary_buffers_and_checkpoints_in_fp32(tmp_path)
     tok = data.tiny_tokenizer()
     lm = models.cast_parameters(models.tiny_llama(len(tok), seed=1), torch.bfloat16)
     lora.add_adapters(lm, 4, 8.0)
-    assert (
-        lm.model.rotary_emb.inv_freq.dtype == torch.float32
-        and lm.lm_head.weight.dtype == torch.bfloat16
-    )
+    assert lm.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert lm.lm_head.weight.dtype == torch.bfloat16
     cfg = config.Config(model="tiny", lora_rank=4, lora_alpha=8.0)
     weights, extra = policies.checkpoint_state(llama.LogProbs(lm), cfg, parallel.Dist())
     outputs.save_checkpoint(
@@ -164,7 +165,8 @@ def test_merged_checkpoint_is_a_plain_llama_with_the_adapter_models_logits(tmp_p
     assert (cfg_json["peft_type"], cfg_json["r"], cfg_json["lora_alpha"]) == ("LORA", 4, 8.0)
     tensors = load_file(os.path.join(folder, "adapter_model.safetensors"))
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-    assert tensors[key].shape == (4, 64) and len(tensors) == 2 * 2 * 7
+    assert tensors[key].shape == (4, 64)
+    assert len(tensors) == 2 * 2 * 7
     fresh = models.tiny_llama(len(tok), seed=1, tie_word_embeddings=tied)
     lora.add_adapters(fresh, 4, 8.0, seed=5)
     lora.load_adapter(fresh, folder, 4, 8.0, lora.TARGETS)
@@ -202,7 +204,8 @@ def test_adapters_off_reference_equals_a_copied_base():
         )
         out.append((stats, {k: v.detach().clone() for k, v in lm.named_parameters()}))
     (a, pa), (b, pb) = out
-    assert a["kl"] > 0 and a["kl"] == pytest.approx(b["kl"], rel=1e-6)
+    assert a["kl"] > 0
+    assert a["kl"] == pytest.approx(b["kl"], rel=1e-6)
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
     for k in pa:
         assert torch.allclose(pa[k], pb[k], atol=1e-7), k
@@ -237,7 +240,8 @@ def test_lora_update_with_grad_checkpointing_equals_without():
             contextlib.nullcontext,
         )
         out.append((stats["grad_norm"], {k: p.detach().clone() for k, p in lm.named_parameters()}))
-    assert out[0][0] > 0 and out[0][0] == pytest.approx(out[1][0], rel=1e-5)
+    assert out[0][0] > 0
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
     for k in out[0][1]:
         assert torch.allclose(out[0][1][k], out[1][1][k], atol=1e-7), k
 
@@ -289,7 +293,8 @@ def test_lora_two_ranks_equal_one(tmp_path, fsdp):
     _lora_update(0, 1, None, one, False)
     mp.spawn(_lora_update, args=(2, f"tcp://127.0.0.1:{_port()}", two, fsdp), nprocs=2, join=True)
     a, b = torch.load(one, weights_only=False), torch.load(two, weights_only=False)
-    assert set(a["adapter"]) == set(b["adapter"]) and set(a["weights"]) == set(b["weights"])
+    assert set(a["adapter"]) == set(b["adapter"])
+    assert set(a["weights"]) == set(b["weights"])
     for k in a["adapter"]:
         assert torch.allclose(a["adapter"][k], b["adapter"][k], atol=1e-6, rtol=0), k
     for k in a["weights"]:
@@ -328,9 +333,9 @@ def test_lora_run_trains_only_adapters_and_resumes_exactly(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(str(final)).state_dict()
     base = models.load_model("tiny", dtype=torch.float32)[0].state_dict()
     moved = [k for k in base if not torch.equal(base[k], merged[k])]
-    assert moved and all(
-        "proj" in k for k in moved
-    )  # only adapted maps differ: embeddings, norms, head never
+    # only adapted maps differ: embeddings, norms, head never
+    assert moved
+    assert all("proj" in k for k in moved)
     with pytest.raises(ValueError, match="--lora-rank was 4"):
         grpo.Trainer(
             _tiny(tmp_path / "c", *common, "--lora-rank", "8"),
@@ -353,7 +358,8 @@ def test_memory_lora_terms_match_real_tensors():
     m = memory.training_memory(model.config, lora_rank=8)
     assert memory.lora_params(model.config, 8) == sum(p.numel() for p in trained)
     assert m["weights"] == sum(p.nbytes for p in model.parameters())
-    assert m["grads"] == sum(p.grad.nbytes for p in trained) and m["reference"] == 0
+    assert m["grads"] == sum(p.grad.nbytes for p in trained)
+    assert m["reference"] == 0
     assert m["optimizer"] == sum(
         v.nbytes for s in opt.state.values() for k, v in s.items() if k != "step"
     )

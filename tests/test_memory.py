@@ -122,7 +122,9 @@ def test_memory_kv_cache_matches_real_cache():
     )  # one tensor per layer each, or stacked
     assert memory.kv_cache_bytes(model.config, 5, 77) == real
     m = memory.training_memory(model.config, rollout_batch=5, rollout_len=77, compile=False)
-    assert m["kv_cache"] == real and m["decoder_cache"] == 0  # eager: a cache per call
+    # eager: a cache per call
+    assert m["kv_cache"] == real
+    assert m["decoder_cache"] == 0
     # the seed recipe on Llasa-1B, one GPU: eager, 128 sequences of 1600 slots; compiled, the
     # Decoder's 1792 slots (1500 + 256, rounded up to 128), no other cache
     shape = memory.LLASA_SHAPES["llasa-1b"]
@@ -443,7 +445,9 @@ def test_memory_decoder_terms_match_a_real_decoder():
     assert (
         sum(t.nbytes for t in _tensors(decoder.weight_copies)) == m["decoder_weights"]
     )  # bf16 q..down
-    assert s.weight.dtype == torch.float32 and s.weight.nbytes == m["decoder_head"]  # [A, d] fp32
+    # [A, d] fp32
+    assert s.weight.dtype == torch.float32
+    assert s.weight.nbytes == m["decoder_head"]
     skip = {id(t) for t in [s.weight, *_tensors(s.cache)]}
     rest = sum(
         t.nbytes for t in _tensors(s) if id(t) not in skip
@@ -468,7 +472,8 @@ def test_memory_codec_terms_match_a_real_xcodec2_decoder():
 
     assert memory.codec_param_count() == 186_983_682
     m = memory.training_memory(memory.LLASA_SHAPES["llasa-1b"], world=2)  # 64 clips of 1500 codes
-    assert m["codec_weights"] == 4 * 186_983_682 and m["codec_decode"] == 64 * 1500 * 44 * 1024
+    assert m["codec_weights"] == 4 * 186_983_682
+    assert m["codec_decode"] == 64 * 1500 * 44 * 1024
     for C, hop, clips, frames in ((256, 80, 2, 600), (64, 320, 2, 600), (1024, 320, 1, 1500)):
         config = XCodec2Config(
             vq_dim=2 * C, hidden_dim=C, depth=1, n_heads=16 if C == 1024 else 4, hop_length=hop
@@ -537,7 +542,8 @@ def test_memory_llasa_1b_replicated_total():
     )  # with the pool's copy: the review's range
     # compiled decoding costs its buffers all run; --compile false only a rollout call's extra
     eager = memory.training_memory(memory.LLASA_SHAPES["llasa-1b"], world=2, compile=False)
-    assert eager["decoder"] == 0 < eager["kv_cache"] and eager["total"] < m["total"]
+    assert eager["decoder"] == 0 < eager["kv_cache"]
+    assert eager["total"] < m["total"]
     with pytest.raises(ValueError):
         memory.training_memory(memory.LLASA_SHAPES["llasa-1b"], world=2, fsdp=True, compile=True)
 

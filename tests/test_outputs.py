@@ -59,7 +59,8 @@ def test_checkpoint_is_durable_trainer_state_last(tmp_path, monkeypatch):
     outputs.save_checkpoint(str(tmp_path / "ckpt"), model, tok, {"step": 1})
     synced = [p for kind, p in events if kind == "fsync"]
     files = [p for p in synced if p.startswith("ckpt.tmp/")]
-    assert "ckpt.tmp/model.safetensors" in files and "ckpt.tmp/tokenizer_config.json" in files
+    assert "ckpt.tmp/model.safetensors" in files
+    assert "ckpt.tmp/tokenizer_config.json" in files
     assert files[-1] == "ckpt.tmp/trainer_state.pt"  # written and synced after every other file
     rename = events.index(("rename", "ckpt.tmp"))
     assert events[rename - 1] == ("fsync", "ckpt.tmp")  # the directory itself, before the rename
@@ -277,10 +278,11 @@ def test_step_metrics_report_errors_too_long_zero_std_and_the_lr_used(tmp_path):
 
     tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), _ScriptedScorer(make))
     m, _ = tr.train_step(0)
-    assert m["error_frac"] == pytest.approx(5 / 16) and m["too_long_frac"] == pytest.approx(1 / 16)
-    assert m["cer"] == pytest.approx(0.5) and m["nll"] == pytest.approx(
-        1.0
-    )  # errors have no cer, not 0
+    assert m["error_frac"] == pytest.approx(5 / 16)
+    assert m["too_long_frac"] == pytest.approx(1 / 16)
+    # errors have no cer, not 0
+    assert m["cer"] == pytest.approx(0.5)
+    assert m["nll"] == pytest.approx(1.0)
     assert m["zero_std_frac"] >= 0.25  # group 0 at least (truncation may zero more)
     assert m["lr"] == pytest.approx(1e-3 / 4)  # warm-up: the first step runs at 1/4 of the rate
     m2, _ = tr.train_step(1)

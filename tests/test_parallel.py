@@ -144,7 +144,8 @@ def test_one_failing_rank_stops_the_job(tmp_path, where):
     codes = [p.returncode for p in procs]
     assert all(c != 0 for c in codes), (codes, results[0][1][-2000:], results[1][1][-2000:])
     assert elapsed < 60, elapsed
-    assert "injected" in results[1][1] and "[rank 1]" in results[1][1]
+    assert "injected" in results[1][1]
+    assert "[rank 1]" in results[1][1]
     assert "rank 1 failed during" in results[0][1], results[0][1][-2000:]
     ckpt = os.path.join(out, "checkpoints", "step_1")
     model = AutoModelForCausalLM.from_pretrained(ckpt)
@@ -238,7 +239,8 @@ def _uneven_validation(rank, world, init_method, out_file):
             Loudness(),
             contextlib.nullcontext,
         )
-        assert sampler.batch == 4 and len(texts[rank::world]) == 5 - rank
+        assert sampler.batch == 4
+        assert len(texts[rank::world]) == 5 - rank
         scores, rewards, finished, shown = sampler.sample_and_score(texts, "validation")
         results.append(([s.reward for s in scores], rewards, finished, len(shown["audios"])))
     if rank == 0:
@@ -264,10 +266,11 @@ def test_fsdp_validation_with_uneven_chunks_does_not_hang(tmp_path):
                 p.kill()
             pytest.fail("a rank hangs in sample_and_score under FSDP with uneven validation chunks")
     (rewards_fsdp, *rest_fsdp), (rewards_rep, *rest_rep) = torch.load(out, weights_only=False)
-    assert (
-        len(rewards_fsdp) == 9 and len(set(rewards_fsdp)) > 1
-    )  # every text scored once, in rank order
-    assert rewards_fsdp == rewards_rep and rest_fsdp == rest_rep
+    # every text scored once, in rank order
+    assert len(rewards_fsdp) == 9
+    assert len(set(rewards_fsdp)) > 1
+    assert rewards_fsdp == rewards_rep
+    assert rest_fsdp == rest_rep
 
 
 def _failing_checkpoint(out: str):
@@ -467,7 +470,8 @@ def test_fsdp_tiny_preset_runs_and_resumes_exactly(tmp_path, flags):
         for key in ("reward_mean", "loss", "entropy", "grad_norm", "kl"):
             assert math.isfinite(m[key]), (key, m)
     ckpt = tmp_path / "a" / "checkpoints" / "step_2"
-    assert os.path.isdir(ckpt / "optimizer") and os.path.isdir(ckpt / "adapter") == bool(flags)
+    assert os.path.isdir(ckpt / "optimizer")
+    assert os.path.isdir(ckpt / "adapter") == bool(flags)
     resumed = _torchrun(tmp_path / "b", "--resume", str(ckpt), *flags, steps=3)
     assert [m["step"] for m in resumed] == [3]
     for key in ("reward_mean", "loss", "kl", "entropy", "response_len", "grad_norm", "lr"):

@@ -75,7 +75,8 @@ def test_f0_track_noise_silence_empty_unvoiced():
     for audio in (np.zeros(2 * SR, np.float32), np.zeros(0, np.float32)):
         f0s, voiced = prosody.f0_track(audio)
         assert f0s.shape == voiced.shape == (len(audio) // 160,)
-        assert prosody.voiced_frac(voiced) == 0.0 and prosody.f0_std_semitones(f0s, voiced) == 0.0
+        assert prosody.voiced_frac(voiced) == 0.0
+        assert prosody.f0_std_semitones(f0s, voiced) == 0.0
         assert prosody.measure(audio, "hello") == {
             "f0_std_semitones": 0.0,
             "voiced_frac": 0.0,
@@ -90,7 +91,8 @@ def test_f0_track_energy_gate():
         harmonic_tone(np.full(SR, 150.0), amplitude=3e-4),
     )
     f0s, voiced = prosody.f0_track(np.concatenate([loud, quiet]))
-    assert voiced[5:95].all() and not voiced[105:].any()
+    assert voiced[5:95].all()
+    assert not voiced[105:].any()
     f0s, voiced = prosody.f0_track(quiet)  # alone, the same tone is the loudest thing there: voiced
     assert prosody.voiced_frac(voiced) > 0.9
 
@@ -107,10 +109,8 @@ def test_speech_seconds_and_chars_per_s():
     # A pause inside the clip is part of the pace: it stays.
     gap = np.concatenate([audio, harmonic_tone(np.full(SR // 2, 150.0))])
     assert abs(prosody.speech_seconds(gap) - 2.2) < 0.05
-    assert (
-        prosody.speech_seconds(np.zeros(SR, np.float32)) == 0.0
-        and prosody.chars_per_s(10, np.zeros(0, np.float32)) == 0.0
-    )
+    assert prosody.speech_seconds(np.zeros(SR, np.float32)) == 0.0
+    assert prosody.chars_per_s(10, np.zeros(0, np.float32)) == 0.0
 
 
 def test_prosody_of_real_speech():
@@ -145,9 +145,8 @@ def test_band_factor_by_hand():
     assert prosody.band_factor(10 * 1.25**2, 10.0, 0.25) == pytest.approx(math.exp(-1))
     assert prosody.band_factor(10 / 1.25**2, 10.0, 0.25) == pytest.approx(math.exp(-1))
     assert prosody.band_factor(10 * 1.25**3, 10.0, 0.25) == pytest.approx(math.exp(-4))
-    assert (
-        prosody.band_factor(0.0, 10.0, 0.25) == 0.0 and prosody.band_factor(None, 10.0, 0.25) == 0.0
-    )
+    assert prosody.band_factor(0.0, 10.0, 0.25) == 0.0
+    assert prosody.band_factor(None, 10.0, 0.25) == 0.0
     ref = {"chars_per_s": 15.0, "f0_std_semitones": 2.0}
     s = Score(reward=0.8, chars_per_s=15.0 * 1.25**2, f0_std_semitones=2.0 / 1.5**2)
     assert prosody.guard_factor(s, ref, rate_band=0.25, pitch_band=0.5) == pytest.approx(
@@ -168,10 +167,10 @@ def test_scorers_measure_prosody(tmp_path):
     heard, refused = scorer.score([tone, np.full(5, np.nan, np.float32)], ["hello there", "x"])
     expect = prosody.measure(tone, "hello there")
     for name in ("f0_std_semitones", "voiced_frac", "chars_per_s"):
-        assert (
-            getattr(heard, name) == pytest.approx(expect[name]) and getattr(refused, name) is None
-        )
-    assert heard.voiced_frac > 0.9 and heard.f0_std_semitones < 0.1
+        assert getattr(heard, name) == pytest.approx(expect[name])
+        assert getattr(refused, name) is None
+    assert heard.voiced_frac > 0.9
+    assert heard.f0_std_semitones < 0.1
     assert heard.chars_per_s == pytest.approx(10 / 2.0, rel=0.05)  # "hellothere" over 2 s
     custom = scoring.CustomRewardScorer("test_grpo:short_reward").score([tone], ["hello there"])[0]
     assert custom.chars_per_s == pytest.approx(expect["chars_per_s"])
@@ -179,9 +178,9 @@ def test_scorers_measure_prosody(tmp_path):
 
 def test_sim_factor_holds_only_a_falling_similarity():
     assert prosody.sim_factor(None, 0.8, 0.05) == 1.0  # no prompt or an error: untouched
-    assert (
-        prosody.sim_factor(0.9, 0.8, 0.05) == 1.0 and prosody.sim_factor(0.75, 0.8, 0.05) == 1.0
-    )  # within
+    # within
+    assert prosody.sim_factor(0.9, 0.8, 0.05) == 1.0
+    assert prosody.sim_factor(0.75, 0.8, 0.05) == 1.0
     assert prosody.sim_factor(0.70, 0.8, 0.05) == pytest.approx(
         math.exp(-1)
     )  # one band below the edge

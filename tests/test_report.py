@@ -47,10 +47,12 @@ def test_wandb_gets_every_numeric_metric_at_its_step(tmp_path, monkeypatch):
     )
     r.log({"step": 5, "reward_mean": 0.5}, _samples())
     r.close()
-    assert logged[0] == (3, {"reward_mean": 0.25, "val_table_wer": 0.1}) and finished == [True]
+    assert logged[0] == (3, {"reward_mean": 0.25, "val_table_wer": 0.1})
+    assert finished == [True]
     step, values = logged[1]
     clips = values.pop("val_clips")
-    assert step == 5 and values == {"reward_mean": 0.5}
+    assert step == 5
+    assert values == {"reward_mean": 0.5}
     assert [(c.data.shape, c.sample_rate, c.caption) for c in clips] == [
         ((100,), 16000, "text 0"),
         ((320,), 16000, "text 1"),
@@ -86,10 +88,8 @@ def test_tensorboard_gets_scalars_and_the_first_validation_clips(tmp_path, monke
     r = report.Reporter("tensorboard", str(tmp_path))
     r.log({"step": 5, "reward_mean": 0.5}, _samples())
     r.close()
-    assert (
-        calls[0] == ("init", str(tmp_path / "tensorboard"))
-        and ("add_scalar", ("reward_mean", 0.5, 5), {}) in calls
-    )
+    assert calls[0] == ("init", str(tmp_path / "tensorboard"))
+    assert ("add_scalar", ("reward_mean", 0.5, 5), {}) in calls
     audio = [c for c in calls if c[0] == "add_audio"]
     assert [c[1][0] for c in audio] == [
         f"val_clips/{i}" for i in range(4)
@@ -108,7 +108,8 @@ def test_tensorboard_gets_scalars_and_the_first_validation_clips(tmp_path, monke
         "text 2",
         "text 3",
     ]
-    assert calls[-2][0] == "flush" and calls[-1][0] == "close"
+    assert calls[-2][0] == "flush"
+    assert calls[-1][0] == "close"
 
 
 def test_report_to_is_checked():
@@ -148,6 +149,7 @@ def test_grpo_train_reports_metrics_and_validation_clips(tmp_path, monkeypatch):
     )
     assert [step for step, _ in logged] == [0, 1]  # the validation before step 1, then step 1
     for step, values in logged:
-        assert "val_reward" in values and len(values["val_clips"]) >= 1
+        assert "val_reward" in values
+        assert len(values["val_clips"]) >= 1
         assert all(rate == 16000 and isinstance(text, str) for _, rate, text in values["val_clips"])
     assert "reward_mean" in logged[1][1]

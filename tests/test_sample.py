@@ -40,7 +40,8 @@ def test_greedy_equals_hf_generate(overrides):
     ours = sample.generate(model, PROMPTS, max_new_tokens=n, temperature=0)
     ref = hf_greedy(model, PROMPTS, n)
     assert torch.equal(ours.tokens, ref)
-    assert ours.lengths.tolist() == [n] * len(PROMPTS) and not ours.finished.any()
+    assert ours.lengths.tolist() == [n] * len(PROMPTS)
+    assert not ours.finished.any()
 
     # A stop id that row 0 emits mid-way: that row ends there, the others run on (or stop too).
     stop = int(ref[0, 10])
@@ -52,7 +53,8 @@ def test_greedy_equals_hf_generate(overrides):
         expected_len = int(hits[0]) + 1 if len(hits) else n
         assert int(ours.lengths[i]) == expected_len
         assert bool(ours.finished[i]) == bool(len(hits))
-    assert ours.lengths[0] <= 11 and ours.finished[0]
+    assert ours.lengths[0] <= 11
+    assert ours.finished[0]
 
 
 def test_greedy_repetition_penalty_equals_hf_generate():
@@ -78,8 +80,10 @@ def test_greedy_repetition_penalty_equals_hf_generate():
 def test_greedy_bf16_runs_and_logprobs_are_finite():
     model = models.tiny_llama(VOCAB, seed=1).to(torch.bfloat16)
     out = sample.generate(model, PROMPTS, max_new_tokens=12, temperature=0)
-    assert out.tokens.shape == (len(PROMPTS), 12) and out.logprobs.dtype == torch.float32
-    assert torch.isfinite(out.logprobs).all() and (out.logprobs < 0).all()
+    assert out.tokens.shape == (len(PROMPTS), 12)
+    assert out.logprobs.dtype == torch.float32
+    assert torch.isfinite(out.logprobs).all()
+    assert (out.logprobs < 0).all()
     assert torch.equal(out.tokens, hf_greedy(model, PROMPTS, 12))
 
 
@@ -112,7 +116,8 @@ def test_logprobs_equal_teacher_forced_forward():
             ]  # [n, V]
         expected = torch.log_softmax(logits.float() / T, dim=-1).gather(1, gen[:, None])[:, 0]
         torch.testing.assert_close(out.logprobs[i, :n], expected, atol=1e-4, rtol=0)
-        assert (out.logprobs[i, n:] == 0).all() and (out.tokens[i, n:] == 0).all()
+        assert (out.logprobs[i, n:] == 0).all()
+        assert (out.tokens[i, n:] == 0).all()
 
 
 def test_seeded_sampling_is_reproducible():
@@ -129,7 +134,8 @@ def test_seeded_sampling_is_reproducible():
         )
 
     a, b, c = run(1), run(1), run(2)
-    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(a.logprobs, b.logprobs)
     assert not torch.equal(a.tokens, c.tokens)
 
 
@@ -155,19 +161,23 @@ def test_allowed_ids_and_stops():
 
     free, out = run(()), run((stop,))
     assert set(free.tokens.flatten().tolist()) <= set(allowed)
-    assert out.finished.any() and not out.finished.all()
+    assert out.finished.any()
+    assert not out.finished.all()
     for i in range(len(prompts)):
         n_i = int(out.lengths[i])
         row = out.tokens[i, :n_i].tolist()
         assert set(row) <= set(allowed)
         if out.finished[i]:
-            assert row[-1] == stop and stop not in row[:-1]
+            assert row[-1] == stop
+            assert stop not in row[:-1]
         else:
-            assert n_i == n and stop not in row
+            assert n_i == n
+            assert stop not in row
         # Rows are independent and draw the same random numbers: up to its stop a row is exactly
         # the unstopped run's row; after it, nothing changes (zeros, log-prob 0).
         assert row == free.tokens[i, :n_i].tolist()
-        assert (out.tokens[i, n_i:] == 0).all() and (out.logprobs[i, n_i:] == 0).all()
+        assert (out.tokens[i, n_i:] == 0).all()
+        assert (out.logprobs[i, n_i:] == 0).all()
         assert (out.logprobs[i, :n_i] < 0).all()
 
 
@@ -218,7 +228,8 @@ def test_cat_rollouts_pads_to_the_longest():
         torch.tensor([False, True]),
     )
     r = sample.cat_rollouts([a, b])
-    assert r.tokens.tolist() == [[5, 6, 7], [8, 0, 0], [9, 0, 0]] and r.lengths.tolist() == [
+    assert r.tokens.tolist() == [[5, 6, 7], [8, 0, 0], [9, 0, 0]]
+    assert r.lengths.tolist() == [
         3,
         1,
         1,
@@ -252,13 +263,15 @@ def test_cli_tiny_model_writes_wav(tmp_path, capsys):
     )
     wav, sr = sf.read(out_path)
     n_speech = int(r.lengths[0]) - int(r.finished[0])
-    assert sr == codec.SAMPLE_RATE and n_speech > 0
+    assert sr == codec.SAMPLE_RATE
+    assert n_speech > 0
     assert len(wav) == 320 * n_speech
     assert "wrote" in capsys.readouterr().out
     vocab = data.speech_vocab(
         models.load_model("tiny")[1]
     )  # the CLI's tiny model: 64 speech tokens
-    assert vocab.n == 64 and vocab.to_codes(r.tokens[0, :n_speech].tolist())  # all speech tokens
+    assert vocab.n == 64
+    assert vocab.to_codes(r.tokens[0, :n_speech].tolist())  # all speech tokens
 
 
 def test_load_model_round_trip(tmp_path):
@@ -277,8 +290,10 @@ def test_load_model_round_trip(tmp_path):
 def test_load_model_tiny():
     """'tiny' is the trainer's and the CLI's offline model: 64 speech tokens, a seeded tiny Llama."""
     model, tok = models.load_model("tiny", "cpu", torch.float32, seed=7)
-    assert data.speech_vocab(tok).n == 64 and model.config.vocab_size == len(tok)
-    assert not model.training and model.config.max_position_embeddings == 4096
+    assert data.speech_vocab(tok).n == 64
+    assert model.config.vocab_size == len(tok)
+    assert not model.training
+    assert model.config.max_position_embeddings == 4096
     ref = models.tiny_llama(len(tok), seed=7, max_positions=4096)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
     other, _ = models.load_model("tiny", "cpu", torch.bfloat16, seed=8)
@@ -359,7 +374,8 @@ def test_cli_clones_a_voice(tmp_path, capsys):
     )
     plain = sample.main([*args, "--out", str(tmp_path / "plain.wav")])
     n = int(r.lengths[0]) - int(r.finished[0])
-    assert len(sf.read(out_path)[0]) == 320 * n and "in the voice of" in capsys.readouterr().out
+    assert len(sf.read(out_path)[0]) == 320 * n
+    assert "in the voice of" in capsys.readouterr().out
     assert not torch.equal(r.tokens, plain.tokens)  # the prompt changes what it says
     with pytest.raises(SystemExit):
         sample.main([*args, "--out", str(out_path), "--prompt-wav", prompt])
@@ -426,7 +442,8 @@ def test_cli_bad_flag_is_one_line_exit_2_before_loading(
     err = capsys.readouterr().err
     assert stop.value.code == 2, err
     assert err.startswith(f"sample.py: error: {message.replace('TMP', str(tmp_path))}"), err
-    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
 
 
 def test_cli_context_overflow_is_one_line(tmp_path, capsys):
@@ -534,7 +551,9 @@ def test_cli_defaults_are_llasa_model_cards(monkeypatch, tmp_path, capsys):
     """LLASA's cards sample with temperature 0.8, top-p 1, no repetition penalty and max_length=2048
     counting the prompt (the length LLASA was trained at): the rest of the 2,048 for new tokens."""
     kwargs, prompts = _cli_generate_kwargs(monkeypatch, tmp_path)
-    assert kwargs["temperature"] == 0.8 and kwargs["top_p"] == 1.0 and kwargs["top_k"] == 0
+    assert kwargs["temperature"] == 0.8
+    assert kwargs["top_p"] == 1.0
+    assert kwargs["top_k"] == 0
     assert kwargs["repetition_penalty"] == 1.0
     assert len(prompts[0]) + kwargs["max_new_tokens"] == 2048
     assert "warning" not in capsys.readouterr().err
@@ -546,10 +565,13 @@ def test_cli_warns_when_the_response_can_pass_max_context(monkeypatch, tmp_path,
     user's error (one line, status 2)."""
     kwargs, prompts = _cli_generate_kwargs(monkeypatch, tmp_path, "--max-new-tokens", "2048")
     err = capsys.readouterr().err
-    assert err.count("warning") == 1 and f"the prompt ({len(prompts[0])} tokens)" in err
-    assert "--max-context 2048" in err and kwargs["max_new_tokens"] == 2048
+    assert err.count("warning") == 1
+    assert f"the prompt ({len(prompts[0])} tokens)" in err
+    assert "--max-context 2048" in err
+    assert kwargs["max_new_tokens"] == 2048
     _cli_generate_kwargs(monkeypatch, tmp_path, "--max-context", "100", "--max-new-tokens", "100")
     assert "can pass --max-context 100" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         _cli_generate_kwargs(monkeypatch, tmp_path, "--max-context", str(len(prompts[0])))
-    assert exit_.value.code == 2 and "the prompt alone is" in capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "the prompt alone is" in capsys.readouterr().err

@@ -48,7 +48,8 @@ def mean_spectrum(audio, frame=512):
 def test_sim_of_a_clip_with_itself_is_one_and_others_less(tiny_sv):
     clips = [noise(1.0, 1), noise(1.5, 2), tone(0.8, 220), noise(0.5, 3) + tone(0.5, 440)]
     embeddings = tiny_sv.embed(clips)
-    assert embeddings.dtype == torch.float32 and embeddings.shape == (4, 16)
+    assert embeddings.dtype == torch.float32
+    assert embeddings.shape == (4, 16)
     judge = speaker.SpeakerSimilarity(tiny_sv)
     same = judge.sims(clips, [c.copy() for c in clips])
     assert same == pytest.approx([1.0] * 4, abs=1e-5)
@@ -89,9 +90,8 @@ def test_wavlm_sv_from_a_directory_matches_transformers_clip_by_clip(tmp_path, m
             ]
         )
     scale = float(alone.abs().max())
-    assert torch.isfinite(batched).all() and torch.allclose(
-        batched, alone, rtol=1e-4, atol=1e-5 * scale
-    )
+    assert torch.isfinite(batched).all()
+    assert torch.allclose(batched, alone, rtol=1e-4, atol=1e-5 * scale)
     assert torch.allclose(
         sv.embed(clips[:2])[1], sv.embed(clips[1:2])[0], rtol=1e-5, atol=1e-6 * scale
     )
@@ -139,7 +139,8 @@ def test_ecapa_head_and_seed_tts_checkpoint_match_the_reference(tmp_path):
             )
     torch.save({"model": state}, tmp_path / "wavlm_large_finetune.pth")
     sim_model = speaker.load_speaker_model(str(tmp_path / "wavlm_large_finetune.pth"))
-    assert sim_model.wavlm.config.do_stable_layer_norm and sim_model.min_samples == 400
+    assert sim_model.wavlm.config.do_stable_layer_norm
+    assert sim_model.min_samples == 400
     with torch.no_grad():
         states, _ = speaker.wavlm_hidden_states(
             sim_model.wavlm, [torch.from_numpy(sim_model.prepare(wavs[1]))]
@@ -164,7 +165,8 @@ def test_prompts_are_embedded_once_per_content():
     first = judge.sims(group, [prompt] * 4)
     assert (model.calls, model.clips) == (1, 5)  # the prompt once, each clip once, in one call
     second = judge.sims(group, [prompt.copy() for _ in group])  # the same content, other arrays
-    assert (model.calls, model.clips) == (2, 9) and second == first
+    assert (model.calls, model.clips) == (2, 9)
+    assert second == first
     judge.sims(group[:2], [other, None])  # no prompt: no sim, no embedding
     assert model.clips == 9 + 2
     judge.sims(group[:1], [tone(1.0, 500)])  # a third prompt: the least recently used one goes

@@ -121,10 +121,15 @@ def test_worker_survives_bad_clients(tiny_worker):
     result = tiny_worker.score(
         audios[:1] + [np.zeros(0, np.float32), noise(31.0, 0)], texts[:1] + ["silence", "long"]
     )
-    assert result[0].error is None and result[0].nll > 0
+    assert result[0].error is None
+    assert result[0].nll > 0
     # silence is scored
-    assert result[1].error is None and result[1].cer == 1.0 and result[1].transcript == ""
-    assert result[2].too_long and result[2].reward == 0.0 and "31.00 s is longer" in result[2].error
+    assert result[1].error is None
+    assert result[1].cer == 1.0
+    assert result[1].transcript == ""
+    assert result[2].too_long
+    assert result[2].reward == 0.0
+    assert "31.00 s is longer" in result[2].error
 
 
 def test_custom_reward_worker(reward_module):
@@ -166,10 +171,10 @@ def test_custom_reward_worker(reward_module):
             too_long=False,
             **prosody.measure(np.full(100, 0.5, np.float32), "half"),
         )
-        assert results[2].reward == 0.0 and "returned nan" in results[2].error
-        assert (
-            results[3].reward == 0.0 and "returned 1.5, not a number in [0, 1]" in results[3].error
-        )
+        assert results[2].reward == 0.0
+        assert "returned nan" in results[2].error
+        assert results[3].reward == 0.0
+        assert "returned 1.5, not a number in [0, 1]" in results[3].error
         # silence heard; no 30 s limit
         assert results[4:] == [
             Score(reward=0.0, **prosody.measure(np.zeros(10), "silent")),
@@ -285,7 +290,8 @@ def test_cli_scores_a_jsonl(tmp_path, capsys):
         for r in rows
     )
     assert rows[0]["reward"] == pytest.approx(tts_reward(rows[0]["cer"], rows[0]["nll"], tau_n=50))
-    assert rows[2]["cer"] == 1.0 and rows[2]["transcript"] == ""
+    assert rows[2]["cer"] == 1.0
+    assert rows[2]["transcript"] == ""
     stereo_as_mono = scoring.WhisperScorer("random-tiny", "cpu", "en").score(
         [0.75 * mono], ["hello"]
     )[0]
@@ -338,7 +344,9 @@ def test_cli_prints_sim_for_rows_with_a_prompt_wav(tmp_path, capsys):
     assert rows[0]["sim"] == pytest.approx(
         float(speaker.similarity(*sv.embed([clip, voice]))), abs=1e-5
     )
-    assert rows[1]["sim"] is None and rows[2]["sim"] == 0.0  # no prompt_wav; silence
+    # no prompt_wav; silence
+    assert rows[1]["sim"] is None
+    assert rows[2]["sim"] == 0.0
     (tmp_path / "missing.jsonl").write_text(
         '{"wav": "clip.wav", "text": "hi"}\n'
         '{"wav": "clip.wav", "text": "hi", "prompt_wav": "gone.wav"}\n'
@@ -463,13 +471,11 @@ def test_real_whisper_ranks_clean_above_noisy_above_silence():
     )
     assert mean["clean"] > mean["noisy"] > mean["silence"]
     for r in by_kind["silence"]:  # scored, not refused: the policy's answer, CER 1
-        assert (
-            r.error is None
-            and r.transcript == ""
-            and r.cer == 1.0
-            and math.isfinite(r.nll)
-            and r.reward < 0.05
-        )
+        assert r.error is None
+        assert r.transcript == ""
+        assert r.cer == 1.0
+        assert math.isfinite(r.nll)
+        assert r.reward < 0.05
     assert all(
         c.reward > 10 * s.reward for c, s in zip(by_kind["clean"], by_kind["dithered silence"])
     )
@@ -478,7 +484,9 @@ def test_real_whisper_ranks_clean_above_noisy_above_silence():
     [long] = by_kind[
         "long"
     ]  # clean speech, but past Whisper's window: refused, not judged on its first 30 s
-    assert long.reward == 0.0 and long.too_long and long.cer is None
+    assert long.reward == 0.0
+    assert long.too_long
+    assert long.cer is None
     assert f"{len(long_clip) / 16000:.2f} s is longer than Whisper's 30 s window" in long.error
     # A 10 s window (faster on a CPU) hears the clean clips (3-5 s) as well, and silence as silence.
     short = scoring.WhisperScorer(checkpoint, "cpu", "en", window_s=10.0).score(
