@@ -56,10 +56,9 @@ import whisper_worker as ww
 from reward import Score
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-if (
-    os.path.join(REPO, "tests") not in sys.path
-):  # tests/helpers.py, for a run of this file alone and
-    sys.path.insert(0, os.path.join(REPO, "tests"))  # for the child processes that import test_grpo
+# tests/helpers.py: for a run of this file alone, and for the child processes that import test_grpo
+if os.path.join(REPO, "tests") not in sys.path:
+    sys.path.insert(0, os.path.join(REPO, "tests"))
 import helpers  # noqa: E402
 from helpers import COMPILE_TEXTS, _FakeScorer, _ScriptedScorer, _tiny, hf_greedy, noise  # noqa: E402
 
@@ -96,7 +95,8 @@ def _loss(logp, old, adv, mask, **kw):
 def test_policy_loss_aggregations_by_hand():
     # ratio 1 everywhere: per-token loss = -A. Row 0 has 2 tokens (A=1), row 1 one token (A=-0.5).
     logp = [[-1.0, -2.0, -3.0], [-0.5, -0.7, -0.9]]
-    mask, adv = [[1, 1, 0], [1, 0, 0]], [1.0, -0.5]
+    mask = [[1, 1, 0], [1, 0, 0]]
+    adv = [1.0, -0.5]
     loss, st = _loss(logp, logp, adv, mask, agg="token-mean", kl_coef=0.0)
     assert loss.item() == pytest.approx((-1 - 1 + 0.5) / 3)
     loss, _ = _loss(logp, logp, adv, mask, agg="seq-mean-token-mean", kl_coef=0.0)
@@ -288,7 +288,8 @@ def test_policy_loss_gspo_sequence_ratio_values_and_gradients(lo, hi):
     base = torch.tensor([[-1.0, -2.0, -0.5], [-0.7, -1.2, -3.0], [-0.4, -0.9, -1.6]])
     # logp - old per token; row 1's masked token is far off and must not count
     delta = torch.tensor([[0.05, 0.15, 0.1], [-0.1, -0.02, 5.0], [1e-4, -1e-4, 2e-4]])
-    old, adv = base - delta, torch.tensor([1.0, -0.5, 0.7])
+    old = base - delta
+    adv = torch.tensor([1.0, -0.5, 0.7])
     logp = base.clone().requires_grad_(True)
     loss, st = grpo.policy_loss(
         logp,
@@ -549,7 +550,8 @@ def test_grad_checkpointing_gives_the_same_update():
 def test_policy_loss_tensor_stats_equal_float_stats():
     g = torch.Generator().manual_seed(0)
     logp, old, ref = (torch.randn(3, 5, generator=g) for _ in range(3))
-    adv, mask = torch.randn(3, generator=g), (torch.rand(3, 5, generator=g) > 0.3).float()
+    adv = torch.randn(3, generator=g)
+    mask = (torch.rand(3, 5, generator=g) > 0.3).float()
     loss, floats = grpo.policy_loss(logp, old, ref, adv, mask, kl_coef=0.1)
     loss_t, tensors = grpo.policy_loss(logp, old, ref, adv, mask, kl_coef=0.1, tensor_stats=True)
     assert torch.equal(loss, loss_t)
@@ -925,7 +927,8 @@ def test_sim_weight_adds_a_separately_normalized_advantage():
     adv = grpo.group_advantages(
         torch.tensor([0.2, 0.4, 0.6, 0.8]), 4
     ) + 0.5 * grpo.group_advantages(sims, 4)
-    mean, std = 0.7, float(torch.tensor([0.9, 0.5, 0.7, 0.7]).std())
+    mean = 0.7
+    std = float(torch.tensor([0.9, 0.5, 0.7, 0.7]).std())
     assert adv[0].item() == pytest.approx(
         -0.3 / 0.2582 + 0.5 * (0.9 - mean) / (std + 1e-6), rel=1e-3
     )
@@ -955,8 +958,10 @@ def test_trainer_step_with_sim_weight_trains_on_both_normalized_advantages(tmp_p
         "0.5",
     )
     tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), _VaryingScorer(0.0))
-    rounds, seen = [], []
-    real_round, real_update = tr.scored_round, grpo.update_policy
+    rounds = []
+    seen = []
+    real_round = tr.scored_round
+    real_update = grpo.update_policy
     monkeypatch.setattr(
         tr, "scored_round", lambda *a, **k: rounds.append(real_round(*a, **k)) or rounds[-1]
     )
@@ -1095,7 +1100,8 @@ class SlowScorer:
     """A deterministic reward that takes its time, like Whisper: the fraction of low codes' energy."""
 
     def __init__(self, seconds=0.0):
-        self.seconds, self.calls = seconds, []
+        self.seconds = seconds
+        self.calls = []
 
     def score(self, audios, texts, languages=None):
         self.calls.append(len(audios))
@@ -1339,7 +1345,10 @@ def _poison_steps(monkeypatch, bad: set) -> list:
     the steps (1-based) in `bad`. Returns the trained parameters as they were before each step's
     optimizer step (one list of tensors per step)."""
     monkeypatch.setattr(parallel, "start_scorer", lambda *a, **kw: (None, _ClosableScorer()))
-    at, before, real_step, real_sync = {}, [], grpo.Trainer.train_step, grpo.sync_gradients
+    at = {}
+    before = []
+    real_step = grpo.Trainer.train_step
+    real_sync = grpo.sync_gradients
 
     def train_step(self, step):
         at["step"] = step + 1

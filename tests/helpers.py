@@ -109,7 +109,8 @@ class _ScriptedScorer:
     """Scores from a list, in order: a way to make errors, too-long clips and equal groups."""
 
     def __init__(self, make):
-        self.make, self.calls = make, 0
+        self.make = make
+        self.calls = 0
 
     def score(self, audios, texts, languages=None):
         self.calls += 1

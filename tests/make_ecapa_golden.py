@@ -125,10 +125,8 @@ def main():
                 t.abs_().add_(0.1)
             t.copy_(t.half().float())
     model.eval()
-    hidden, call = (
-        [],
-        type(model.feature_extract).__call__,
-    )  # UpstreamBase.__call__ adds hidden_states
+    hidden = []
+    call = type(model.feature_extract).__call__  # UpstreamBase.__call__ adds hidden_states
 
     def recording_call(self, wavs, *a, **k):
         result = call(self, wavs, *a, **k)

@@ -151,7 +151,9 @@ def test_bad_codes_name_the_clip(bad, golden_codec):
 def test_word_codec_decodes_codes_to_the_stored_clips_joined_by_gaps():
     wc = codec.load_codec("words")
     with np.load(codec.WORDS_FILE) as z:
-        pcm, offsets, words = z["clips"], z["offsets"], [str(w) for w in z["words"]]
+        pcm = z["clips"]
+        offsets = z["offsets"]
+        words = [str(w) for w in z["words"]]
     assert words == demo.VOCAB
     assert len(offsets) == len(words) + 1
 
@@ -254,7 +256,8 @@ def test_xcodec2_precision_sets_tf32_flags_inside_decode_and_restores_them(
             return torch.zeros(batch.shape[0], 1, batch.shape[-1] * codec.SAMPLES_PER_CODE)
 
     CALLERS[caller]()
-    before, legacy = _flags(), _legacy_getters()
+    before = _flags()
+    legacy = _legacy_getters()
     strict = {f"{b}.{o}": "ieee" for b, o in tf32_module.OPS}
     for precision in codec.PRECISIONS:
         c = codec.XCodec2Codec(golden_codec.model, "cpu", cfg, precision=precision)

@@ -94,7 +94,8 @@ def test_static_step_eager_equals_dynamic_loop(tok, prompts):
             dict(cases_0_kw, max_new_tokens=150),
         ),  # case 0's buffers, grown
     ]
-    finished_some, slots = False, []
+    finished_some = False
+    slots = []
     for ps, kw in cases:
 
         def seeded():
@@ -374,7 +375,9 @@ def loop_nests(code: str) -> list[int]:
     """Elements each loop nest of inductor's C++ kernels in `code` covers: the product of the
     extents of the loops around every innermost loop body (a kernel copying a whole tensor covers
     its numel)."""
-    out, stack, depth = [], [], 0
+    out = []
+    stack = []
+    depth = 0
     loop = re.compile(
         r"for\s*\(\s*int64_t\s+(\w+)\s*=\s*static_cast<int64_t>\((-?\d+)L?\);\s*\1\s*<\s*"
         r"static_cast<int64_t>\((-?\d+)L?\)"
@@ -406,7 +409,8 @@ def test_compiled_step_writes_one_cache_slot_not_a_copy_of_the_cache(small, prom
     kw = dict(max_new_tokens=4, temperature=0, allowed_ids=sv.allowed_ids())
     ref = sample.generate(model, prompts[:2], **kw)
     torch._dynamo.reset()  # the step's graphs of the tests above count towards dynamo's limit of 8
-    real, found = decode.KVCache.for_model, {}
+    real = decode.KVCache.for_model
+    found = {}
     for design in ("per-layer", "stacked"):
 
         def for_model(

@@ -199,7 +199,8 @@ def test_demo_grpo_steps_end_to_end_with_real_whisper(tmp_path):
 def _read_png(path):
     blob = open(path, "rb").read()
     assert blob[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
+    pos = 8
+    chunks = {}
     while pos < len(blob):
         n, kind = struct.unpack(">I4s", blob[pos : pos + 8])
         body = blob[pos + 8 : pos + 8 + n]
@@ -225,7 +226,8 @@ def test_plot_writes_a_valid_png_with_both_curves(tmp_path):
         {"step": s, "reward_mean": 0.2 + 0.04 * s} for s in range(1, 11)
     ]
     for r in rows[4::4]:
-        r["val_cer"], r["val_reward"] = 0.6 - 0.04 * r["step"], 0.3 + 0.04 * r["step"]
+        r["val_cer"] = 0.6 - 0.04 * r["step"]
+        r["val_reward"] = 0.3 + 0.04 * r["step"]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     png = plot.plot(str(metrics))
     assert png == str(tmp_path / "metrics.png")

@@ -41,7 +41,8 @@ def import_graph() -> dict[str, set[str]]:
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One import cycle as [a, b, ..., a], or None (depth-first search, three colours)."""
-    state, stack = {}, []
+    state = {}
+    stack = []
 
     def visit(u):
         state[u] = "open"

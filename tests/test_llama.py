@@ -171,7 +171,8 @@ def test_head_logprobs_chunks_equal_the_unchunked_computation():
     """Chunks of 8 over T = 37 (an uneven last chunk): the same log-probs, entropy and gradients
     (w.r.t. hidden and weight) as all logits at once, and backward keeps no [B, T, A] tensor."""
     g = torch.Generator().manual_seed(0)
-    B, T, H, A, temp = 2, 37, 16, 50, 0.7
+    B, T, H, A = 2, 37, 16, 50
+    temp = 0.7
     targets = torch.randint(0, A, (B, T), generator=g)
     upstream = torch.randn(B, T, generator=g, dtype=torch.float64)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
@@ -267,7 +268,8 @@ def test_head_logits_are_fp32_under_autocast():
     """bf16 autocast would round the head's matmul to bf16 (steps of 0.125 at |logit| 16-32): the
     head computes in fp32 whatever the autocast, and head_logprobs with it."""
     g = torch.Generator().manual_seed(0)
-    h, w = torch.randn(4, 64, generator=g) * 4, torch.randn(300, 64, generator=g)
+    h = torch.randn(4, 64, generator=g) * 4
+    w = torch.randn(300, 64, generator=g)
     exact = torch.nn.functional.linear(h, w)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         rounded = torch.nn.functional.linear(h, w)

@@ -24,13 +24,15 @@ def _peak_bytes(fn) -> int:
     results = getattr(prof.profiler.kineto_results, "experimental_event_tree", None)
     if results is None:
         pytest.skip("this torch's profiler has no experimental_event_tree")
-    events, stack = [], list(results())
+    events = []
+    stack = list(results())
     while stack:
         e = stack.pop()
         if str(e.tag).endswith("Allocation"):
             events.append((e.start_time_ns, e.extra_fields.alloc_size))
         stack.extend(e.children)
-    peak = now = 0
+    peak = 0
+    now = 0
     for _, size in sorted(events):
         now += size
         peak = max(peak, now)
@@ -65,7 +67,8 @@ def test_memory_fsdp_shards_match_fully_shard():
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialized in this process")
-    world, allowed = 4, 100
+    world = 4
+    allowed = 100
     dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
     try:
         model = models.tiny_llama(1003, hidden_size=64, num_layers=2).train()
@@ -149,7 +152,9 @@ def test_memory_logits_match_the_largest_tensor_of_head_logprobs():
     class Largest(TorchDispatchMode):
         def __init__(self, rows):
             super().__init__()
-            self.rows, self.shape, self.nbytes = rows, None, 0
+            self.rows = rows
+            self.shape = None
+            self.nbytes = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
@@ -161,11 +166,13 @@ def test_memory_logits_match_the_largest_tensor_of_head_logprobs():
                     and t.shape[-1] == self.rows
                     and t.nbytes > self.nbytes
                 ):
-                    self.shape, self.nbytes = tuple(t.shape), t.nbytes
+                    self.shape = tuple(t.shape)
+                    self.nbytes = t.nbytes
             return out
 
     torch.manual_seed(0)
-    B, T, H, V, A, chunk = 2, 40, 16, 300, 120, 16
+    B, T, H, V, A = 2, 40, 16, 300, 120
+    chunk = 16
     hidden = torch.randn(B, T, H, requires_grad=True)
     weight = torch.randn(V, H, requires_grad=True)
     for rows, c in ((A, chunk), (V, T)):  # speech-only chunked; full vocabulary, one chunk
@@ -249,7 +256,8 @@ def test_memory_activation_bytes_match_saved_tensors():
 def test_memory_update_peak_matches_measurement(grad_checkpointing):
     # One micro-batch's forward + backward after another (gradients already exist), measured with
     # the profiler, against the update terms beyond the gradients.
-    B, P, T, A, chunk = 2, 16, 96, 400, 64
+    B, P, T, A = 2, 16, 96, 400
+    chunk = 64
     model = models.tiny_llama(
         1200, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=512
     ).train()
@@ -294,7 +302,9 @@ def test_memory_fsdp_update_peak_matches_measurement(grad_checkpointing):
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialized in this process")
-    B, P, T, A, chunk, world = 2, 16, 96, 400, 64, 2
+    B, P, T, A = 2, 16, 96, 400
+    chunk = 64
+    world = 2
     dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
     try:
         lm = models.tiny_llama(
@@ -505,7 +515,8 @@ def test_memory_grad_bucket_matches_sync_gradients():
     params = list(model.parameters())
     for p in params:
         p.grad = torch.randn_like(p)
-    d, sent = parallel.Dist(world=2), []
+    d = parallel.Dist(world=2)
+    sent = []
     d.all_reduce = lambda t: sent.append(t.nbytes) or t
     for bucket in (10_000, 100_000):
         sent.clear()

@@ -45,7 +45,8 @@ def test_checkpoint_is_durable_trainer_state_last(tmp_path, monkeypatch):
     tok = data.tiny_tokenizer(n_speech=8)
     model = models.tiny_llama(len(tok), seed=0)
     events = []
-    real_fsync, real_replace = outputs._fsync, os.replace
+    real_fsync = outputs._fsync
+    real_replace = os.replace
     monkeypatch.setattr(
         outputs,
         "_fsync",
@@ -163,7 +164,8 @@ def _fake_run(out, steps: int):
 def test_resume_into_an_out_holding_another_run_is_refused(tmp_path, capsys, monkeypatch):
     """--resume A/checkpoints/step_1 --out B, B holding a run: one line naming both, exit 2, and
     nothing of B touched; into A itself (by any path to it), or into an empty --out, it goes on."""
-    ckpt, other = _fake_run(tmp_path / "a", 3), tmp_path / "b"
+    ckpt = _fake_run(tmp_path / "a", 3)
+    other = tmp_path / "b"
     _fake_run(other, 2)
     before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as e:
@@ -210,7 +212,8 @@ def _no_worker(monkeypatch):
 def test_resume_runs_no_code_from_the_checkpoint(tmp_path, capsys, monkeypatch):
     """A trainer state with a pickled payload is refused in one line (exit 2) and the payload never
     runs; a plain one (tensors, numbers, strings, lists, dicts) loads as before."""
-    marker, ckpt = tmp_path / "ran", tmp_path / "run" / "checkpoints" / "step_1"
+    marker = tmp_path / "ran"
+    ckpt = tmp_path / "run" / "checkpoints" / "step_1"
     ckpt.mkdir(parents=True)
     cfg = _tiny(tmp_path)
     state = {"step": 1, "world_size": 1, "config": dataclasses.asdict(cfg)}

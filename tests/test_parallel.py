@@ -44,7 +44,8 @@ def _failing_rank(rank: int, port: int, out: str, where: str):
     )
     torch.set_num_threads(1)
     if rank == 1 and where == "reward":
-        real, calls = ww.WorkerClient.score, []
+        real = ww.WorkerClient.score
+        calls = []
 
         def score(self, *args):  # call 1: the validation before step 1; 2: step 1; 3: step 2
             calls.append(1)
@@ -56,11 +57,9 @@ def _failing_rank(rank: int, port: int, out: str, where: str):
     if rank == 1 and where == "validation":
         import rollout as rollouts
 
-        real_rollout, real_stage, validations = (
-            rollouts.Sampler.rollout,
-            rollouts.Sampler.sample_and_score,
-            [],
-        )
+        real_rollout = rollouts.Sampler.rollout
+        real_stage = rollouts.Sampler.sample_and_score
+        validations = []
 
         def sample_and_score(self, examples, stage):
             validations.append(stage == "validation")
@@ -75,14 +74,16 @@ def _failing_rank(rank: int, port: int, out: str, where: str):
                 raise RuntimeError("injected: validation broke on rank 1")
             return real_rollout(self, texts, generator)
 
-        rollouts.Sampler.sample_and_score, rollouts.Sampler.rollout = sample_and_score, rollout
+        rollouts.Sampler.sample_and_score = sample_and_score
+        rollouts.Sampler.rollout = rollout
     extra = []
     if (
         rank == 1 and where == "fsdp-rollout"
     ):  # under FSDP, the peer is then inside the rollout's all-gather
         import rollout as rollouts
 
-        real_generate, calls = rollouts.Sampler._generate, []
+        real_generate = rollouts.Sampler._generate
+        calls = []
 
         def generate(self, texts, generator):
             calls.append(1)
@@ -409,7 +410,8 @@ def _fsdp_update(rank, world, init_method, out_file, ckpt):
 
 
 def test_fsdp_update_equals_replicated_and_checkpoints_whole_weights(tmp_path):
-    one, two, ckpt = str(tmp_path / "one.pt"), str(tmp_path / "fsdp.pt"), str(tmp_path / "ckpt")
+    one, two = str(tmp_path / "one.pt"), str(tmp_path / "fsdp.pt")
+    ckpt = str(tmp_path / "ckpt")
     _one_update(0, 1, None, one, "token-mean")
     mp.spawn(_fsdp_update, args=(2, f"tcp://127.0.0.1:{_port()}", two, ckpt), nprocs=2, join=True)
     a, b = torch.load(one, weights_only=False), torch.load(two, weights_only=False)

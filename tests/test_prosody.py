@@ -86,10 +86,8 @@ def test_f0_track_noise_silence_empty_unvoiced():
 
 def test_f0_track_energy_gate():
     # A tone 60 dB below the clip's loudest part is background, not voice: unvoiced, though periodic.
-    loud, quiet = (
-        harmonic_tone(np.full(SR, 150.0)),
-        harmonic_tone(np.full(SR, 150.0), amplitude=3e-4),
-    )
+    loud = harmonic_tone(np.full(SR, 150.0))
+    quiet = harmonic_tone(np.full(SR, 150.0), amplitude=3e-4)
     f0s, voiced = prosody.f0_track(np.concatenate([loud, quiet]))
     assert voiced[5:95].all()
     assert not voiced[105:].any()

@@ -22,7 +22,8 @@ def test_missing_package_warns_and_logs_nothing(tmp_path, monkeypatch):
 
 
 def test_wandb_gets_every_numeric_metric_at_its_step(tmp_path, monkeypatch):
-    logged, finished = [], []
+    logged = []
+    finished = []
     run = types.SimpleNamespace(
         log=lambda values, step: logged.append((step, values)), finish=lambda: finished.append(True)
     )
@@ -64,7 +65,8 @@ def test_wandb_gets_every_numeric_metric_at_its_step(tmp_path, monkeypatch):
 def _samples():
     """grpo's write() samples: a step's clips and a validation's 6 (one empty, one too loud)."""
     audios = [np.full(100 * (i + 1), 0.1 * i, np.float32) for i in range(6)]
-    audios[1], audios[2] = np.zeros(0, np.float32), np.full(50, 2.0, np.float32)
+    audios[1] = np.zeros(0, np.float32)
+    audios[2] = np.full(50, 2.0, np.float32)
     val = dict(
         audios=audios, texts=[f"text {i}" for i in range(6)], scores=[None] * 6, finished=[True] * 6
     )

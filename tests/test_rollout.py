@@ -92,7 +92,8 @@ class _SlowScorer:
     """Scores after `release` is set (or `seconds`): a chunk being scored while the next rolls out."""
 
     def __init__(self, seconds):
-        self.release, self.seconds = threading.Event(), seconds
+        self.release = threading.Event()
+        self.seconds = seconds
 
     def score(self, audios, texts, languages=None):
         self.release.wait(self.seconds)
@@ -105,7 +106,8 @@ def test_a_rollout_error_is_raised_at_once_not_after_the_chunk_being_scored(tmp_
     cfg = _tiny(tmp_path, "--val-data", "", "--rollout-chunks", "2")
     scorer = _SlowScorer(seconds=20)
     tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), scorer)
-    real, calls = tr.sampler.rollout, []
+    real = tr.sampler.rollout
+    calls = []
 
     def second_fails(texts, generator):
         calls.append(len(texts))

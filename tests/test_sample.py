@@ -275,7 +275,8 @@ def test_cli_tiny_model_writes_wav(tmp_path, capsys):
 
 
 def test_load_model_round_trip(tmp_path):
-    model, tok = models.tiny_llama(len(data.tiny_tokenizer()), seed=5), data.tiny_tokenizer()
+    model = models.tiny_llama(len(data.tiny_tokenizer()), seed=5)
+    tok = data.tiny_tokenizer()
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     loaded, loaded_tok = models.load_model(str(tmp_path), "cpu", torch.float32)

@@ -30,13 +30,16 @@ class Counting(speaker.SpeakerModel):
     """A toy speaker model (the mean of each 64-sample frame's magnitude spectrum) that counts the
     clips it embeds."""
 
-    name, min_samples = "counting", 64
+    name = "counting"
+    min_samples = 64
 
     def __init__(self):
-        self.calls, self.clips = 0, 0
+        self.calls = 0
+        self.clips = 0
 
     def embed(self, audios):
-        self.calls, self.clips = self.calls + 1, self.clips + len(audios)
+        self.calls += 1
+        self.clips += len(audios)
         return torch.stack([torch.from_numpy(mean_spectrum(a, 64)) for a in audios])
 
 
@@ -78,10 +81,8 @@ def test_wavlm_sv_from_a_directory_matches_transformers_clip_by_clip(tmp_path, m
     ]
     clips.append(noise(sv.min_samples / 16000, 9))  # the shortest clip it takes
     batched = sv.embed(clips)  # two batches of up to 4, padded
-    reference, features = (
-        WavLMForXVector.from_pretrained(tmp_path).eval(),
-        AutoFeatureExtractor.from_pretrained(tmp_path),
-    )
+    reference = WavLMForXVector.from_pretrained(tmp_path).eval()
+    features = AutoFeatureExtractor.from_pretrained(tmp_path)
     with torch.no_grad():
         alone = torch.stack(
             [
@@ -95,7 +96,8 @@ def test_wavlm_sv_from_a_directory_matches_transformers_clip_by_clip(tmp_path, m
     assert torch.allclose(
         sv.embed(clips[:2])[1], sv.embed(clips[1:2])[0], rtol=1e-5, atol=1e-6 * scale
     )
-    seen, states = [], speaker.wavlm_hidden_states
+    seen = []
+    states = speaker.wavlm_hidden_states
     monkeypatch.setattr(
         speaker, "wavlm_hidden_states", lambda w, x: seen.append(len(x)) or states(w, x)
     )

@@ -43,7 +43,8 @@ def tiny_worker():
 
 def _clients(info, ask, n=2) -> dict:
     """`ask(client, k)` from n WorkerClients at once, each in its own thread: {k: its answer}."""
-    answers, errors = {}, []
+    answers = {}
+    errors = []
 
     def client(k):
         try:
@@ -110,7 +111,8 @@ def test_worker_answers_the_sims_of_the_scorer(tiny_worker):
 
 
 def test_worker_survives_bad_clients(tiny_worker):
-    audios, texts = [noise(2.0, i) for i in range(6)], [f"clip {i}" for i in range(6)]
+    audios = [noise(2.0, i) for i in range(6)]
+    texts = [f"clip {i}" for i in range(6)]
     impatient = ww.WorkerClient(tiny_worker.connect_info(), request_timeout=0.01)
     with pytest.raises(TimeoutError, match="request_timeout=0.01"):
         impatient.score(audios, texts)
@@ -420,10 +422,8 @@ def test_scorer_and_worker_layout(module, public):
 
 
 def test_real_whisper_ranks_clean_above_noisy_above_silence():
-    checkpoint, clips_file = (
-        os.path.join(ASSETS, "whisper-tiny.en.pt"),
-        os.path.join(ASSETS, "speech", "clips.jsonl"),
-    )
+    checkpoint = os.path.join(ASSETS, "whisper-tiny.en.pt")
+    clips_file = os.path.join(ASSETS, "speech", "clips.jsonl")
     if not (os.path.isfile(checkpoint) and os.path.isfile(clips_file)):
         pytest.skip(
             f"real-Whisper assets not found in {ASSETS} (set TEST_ASSETS to the folder with "
