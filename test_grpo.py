@@ -337,9 +337,8 @@ def test_policy_loss_gspo_sequence_ratio_values_and_gradients(lo, hi):
         kl_coef=0.0,
         agg="seq-mean-token-mean",
     )
-    assert (
-        abs(tok.item() - loss.item()) > 1e-6 or lo != 0.2
-    )  # (GSPO's tiny range clips both alike here)
+    # (GSPO's tiny range clips both alike here)
+    assert abs(tok.item() - loss.item()) > 1e-6 or lo != 0.2
     on_seq, _ = grpo.policy_loss(
         base, base, None, adv, mask, kl_coef=0.0, importance_level="sequence"
     )
@@ -353,15 +352,12 @@ def test_tis_weights_cap_and_fraction_by_hand():
     """--tis-cap: w = min(exp(old - rollout), cap), detached, 1 on padding; it weights the
     policy-gradient term only (not the KL), and its token mean and capped fraction are reported."""
     old = torch.zeros(2, 3)
-    rollout = -torch.log(
-        torch.tensor([[0.5, 1.5, 3.0], [1.0, 0.25, 100.0]])
-    )  # old - rollout = log of these
+    # old - rollout = log of these
+    rollout = -torch.log(torch.tensor([[0.5, 1.5, 3.0], [1.0, 0.25, 100.0]]))
     mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
     w, capped = grpo.tis_weights(old, rollout, mask, 2.0)
-    assert w.tolist() == [
-        pytest.approx([0.5, 1.5, 2.0]),
-        pytest.approx([1.0, 0.25, 1.0]),
-    ]  # padding: 1
+    # padding: 1
+    assert w.tolist() == [pytest.approx([0.5, 1.5, 2.0]), pytest.approx([1.0, 0.25, 1.0])]
     assert capped.tolist() == [[False, False, True], [False, False, False]]
     # In the loss, on-policy (ratio 1), A = [1, -2]: per-token pg loss -A * w; the KL term unweighted.
     logp = old.clone().requires_grad_(True)
@@ -455,9 +451,8 @@ def _one_update(rank, world, init_method, out_file, agg, updates=2):
     """One GRPO update over this rank's share of fixed rollouts; world 1 = all of them."""
     tok, ro = _rank_share(rank, world, init_method)
     policy = models.tiny_llama(len(tok), seed=1).train()
-    ref = models.tiny_llama(
-        len(tok), seed=2
-    )  # a different reference, so the KL term has a gradient
+    # a different reference, so the KL term has a gradient
+    ref = models.tiny_llama(len(tok), seed=2)
     cfg = config.Config(
         kl_coef=0.1,
         micro_batch=3,
@@ -515,9 +510,8 @@ def test_update_two_ranks_equals_one(tmp_path, agg):
     assert a["stats"]["loss"] == pytest.approx(b["stats"]["loss"], abs=1e-6)
     assert a["stats"]["kl"] == pytest.approx(b["stats"]["kl"], rel=1e-5)
     init = models.tiny_llama(len(_fixed_rollouts()[0]), seed=1).state_dict()
-    assert any(
-        not torch.equal(init[k], a["params"][k]) for k in init
-    )  # the step did move the weights
+    # the step did move the weights
+    assert any(not torch.equal(init[k], a["params"][k]) for k in init)
 
 
 def test_grad_checkpointing_gives_the_same_update():
@@ -764,9 +758,8 @@ def test_tiny_preset_learns_a_toy_reward(tmp_path):
 
 
 def test_validation_in_training_sized_chunks(tmp_path):
-    cfg = _tiny(
-        tmp_path, "--prompts-per-step", "1", "--group-size", "2"
-    )  # chunks of 2 of the 6 val texts
+    # chunks of 2 of the 6 val texts
+    cfg = _tiny(tmp_path, "--prompts-per-step", "1", "--group-size", "2")
     calls = []
 
     class Counting(_FakeScorer):
@@ -807,9 +800,8 @@ def test_trainer_dynamic_sampling_trains_on_informative_groups(tmp_path, monkeyp
         ex.text for ex in data.step_examples(data.load_dataset(cfg.data), 0, cfg, parallel.Dist())
     ]
 
-    class Flat(
-        _FakeScorer
-    ):  # step 0's first three prompts score 0 (truncated too), others by length
+    # step 0's first three prompts score 0 (truncated too), others by length
+    class Flat(_FakeScorer):
         def score(self, audios, texts, languages=None):
             return [
                 Score(reward=0.0 if t in first[:3] else len(a) % 997 / 997)
@@ -921,9 +913,8 @@ def test_sim_weight_adds_a_separately_normalized_advantage():
     scores = [Score(reward=r, sim=s) for r, s in [(0.2, 0.9), (0.4, 0.5), (0.6, None), (0.8, 0.7)]]
     finished = torch.tensor([True, True, True, False])
     sims = batch.step_sims(scores, finished, 4)
-    assert sims.tolist() == pytest.approx(
-        [0.9, 0.5, 0.7, 0.7]
-    )  # None and truncated: the mean of 0.9, 0.5
+    # None and truncated: the mean of 0.9, 0.5
+    assert sims.tolist() == pytest.approx([0.9, 0.5, 0.7, 0.7])
     adv = grpo.group_advantages(
         torch.tensor([0.2, 0.4, 0.6, 0.8]), 4
     ) + 0.5 * grpo.group_advantages(sims, 4)
@@ -980,9 +971,10 @@ def test_trainer_step_with_sim_weight_trains_on_both_normalized_advantages(tmp_p
     assert np.ptp(sims, axis=1).max() > 0
     assert np.ptp(r, axis=1).max() > 0
     norm = lambda x: (x - x.mean(1, keepdims=True)) / (x.std(1, ddof=1, keepdims=True) + 1e-6)  # noqa: E731
+    # float32 in the trainer
     np.testing.assert_allclose(
         seen[0].double().numpy(), (norm(r) + 0.5 * norm(sims)).reshape(-1), rtol=1e-3, atol=1e-5
-    )  # float32 in the trainer
+    )
 
 
 def test_disallowed_lm_head_rows_never_change(tmp_path):
@@ -1034,9 +1026,8 @@ def test_torchrun_two_ranks_tiny_preset(tmp_path):
     assert [m["step"] for m in lines] == [0, 1, 2]  # 0: the validation before any update
     assert math.isfinite(lines[0]["val_reward"])
     assert "reward_mean" not in lines[0]
-    assert any(
-        k.startswith("val_table_") for k in lines[0]
-    )  # eval.py's WER/CER (outputs.table_metrics)
+    # eval.py's WER/CER (outputs.table_metrics)
+    assert any(k.startswith("val_table_") for k in lines[0])
     for m in lines[1:]:
         for key in (
             "reward_mean",
@@ -1212,9 +1203,8 @@ def test_sim_guard_toy_experiment(tmp_path):
         held,
         ref,
     )
-    assert (
-        runs[False][-1]["reward_mean"] > runs[False][0]["reward_mean"]
-    )  # the toy reward was learned
+    # the toy reward was learned
+    assert runs[False][-1]["reward_mean"] > runs[False][0]["reward_mean"]
 
 
 def _toy_run(tmp_path, reward, guard, steps=15):
@@ -1257,9 +1247,8 @@ def test_prosody_guard_toy_experiment(tmp_path, reward, measure, band, faster):
     guarded = [m[measure] for m in guarded_run]
     ref = guarded_run[0][f"ref_{measure}"]
     assert all(m[f"ref_{measure}"] == ref for m in guarded_run)
-    edge = (
-        ref * (1 + band) if faster else ref / (1 + band)
-    )  # the band's edge the reward pushes towards
+    # the band's edge the reward pushes towards
+    edge = ref * (1 + band) if faster else ref / (1 + band)
     end_free, end_guarded = np.median(free[-5:]), np.median(guarded[-5:])
     if faster:
         assert end_free > 1.5 * edge and end_guarded <= 1.25 * edge, (ref, free, guarded)
@@ -1485,9 +1474,8 @@ def test_cuda_bf16_greedy_equals_hf_generate():
         data.prompt_ids(tok, t) for t in ("Hello.", "A longer sentence, to pad the others.", "안녕")
     ]
     ours = sample.generate(model, prompts, max_new_tokens=24, temperature=0).tokens
-    theirs = torch.cat(
-        [hf_greedy(model, [p], 24).cpu() for p in prompts]
-    )  # one at a time: no HF padding
+    # one at a time: no HF padding
+    theirs = torch.cat([hf_greedy(model, [p], 24).cpu() for p in prompts])
     assert _greedy_agree(model, prompts, ours.cpu(), theirs) == 3
 
 

@@ -65,9 +65,8 @@ def left_padded(prompts, pad=0):
 
 def hf_greedy(model, prompts, n, eos=None):
     ids, mask = left_padded(prompts)
-    kw = (
-        dict(eos_token_id=eos) if eos is not None else dict(min_new_tokens=n)
-    )  # min_new_tokens: no stop
+    # min_new_tokens: no stop
+    kw = dict(eos_token_id=eos) if eos is not None else dict(min_new_tokens=n)
     device = next(model.parameters()).device
     out = model.generate(
         input_ids=ids.to(device),

@@ -61,9 +61,8 @@ TINY_WAVLM = {
 
 def package(name, path):
     module = types.ModuleType(name)
-    module.__path__ = [
-        path
-    ]  # a package whose __init__ is not run (s3prl's imports its downloaders)
+    # a package whose __init__ is not run (s3prl's imports its downloaders)
+    module.__path__ = [path]
     sys.modules[name] = module
     return module
 
@@ -110,9 +109,8 @@ def main():
     upstream = os.path.join(folder, "wavlm_tiny.pt")
     wavlm = expert.WavLM(expert.WavLMConfig(TINY_WAVLM))
     torch.save({"cfg": TINY_WAVLM, "model": wavlm.state_dict()}, upstream)
-    torch.hub.load = lambda repo, name, *a, **k: expert.UpstreamExpert(
-        upstream
-    )  # what s3prl's hub gives
+    # what s3prl's hub gives
+    torch.hub.load = lambda repo, name, *a, **k: expert.UpstreamExpert(upstream)
     model = ecapa.ECAPA_TDNN(feat_dim=32, channels=16, emb_dim=8, feat_type="wavlm_large")
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():

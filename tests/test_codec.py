@@ -97,9 +97,8 @@ def test_from_pretrained_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="not found"):
         codec.XCodec2Decoder.from_pretrained(str(tmp_path))  # a directory without model.safetensors
     with pytest.raises(ValueError, match=r"project_out.weight has shape \(64, 8\) .* \(2048, 8\)"):
-        codec.XCodec2Decoder.from_pretrained(
-            GOLDEN
-        )  # the real model's shapes against the small file
+        # the real model's shapes against the small file
+        codec.XCodec2Decoder.from_pretrained(GOLDEN)
     cfg, _, _ = _golden()
     with safe_open(GOLDEN, framework="pt") as f:
         tensors = {
@@ -167,9 +166,8 @@ def test_word_codec_decodes_codes_to_the_stored_clips_joined_by_gaps():
     np.testing.assert_array_equal(out[1], clip(5))
     assert len(out[2]) == 0
     assert wc.text([[3, 0, 7]]) == [f"{words[3]} {words[0]} {words[7]}"]
-    assert all(
-        len(clip(k)) > 0.1 * codec.SAMPLE_RATE for k in range(len(words))
-    )  # every word is speech
+    # every word is speech
+    assert all(len(clip(k)) > 0.1 * codec.SAMPLE_RATE for k in range(len(words)))
     for bad in ([len(words)], [-1], [1.5], [True]):
         with pytest.raises(ValueError, match="clip 0"):
             wc.decode([bad])

@@ -47,9 +47,8 @@ def test_llasa_prompt_and_speech_vocab():
         "<|TEXT_UNDERSTANDING_START|>Hi 안녕<|TEXT_UNDERSTANDING_END|><|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n<|SPEECH_GENERATION_START|>"
     )
-    assert "<|eot_id|>" not in tok.decode(
-        ids[-3:]
-    )  # continue_final_message: no end of turn after the start
+    # continue_final_message: no end of turn after the start
+    assert "<|eot_id|>" not in tok.decode(ids[-3:])
     sv = data.speech_vocab(tok)
     assert sv.n == 300
     assert tok.convert_ids_to_tokens(sv.first + 7) == "<|s_7|>"
@@ -60,9 +59,8 @@ def test_llasa_prompt_and_speech_vocab():
         sv.to_codes([sv.end_id])
     with pytest.raises(ValueError, match="empty text"):
         data.prompt_ids(tok, "  ")
-    assert (
-        data.tiny_tokenizer().get_vocab() == data.tiny_tokenizer().get_vocab()
-    )  # deterministic ids
+    # deterministic ids
+    assert data.tiny_tokenizer().get_vocab() == data.tiny_tokenizer().get_vocab()
 
 
 # ---- voice prompts --------------------------------------------------------------------------------
@@ -194,12 +192,13 @@ def test_prompt_ids_do_not_depend_on_todays_date(monkeypatch):
                 return day
 
         monkeypatch.setattr(chat_template_utils, "datetime", Today)
+        # the template does print "today"
         assert (
             tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).count(
                 day.strftime("%d %b %Y")
             )
             == 1
-        )  # the template does print "today"
+        )
         days.append(
             (data.prompt_ids(tok, "Say this."), data.prompt_ids(tok, "Say this.", "A voice.", [3]))
         )
@@ -212,9 +211,8 @@ def test_read_audio_resamples_to_16k(tmp_path):
     import soundfile as sf
 
     t = np.arange(8000) / 8000
-    sf.write(
-        tmp_path / "a.wav", np.stack([np.sin(2 * np.pi * 440 * t)] * 2, axis=1), 8000
-    )  # stereo, 8 kHz, 1 s
+    # stereo, 8 kHz, 1 s
+    sf.write(tmp_path / "a.wav", np.stack([np.sin(2 * np.pi * 440 * t)] * 2, axis=1), 8000)
     audio = data.read_audio(str(tmp_path / "a.wav"))
     want = np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
     assert audio.dtype == np.float32

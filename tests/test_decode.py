@@ -66,10 +66,11 @@ def test_static_step_eager_equals_dynamic_loop(tok, prompts):
     cases = [
         (prompts, cases_0_kw),
         (prompts, dict(max_new_tokens=24, temperature=0)),
+        # new batch
         (
             prompts[:2],
             dict(max_new_tokens=30, temperature=0, stop_ids=(int(free.tokens[0, 3]),)),
-        ),  # new batch
+        ),
         (
             prompts * 2,
             dict(
@@ -79,20 +80,22 @@ def test_static_step_eager_equals_dynamic_loop(tok, prompts):
                 **sampled,
             ),
         ),
+        # a longer cache
         (
             prompts[::-1],
             dict(max_new_tokens=150, temperature=1.0, top_p=0.8, stop_ids=(5, 6)),
-        ),  # a longer cache
+        ),
         (
             prompts,
             dict(
                 max_new_tokens=20, temperature=0, repetition_penalty=1.5, cache_dtype=torch.bfloat16
             ),
         ),
+        # case 0's buffers, grown
         (
             prompts[1:] + prompts[:1],
             dict(cases_0_kw, max_new_tokens=150),
-        ),  # case 0's buffers, grown
+        ),
     ]
     finished_some = False
     slots = []
@@ -120,9 +123,8 @@ def test_static_step_eager_equals_dynamic_loop(tok, prompts):
     # weights, made once per call, where eager autocast casts them at each use: the same values, so
     # the same results as the step reading the fp32 weights (and the dynamic loop's tokens).
     uncast = decode.Decoder(model)
-    uncast.layer_weights = lambda dtype, f=uncast.layer_weights: f(
-        None
-    )  # the parameters themselves
+    # the parameters themselves
+    uncast.layer_weights = lambda dtype, f=uncast.layer_weights: f(None)
     for kw in (cases_0_kw, dict(cases[3][1], cache_dtype=torch.bfloat16)):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ref = sample.generate(model, prompts, generator=torch.Generator().manual_seed(3), **kw)
@@ -133,9 +135,8 @@ def test_static_step_eager_equals_dynamic_loop(tok, prompts):
                 model, prompts, generator=torch.Generator().manual_seed(3), decoder=uncast, **kw
             )
         assert_same(ours, plain, atol=0)
-        assert_same(
-            ours, ref, atol=5e-3
-        )  # attention runs in bf16 under autocast: see the bf16 cache above
+        # attention runs in bf16 under autocast: see the bf16 cache above
+        assert_same(ours, ref, atol=5e-3)
     assert dec.weight_copies[0].q[0].dtype == torch.bfloat16
     assert uncast.weight_copies is None
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
@@ -183,9 +184,8 @@ def test_compiled_greedy_equals_eager_and_compiles_once(small, prompts):
     others = prompts[1:] + prompts[:1]  # the same batch, other rows and lengths: same shapes
     again = sample.generate(model, others, decoder=dec, **kw)
     assert_same(again, sample.generate(model, others, **kw))
-    assert_same(
-        sample.generate(model, prompts, compile=True, **kw), ref
-    )  # a Decoder per call: no recompile either
+    # a Decoder per call: no recompile either
+    assert_same(sample.generate(model, prompts, compile=True, **kw), ref)
     assert graphs() == before + 1
 
 
@@ -297,9 +297,8 @@ def test_sampler_sizes_the_cache_once_for_the_longest_clone_prompt(tmp_path, mon
         )
         assert len(s.prompt(clone)) > 256 + len(s.prompt(plain))
         assert (s.decoder.max_len >= cfg.max_new_tokens + len(s.prompt(clone))) == (not grown)
-        s.decoder = decode.Decoder(
-            tr.policy.lm, max_len=s.decoder.max_len
-        )  # the same step and buffers, eager
+        # the same step and buffers, eager
+        s.decoder = decode.Decoder(tr.policy.lm, max_len=s.decoder.max_len)
         allocations.clear()
         for items in ([plain], [clone, plain], [plain], [clone]):
             assert s.rollout(items, torch.Generator().manual_seed(0)).lengths.min() > 0
@@ -322,9 +321,8 @@ def test_a_compiled_step_that_fails_falls_back_to_the_eager_loop(tmp_path, capsy
     )
     texts = ["Hello there.", "Speech."]
     ours = tr.sampler.rollout(texts, torch.Generator().manual_seed(0))
-    padded = texts + [texts[-1]] * (
-        tr.sampler.batch - len(texts)
-    )  # the compiled path's one batch shape
+    # the compiled path's one batch shape
+    padded = texts + [texts[-1]] * (tr.sampler.batch - len(texts))
     reference = eager.sampler._generate(padded, torch.Generator().manual_seed(0)).head(len(texts))
     assert torch.equal(ours.tokens, reference.tokens)
     assert tr.sampler.decoder is None
@@ -412,10 +410,8 @@ def test_compiled_step_writes_one_cache_slot_not_a_copy_of_the_cache(small, prom
     real = decode.KVCache.for_model
     found = {}
     for design in ("per-layer", "stacked"):
-
-        def for_model(
-            *args, **kwargs
-        ):  # the stacked design: [layers, B, kv_heads, L, head_dim] each
+        # the stacked design: [layers, B, kv_heads, L, head_dim] each
+        def for_model(*args, **kwargs):
             c = real(*args, **kwargs)
             return c if design == "per-layer" else llama.KVCache(torch.stack(c.k), torch.stack(c.v))
 
@@ -445,9 +441,8 @@ def test_trainer_decodes_one_shape_per_run_and_frees_it(tmp_path):
     cfg = _tiny(tmp_path, "--rollout-chunks", "5")
     tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), _FakeScorer(0.5))
     assert tr.sampler.batch == 4  # 16 rollouts in 5 chunks: 3, 3, 3, 3, 4 rows, each padded to 4
-    tr.sampler.decoder = decode.Decoder(
-        tr.policy.lm, max_len=cfg.max_new_tokens + 256
-    )  # the static step, eager
+    # the static step, eager
+    tr.sampler.decoder = decode.Decoder(tr.policy.lm, max_len=cfg.max_new_tokens + 256)
     assert len(tr.val_examples) % tr.sampler.batch != 0  # a short last validation chunk
     tr.validate()
     metrics, _ = tr.train_step(0)

@@ -39,9 +39,8 @@ def test_demo_texts_use_only_the_vocabulary_and_validation_is_held_out():
     speech = data.speech_vocab(tok)
     assert speech.n == len(demo.VOCAB)
     ids, attn, target = demo.warm_start_batch(tok, val[:2])
-    for i, text in enumerate(
-        val[:2]
-    ):  # the response is the words' speech tokens, then the stop token
+    # the response is the words' speech tokens, then the stop token
+    for i, text in enumerate(val[:2]):
         response = ids[i][target[i].bool()].tolist()
         assert response == [speech.first + demo.VOCAB.index(w) for w in text.split()] + [
             speech.end_id
@@ -88,9 +87,8 @@ def test_warm_start_is_deterministic_reads_then_confuses_word_pairs():
     partner = demo.confusions()
     assert sorted(partner) == sorted(demo.VOCAB)
     assert all(a != b for a, b in partner.items())
-    assert all(
-        any(a in ws and b in ws for ws in demo.WORDS.values()) for a, b in partner.items()
-    )  # same role
+    # same role
+    assert all(any(a in ws and b in ws for ws in demo.WORDS.values()) for a, b in partner.items())
     confused = [" ".join(partner[w] for w in t.split()) for t in val]
     # Reading: held-out sentences' word tokens are far more likely than before training...
     assert _val_nll(reader, tok, val) < _val_nll(untrained, tok, val) - 1.0
@@ -110,9 +108,8 @@ def test_ensure_policy_builds_once_and_loads(tmp_path, monkeypatch):
     # kept
     assert demo.ensure_policy(path, seed=0, steps=3, confusion_steps=2) == path
     assert os.path.getmtime(weights) == stamp
-    monkeypatch.setattr(
-        demo, "POLICY_DIR", path
-    )  # where "demo" resolves to: built already, so loaded
+    # where "demo" resolves to: built already, so loaded
+    monkeypatch.setattr(demo, "POLICY_DIR", path)
     assert models.load_model(demo.resolve_model("demo"), dtype=torch.float32)[
         0
     ].config.vocab_size == len(demo.demo_tokenizer())

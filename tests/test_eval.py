@@ -36,17 +36,13 @@ def fake_asr(tmp_path, monkeypatch):
 def test_normalization_follows_run_wer():
     assert seed_tts_normalize("Don't STOP, now!", "en") == "don't stop now"
     assert table_error_rate("I don't know.", "i don't know", "en") == ("wer", 0.0)
-    assert table_error_rate("I don't know.", "I dont know", "en") == (
-        "wer",
-        pytest.approx(1 / 3),
-    )  # one word
+    # one word
+    assert table_error_rate("I don't know.", "I dont know", "en") == ("wer", pytest.approx(1 / 3))
     assert table_error_rate("Hello, world!", "hello world", None) == ("wer", 0.0)
     assert seed_tts_normalize("你好，世界。", "zh") == "你 好 世 界"
     assert table_error_rate("你好，世界。", "你好世间", "zh") == ("cer", 0.25)
-    assert table_error_rate("안녕 하세요", "안녕하세요", "ko") == (
-        "cer",
-        0.0,
-    )  # spacing is not an error
+    # spacing is not an error
+    assert table_error_rate("안녕 하세요", "안녕하세요", "ko") == ("cer", 0.0)
     assert table_error_rate("안녕하세요", "안녕하세", "ko") == ("cer", 0.2)
     assert table_error_rate("Hello there", "", "en") == ("wer", 1.0)
     with pytest.raises(ValueError):
@@ -377,9 +373,8 @@ def test_training_validation_uses_the_table_metric():
         "val_table_wer": pytest.approx((0 + 0.5) / 2),
         "val_table_cer": pytest.approx(0.25),
     }
-    assert (
-        table_metrics([Score(0.7)], examples[:1], world=1) == {}
-    )  # a custom reward: no transcript
+    # a custom reward: no transcript
+    assert table_metrics([Score(0.7)], examples[:1], world=1) == {}
 
 
 def test_torchrun_two_ranks_split_merge_and_world_changes(tmp_path, monkeypatch):
@@ -485,10 +480,8 @@ def test_row_without_language_stops_before_any_work(tmp_path, fake_asr):
     lst = tmp_path / "meta.lst"
     lst.write_text("\nu1|A prompt.|u1.wav|你好世界\n")
     base = ["--wavs", str(tmp_path), "--data", str(lst), "--out", str(tmp_path / "o")]
-    for asr in (
-        "fake_asr_mod:transcribe",
-        str(tmp_path / "large-v3.pt"),
-    ):  # the missing .pt is never loaded
+    # the missing .pt is never loaded
+    for asr in ("fake_asr_mod:transcribe", str(tmp_path / "large-v3.pt")):
         with pytest.raises(SystemExit) as e:
             ev.main(base + ["--asr", asr])
         msg = str(e.value)

@@ -115,9 +115,8 @@ def test_allowed_ids_greedy_equals_masked_hf_generate():
     pen = sample.generate(
         model, PROMPTS, max_new_tokens=n, temperature=0, allowed_ids=ALLOWED, repetition_penalty=1.5
     )
-    for i, p in enumerate(
-        PROMPTS
-    ):  # one at a time: in a left-padded batch HF would penalize the pads
+    # one at a time: in a left-padded batch HF would penalize the pads
+    for i, p in enumerate(PROMPTS):
         ref = masked_hf_greedy(model, [p], n, ALLOWED, min_new_tokens=n, repetition_penalty=1.5)[0]
         assert pen.tokens[i].tolist() == ref.tolist()
     assert not torch.equal(pen.tokens, free.tokens)  # the penalty changed something
@@ -147,9 +146,8 @@ def test_allowed_ids_logprobs_are_the_restricted_policy():
         gen = out.tokens[i, :n]
         assert set(gen.tolist()) <= set(ALLOWED)
         with torch.no_grad():
-            logits = model(torch.tensor([p + gen.tolist()])).logits[
-                0, len(p) - 1 : len(p) - 1 + n
-            ]  # [n, V]
+            # [n, V]
+            logits = model(torch.tensor([p + gen.tolist()])).logits[0, len(p) - 1 : len(p) - 1 + n]
         restricted = torch.log_softmax(logits[:, allowed] / T, dim=-1)  # [n, A]
         expected = restricted.gather(1, torch.searchsorted(allowed, gen)[:, None])[:, 0]
         torch.testing.assert_close(out.logprobs[i, :n], expected, atol=1e-5, rtol=0)
@@ -189,9 +187,8 @@ def test_head_logprobs_chunks_equal_the_unchunked_computation():
         assert logp.shape == (B, T)
         assert logp.dtype == dtype
         torch.testing.assert_close(logp, ref, atol=tol, rtol=0)
-        for got, want in zip(
-            grads, ref_grads
-        ):  # fp32: summation order only, a few ulps of |grad| ~ 10
+        # fp32: summation order only, a few ulps of |grad| ~ 10
+        for got, want in zip(grads, ref_grads):
             torch.testing.assert_close(got, want, atol=tol * float(want.abs().max()), rtol=0)
         p = torch.softmax(hidden @ weight.T / temp, dim=-1)
         torch.testing.assert_close(entropy, -(p * p.log()).sum(-1).detach(), atol=tol, rtol=0)
@@ -240,9 +237,8 @@ def test_head_rows_train_only_allowed_rows():
         llama.to_rows(tokens, index)  # pads not marked invalid are not allowed ids
     prompt = [5, 6, 7, 8]
     ids = torch.cat([torch.tensor([prompt] * 2), tokens], dim=1)  # [2, 9]
-    hidden = model.model(input_ids=ids).last_hidden_state[
-        :, len(prompt) - 1 : -1
-    ]  # [2, 5, H]: predicts tokens
+    # [2, 5, H]: predicts tokens
+    hidden = model.model(input_ids=ids).last_hidden_state[:, len(prompt) - 1 : -1]
     logp = llama.head_logprobs(hidden, weight, rows, 0.9, chunk=2)
     with torch.no_grad():
         logits = model(ids).logits[:, len(prompt) - 1 : -1, index] / 0.9

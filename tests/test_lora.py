@@ -102,13 +102,14 @@ def test_lora_rollouts_run_on_merged_weights_eager_static_and_compiled():
             decoder=decode.Decoder(lm, compile=False),
             **kw,
         )
+        # inductor, as on a GPU
         compiled = sample.generate(
             lm,
             prompts,
             generator=torch.Generator().manual_seed(0),
             decoder=decode.Decoder(lm, compile=True),
             **kw,
-        )  # inductor, as on a GPU
+        )
         off = copy.deepcopy(lm)
         with lora.disabled(off):
             base = sample.generate(off, prompts, generator=torch.Generator().manual_seed(0), **kw)
@@ -118,9 +119,8 @@ def test_lora_rollouts_run_on_merged_weights_eager_static_and_compiled():
     assert torch.allclose(plain.logprobs, static.logprobs, atol=1e-5)
     assert torch.equal(plain.tokens, compiled.tokens)
     assert torch.allclose(plain.logprobs, compiled.logprobs, atol=1e-5)
-    assert not torch.allclose(
-        plain.logprobs, base.logprobs, atol=1e-3
-    )  # the adapters do change the policy
+    # the adapters do change the policy
+    assert not torch.allclose(plain.logprobs, base.logprobs, atol=1e-3)
 
 
 def test_a_bf16_base_keeps_fp32_rotary_buffers_and_checkpoints_in_fp32(tmp_path):
@@ -210,11 +210,12 @@ def test_adapters_off_reference_equals_a_copied_base():
     for k in pa:
         assert torch.allclose(pa[k], pb[k], atol=1e-7), k
     base = models.tiny_llama(len(tok), seed=1).state_dict()
+    # the base never moved
     assert all(
         torch.equal(pa[k.replace("proj.weight", "proj.base.weight")], v)
         for k, v in base.items()
         if "proj" in k
-    )  # the base never moved
+    )
 
 
 def test_lora_update_with_grad_checkpointing_equals_without():
@@ -303,9 +304,8 @@ def test_lora_two_ranks_equal_one(tmp_path, fsdp):
     assert a["stats"]["kl"] == pytest.approx(b["stats"]["kl"], rel=1e-5)
     start = _adapted(len(_fixed_rollouts()[0])).state_dict()
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-    assert not torch.equal(
-        start["model.layers.0.self_attn.q_proj.lora_B"], a["adapter"][key]
-    )  # the step moved it
+    # the step moved it
+    assert not torch.equal(start["model.layers.0.self_attn.q_proj.lora_B"], a["adapter"][key])
 
 
 def test_lora_run_trains_only_adapters_and_resumes_exactly(tmp_path):
@@ -379,6 +379,5 @@ def test_memory_lora_terms_match_real_tensors():
         memory.training_memory(memory.LLASA_SHAPES["llasa-8b"], world=2, fsdp=True, lora_rank=r)
         for r in (0, 16)
     )
-    assert (
-        lo["total"] < 0.9 * 80e9 < full["total"]
-    )  # Llasa-8B on two 80 GB cards: with LoRA, not without
+    # Llasa-8B on two 80 GB cards: with LoRA, not without
+    assert lo["total"] < 0.9 * 80e9 < full["total"]

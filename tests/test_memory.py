@@ -73,9 +73,8 @@ def test_memory_fsdp_shards_match_fully_shard():
     try:
         model = models.tiny_llama(1003, hidden_size=64, num_layers=2).train()
         m = memory.training_memory(model.config, world=world, fsdp=True, allowed=allowed)
-        assert (
-            m["weights"] < sum(p.nbytes for p in model.parameters()) / world + 64 * 4 * 2
-        )  # about 1/4
+        # about 1/4
+        assert m["weights"] < sum(p.nbytes for p in model.parameters()) / world + 64 * 4 * 2
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in model.model.layers:
             fully_shard(layer, mp_policy=mp)
@@ -120,9 +119,8 @@ def test_memory_fsdp_shards_match_fully_shard():
 def test_memory_kv_cache_matches_real_cache():
     model = models.tiny_llama(500, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2)
     cache = llama.KVCache.for_model(model, 5, 77, torch.bfloat16)
-    real = sum(
-        t.nbytes for t in _tensors((cache.k, cache.v))
-    )  # one tensor per layer each, or stacked
+    # one tensor per layer each, or stacked
+    real = sum(t.nbytes for t in _tensors((cache.k, cache.v)))
     assert memory.kv_cache_bytes(model.config, 5, 77) == real
     m = memory.training_memory(model.config, rollout_batch=5, rollout_len=77, compile=False)
     # eager: a cache per call
@@ -137,9 +135,8 @@ def test_memory_kv_cache_matches_real_cache():
     m = memory.training_memory(shape)
     assert (m["kv_cache"], m["decoder_cache"]) == (0, 16 * 2 * 128 * 8 * 1792 * 64 * 2)
     # R = prompts_per_step * group_size / world / rollout_chunks rows, rounded up
-    chunked = memory.training_memory(
-        shape, world=2, rollout_chunks=3
-    )  # ceil(128 / 2 / 3) = 22 rows
+    # ceil(128 / 2 / 3) = 22 rows
+    chunked = memory.training_memory(shape, world=2, rollout_chunks=3)
     assert chunked["decoder_cache"] == 16 * 2 * 22 * 8 * 1792 * 64 * 2
 
 
@@ -241,9 +238,8 @@ def test_memory_activation_bytes_match_saved_tensors():
     b = {
         (n, L): _saved_bytes(model, 2, L) for n, model in ((2, small), (4, big)) for L in (64, 128)
     }
-    per_token = (b[4, 128] - b[4, 64] - b[2, 128] + b[2, 64]) / (
-        2 * 2 * 64
-    )  # bytes per layer per token
+    # bytes per layer per token
+    per_token = (b[4, 128] - b[4, 64] - b[2, 128] + b[2, 64]) / (2 * 2 * 64)
     per_layer = (b[4, 64] - b[2, 64]) / 2 - per_token * 2 * 64
     formula = memory.layer_activation_bytes(small.config)
     print(f"activations per layer per token: measured {per_token:.0f} B, formula {formula} B")
@@ -452,16 +448,14 @@ def test_memory_decoder_terms_match_a_real_decoder():
     )
     (s,) = decoder.states.values()  # one shape, one set of buffers
     assert sum(t.nbytes for t in _tensors(s.cache)) == m["decoder_cache"]  # bf16, 384 slots
-    assert (
-        sum(t.nbytes for t in _tensors(decoder.weight_copies)) == m["decoder_weights"]
-    )  # bf16 q..down
+    # bf16 q..down
+    assert sum(t.nbytes for t in _tensors(decoder.weight_copies)) == m["decoder_weights"]
     # [A, d] fp32
     assert s.weight.dtype == torch.float32
     assert s.weight.nbytes == m["decoder_head"]
     skip = {id(t) for t in [s.weight, *_tensors(s.cache)]}
-    rest = sum(
-        t.nbytes for t in _tensors(s) if id(t) not in skip
-    )  # tokens, logprobs, noise, seen, ...
+    # tokens, logprobs, noise, seen, ...
+    rest = sum(t.nbytes for t in _tensors(s) if id(t) not in skip)
     assert abs(rest - m["decoder_buffers"]) <= 0.02 * m["decoder_buffers"]
     held = m["decoder"] - m["graph_pool"]  # on CUDA the pool holds one step's intermediates besides
     print(
@@ -541,16 +535,14 @@ def test_memory_llasa_1b_replicated_total():
     # codec's transient at the update's peak (it runs after the rollout, when no gradients exist).
     m = memory.training_memory(memory.LLASA_SHAPES["llasa-1b"], world=2)
     assert m["decoder_cache"] == 16 * 2 * 64 * 8 * 1792 * 64 * 2  # 3.76 GB
-    assert m["decoder_weights"] == 2 * 16 * (
-        2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192
-    )  # 1.95 GB
+    # 1.95 GB
+    assert m["decoder_weights"] == 2 * 16 * (2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192)
     assert m["decoder_head"] == 4 * 65_537 * 2048  # 0.54 GB
     assert m["cuda_context"] + m["nccl"] == 800_000_000
     assert max(("update", "step", "rollout", "codec"), key=m.get) == "update"
     assert 40e9 < m["total"] <= 0.9 * 48e9  # 40.9 GB: fits a 48 GB card with 10% to spare, barely
-    assert (
-        43e9 <= m["total"] + m["decoder_cache"] <= 47e9
-    )  # with the pool's copy: the review's range
+    # with the pool's copy: the review's range
+    assert 43e9 <= m["total"] + m["decoder_cache"] <= 47e9
     # compiled decoding costs its buffers all run; --compile false only a rollout call's extra
     eager = memory.training_memory(memory.LLASA_SHAPES["llasa-1b"], world=2, compile=False)
     assert eager["decoder"] == 0 < eager["kv_cache"]

@@ -28,9 +28,8 @@ def test_checkpoint_loads_to_identical_logits(tmp_path):
     model = models.tiny_llama(len(tok), seed=5)
     path = str(tmp_path / "ckpt")
     outputs.save_checkpoint(path, model, tok, {"step": 1})
-    outputs.save_checkpoint(
-        path, model, tok, {"step": 2}
-    )  # overwriting an existing checkpoint is atomic too
+    # overwriting an existing checkpoint is atomic too
+    outputs.save_checkpoint(path, model, tok, {"step": 2})
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     loaded = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = torch.tensor([data.prompt_ids(AutoTokenizer.from_pretrained(path), "Hello there.")])
@@ -91,9 +90,8 @@ def test_resume_continues_exactly(tmp_path, flags):
         for key in ("reward_mean", "loss", "kl", "entropy", "response_len", "grad_norm", "lr"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
         assert a.get("dyn_rounds") == b.get("dyn_rounds")
-        refs = {
-            k: v for k, v in a.items() if k.startswith("ref_")
-        }  # the guard's initial medians, kept
+        # the guard's initial medians, kept
+        refs = {k: v for k, v in a.items() if k.startswith("ref_")}
         assert refs == {k: v for k, v in b.items() if k.startswith("ref_")}
         assert bool(refs) == ("--prosody-guard" in flags)
     if "--dynamic-sampling" in flags:
@@ -268,9 +266,8 @@ def test_step_metrics_report_errors_too_long_zero_std_and_the_lr_used(tmp_path):
         tmp_path, "--val-data", "", "--warmup-steps", "4", "--lr", "1e-3", "--max-new-tokens", "200"
     )
 
-    def make(
-        i,
-    ):  # 4 groups of 4: group 0 all errors (zero std), group 1 too long at clip 4, others vary
+    # 4 groups of 4: group 0 all errors (zero std), group 1 too long at clip 4, others vary
+    def make(i):
         if i < 4:
             return Score(reward=0.0, error="audio has 3 NaN or inf samples")
         if i == 4:

@@ -77,9 +77,8 @@ def _failing_rank(rank: int, port: int, out: str, where: str):
         rollouts.Sampler.sample_and_score = sample_and_score
         rollouts.Sampler.rollout = rollout
     extra = []
-    if (
-        rank == 1 and where == "fsdp-rollout"
-    ):  # under FSDP, the peer is then inside the rollout's all-gather
+    # under FSDP, the peer is then inside the rollout's all-gather
+    if rank == 1 and where == "fsdp-rollout":
         import rollout as rollouts
 
         real_generate = rollouts.Sampler._generate

@@ -158,9 +158,8 @@ def test_band_factor_by_hand():
 
 def test_scorers_measure_prosody(tmp_path):
     """Every scorer fills the prosody fields of a clip it heard; a refused clip has none."""
-    tone = (0.3 * np.sin(2 * np.pi * 150 * np.arange(32000) / 16000)).astype(
-        np.float32
-    )  # 2 s at 150 Hz
+    # 2 s at 150 Hz
+    tone = (0.3 * np.sin(2 * np.pi * 150 * np.arange(32000) / 16000)).astype(np.float32)
     scorer = scoring.WhisperScorer("random-tiny", "cpu", "en", max_transcript_tokens=4)
     heard, refused = scorer.score([tone, np.full(5, np.nan, np.float32)], ["hello there", "x"])
     expect = prosody.measure(tone, "hello there")
@@ -179,7 +178,6 @@ def test_sim_factor_holds_only_a_falling_similarity():
     # within
     assert prosody.sim_factor(0.9, 0.8, 0.05) == 1.0
     assert prosody.sim_factor(0.75, 0.8, 0.05) == 1.0
-    assert prosody.sim_factor(0.70, 0.8, 0.05) == pytest.approx(
-        math.exp(-1)
-    )  # one band below the edge
+    # one band below the edge
+    assert prosody.sim_factor(0.70, 0.8, 0.05) == pytest.approx(math.exp(-1))
     assert prosody.sim_factor(0.65, 0.8, 0.05) == pytest.approx(math.exp(-4))

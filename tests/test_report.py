@@ -12,9 +12,8 @@ import report
 
 
 def test_missing_package_warns_and_logs_nothing(tmp_path, monkeypatch):
-    monkeypatch.setitem(
-        sys.modules, "wandb", None
-    )  # import wandb -> ImportError, as when not installed
+    # import wandb -> ImportError, as when not installed
+    monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.warns(UserWarning, match="not installed"):
         r = report.Reporter("wandb", str(tmp_path))
     r.log({"step": 1, "reward_mean": 0.5})  # a no-op, no error
@@ -93,16 +92,11 @@ def test_tensorboard_gets_scalars_and_the_first_validation_clips(tmp_path, monke
     assert calls[0] == ("init", str(tmp_path / "tensorboard"))
     assert ("add_scalar", ("reward_mean", 0.5, 5), {}) in calls
     audio = [c for c in calls if c[0] == "add_audio"]
-    assert [c[1][0] for c in audio] == [
-        f"val_clips/{i}" for i in range(4)
-    ]  # the first 4, none of training's
+    # the first 4, none of training's
+    assert [c[1][0] for c in audio] == [f"val_clips/{i}" for i in range(4)]
     assert all(c[1][2] == 5 and c[2] == {"sample_rate": 16000} for c in audio)
-    assert [c[1][1].shape for c in audio] == [
-        (1, 100),
-        (1, 320),
-        (1, 50),
-        (1, 400),
-    ]  # [1, S]; empty: 320 zeros (tensorboard needs >= 2)
+    # [1, S]; empty: 320 zeros (tensorboard needs >= 2)
+    assert [c[1][1].shape for c in audio] == [(1, 100), (1, 320), (1, 50), (1, 400)]
     assert audio[2][1][1].max() == 1.0  # clipped to [-1, 1]
     assert [c[1][1] for c in calls if c[0] == "add_text"] == [
         "text 0",

@@ -22,9 +22,8 @@ def test_tts_reward_known_values():
     assert tts_reward(
         0.25, 3.0, beta_c=2.0, tau_n=2.0, lambda_c=1.0, lambda_n=3.0
     ) == pytest.approx(0.2613660, abs=1e-6)
-    assert tts_reward(0.2, 5.0, lambda_n=0.0) == pytest.approx(
-        1 - math.tanh(0.6)
-    )  # weight 0: NLL ignored
+    # weight 0: NLL ignored
+    assert tts_reward(0.2, 5.0, lambda_n=0.0) == pytest.approx(1 - math.tanh(0.6))
     assert tts_reward(1e6, 0.5) == 0.0  # U_cer underflows to 0: reward 0, no division by zero
     assert tts_reward(0.0, math.inf) == 0.0
     assert tts_reward(0.0, 0.0, **vars(RewardConfig(beta_c=1.0))) == 1.0
@@ -77,15 +76,12 @@ def test_cer_normalizer_keeps_marks_across_scripts():
     # Combining marks (category M) are letters: Whisper's BasicTextNormalizer turned them into spaces.
     assert normalize_text("नमस्ते दुनिया") == "नमस्तेदुनिया"
     assert normalize_text("สวัสดี ครับ") == "สวัสดีครับ"
-    assert char_error_rate("नमस्ते दुनिया", "नमस्त दुनिया") == pytest.approx(
-        1 / 12
-    )  # one matra (े) missing
-    assert char_error_rate("नमस्ते दुनिया", "नमसते दुनिया") == pytest.approx(
-        1 / 12
-    )  # the virama (्) missing
-    assert char_error_rate("สวัสดีครับ", "สวสดครบ") == pytest.approx(
-        3 / 10
-    )  # three Thai vowel signs missing
+    # one matra (े) missing
+    assert char_error_rate("नमस्ते दुनिया", "नमस्त दुनिया") == pytest.approx(1 / 12)
+    # the virama (्) missing
+    assert char_error_rate("नमस्ते दुनिया", "नमसते दुनिया") == pytest.approx(1 / 12)
+    # three Thai vowel signs missing
+    assert char_error_rate("สวัสดีครับ", "สวสดครบ") == pytest.approx(3 / 10)
     assert char_error_rate("你好，世界。", "你好世界") == 0.0
     assert char_error_rate("你好世界", "你好世") == 0.25
     assert char_error_rate("안녕하세요", "안녕하세오") == 0.2
@@ -98,17 +94,14 @@ def test_seed_tts_normalize_deletes_punctuation_as_run_wer():
     assert table_error_rate("don’t", "dont", "en") == ("wer", 0.0)  # ’ deleted, as in zhon's list
     assert table_error_rate("I don’t know", "I don't know", "en") == ("wer", pytest.approx(1 / 3))
     assert seed_tts_normalize("“Hello,” she said… (twice)!", "en") == "hello she said twice"
-    assert (
-        seed_tts_normalize("5＋3＝8～ｏｋ？", "en") == "538ｏｋ"
-    )  # fullwidth punctuation deleted, letters kept
+    # fullwidth punctuation deleted, letters kept
+    assert seed_tts_normalize("5＋3＝8～ｏｋ？", "en") == "538ｏｋ"
     assert (
         seed_tts_normalize("你好，世界！「测试」……（好）《书》、", "zh")
         == "你 好 世 界 测 试 好 书"
     )
     assert table_error_rate("你好，世界。", "你好世界", "zh") == ("cer", 0.0)
-    assert (
-        seed_tts_normalize("AI 很好", "zh") == "A I 很 好"
-    )  # CER languages keep case, as run_wer.py's zh
-    assert (
-        seed_tts_normalize("Guten  Tag, Welt", "de") == "guten tag welt"
-    )  # every WER language lowercased
+    # CER languages keep case, as run_wer.py's zh
+    assert seed_tts_normalize("AI 很好", "zh") == "A I 很 好"
+    # every WER language lowercased
+    assert seed_tts_normalize("Guten  Tag, Welt", "de") == "guten tag welt"

@@ -47,9 +47,8 @@ def test_compile_failed_tells_compile_errors_from_the_runs():
     assert decode.compile_failed(_compile_error(RuntimeError("no kernels for this GPU")))
     assert decode.compile_failed(CppCompileError(["g++"], "error: ..."))
     oom = torch.OutOfMemoryError("CUDA out of memory")
-    assert not decode.compile_failed(
-        _compile_error(oom)
-    )  # OOM inside the compiler: the run's error
+    # OOM inside the compiler: the run's error
+    assert not decode.compile_failed(_compile_error(oom))
     assert not decode.compile_failed(oom)
     assert not decode.compile_failed(ValueError("empty text: nothing to synthesize"))
     assert not decode.compile_failed(RuntimeError("CUDA error: an illegal memory access"))

@@ -111,9 +111,8 @@ def test_logprobs_equal_teacher_forced_forward():
         n = int(out.lengths[i])
         gen = out.tokens[i, :n]
         with torch.no_grad():
-            logits = model(torch.tensor([p + gen.tolist()])).logits[
-                0, len(p) - 1 : len(p) - 1 + n
-            ]  # [n, V]
+            # [n, V]
+            logits = model(torch.tensor([p + gen.tolist()])).logits[0, len(p) - 1 : len(p) - 1 + n]
         expected = torch.log_softmax(logits.float() / T, dim=-1).gather(1, gen[:, None])[:, 0]
         torch.testing.assert_close(out.logprobs[i, :n], expected, atol=1e-4, rtol=0)
         assert (out.logprobs[i, n:] == 0).all()
@@ -267,9 +266,8 @@ def test_cli_tiny_model_writes_wav(tmp_path, capsys):
     assert n_speech > 0
     assert len(wav) == 320 * n_speech
     assert "wrote" in capsys.readouterr().out
-    vocab = data.speech_vocab(
-        models.load_model("tiny")[1]
-    )  # the CLI's tiny model: 64 speech tokens
+    # the CLI's tiny model: 64 speech tokens
+    vocab = data.speech_vocab(models.load_model("tiny")[1])
     assert vocab.n == 64
     assert vocab.to_codes(r.tokens[0, :n_speech].tolist())  # all speech tokens
 

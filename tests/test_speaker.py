@@ -60,9 +60,8 @@ def test_sim_of_a_clip_with_itself_is_one_and_others_less(tiny_sv):
     assert all(-1.0 <= s < 1.0 - 1e-4 for s in others), others
     assert float(speaker.similarity(embeddings[0], embeddings[0])) == pytest.approx(1.0, abs=1e-12)
     assert speaker.similarity(embeddings, -embeddings).tolist() == pytest.approx([-1.0] * 4)
-    assert (
-        float(speaker.similarity(torch.zeros(3), torch.ones(3))) == 0.0
-    )  # a zero embedding: no similarity
+    # a zero embedding: no similarity
+    assert float(speaker.similarity(torch.zeros(3), torch.ones(3))) == 0.0
 
 
 def test_wavlm_sv_from_a_directory_matches_transformers_clip_by_clip(tmp_path, monkeypatch):
@@ -103,11 +102,8 @@ def test_wavlm_sv_from_a_directory_matches_transformers_clip_by_clip(tmp_path, m
     )
     sv.max_frames2 = 2 * (int(1.3 * 16000) // 320 + 1) ** 2  # two 1.3 s clips' attention, padded
     assert torch.allclose(sv.embed(clips), batched, rtol=1e-4, atol=1e-5 * scale)
-    assert seen == [
-        1,
-        2,
-        3,
-    ]  # 2.0 s alone; 1.3 s + 1.0 s; then 0.7, 0.4 and 0.33 s (under the budget)
+    # 2.0 s alone; 1.3 s + 1.0 s; then 0.7, 0.4 and 0.33 s (under the budget)
+    assert seen == [1, 2, 3]
 
 
 def test_ecapa_head_and_seed_tts_checkpoint_match_the_reference(tmp_path):
@@ -181,11 +177,8 @@ def test_silence_has_sim_zero_and_a_silent_prompt_none():
     model = Counting()
     judge = speaker.SpeakerSimilarity(model)
     prompt = tone(1.0, 250)
-    silent = [
-        np.zeros(0, np.float32),
-        np.zeros(16000, np.float32),
-        noise(0.002, 1),
-    ]  # the last: 32 samples
+    # the last: 32 samples
+    silent = [np.zeros(0, np.float32), np.zeros(16000, np.float32), noise(0.002, 1)]
     assert judge.sims(silent + [None], [prompt] * 4) == [0.0, 0.0, 0.0, None]
     assert model.clips == 1  # the prompt only
     with pytest.warns(UserWarning, match="silent or shorter"):
@@ -261,6 +254,5 @@ def test_sim_reaches_the_metrics():
     ]
     means = outputs.clip_means(scores, [0.5, 0.2, 0.0, 1.0], [True] * 4, prefix="val_")
     assert means["val_sim"] == pytest.approx(0.6)
-    assert "sim" not in outputs.clip_means(
-        [Score(reward=1.0)], [1.0], [True]
-    )  # never measured: no metric
+    # never measured: no metric
+    assert "sim" not in outputs.clip_means([Score(reward=1.0)], [1.0], [True])

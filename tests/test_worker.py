@@ -102,10 +102,8 @@ def test_worker_answers_the_sims_of_the_scorer(tiny_worker):
         assert [r.sim for r in answers[k]] == pytest.approx([r.sim for r in expected[k]], abs=1e-5)
     assert all(r.sim is None for r in tiny_worker.score(requests[0][0][:2], requests[0][1][:2]))
     a, b = voices[0], voices[0].copy()
-    assert ww._share([a, a, None, b, a], 5) == (
-        [a, b],
-        [0, 0, -1, 1, 0],
-    )  # a group's prompt goes once
+    # a group's prompt goes once
+    assert ww._share([a, a, None, b, a], 5) == ([a, b], [0, 0, -1, 1, 0])
     with pytest.raises(ValueError, match="1 prompts; they must match"):
         tiny_worker.score(requests[0][0][:2], requests[0][1][:2], prompts=[voices[0]])
 
@@ -148,9 +146,8 @@ def test_custom_reward_worker(reward_module):
         assert prompted.sim == pytest.approx(
             float(speaker.similarity(*sv.embed([clip, voice]))), abs=1e-5
         )
-        sine = (0.3 * np.sin(np.arange(16000) / 5.0)).astype(
-            np.float64
-        )  # converted to float32 on the way
+        # converted to float32 on the way
+        sine = (0.3 * np.sin(np.arange(16000) / 5.0)).astype(np.float64)
         results = worker.score(
             [
                 sine,
@@ -432,9 +429,8 @@ def test_real_whisper_ranks_clean_above_noisy_above_silence():
     rows = [json.loads(line) for line in open(clips_file)]
     audios = [ww.read_wav(os.path.join(ASSETS, "speech", r["wav"])) for r in rows]
     silences = [i for i, r in enumerate(rows) if r["kind"] == "silence"]
-    assert all(
-        not audios[i].any() for i in silences
-    )  # all-zero clips, as a collapsed policy answers
+    # all-zero clips, as a collapsed policy answers
+    assert all(not audios[i].any() for i in silences)
     # With -80 dBFS dither, silence goes through Whisper's greedy decode as well.
     dithered = [audios[i] + noise(len(audios[i]) / 16000, i, scale=1e-4) for i in silences]
     clean = [i for i, r in enumerate(rows) if r["kind"] == "clean"]
@@ -481,9 +477,8 @@ def test_real_whisper_ranks_clean_above_noisy_above_silence():
     )
     assert mean["noisy"] > mean["dithered silence"]
     assert np.mean([r.cer for r in by_kind["clean"]]) < 0.15
-    [long] = by_kind[
-        "long"
-    ]  # clean speech, but past Whisper's window: refused, not judged on its first 30 s
+    # clean speech, but past Whisper's window: refused, not judged on its first 30 s
+    [long] = by_kind["long"]
     assert long.reward == 0.0
     assert long.too_long
     assert long.cer is None
