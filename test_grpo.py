@@ -1,4 +1,4 @@
-"""The llasa-grpo test suite: CPU, offline, seeded. `python -m pytest -q` from the root runs all of it.
+"""The llasa-grpo test suite: CPU, offline, seeded; `python -m pytest -q` at the root runs it all.
 
 This file holds the algorithm and trainer tests (grpo.py); tests/test_<file>.py holds the tests of
 the project's <file>.py: test_reward, test_scorer (WhisperScorer, the custom reward), test_worker
@@ -60,7 +60,14 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 if os.path.join(REPO, "tests") not in sys.path:
     sys.path.insert(0, os.path.join(REPO, "tests"))
 import helpers  # noqa: E402
-from helpers import COMPILE_TEXTS, _FakeScorer, _ScriptedScorer, _tiny, hf_greedy, noise  # noqa: E402
+from helpers import (  # noqa: E402
+    COMPILE_TEXTS,
+    _FakeScorer,
+    _ScriptedScorer,
+    _tiny,
+    hf_greedy,
+    noise,
+)
 
 one_thread = helpers.one_thread  # autouse, as tests/conftest.py registers it for tests/
 
@@ -136,7 +143,8 @@ def test_policy_loss_kl_k3_and_gradient():
     k3 = math.exp(d) - d - 1
     assert st["kl"] == pytest.approx(k3, rel=1e-5)
     assert loss.item() == pytest.approx(0.04 * k3, rel=1e-5)
-    loss.backward()  # d/dlogp of 0.04 * (e^(ref-logp) - (ref-logp) - 1) = 0.04 * (1 - e^d); masked token: 0
+    # d/dlogp of 0.04 * (e^(ref-logp) - (ref-logp) - 1) = 0.04 * (1 - e^d); masked token: 0
+    loss.backward()
     assert logp.grad[0, 0].item() == pytest.approx(0.04 * (1 - math.exp(d)), rel=1e-5)
     assert logp.grad[0, 1].item() == 0.0
 
@@ -171,7 +179,8 @@ def test_policy_loss_dual_clip_by_hand():
     )
     assert loss.item() == pytest.approx(2.0)
     assert st["dual_clip_frac"] == 0.0
-    # A = +2, ratio = e^2: the PPO clip alone: -min(2 * 7.39, 2 * 1.2) = -2.4, no dual clip for A > 0.
+    # A = +2, ratio = e^2: the PPO clip alone, -min(2 * 7.39, 2 * 1.2) = -2.4;
+    # no dual clip for A > 0.
     loss, st = grpo.policy_loss(
         torch.tensor([[2.0]]),
         torch.zeros(1, 1),
@@ -214,10 +223,10 @@ def test_policy_loss_dual_clip_by_hand():
 
 
 def test_policy_loss_clip_higher_by_hand():
-    """--clip-eps-high (DAPO's clip-higher): clip(ratio, 1 - eps, 1 + eps_high); the low side is unchanged."""
+    """--clip-eps-high (DAPO's clip-higher): clip(ratio, 1 - eps, 1 + eps_high); same low side."""
     mask = torch.ones(1, 2)
-    # A = +1: ratio 1.25 is inside [0.8, 1.28] (unclipped, gradient -A * ratio); ratio e^0.3 = 1.35 is
-    # clipped at 1.28 (gradient 0). Token mean over 2 tokens.
+    # A = +1: ratio 1.25 is inside [0.8, 1.28] (unclipped, gradient -A * ratio); ratio e^0.3 = 1.35
+    # is clipped at 1.28 (gradient 0). Token mean over 2 tokens.
     logp = torch.tensor([[math.log(1.25), 0.3]], requires_grad=True)
     loss, st = grpo.policy_loss(
         logp,
@@ -250,16 +259,17 @@ def test_policy_loss_clip_higher_by_hand():
 
 
 def _gspo_reference(logp, old, adv, mask, lo, hi):
-    """GSPO's objective written directly at the sequence level (paper eq. 5, as a loss): s_i =
-    exp(mean over sequence i's tokens of logp - old), loss = mean_i max(-A s_i, -A clip(s_i, 1 - lo, 1 + hi))."""
+    """GSPO's objective written directly at the sequence level (paper eq. 5, as a loss):
+    s_i = exp(mean over sequence i's tokens of logp - old),
+    loss = mean_i max(-A s_i, -A clip(s_i, 1 - lo, 1 + hi))."""
     s = torch.exp(((logp - old) * mask).sum(1) / mask.sum(1))
     return torch.maximum(-adv * s, -adv * s.clamp(1 - lo, 1 + hi)).mean(), s
 
 
 def test_policy_loss_gspo_caps_a_stale_sequence_like_verl():
-    """verl's compute_policy_loss_gspo caps log s_i at 10: a sequence that drifted far (log-ratio 15,
-    A < 0, possible with --updates-per-rollout > 1) costs |A| e^10 per token and pushes no gradient;
-    one below the cap keeps its gradient -A s_i / |y_i| / B."""
+    """verl's compute_policy_loss_gspo caps log s_i at 10: a sequence that drifted far (log-ratio
+    15, A < 0, possible with --updates-per-rollout > 1) costs |A| e^10 per token and pushes no
+    gradient; one below the cap keeps its gradient -A s_i / |y_i| / B."""
     mask = torch.ones(2, 2)
     old = torch.tensor([[-3.0, -4.0], [-1.0, -1.0]])
     logp = (old + torch.tensor([[15.0, 15.0], [0.5, 0.5]])).requires_grad_(True)
@@ -283,7 +293,7 @@ def test_policy_loss_gspo_caps_a_stale_sequence_like_verl():
 @pytest.mark.parametrize("lo,hi", [(0.2, 0.28), (3e-4, 4e-4)])  # GSPO's paper: 3e-4 / 4e-4
 def test_policy_loss_gspo_sequence_ratio_values_and_gradients(lo, hi):
     """--importance-level sequence: one ratio per sequence, clipped per sequence; value and gradient
-    equal the sequence-level formula's, i.e. d/dlogp_t = -A_i s_i / |y_i| / B where s_i is not clipped."""
+    equal the sequence-level formula's: d/dlogp_t = -A_i s_i / |y_i| / B where s_i is unclipped."""
     mask = torch.tensor([[1.0, 1, 1], [1, 1, 0], [1, 1, 1]])
     base = torch.tensor([[-1.0, -2.0, -0.5], [-0.7, -1.2, -3.0], [-0.4, -0.9, -1.6]])
     # logp - old per token; row 1's masked token is far off and must not count
@@ -325,7 +335,7 @@ def test_policy_loss_gspo_sequence_ratio_values_and_gradients(lo, hi):
         sum(c * n for c, n in zip(clipped, lengths.tolist())) / 8
     )
     assert st["dual_clip_frac"] == 0.0
-    # Token-level on the same numbers differs (per-token ratios), and on-policy both are the same loss.
+    # Token-level on the same numbers differs (per-token ratios); on-policy both are the same loss.
     tok, _ = grpo.policy_loss(
         base,
         old,
@@ -359,7 +369,7 @@ def test_tis_weights_cap_and_fraction_by_hand():
     # padding: 1
     assert w.tolist() == [pytest.approx([0.5, 1.5, 2.0]), pytest.approx([1.0, 0.25, 1.0])]
     assert capped.tolist() == [[False, False, True], [False, False, False]]
-    # In the loss, on-policy (ratio 1), A = [1, -2]: per-token pg loss -A * w; the KL term unweighted.
+    # In the loss, on-policy (ratio 1), A = [1, -2]: per-token pg loss -A * w; KL term unweighted.
     logp = old.clone().requires_grad_(True)
     ref = logp.detach() + 0.3
     adv = torch.tensor([1.0, -2.0])
@@ -685,8 +695,9 @@ def test_logp_mismatch_measures_rollout_against_training_logprobs():
 
 @pytest.mark.parametrize("micro_batch", [8, 3])
 def test_update_reports_tis_weights_over_micro_batches(micro_batch):
-    """--tis-cap in the update: w = min(exp(training - rollout log-prob), cap) (one update: old = the
-    training pass), token means over every micro-batch; nothing without --tis-cap or rollout log-probs."""
+    """--tis-cap in the update: w = min(exp(training - rollout log-prob), cap) (one update:
+    old = the training pass), token means over every micro-batch; nothing without --tis-cap or
+    rollout log-probs."""
     tok, ro = _fixed_rollouts()
     with torch.no_grad():
         train = llama.response_logprobs(
@@ -793,8 +804,8 @@ def half_flat_reward(audio, text):
 
 
 def test_trainer_dynamic_sampling_trains_on_informative_groups(tmp_path, monkeypatch):
-    """--dynamic-sampling: a step whose groups are mostly flat runs refill rounds, and the update gets
-    a full batch whose trained rows all belong to groups with unequal rewards."""
+    """--dynamic-sampling: a step whose groups are mostly flat runs refill rounds, and the update
+    gets a full batch whose trained rows all belong to groups with unequal rewards."""
     cfg = _tiny(tmp_path, "--val-data", "", "--dynamic-sampling", "--max-refill-rounds", "4")
     first = [
         ex.text for ex in data.step_examples(data.load_dataset(cfg.data), 0, cfg, parallel.Dist())
@@ -827,8 +838,8 @@ def test_trainer_dynamic_sampling_trains_on_informative_groups(tmp_path, monkeyp
 
 
 def test_trainer_step_with_the_peer_recipe_flags(tmp_path):
-    """A step with clip-higher, GSPO's sequence ratio and TIS: on a CPU the rollout's and the update's
-    log-probs agree, so every TIS weight is 1 and none is capped."""
+    """A step with clip-higher, GSPO's sequence ratio and TIS: on a CPU the rollout's and the
+    update's log-probs agree, so every TIS weight is 1 and none is capped."""
     cfg = _tiny(
         tmp_path,
         "--val-data",
@@ -865,10 +876,10 @@ class _PromptScorer(_FakeScorer):
 
 
 def test_clone_rollouts_continue_after_the_prompt_voice(tmp_path):
-    """With voice prompts: each prompt's audio is encoded once per run, the rollout prompt is LLASA's
-    clone prompt ending in the prompt's speech tokens, only generated tokens come back (and are what
-    is trained and heard), the scorer gets each clip's prompt audio, and the tone codec's seam cut
-    (--prompt-decode context) gives exactly the audio decoded alone."""
+    """With voice prompts: each prompt's audio is encoded once per run, the rollout prompt is
+    LLASA's clone prompt ending in the prompt's speech tokens, only generated tokens come back (and
+    are what is trained and heard), the scorer gets each clip's prompt audio, and the tone codec's
+    seam cut (--prompt-decode context) gives exactly the audio decoded alone."""
     cfg = _tiny(
         tmp_path,
         "--data",
@@ -898,7 +909,7 @@ def test_clone_rollouts_continue_after_the_prompt_voice(tmp_path):
     roll = tr.sampler.rollout([ex, tr.examples[1]], torch.Generator().manual_seed(0))
     assert int(roll.lengths.max()) <= cfg.max_new_tokens  # the generated part only
     alone = tr.sampler.decode_audio(roll, [ex, tr.examples[1]])
-    # Whisper hears exactly the generated codes (the stop token aside): 320 samples each, no prompt audio.
+    # Whisper hears just the generated codes (stop token aside): 320 samples each, no prompt audio.
     assert [len(a) for a in alone] == [
         (int(n) - int(f)) * codec.SAMPLES_PER_CODE for n, f in zip(roll.lengths, roll.finished)
     ]
@@ -926,7 +937,7 @@ def test_sim_weight_adds_a_separately_normalized_advantage():
 
 
 class _VaryingScorer(_FakeScorer):
-    """Rewards and similarities that differ clip by clip (from the audio), for the advantage test."""
+    """Rewards and similarities differing clip by clip (from the audio), for the advantage test."""
 
     def score(self, audios, texts, languages=None, prompts=None):
         return [
@@ -970,7 +981,10 @@ def test_trainer_step_with_sim_weight_trains_on_both_normalized_advantages(tmp_p
     # both terms act
     assert np.ptp(sims, axis=1).max() > 0
     assert np.ptp(r, axis=1).max() > 0
-    norm = lambda x: (x - x.mean(1, keepdims=True)) / (x.std(1, ddof=1, keepdims=True) + 1e-6)  # noqa: E731
+
+    def norm(x):
+        return (x - x.mean(1, keepdims=True)) / (x.std(1, ddof=1, keepdims=True) + 1e-6)
+
     # float32 in the trainer
     np.testing.assert_allclose(
         seen[0].double().numpy(), (norm(r) + 0.5 * norm(sims)).reshape(-1), rtol=1e-3, atol=1e-5
@@ -1084,11 +1098,11 @@ def test_torchrun_two_ranks_tiny_clone_preset(tmp_path):
     assert all(-1 <= r["sim"] <= 1 for r in rows)
 
 
-# ---- overlapped rollouts and rewards --------------------------------------------------------------
+# ---- overlapped rollouts and rewards -------------------------------------------------------------
 
 
 class SlowScorer:
-    """A deterministic reward that takes its time, like Whisper: the fraction of low codes' energy."""
+    """A deterministic reward that takes time, like Whisper: the fraction of low codes' energy."""
 
     def __init__(self, seconds=0.0):
         self.seconds = seconds
@@ -1128,7 +1142,7 @@ def test_overlapped_step_equals_sequential_step(tmp_path):
 
 
 def short_reward(audio, text):
-    """Toy reward favouring shorter (faster) speech: 1 for an empty clip, 0 at the tiny cap of 64 codes."""
+    """Toy reward for shorter (faster) speech: 1 for an empty clip, 0 at tiny's cap of 64 codes."""
     return float(max(0.0, 1.0 - len(audio) / (64 * 320)))
 
 
@@ -1151,7 +1165,7 @@ def high_pitch_reward(audio, text):
 
 
 def tone_voice(audio):
-    """Toy speaker embedding for the tone codec: the clip's mean magnitude spectrum up to 1200 Hz."""
+    """Toy speaker embedding for the tone codec: the mean magnitude spectrum up to 1200 Hz."""
     audio = audio[: max(320, len(audio) // 320 * 320)]
     audio = np.pad(audio, (0, max(0, 320 - len(audio))))
     return np.abs(np.fft.rfft(audio.reshape(-1, 320), axis=1)).mean(0)[:25]
@@ -1526,8 +1540,8 @@ def test_cuda_tiny_preset_end_to_end(tmp_path, capfd):
 
 @cuda
 def test_cuda_lora_step_on_a_bf16_base(tmp_path):
-    """--lora-rank on CUDA: the frozen base in bf16, fp32 adapters, the compiled step on merged copies;
-    the step's numbers are finite and the rollout's log-probs stay near the update's."""
+    """--lora-rank on CUDA: the frozen base in bf16, fp32 adapters, the compiled step on merged
+    copies; the step's numbers are finite and the rollout's log-probs stay near the update's."""
     cfg = _tiny(tmp_path, "--device", "auto", "--val-data", "", "--lora-rank", "4", "--lr", "1e-2")
     tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cuda:0"), _FakeScorer(0.5))
     params = dict(tr.policy.lm.named_parameters())

@@ -24,7 +24,7 @@ REPO = os.path.dirname(TESTS)  # the repository root: subprocesses' cwd, train.s
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # Two CPU cores shared by this process and a worker process (started with threads=1): one thread
-    # each, or OpenMP's spinning threads oversubscribe the cores and every op gets several times slower.
+    # each, or OpenMP's spinning threads oversubscribe the cores and slow every op several times.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     # Inductor (the compiled decode step's tests) builds its C++ kernels in this process, scalar:

@@ -1,6 +1,6 @@
 """codec.py: the self-contained XCodec2 decoder against a golden file, the tone codec, the demo's
-word codec, codec names and errors; encode (transformers' Xcodec2Model at a tiny random config, the tone
-and word codecs' inverses) and the prompt-code cache."""
+word codec, codec names and errors; encode (transformers' Xcodec2Model at a tiny random config, the
+tone and word codecs' inverses) and the prompt-code cache."""
 
 import importlib
 import json
@@ -68,7 +68,7 @@ def test_xcodec2_batched_equals_one_by_one(golden_codec):
 
 
 def test_xcodec2_padding_would_leak_without_the_mask(golden_codec):
-    """Why decode passes lengths: unmasked right-padding changes a shorter clip (attention, GroupNorm)."""
+    """Decode needs lengths: unmasked right-padding alters a shorter clip (attention, GroupNorm)."""
     _, codes, _ = _golden()
     batch = codes.clone()
     batch[1, 0, 7:] = 0  # clip 1 is 7 codes, right-padded with code 0 as the decoder sees it
@@ -244,7 +244,7 @@ def test_xcodec2_precision_sets_tf32_flags_inside_decode_and_restores_them(
     fp32_precision API, after which torch's legacy getters raise): on CUDA "tf32" turns TF32
     matmuls and convolutions on, "fp32" and "bf16" (beside its autocast) off; a CPU computes in
     fp32 (TF32 off) but under "bf16". Spied inside decode on the CPU, and on a CUDA-typed codec in
-    `_numerics` itself; the caller's settings, and what torch's legacy getters say, are back after."""
+    `_numerics` itself; the caller's settings and torch's legacy getters' answers are back after."""
     cfg, codes, _ = _golden()
     seen = []
 
@@ -307,8 +307,8 @@ def _legacy_getters() -> list:
 
 
 def _tiny_transformers_xcodec2():
-    """transformers' Xcodec2Model at the golden file's decoder shapes (a tiny random encoder and a 1-layer
-    w2v-bert), its decoder weights mapped from the golden file: it decodes what the golden decoder does."""
+    """transformers' Xcodec2Model at the golden file's decoder shapes (a tiny random encoder and a
+    1-layer w2v-bert), decoder weights mapped from the golden file: it decodes as the golden one."""
     cfg, _, _ = _golden()
     semantic = dict(
         model_type="wav2vec2-bert",
@@ -336,8 +336,8 @@ def _tiny_transformers_xcodec2():
         keys = codec.transformers_keys(name)  # c_attn: q, k, v stacked
         state.update(zip(keys, p.split([state[k].shape[0] for k in keys])))
     model.load_state_dict(state)
-    # transformers' init (normal, std 0.02) leaves the quantizer's input near 0: every code the same.
-    # PyTorch's default init for the encoder side, project_in scaled up: codes spread over the codebook.
+    # transformers' init (normal, std 0.02) leaves the quantizer's input near 0: every code alike.
+    # PyTorch's default init for the encoder, project_in scaled up: codes spread over the codebook.
     for m in [
         *model.acoustic_encoder.modules(),
         *model.semantic_adapter.modules(),
@@ -365,7 +365,7 @@ def _clips(*lengths, seed=0):
 
 
 def test_transformers_decode_equals_golden_with_mapped_weights(tiny_hf, tmp_path):
-    """The mapping covers transformers' whole decoding path, and its decode equals the package's (golden)."""
+    """The mapping covers transformers' whole decoding path; it decodes as the package (golden)."""
     cfg, codes, want = _golden()
     ours = codec.XCodec2Decoder(cfg).state_dict()
     mapped = {k for name in ours for k in codec.transformers_keys(name)}
@@ -378,7 +378,7 @@ def test_transformers_decode_equals_golden_with_mapped_weights(tiny_hf, tmp_path
     with torch.no_grad():
         got = tiny_hf.decode(codes).audio_values
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # measured: 6.3e-8
-    # and our decoder reads a transformers-format checkpoint (HKUSTAudio/xcodec2-hf) through the same mapping
+    # and our decoder reads a transformers-format checkpoint (HKUSTAudio/xcodec2-hf) via the mapping
     tiny_hf.save_pretrained(tmp_path)
     c = codec.XCodec2Codec(str(tmp_path), "cpu", cfg)
     assert c.encoder == str(tmp_path)  # an -hf checkpoint serves encode too
@@ -386,8 +386,9 @@ def test_transformers_decode_equals_golden_with_mapped_weights(tiny_hf, tmp_path
 
 
 def test_xcodec2_encode_shapes_range_determinism(tiny_hf):
-    """(S + 1) // 320 codes for S samples (the codes transformers' audio_codes_mask marks valid; the model
-    itself emits S // 320 + 1), in [0, 65536); deterministic, and a clip's codes do not depend on its batch."""
+    """(S + 1) // 320 codes for S samples (the codes transformers' audio_codes_mask marks valid;
+    the model itself emits S // 320 + 1), in [0, 65536); deterministic; a clip's codes do not
+    depend on its batch."""
     cfg, _, _ = _golden()
     xc = codec.XCodec2Codec(
         codec.XCodec2Decoder.from_pretrained(GOLDEN, cfg), "cpu", cfg, encoder=tiny_hf
@@ -411,8 +412,8 @@ def test_xcodec2_encode_shapes_range_determinism(tiny_hf):
 
 
 def test_xcodec2_encode_matches_transformers_feature_extractor(tiny_hf):
-    """Our features (SeamlessM4T's numpy fbank) against Xcodec2FeatureExtractor's (torchaudio), where
-    torchaudio loads: the same model input, the same codes."""
+    """Our features (SeamlessM4T's numpy fbank) against Xcodec2FeatureExtractor's (torchaudio),
+    where torchaudio loads: the same model input, the same codes."""
     try:
         importlib.import_module("torchaudio.compliance.kaldi")
         from transformers import Xcodec2FeatureExtractor
@@ -475,7 +476,7 @@ def test_tone_codec_encode_inverts_decode():
     assert codes[0] == [k % 256 for k in seqs[0]]  # k and k + 256 are the same tone
     for a, b in zip(tone.decode(codes), audio):
         np.testing.assert_array_equal(a, b)  # decode(encode(audio)) == audio
-    # audio it did not make: no error, the nearest tones, samples // 320 of them (a partial frame dropped)
+    # audio it did not make: no error, the nearest tones, samples // 320 of them (no partial frame)
     other = tone.encode(_clips(1000, 319, 0) + [np.zeros(640, np.float32), torch.ones(320)])
     assert [len(c) for c in other] == [3, 0, 0, 2, 1]
     assert all(0 <= x < 256 for c in other for x in c)
@@ -528,7 +529,7 @@ def test_prompt_codes_encode_each_content_once():
 
 
 def test_package_codec_encode_cuts_as_ours(monkeypatch):
-    """XCodec2PackageCodec.encode calls encode_code (S // 320 + 1 codes) and keeps (S + 1) // 320."""
+    """XCodec2PackageCodec.encode calls encode_code (S // 320 + 1 codes), keeps (S + 1) // 320."""
 
     class FakeModel:
         @classmethod

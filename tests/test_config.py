@@ -203,7 +203,7 @@ def test_cli_bad_flag_exits_2_in_one_line(tmp_path):
 
 
 def test_llasa_presets_use_the_seeds_adamw_weight_decay():
-    """The seed's AdamW had weight decay 0.01 (the llasa presets once ran 0.0); the other presets keep 0."""
+    """The seed's AdamW had weight decay 0.01 (llasa presets once ran 0.0); other presets keep 0."""
     assert config.parse_config(["--preset", "llasa-1b"]).weight_decay == 0.01
     for preset in ("llasa-3b", "llasa-8b"):  # FSDP presets: parsed alone they would need torchrun
         assert config.PRESETS[preset]["weight_decay"] == 0.01, preset

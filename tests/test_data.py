@@ -63,7 +63,7 @@ def test_llasa_prompt_and_speech_vocab():
     assert data.tiny_tokenizer().get_vocab() == data.tiny_tokenizer().get_vocab()
 
 
-# ---- voice prompts --------------------------------------------------------------------------------
+# ---- voice prompts -------------------------------------------------------------------------------
 
 
 def _wav(path, seconds=0.2, rate=16000):
@@ -80,7 +80,8 @@ def test_voice_prompt_rows_and_their_errors(tmp_path):
     _wav(tmp_path / "v" / "a.wav")
     good = tmp_path / "d.jsonl"
     good.write_text(
-        '{"text": "Hi.", "prompt_wav": "v/a.wav", "prompt_text": " A voice. "}\n{"text": "Plain."}\n'
+        '{"text": "Hi.", "prompt_wav": "v/a.wav", "prompt_text": " A voice. "}\n'
+        '{"text": "Plain."}\n'
     )
     rows = data.load_dataset(str(good))
     assert rows[0].prompt_wav == str(tmp_path / "v" / "a.wav")
@@ -167,9 +168,11 @@ def test_clone_prompt_ids_equal_a_hand_built_llasa_prompt():
 # caller's date_string, else today's (transformers' strftime_now), else its own fallback.
 DATED_TEMPLATE = (
     "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
-    "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}{%- set date_string = '26 Jul 2024' %}"
+    "{%- set date_string = strftime_now('%d %b %Y') %}"
+    "{%- else %}{%- set date_string = '26 Jul 2024' %}"
     "{%- endif %}{%- endif %}"
-    "{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\nToday Date: {{ date_string }}<|eot_id|>"
+    "{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\n"
+    "Today Date: {{ date_string }}<|eot_id|>"
     + data.LLAMA3_CHAT_TEMPLATE.removeprefix("{{ bos_token }}")
 )
 
@@ -222,8 +225,8 @@ def test_read_audio_resamples_to_16k(tmp_path):
 
 @pytest.mark.parametrize("flag", [["--sim-weight", "0.5"], ["--sim-guard"]])
 def test_speaker_similarity_flags_need_voice_prompts(tmp_path, flag):
-    """--sim-weight / --sim-guard on data without prompt_wav would train on sim = 0 silently: refused at
-    load, naming the file; the clone preset's data (voice prompts) loads."""
+    """--sim-weight / --sim-guard on data without prompt_wav would train on sim = 0 silently:
+    refused at load, naming the file; the clone preset's data (voice prompts) loads."""
     plain = config.parse_config(["--preset", "tiny", "--out", str(tmp_path / "run"), *flag])
     with pytest.raises(ValueError, match=f"{plain.data}: no row has a prompt_wav, so {flag[0]}"):
         data.load_data(plain)

@@ -108,12 +108,12 @@ def test_static_step_eager_equals_dynamic_loop(tok, prompts):
 
         ref = sample.generate(model, ps, **kw, **seeded())
         ours = sample.generate(model, ps, decoder=dec, **kw, **seeded())
-        # A bf16 cache: bf16 attention over the whole cache vs over its filled prefix rounds differently.
+        # A bf16 cache: bf16 attention over the whole cache vs its filled prefix rounds differently.
         assert_same(ours, ref, atol=1e-3 if "cache_dtype" in kw else 1e-5)
         finished_some |= bool(ref.finished.any() and not ref.finished.all())
         slots.append(sorted((key[0], st.cache.length) for key, st in dec.states.items()))
     assert finished_some
-    # Buffers per batch size (and knobs on or off), P + N slots rounded up to 128, grown when a call needs more.
+    # Buffers per batch size (and knobs on or off): P + N slots, rounded up to 128, grown as needed.
     assert slots[0] == [(4, 128)] and slots[2] == [(2, 128), (4, 128), (4, 128)], slots
     before, after = Counter(slots[-2]), Counter(slots[-1])
     # replaced

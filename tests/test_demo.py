@@ -174,7 +174,7 @@ def test_demo_grpo_steps_end_to_end_with_real_whisper(tmp_path):
     for m in history:
         for key in ("reward_mean", "cer", "nll", "loss"):
             assert math.isfinite(m[key]), (key, m[key])
-        # a 60-step policy may ramble past Whisper's 8 s: refused as too long, the only error allowed
+        # a 60-step policy may ramble past Whisper's 8 s: refused as too long, the one error allowed
         assert 0 <= m["reward_mean"] <= 1
         assert m["error_frac"] == m["too_long_frac"]
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]

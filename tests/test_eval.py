@@ -1,5 +1,6 @@
 """eval.py: the seed-tts-eval WER/CER normalization, Seed-TTS lists, resume, bad rows, --compare,
---out's record, bad flags, --wavs with real Whisper tiny.en on the test assets, and --model end to end (CPU)."""
+--out's record, bad flags, --wavs with real Whisper tiny.en on the test assets, and --model end
+to end (CPU)."""
 
 import json
 import math
@@ -78,7 +79,7 @@ def _tone_wav(path, seconds=0.5, freq=220.0):
 
 
 def test_seed_tts_list_wavs_resume_and_bad_rows(tmp_path, fake_asr, capsys):
-    """A Seed-TTS list through eval --wavs: bad rows named with file:line; a rerun skips done rows."""
+    """A Seed-TTS list through eval --wavs: bad rows named by file:line; a rerun skips done rows."""
     shutil.copy(os.path.join(CLONE, "low.wav"), tmp_path / "low.wav")
     lst = tmp_path / "meta.lst"
     lst.write_text(
@@ -572,7 +573,7 @@ def test_resume_after_a_torn_last_line(tmp_path, fake_asr, capsys):
 
 
 def test_bad_prompt_audio_is_a_bad_row(tmp_path, fake_asr):
-    """A missing or unreadable prompt_wav is that row's error (file:line), not a stop for the data."""
+    """A missing or unreadable prompt_wav is its row's error (file:line), not a stop of the run."""
     shutil.copy(os.path.join(CLONE, "low.wav"), tmp_path / "low.wav")
     (tmp_path / "broken.wav").write_bytes(b"not a wav")
     for name in "abc":
@@ -618,7 +619,9 @@ def test_bad_prompt_audio_is_a_bad_row(tmp_path, fake_asr):
 
 def test_asr_exception_is_that_rows_error(tmp_path, monkeypatch):
     (tmp_path / "flaky_asr_mod.py").write_text(
-        "def transcribe(audio, language):\n    if len(audio) > 10000:\n        raise RuntimeError('boom')\n"
+        "def transcribe(audio, language):\n"
+        "    if len(audio) > 10000:\n"
+        "        raise RuntimeError('boom')\n"
         "    return 'where is the station'\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))

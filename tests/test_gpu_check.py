@@ -1,5 +1,5 @@
-"""gpu_check.py: the single-GPU acceptance run's CPU dry run (`--smoke`), so that the script cannot rot
-between the rare runs on a rented GPU: every part runs its code at tiny shapes, each in its own
+"""gpu_check.py: the single-GPU acceptance run's CPU dry run (`--smoke`), so that the script cannot
+rot between the rare runs on a rented GPU: every part runs its code at tiny shapes, each in its own
 process, and the figures that must hold on any device hold."""
 
 import json
@@ -37,8 +37,8 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     assert parts["summary"]["status"] == "ok"
     assert parts["summary"]["failed"] == []
     a, b, e = parts["a"], parts["b"], parts["e"]
-    # (a) the compiled step (eager backend) and the eager loop: the same tokens; one graph per span used;
-    # clone-length prompts reach the cache's last span, compiling only the spans not used before
+    # (a) the compiled step (eager backend) and the eager loop: the same tokens; one graph per span
+    # used; clone-length prompts reach the cache's last span, compiling only spans not used before
     assert a["tokens_equal"] is True and a["graphs"] == len(a["spans_used"]) >= 2, a
     assert a["cudagraph_skips"] == 0
     assert a["recompiled_in_timed_runs"] == 0
@@ -49,7 +49,7 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     ), late
     assert late["graphs"] == len(set(late["spans_used"]) - set(a["spans_used"])) >= 1
     assert late["prompt_len"][0] > 256
-    # (b) FSDP2 on a 1-rank mesh equals the replicated update, and a resumed update the uninterrupted one
+    # (b) FSDP2 on a 1-rank mesh equals the replicated update, a resumed one the uninterrupted one
     assert (
         b["update_rel_err"] < 1e-4 and b["resume_step_max"] > 0 and b["resume_max_diff"] <= 1e-6
     ), b
@@ -67,8 +67,8 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     assert set(parts["d"]["checks"]) >= {f"{c}:held" for c in cases}
     # (e) the trainer's compiled decode step worked (no fallback to the eager loop)
     assert e["decoder_works"] is True and e["graphs"] == len(e["spans_used"]), e
-    # (g) FSDP2 + LoRA on a bf16 base: the replicated update, only adapters trained, the base untouched,
-    # the checkpoint's adapter read back, a resume equal to the uninterrupted run
+    # (g) FSDP2 + LoRA on a bf16 base: the replicated update, only adapters trained, the base
+    # untouched, the checkpoint's adapter read back, a resume equal to the uninterrupted run
     g = parts["g"]
     if g["status"] == "ok":  # skipped only on torch < 2.8 (FSDP2 wants one dtype per group there)
         assert (
@@ -82,8 +82,8 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
 
 
 def test_a_memory_ratio_outside_its_tolerance_fails_part_d(monkeypatch, capsys):
-    """(d): memory.py's prediction off by more than 25% (either way) for any case and phase is a failed
-    check, and the part's status says so."""
+    """(d): memory.py's prediction off by more than 25% (either way) for any case and phase is a
+    failed check, and the part's status says so."""
     import bench_gpu
     import gpu_check
 

@@ -1,4 +1,5 @@
-"""The project's layout (issue 17): modules in floors, no import cycle, every source file readable in one sitting."""
+"""The project's layout (issue 17): modules in floors, no import cycle, every source file readable
+in one sitting."""
 
 import ast
 import glob
@@ -135,8 +136,8 @@ def test_anchors_and_broken_links_find_what_is_wrong(tmp_path):
 
 
 def test_readme_is_a_front_door_and_every_docs_page_is_linked():
-    """README has at most MAX_README_LINES lines; every docs/*.md page is linked from README; no link of
-    README or of a docs page points at a file or heading that does not exist."""
+    """README has at most MAX_README_LINES lines; every docs/*.md page is linked from README; no
+    link of README or of a docs page points at a file or heading that does not exist."""
     readme = os.path.join(REPO, "README.md")
     n = len(read(readme).splitlines())
     assert n <= MAX_README_LINES, f"README.md has {n} lines; move the manual's part to docs/"

@@ -218,7 +218,7 @@ def test_head_logprobs_chunks_equal_the_unchunked_computation():
 
 def test_head_rows_train_only_allowed_rows():
     """The trainer's recipe (hidden states of a teacher-forced forward -> head_logprobs over the
-    allowed rows) gives the rollout policy's log-probs, and only allowed rows of lm_head get gradient."""
+    allowed rows) gives the rollout policy's log-probs; only allowed lm_head rows get gradient."""
     model = models.tiny_llama(VOCAB, seed=6)
     allowed_ids = [299] + list(range(159, 99, -1)) + [120]  # any order, duplicates allowed
     weight, index = llama.head_rows(model, allowed_ids)

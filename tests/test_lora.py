@@ -1,6 +1,7 @@
 """lora.py and policy.py: LoRA's initial policy is the base exactly, merged rollouts and checkpoints
-equal the adapter model, the adapters-off reference equals a copied base, 2 ranks (replicated and
-FSDP2) equal 1, the PEFT layout round-trips, and a LoRA run trains only its adapters and resumes exactly.
+equal the adapter model, the adapters-off reference equals a copied base, 2 ranks (replicated
+and FSDP2) equal 1, the PEFT layout round-trips, and a LoRA run trains only its adapters and
+resumes exactly.
 
 mp.spawn's children import `_lora_update` from this file by name."""
 
@@ -248,7 +249,7 @@ def test_lora_update_with_grad_checkpointing_equals_without():
 
 
 def _lora_update(rank, world, init_method, out_file, fsdp):
-    """One update of a LoRA policy (reference: adapters off) over this rank's share of the fixed rollouts."""
+    """One update of a LoRA policy (reference: adapters off) on this rank's share of rollouts."""
     tok, ro = _rank_share(rank, world, init_method)
     policy = llama.LogProbs(_adapted(len(tok))).train()
     if fsdp:
@@ -310,7 +311,7 @@ def test_lora_two_ranks_equal_one(tmp_path, fsdp):
 
 def test_lora_run_trains_only_adapters_and_resumes_exactly(tmp_path):
     """grpo.train with --lora-rank: the base never moves, checkpoints hold the merged model and the
-    adapter, and a resumed run continues exactly (the base from --model, the adapter from the checkpoint)."""
+    adapter; a resumed run continues exactly (base from --model, adapter from the checkpoint)."""
     common = [
         "--reward",
         "test_grpo:tone_reward",

@@ -282,7 +282,8 @@ def test_memory_update_peak_matches_measurement(grad_checkpointing):
     )
     formula = m["update"] - m["grads"]
     print(
-        f"update peak (GC {grad_checkpointing}): measured {measured / 1e6:.2f} MB, formula {formula / 1e6:.2f} MB"
+        f"update peak (GC {grad_checkpointing}): measured {measured / 1e6:.2f} MB, "
+        f"formula {formula / 1e6:.2f} MB"
     )
     assert abs(measured - formula) <= 0.1 * formula
 
@@ -290,8 +291,8 @@ def test_memory_update_peak_matches_measurement(grad_checkpointing):
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
 def test_memory_fsdp_update_peak_matches_measurement(grad_checkpointing):
     # The same with FSDP2 (bf16 compute params, fp32 reduction) on a fake 2-rank group, sharded as
-    # parallel.shard does (each layer, then the llama.LogProbs root). The CPU has no side streams, so
-    # the prefetch overlaps less than on a GPU.
+    # parallel.shard does (each layer, then the llama.LogProbs root). The CPU has no side streams,
+    # so the prefetch overlaps less than on a GPU.
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -368,11 +369,13 @@ def test_memory_optimizer_step_and_rollout_peaks_match_measurement():
     )
     measured = _peak_bytes(opt.step)
     print(
-        f"optimizer step: measured {measured / 1e6:.2f} MB, formula {m['optimizer_step'] / 1e6:.2f} MB"
+        f"optimizer step: measured {measured / 1e6:.2f} MB, "
+        f"formula {m['optimizer_step'] / 1e6:.2f} MB"
     )
     assert abs(measured - m["optimizer_step"]) <= 0.1 * m["optimizer_step"]
-    # a rollout of 16 sequences (8-token prompts, 12 new tokens) on fp32 weights under bf16 autocast,
-    # the eager loop: autocast's cache of the bf16 weight casts, the fp32 head rows, the cache, sampling
+    # a rollout of 16 sequences (8-token prompts, 12 new tokens) on fp32 weights under bf16
+    # autocast, the eager loop: autocast's cache of the bf16 weight casts, the fp32 head rows,
+    # the cache, sampling
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 600, (8,), generator=g).tolist() for _ in range(16)]
 
@@ -392,7 +395,8 @@ def test_memory_optimizer_step_and_rollout_peaks_match_measurement():
     measured = _peak_bytes(rollout)
     print(
         f"rollout: measured {measured / 1e6:.2f} MB, formula {m['rollout'] / 1e6:.2f} MB "
-        f"(kv {m['kv_cache'] / 1e6:.2f}, weights {m['rollout_weights'] / 1e6:.2f}, decode {m['decode'] / 1e6:.2f})"
+        f"(kv {m['kv_cache'] / 1e6:.2f}, weights {m['rollout_weights'] / 1e6:.2f}, "
+        f"decode {m['decode'] / 1e6:.2f})"
     )
     assert abs(measured - m["rollout"]) <= 0.1 * m["rollout"]
 
@@ -411,10 +415,11 @@ def _tensors(x):
 
 
 def test_memory_decoder_terms_match_a_real_decoder():
-    # decode.Decoder as rollout.Sampler builds it for 256-token prompts (max_len = max_new_tokens + 256) on fp32 weights
-    # under bf16 autocast, run eagerly on the CPU (the same buffers as compiled, no graph pool):
-    # its cache, weight copies, head rows and state against the decoder terms, and the peak of the
-    # first call (which allocates them) and of a later one (which reuses them) against the terms.
+    # decode.Decoder as rollout.Sampler builds it for 256-token prompts
+    # (max_len = max_new_tokens + 256) on fp32 weights under bf16 autocast, run eagerly on the CPU
+    # (the same buffers as compiled, no graph pool): its cache, weight copies, head rows and state
+    # against the decoder terms, and the peak of the first call (which allocates them) and of a
+    # later one (which reuses them) against the terms.
     import decode
 
     R, P, N, A = 8, 8, 12, 400
@@ -470,8 +475,8 @@ def test_memory_decoder_terms_match_a_real_decoder():
 def test_memory_codec_terms_match_a_real_xcodec2_decoder():
     # parameters of the real module (default config: 187M; the checkpoint's 823M hold the encoders)
     # and the peak of a padded decode on the CPU against codec_decode_bytes: where the transformer's
-    # MLP holds the peak, where the head and ISTFT do, and the default widths (one transformer block:
-    # the peak is the same at any depth) on one 30 s clip
+    # MLP holds the peak, where the head and ISTFT do, and the default widths (one transformer
+    # block: the peak is the same at any depth) on one 30 s clip
     from codec import XCodec2Config, XCodec2Decoder
 
     assert memory.codec_param_count() == 186_983_682
@@ -493,7 +498,8 @@ def test_memory_codec_terms_match_a_real_xcodec2_decoder():
             )
         formula = memory.codec_decode_bytes(config, clips, frames)
         print(
-            f"codec C={C} hop={hop}: measured {measured / 1e6:.2f} MB, formula {formula / 1e6:.2f} MB"
+            f"codec C={C} hop={hop}: measured {measured / 1e6:.2f} MB, "
+            f"formula {formula / 1e6:.2f} MB"
         )
         assert abs(measured - formula) <= 0.1 * formula
 
@@ -520,7 +526,8 @@ def test_memory_grad_bucket_matches_sync_gradients():
         inspect.signature(parallel.sync_gradients).parameters["bucket_numel"].default
         == memory.GRAD_BUCKET
     )
-    # Llasa-1B: the [193800, 2048] embedding is a bucket of its own; only replicated ranks (world > 1) have one
+    # Llasa-1B: the [193800, 2048] embedding is a bucket of its own; only replicated ranks
+    # (world > 1) have one
     shape = memory.LLASA_SHAPES["llasa-1b"]
     assert memory.grad_bucket_bytes(shape) == 4 * 193_800 * 2048
     assert memory.training_memory(shape, world=2)["grad_bucket"] == 4 * 193_800 * 2048

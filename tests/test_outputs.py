@@ -102,7 +102,7 @@ def test_resume_continues_exactly(tmp_path, flags):
 
 @pytest.mark.parametrize("guard", ["--prosody-guard", "--sim-guard"])
 def test_resume_refuses_a_guard_the_checkpointed_run_did_not_measure(tmp_path, guard):
-    """A guard holds to the initial policy's medians: turned on at --resume, they were never measured."""
+    """A guard keeps the initial policy's medians: turned on at --resume, they were not measured."""
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     before = _tiny(tmp_path)

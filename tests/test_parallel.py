@@ -155,9 +155,10 @@ def test_one_failing_rank_stops_the_job(tmp_path, where):
 
 
 def test_a_failing_rank_under_fsdp_leaves_without_a_hang(tmp_path):
-    """--fsdp: rank 1 fails in its step-2 rollout while rank 0 is in that rollout's all-gather. An
-    agreement all-reduce would never meet the all-gather (both wait until the NCCL watchdog): rank 1
-    prints its error and leaves at once, rank 0's collective fails, both exit non-zero in seconds."""
+    """--fsdp: rank 1 fails in its step-2 rollout while rank 0 is in that rollout's all-gather.
+    An agreement all-reduce would never meet the all-gather (both wait until the NCCL watchdog).
+    Rank 1 prints its error and leaves at once, rank 0's collective fails: both exit non-zero in
+    seconds."""
     port = _port()
     code = (
         f"import sys; sys.path[:0] = [{REPO!r}, {TESTS!r}]; import test_parallel as t; "
@@ -203,9 +204,9 @@ def test_fsdp_with_fewer_validation_texts_than_ranks_does_not_hang(tmp_path):
 
 
 def _uneven_validation(rank, world, init_method, out_file):
-    """A spawned rank: Sampler.sample_and_score over 9 texts (2 * its batch of 4 + 1: rank 0's share is
-    2 chunks, rank 1's one), first with the policy sharded by FSDP2 (every rollout gathers the weights,
-    a collective), then replicated; rank 0 saves both results."""
+    """A spawned rank: Sampler.sample_and_score over 9 texts (2 * its batch of 4 + 1: rank 0's share
+    is 2 chunks, rank 1's one), first with the policy sharded by FSDP2 (every rollout gathers the
+    weights, a collective), then replicated; rank 0 saves both results."""
     import numpy as np
 
     import codec

@@ -28,8 +28,8 @@ def harmonic_tone(freq_hz, amplitude=0.3):
 def test_f0_track_steady_tone(f0):
     f0s, voiced = prosody.f0_track(harmonic_tone(np.full(2 * SR, f0)))
     assert f0s.shape == voiced.shape == (200,)  # one frame per 10 ms hop
-    # 0.1%, tighter than integer lags allow (220 Hz is a period of 72.7 samples; lag 73 reads 219.2 Hz):
-    # this holds only with the parabolic interpolation between lags.
+    # 0.1%, tighter than integer lags allow (220 Hz is a period of 72.7 samples; lag 73 reads 219.2
+    # Hz): this holds only with the parabolic interpolation between lags.
     assert abs(np.median(f0s[voiced]) - f0) < 0.001 * f0
     assert prosody.f0_std_semitones(f0s, voiced) < 0.1
     assert prosody.voiced_frac(voiced) > 0.9
@@ -85,7 +85,7 @@ def test_f0_track_noise_silence_empty_unvoiced():
 
 
 def test_f0_track_energy_gate():
-    # A tone 60 dB below the clip's loudest part is background, not voice: unvoiced, though periodic.
+    # A tone 60 dB below the clip's loudest part is background, not voice: unvoiced though periodic.
     loud = harmonic_tone(np.full(SR, 150.0))
     quiet = harmonic_tone(np.full(SR, 150.0), amplitude=3e-4)
     f0s, voiced = prosody.f0_track(np.concatenate([loud, quiet]))

@@ -1,5 +1,5 @@
-"""report.py: --report-to mirrors metrics rows and the first validation clips to the dashboard's package
-when installed (fakes of tensorboard and wandb here), warns otherwise."""
+"""report.py: --report-to mirrors metrics rows and the first validation clips to the dashboard's
+package when installed (fakes of tensorboard and wandb here), warns otherwise."""
 
 import sys
 import types

@@ -1,4 +1,4 @@
-"""reward.py: the reward formula, the character error rate and the evaluation table's normalization."""
+"""reward.py: the reward formula, the character error rate, the evaluation table's normalization."""
 
 import math
 
@@ -16,9 +16,11 @@ from reward import (
 
 def test_tts_reward_known_values():
     assert tts_reward(0.0, 0.0) == 1.0
-    # U_cer = 1 - tanh(0.3) = 0.7086873, U_nll = exp(-1/3) = 0.7165313; 1 / (0.6 / U_cer + 0.4 / U_nll)
+    # U_cer = 1 - tanh(0.3) = 0.7086873, U_nll = exp(-1/3) = 0.7165313;
+    # 1 / (0.6 / U_cer + 0.4 / U_nll)
     assert tts_reward(0.1, 1.0) == pytest.approx(0.7118043, abs=1e-6)
-    # U_cer = 1 - tanh(0.5) = 0.5378828, U_nll = exp(-3/2) = 0.2231302; (1 + 3) / (1 / U_cer + 3 / U_nll)
+    # U_cer = 1 - tanh(0.5) = 0.5378828, U_nll = exp(-3/2) = 0.2231302;
+    # (1 + 3) / (1 / U_cer + 3 / U_nll)
     assert tts_reward(
         0.25, 3.0, beta_c=2.0, tau_n=2.0, lambda_c=1.0, lambda_n=3.0
     ) == pytest.approx(0.2613660, abs=1e-6)
@@ -73,7 +75,7 @@ def test_cer_normalizer_keeps_marks_across_scripts():
     assert normalize_text("안녕 하세요!") == "안녕하세요"
     assert normalize_text("你好，世界。") == "你好世界"
     assert normalize_text("ＡＢＣ１２３") == "abc123"  # NFKC: full-width letters and digits
-    # Combining marks (category M) are letters: Whisper's BasicTextNormalizer turned them into spaces.
+    # Combining marks (category M) are letters: Whisper's BasicTextNormalizer made them spaces.
     assert normalize_text("नमस्ते दुनिया") == "नमस्तेदुनिया"
     assert normalize_text("สวัสดี ครับ") == "สวัสดีครับ"
     # one matra (े) missing
@@ -88,7 +90,8 @@ def test_cer_normalizer_keeps_marks_across_scripts():
 
 
 def test_seed_tts_normalize_deletes_punctuation_as_run_wer():
-    """run_wer.py deletes punctuation (replace(x, '')), not into a space, keeping only the ASCII apostrophe."""
+    """run_wer.py deletes punctuation (replace(x, '')) rather than making it a space; the ASCII
+    apostrophe alone stays."""
     assert table_error_rate("a well-known man", "a wellknown man", "en") == ("wer", 0.0)
     assert seed_tts_normalize("Hello,world", "en") == "helloworld"
     assert table_error_rate("don’t", "dont", "en") == ("wer", 0.0)  # ’ deleted, as in zhon's list

@@ -1,5 +1,6 @@
-"""rollout.py: the compiled step's fallback takes compile errors only, a rollout's error leaves at once
-(not after the chunk being scored), and the run's prompts that can pass --max-context are said once."""
+"""rollout.py: the compiled step's fallback takes compile errors only, a rollout's error leaves
+at once (not after the chunk being scored), and the run's prompts that can pass --max-context
+are said once."""
 
 import threading
 import time
@@ -55,8 +56,8 @@ def test_compile_failed_tells_compile_errors_from_the_runs():
 
 
 def test_an_oom_in_the_compiler_propagates_and_keeps_the_compiled_step(tmp_path, capsys):
-    """A transient out-of-memory error on the first compiled rollout (here inside the compiler) is the
-    run's error: raised, and --compile stays on, instead of being blamed on the compiler."""
+    """A transient out-of-memory error on the first compiled rollout (here inside the compiler) is
+    the run's error: raised, and --compile stays on, instead of being blamed on the compiler."""
 
     def oom_backend(graph, example_inputs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -72,8 +73,8 @@ def test_an_oom_in_the_compiler_propagates_and_keeps_the_compiled_step(tmp_path,
 def test_a_data_error_on_the_first_rollout_is_not_blamed_on_the_compiler(
     tmp_path, monkeypatch, capsys
 ):
-    """A bad item (its prompt cannot be built) and an ordinary error of the step: raised as they are,
-    with the compiled step kept, and nothing said about the compiler."""
+    """A bad item (its prompt cannot be built) and an ordinary error of the step: raised as they
+    are, with the compiled step kept, and nothing said about the compiler."""
     sampler = _compiled_sampler(tmp_path, "eager")
     with pytest.raises(ValueError, match="empty text"):
         sampler.rollout(["  "], torch.Generator().manual_seed(0))
@@ -88,7 +89,7 @@ def test_a_data_error_on_the_first_rollout_is_not_blamed_on_the_compiler(
 
 
 class _SlowScorer:
-    """Scores after `release` is set (or `seconds`): a chunk being scored while the next rolls out."""
+    """Scores once `release` is set (or after `seconds`): a chunk scored as the next rolls out."""
 
     def __init__(self, seconds):
         self.release = threading.Event()
@@ -101,7 +102,7 @@ class _SlowScorer:
 
 def test_a_rollout_error_is_raised_at_once_not_after_the_chunk_being_scored(tmp_path, monkeypatch):
     """--rollout-chunks 2: chunk 0 is being scored (a scorer that takes 20 s) when chunk 1's rollout
-    fails; the error reaches the caller at once instead of after the scoring (up to --worker-timeout)."""
+    fails; the error reaches the caller at once, not after the scoring (up to --worker-timeout)."""
     cfg = _tiny(tmp_path, "--val-data", "", "--rollout-chunks", "2")
     scorer = _SlowScorer(seconds=20)
     tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), scorer)

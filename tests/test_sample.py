@@ -88,8 +88,8 @@ def test_greedy_bf16_runs_and_logprobs_are_finite():
 
 
 def test_logprobs_equal_teacher_forced_forward():
-    """Rollout log-probs are log_softmax(logits / T) of the unfiltered policy, as the trainer recomputes
-    them, even with top-k and the repetition penalty shaping what is sampled."""
+    """Rollout log-probs are log_softmax(logits / T) of the unfiltered policy, as the trainer
+    recomputes them, even with top-k and the repetition penalty shaping what is sampled."""
     model = models.tiny_llama(VOCAB, seed=2)
     T = 0.8
     g = torch.Generator().manual_seed(0)
@@ -104,7 +104,7 @@ def test_logprobs_equal_teacher_forced_forward():
         generator=g,
     )
     assert out.finished.any()  # some rows stop early, so the zero padding is exercised too
-    # Computed under inference_mode, returned as ordinary tensors: autograd may save them (old log-probs).
+    # Made in inference_mode, returned as plain tensors: autograd may save them (old log-probs).
     w = torch.ones((), requires_grad=True)
     (out.logprobs * w).sum().backward()
     for i, p in enumerate(PROMPTS):
@@ -142,8 +142,8 @@ def test_allowed_ids_and_stops():
     model = models.tiny_llama(VOCAB, seed=4)
     stop = 299
     allowed = list(range(150, 170)) + [stop]
-    # A near-uniform model over 21 tokens stops within 16 steps with p ~ 0.54 per row: among 24 rows,
-    # "all stopped" or "none stopped" has probability ~1e-6 whatever the random stream.
+    # A near-uniform model over 21 tokens stops within 16 steps with p ~ 0.54 per row: among 24
+    # rows, "all stopped" or "none stopped" has probability ~1e-6 whatever the random stream.
     prompts = PROMPTS * 6
     n = 16
 
@@ -287,7 +287,7 @@ def test_load_model_round_trip(tmp_path):
 
 
 def test_load_model_tiny():
-    """'tiny' is the trainer's and the CLI's offline model: 64 speech tokens, a seeded tiny Llama."""
+    """'tiny', the trainer's and the CLI's offline model: 64 speech tokens, a seeded tiny Llama."""
     model, tok = models.load_model("tiny", "cpu", torch.float32, seed=7)
     assert data.speech_vocab(tok).n == 64
     assert model.config.vocab_size == len(tok)

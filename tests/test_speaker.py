@@ -113,8 +113,8 @@ def test_ecapa_head_and_seed_tts_checkpoint_match_the_reference(tmp_path):
     sizes (WavLM 2 layers x 32, conv front end 24 wide; ECAPA channels 16, embedding 8), seeded
     random weights rounded to float16, two clips of 1.0 and 2.1 s one at a time. It holds the
     reference's state dict (the wavlm_large_finetune.pth layout), the clips, the hidden states
-    the head receives and the embeddings. Here: our ECAPAHead on those hidden states, our WavLM's
-    hidden states, and the whole checkpoint loaded from a .pth, the two clips in one padded batch."""
+    the head receives and the embeddings. Here: our ECAPAHead on those hidden states, our
+    WavLM's hidden states, the whole checkpoint loaded from a .pth, the two clips in one batch."""
     golden = load_file(GOLDEN)
     state = {
         k.removeprefix("checkpoint."): v for k, v in golden.items() if k.startswith("checkpoint.")
@@ -245,7 +245,7 @@ def test_missing_models_say_what_to_pass(tmp_path, monkeypatch):
 
 
 def test_sim_reaches_the_metrics():
-    """outputs.clip_means averages Score's numeric fields: sim (val_sim) over the clips that have one."""
+    """outputs.clip_means averages Score's numeric fields: sim (val_sim) over clips having one."""
     scores = [
         Score(reward=0.5, sim=0.8),
         Score(reward=0.2, sim=0.4),

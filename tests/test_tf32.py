@@ -10,7 +10,7 @@ from transformers.utils import import_utils
 import tf32
 
 pytestmark = pytest.mark.skipif(not tf32.NEW_API, reason="torch < 2.9 has only the legacy switches")
-# transformers' enable_tf32 itself, without its lru_cache (a second call with the same flag would do nothing)
+# transformers' enable_tf32 without its lru_cache (a second call with one flag would do nothing)
 enable_tf32 = getattr(import_utils.enable_tf32, "__wrapped__", import_utils.enable_tf32)
 KEYS = [("generic", "all")] + [
     (b, o) for b in ("cuda", "mkldnn") for o in ("all", "matmul", "conv", "rnn")
@@ -18,7 +18,7 @@ KEYS = [("generic", "all")] + [
 
 
 def legacy() -> list:
-    """What torch's legacy getters answer (they raise once the new API made a state they cannot say)."""
+    """What torch's legacy getters answer (raising once the new API set a state they can't tell)."""
     out = []
     for get in (
         torch.get_float32_matmul_precision,
@@ -38,7 +38,7 @@ def state() -> tuple:
 
 @pytest.fixture
 def clean():
-    """torch's own defaults before and after the test (each test here changes process-wide settings)."""
+    """torch's defaults before and after the test (each test here changes process-wide settings)."""
 
     def reset():
         torch.set_float32_matmul_precision("highest")

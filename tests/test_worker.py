@@ -399,7 +399,7 @@ def test_cli_prints_sim_for_rows_with_a_prompt_wav(tmp_path, capsys):
     ],
 )
 def test_scorer_and_worker_layout(module, public):
-    """Public names first, in reading order; each private helper after the first public one it serves."""
+    """Public names first, in reading order; each private helper after its first public user."""
     source = open(module.__file__, encoding="utf-8").read()
     defs = [
         node for node in ast.parse(source).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))
