@@ -25,6 +25,7 @@ names must stay at module level here: mp.spawn's children import `_one_update` f
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -67,6 +68,7 @@ from helpers import (  # noqa: E402
     _tiny,
     hf_greedy,
     noise,
+    read_jsonl,
 )
 
 one_thread = helpers.one_thread  # autouse, as tests/conftest.py registers it for tests/
@@ -602,9 +604,9 @@ def test_update_host_syncs_do_not_grow_with_micro_batches(monkeypatch):
         for name in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu"):
             real = getattr(torch.Tensor, name)
 
-            def counted(self, *a, _real=real, _name=name, **kw):
+            def counted(self, *a, _real=real, _name=name, _calls=calls, **kw):
                 if sys._getframe(1).f_code.co_filename in ours:
-                    calls[_name] += 1
+                    _calls[_name] += 1
                 return _real(self, *a, **kw)
 
             monkeypatch.setattr(torch.Tensor, name, counted)
@@ -1036,7 +1038,7 @@ def test_torchrun_two_ranks_tiny_preset(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    lines = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in lines] == [0, 1, 2]  # 0: the validation before any update
     assert math.isfinite(lines[0]["val_reward"])
     assert "reward_mean" not in lines[0]
@@ -1057,7 +1059,8 @@ def test_torchrun_two_ranks_tiny_preset(tmp_path):
     assert "val_reward" in lines[-1]
     samples = out / "samples" / "step_2"
     assert (samples / "0.wav").exists()
-    assert len(open(samples / "samples.jsonl").readlines()) == 2
+    with open(samples / "samples.jsonl") as f:
+        assert len(f.readlines()) == 2
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step_2")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -1089,11 +1092,11 @@ def test_torchrun_two_ranks_tiny_clone_preset(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    lines = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in lines] == [0, 1, 2]
     assert all(-1 <= m["sim"] <= 1 for m in lines[1:])
     assert -1 <= lines[0]["val_sim"] <= 1
-    rows = [json.loads(x) for x in open(out / "samples" / "step_2" / "samples.jsonl")]
+    rows = read_jsonl(out / "samples" / "step_2" / "samples.jsonl")
     assert rows
     assert all(-1 <= r["sim"] <= 1 for r in rows)
 
@@ -1123,7 +1126,7 @@ def test_overlapped_step_equals_sequential_step(tmp_path):
         scorer = SlowScorer(0.3)
         tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), scorer)
         real = tr.sampler.rollout_and_score
-        tr.sampler.rollout_and_score = lambda items, gen: real(items, gen, overlap=overlap)
+        tr.sampler.rollout_and_score = functools.partial(real, overlap=overlap)
         metrics, _ = tr.train_step(0)
         assert scorer.calls == [8, 8]  # two chunks of the 16 rollouts
         results.append(

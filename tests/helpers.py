@@ -7,6 +7,7 @@ __init__.py), and test_grpo.py adds it for a run of that file alone and for the 
 that import test_grpo.
 """
 
+import json
 import os
 
 import numpy as np
@@ -44,6 +45,18 @@ def noise(seconds, seed, scale=0.1):
     return (scale * np.random.default_rng(seed).standard_normal(int(seconds * 16000))).astype(
         np.float32
     )
+
+
+def read_json(path):
+    """The JSON value the file at `path` holds."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_jsonl(path) -> list:
+    """The rows of the JSON-lines file at `path`, one per line."""
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 # ---- generation against transformers' generate (test_sample.py, test_llama.py, GPU tests) --------

@@ -5,6 +5,7 @@ tone and word codecs' inverses) and the prompt-code cache."""
 import importlib
 import json
 import os
+import re
 import sys
 import types
 
@@ -103,12 +104,12 @@ def test_from_pretrained_errors(tmp_path, monkeypatch):
     with safe_open(GOLDEN, framework="pt") as f:
         tensors = {
             k: f.get_tensor(k)
-            for k in f.keys()
+            for k in f.keys()  # noqa: SIM118 -- safe_open is not iterable
             if k != "generator.backbone.transformers.1.mlp.fc2.weight"
         }
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(
-        KeyError, match="no tensor 'generator.backbone.transformers.1.mlp.fc2.weight'"
+        KeyError, match=re.escape("no tensor 'generator.backbone.transformers.1.mlp.fc2.weight'")
     ):
         codec.XCodec2Decoder.from_pretrained(str(tmp_path), cfg)
 
@@ -116,7 +117,7 @@ def test_from_pretrained_errors(tmp_path, monkeypatch):
         raise ConnectionError("offline")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(OSError, match="some-org/xcodec2.*--codec xcodec2:PATH"):
+    with pytest.raises(OSError, match=r"some-org/xcodec2.*--codec xcodec2:PATH"):
         codec.load_codec("xcodec2:some-org/xcodec2")
 
 
@@ -159,7 +160,7 @@ def test_word_codec_decodes_codes_to_the_stored_clips_joined_by_gaps():
     def clip(k):
         return pcm[offsets[k] : offsets[k + 1]].astype(np.float32) / 32768.0
 
-    gap = np.zeros(int(round(0.06 * codec.SAMPLE_RATE)), dtype=np.float32)
+    gap = np.zeros(round(0.06 * codec.SAMPLE_RATE), dtype=np.float32)
     out = wc.decode([[3, 0, 7], torch.tensor([5]), []])
     assert [a.dtype for a in out] == [np.float32] * 3
     np.testing.assert_array_equal(out[0], np.concatenate([clip(3), gap, clip(0), gap, clip(7)]))
@@ -453,7 +454,11 @@ def test_xcodec2_encoder_loads_lazily_and_errors_name_the_fix(tiny_hf, tmp_path,
     )
     with safe_open(GOLDEN, framework="pt") as f:
         save_file(
-            {k: f.get_tensor(k) for k in f.keys() if not k.startswith("test.")},
+            {
+                k: f.get_tensor(k)
+                for k in f.keys()  # noqa: SIM118 -- safe_open is not iterable
+                if not k.startswith("test.")
+            },
             orig / "model.safetensors",
         )
     with pytest.raises(

@@ -64,15 +64,16 @@ def test_train_sh_takes_the_preset_and_the_gpu_count(tmp_path):
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NPROC")}
     env["PATH"] = f"{tmp_path}:{env['PATH']}"
-    run = lambda *args, **extra: (
-        subprocess.run(
+
+    def run(*args, **extra):
+        return subprocess.run(
             ["bash", os.path.join(REPO, "train.sh"), *args],
             env={**env, **extra},
             capture_output=True,
             text=True,
             check=True,
         ).stdout
-    )
+
     out = run("--steps", "3")
     assert "CUDA_VISIBLE_DEVICES=0,1,2 " in out
     assert "--nproc_per_node=2" in out
@@ -175,7 +176,7 @@ def test_a_bad_flag_is_one_line_exit_2_before_anything_loads(no_training, capsys
 
 
 def test_good_flags_reach_training(no_training):
-    base, tmp, reached = no_training
+    base, _, reached = no_training
     clone_data = os.path.join(REPO, "data", "clone", "train.jsonl")
     grpo.main(base + ["--resume", "auto", "--data", clone_data])
     assert len(reached) == 1

@@ -33,7 +33,7 @@ def test_load_dataset_formats_and_errors(tmp_path):
         f.write_text('{"text": "fine"}\n' + bad + "\n")
         with pytest.raises(ValueError, match=rf"bad{i}\.jsonl:2: .*{why}"):
             data.load_dataset(str(f))
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
         data.load_dataset(str(tmp_path / "missing.jsonl"))
     assert len(data.load_dataset(data.SAMPLE_DATA)) >= 24  # the shipped sample data parses
 

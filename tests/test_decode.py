@@ -1,6 +1,7 @@
 """decode.py: the static decode step, eager and compiled, against the dynamic loop; --compile in the
 trainer (one Decoder per run, the eager fallback)."""
 
+import functools
 import json
 import math
 import re
@@ -101,10 +102,10 @@ def test_static_step_eager_equals_dynamic_loop(tok, prompts):
     slots = []
     for ps, kw in cases:
 
-        def seeded():
-            return (
-                dict(generator=torch.Generator().manual_seed(7)) if kw.get("temperature", 1) else {}
-            )
+        def seeded(kw=kw):
+            if kw.get("temperature", 1):
+                return dict(generator=torch.Generator().manual_seed(7))
+            return {}
 
         ref = sample.generate(model, ps, **kw, **seeded())
         ours = sample.generate(model, ps, decoder=dec, **kw, **seeded())
@@ -359,7 +360,7 @@ def test_static_step_across_spans_equals_the_dynamic_loop(tok, prompts):
     assert graphs() - before == 3  # 256, 512 and 640 slots
     (state,) = dec.states.values()
     assert len(state.cache.k) == len(state.cache.v) == model.config.num_hidden_layers
-    cache = [t for t in state.cache.k + state.cache.v]
+    cache = list(state.cache.k + state.cache.v)
     again = sample.generate(
         model, prompts, generator=torch.Generator().manual_seed(1), decoder=dec, **kw
     )
@@ -411,15 +412,17 @@ def test_compiled_step_writes_one_cache_slot_not_a_copy_of_the_cache(small, prom
     found = {}
     for design in ("per-layer", "stacked"):
         # the stacked design: [layers, B, kv_heads, L, head_dim] each
-        def for_model(*args, **kwargs):
+        def for_model(*args, _design=design, **kwargs):
             c = real(*args, **kwargs)
-            return c if design == "per-layer" else llama.KVCache(torch.stack(c.k), torch.stack(c.v))
+            if _design == "per-layer":
+                return c
+            return llama.KVCache(torch.stack(c.k), torch.stack(c.v))
 
         decode.KVCache.for_model = staticmethod(for_model)
         try:
             dec = decode.Decoder(model, compile=True, max_len=1792)
             out, codes = run_and_get_code(
-                lambda: sample.generate(model, prompts[:2], decoder=dec, **kw)
+                functools.partial(sample.generate, model, prompts[:2], decoder=dec, **kw)
             )
         finally:
             decode.KVCache.for_model = staticmethod(real)

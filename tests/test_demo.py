@@ -17,7 +17,7 @@ import demo
 import grpo
 import models
 import plot
-from helpers import ASSETS
+from helpers import ASSETS, read_jsonl
 
 
 def test_demo_texts_use_only_the_vocabulary_and_validation_is_held_out():
@@ -177,7 +177,7 @@ def test_demo_grpo_steps_end_to_end_with_real_whisper(tmp_path):
         # a 60-step policy may ramble past Whisper's 8 s: refused as too long, the one error allowed
         assert 0 <= m["reward_mean"] <= 1
         assert m["error_frac"] == m["too_long_frac"]
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: validation before any update
     assert set(rows[0]) >= {"val_cer", "val_reward"}
     assert "reward_mean" not in rows[0]
@@ -186,7 +186,7 @@ def test_demo_grpo_steps_end_to_end_with_real_whisper(tmp_path):
     for folder in ("val_step_0", "val_step_2", "step_2"):  # before and after, to listen to
         names = sorted(os.listdir(out / "samples" / folder))
         assert sum(n.endswith(".wav") for n in names) == 2 and "samples.jsonl" in names, folder
-    before = [json.loads(line) for line in open(out / "samples" / "val_step_0" / "samples.jsonl")]
+    before = read_jsonl(out / "samples" / "val_step_0" / "samples.jsonl")
     assert [r["text"] for r in before] == [ex.text for ex in data.load_dataset(str(val))[:2]]
     assert all(isinstance(r["transcript"], str) and r["cer"] >= 0 for r in before)
     assert os.path.exists(out / "checkpoints" / "step_2" / "config.json")
@@ -194,7 +194,8 @@ def test_demo_grpo_steps_end_to_end_with_real_whisper(tmp_path):
 
 
 def _read_png(path):
-    blob = open(path, "rb").read()
+    with open(path, "rb") as f:
+        blob = f.read()
     assert blob[:8] == b"\x89PNG\r\n\x1a\n"
     pos = 8
     chunks = {}

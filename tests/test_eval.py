@@ -14,7 +14,7 @@ import soundfile
 
 import eval as ev
 import results as res
-from helpers import ASSETS, REPO
+from helpers import ASSETS, REPO, read_json, read_jsonl
 from reward import seed_tts_normalize, table_error_rate
 
 CLONE = os.path.join(REPO, "data", "clone")
@@ -263,7 +263,7 @@ def test_model_tiny_end_to_end(tmp_path, fake_asr):
     assert summary["scored"] == 2
     assert summary["reward_mean"] is not None
     assert summary["rtf_mean"] > 0
-    assert json.load(open(tmp_path / "o" / "summary.json"))["wer_mean"] == pytest.approx(2 / 3)
+    assert read_json(tmp_path / "o" / "summary.json")["wer_mean"] == pytest.approx(2 / 3)
 
 
 def test_model_top_k_one_is_greedy(tmp_path, fake_asr):
@@ -310,7 +310,7 @@ def test_wavs_with_real_whisper_tiny(tmp_path):
     if not os.path.isfile(checkpoint):
         pytest.skip(f"{checkpoint} not found (set TEST_ASSETS to the shared assets folder)")
     speech = os.path.join(ASSETS, "speech")
-    clips = [json.loads(line) for line in open(os.path.join(speech, "clips.jsonl"))]
+    clips = read_jsonl(os.path.join(speech, "clips.jsonl"))
     clean = [c for c in clips if c["kind"] == "clean"][:3]
     rows = []
     for i, c in enumerate(clean):
@@ -435,7 +435,7 @@ def test_torchrun_two_ranks_split_merge_and_world_changes(tmp_path, monkeypatch)
     rows = res.read_results(str(out / "results.jsonl"))
     assert [r["id"] for r in rows] == [f"r{i}" for i in range(5)]
     assert rows[3]["error"].startswith("wav not found")
-    assert json.load(open(out / "summary.json"))["scored"] == 4
+    assert read_json(out / "summary.json")["scored"] == 4
     assert "| rows | 5 |" in proc.stdout
     _tone_wav(tmp_path / "r3.wav", seconds=0.4)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -445,7 +445,7 @@ def test_torchrun_two_ranks_split_merge_and_world_changes(tmp_path, monkeypatch)
     rows = res.read_results(str(out / "results.jsonl"))
     assert [r["id"] for r in rows] == [f"r{i}" for i in range(5)]
     assert rows[3]["error"] is None
-    assert json.load(open(out / "summary.json"))["errors"] == 0
+    assert read_json(out / "summary.json")["errors"] == 0
     assert len(log.read_text().splitlines()) == 5
 
 
@@ -713,7 +713,7 @@ def test_rerun_into_another_runs_out_is_refused(tmp_path, fake_asr, capsys):
         "en",
     ]
     assert ev.main(["--wavs", str(tmp_path / "a")] + base)["scored"] == 1
-    record = json.load(open(out / "run.json"))
+    record = read_json(out / "run.json")
     assert record["wavs"] == str(tmp_path / "a")
     assert record["asr"] == "fake_asr_mod:transcribe"
     other_speaker = ["--wavs", str(tmp_path / "a"), "--speaker-model", "random-tiny"]
@@ -729,7 +729,7 @@ def test_rerun_into_another_runs_out_is_refused(tmp_path, fake_asr, capsys):
     assert len(fake_asr.CALLS) == 1  # nothing scored by the refused runs
     assert ev.main(["--wavs", str(tmp_path / "a")] + base)["scored"] == 1  # the same flags: resumed
     os.remove(out / "run.json")  # results whose origin is unknown
-    with pytest.raises(SystemExit, match="holds results but no run.json") as e:
+    with pytest.raises(SystemExit, match=r"holds results but no run\.json") as e:
         ev.main(["--wavs", str(tmp_path / "a")] + base)
     model = [
         "--model",

@@ -31,7 +31,7 @@ def import_graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in mods.items():
         deps = set()
-        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+        for node in ast.walk(ast.parse(read(path), path)):
             if isinstance(node, ast.Import):
                 deps |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -78,11 +78,8 @@ def test_no_import_cycle():
 
 
 def test_every_source_file_under_500_lines():
-    long = {
-        name: n
-        for name, path in sources().items()
-        if (n := len(open(path, encoding="utf-8").read().splitlines())) >= MAX_LINES
-    }
+    lengths = {name: len(read(path).splitlines()) for name, path in sources().items()}
+    long = {name: n for name, n in lengths.items() if n >= MAX_LINES}
     assert not long, f"over {MAX_LINES} lines: {long}"
 
 

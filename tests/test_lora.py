@@ -7,7 +7,6 @@ mp.spawn's children import `_lora_update` from this file by name."""
 
 import contextlib
 import copy
-import json
 import os
 import sys
 
@@ -30,7 +29,7 @@ import outputs
 import parallel
 import policy as policies
 import sample
-from helpers import _FakeScorer, _tiny
+from helpers import _FakeScorer, _tiny, read_json
 from test_grpo import _fixed_rollouts, _port, _rank_share
 
 
@@ -137,7 +136,7 @@ def test_a_bf16_base_keeps_fp32_rotary_buffers_and_checkpoints_in_fp32(tmp_path)
     outputs.save_checkpoint(
         str(tmp_path / "ckpt"), lm, tok, {"step": 1}, weights=weights, extra=extra
     )
-    assert json.load(open(tmp_path / "ckpt" / "config.json"))["dtype"] == "float32"
+    assert read_json(tmp_path / "ckpt" / "config.json")["dtype"] == "float32"
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ckpt"), dtype="auto")
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     assert lora.parse_targets("q_proj, k_proj,q_proj") == ("q_proj", "k_proj")
@@ -162,7 +161,7 @@ def test_merged_checkpoint_is_a_plain_llama_with_the_adapter_models_logits(tmp_p
         assert torch.allclose(loaded(ids).logits, lm(ids).logits, atol=1e-5)
     # The adapter in PEFT's layout, loaded back into a fresh adapted base: the same model exactly.
     folder = os.path.join(path, lora.ADAPTER_DIR)
-    cfg_json = json.load(open(os.path.join(folder, "adapter_config.json")))
+    cfg_json = read_json(os.path.join(folder, "adapter_config.json"))
     assert (cfg_json["peft_type"], cfg_json["r"], cfg_json["lora_alpha"]) == ("LORA", 4, 8.0)
     tensors = load_file(os.path.join(folder, "adapter_model.safetensors"))
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"

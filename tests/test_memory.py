@@ -492,10 +492,12 @@ def test_memory_codec_terms_match_a_real_xcodec2_decoder():
         codes = torch.randint(
             0, 65536, (clips, 1, frames), generator=torch.Generator().manual_seed(0)
         )
+
+        def decode(model=model, codes=codes, lengths=(frames, frames * 2 // 3)[:clips]):
+            return model(codes, torch.tensor(lengths))  # the lengths tensor inside the profile
+
         with torch.no_grad():
-            measured = _peak_bytes(
-                lambda: model(codes, torch.tensor([frames, frames * 2 // 3][:clips]))
-            )
+            measured = _peak_bytes(decode)
         formula = memory.codec_decode_bytes(config, clips, frames)
         print(
             f"codec C={C} hop={hop}: measured {measured / 1e6:.2f} MB, "
@@ -560,7 +562,8 @@ def test_memory_llasa_1b_replicated_total():
 
 def test_docs_tables_are_memory_tables():
     # docs/memory.md's fit tables are what memory.py prints (full and LoRA r = 16), row for row
-    page = open(os.path.join(REPO, "docs", "memory.md"), encoding="utf-8").read()
+    with open(os.path.join(REPO, "docs", "memory.md"), encoding="utf-8") as f:
+        page = f.read()
     for table in (memory.memory_table(), memory.memory_table(lora_rank=16)):
         rows = [line for line in table.splitlines() if line.startswith("| llasa")]
         stale = "docs/memory.md: rerun python memory.py (--lora-rank 16)"

@@ -17,7 +17,7 @@ import models
 import outputs
 import parallel
 import scorer as scoring
-from helpers import _ScriptedScorer, _tiny, noise
+from helpers import _ScriptedScorer, _tiny, noise, read_jsonl
 from reward import Score
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def test_resume_continues_exactly(tmp_path, flags):
         assert bool(refs) == ("--prosody-guard" in flags)
     if "--dynamic-sampling" in flags:
         assert any(m["dyn_rounds"] > 1 for m in full)  # refill rounds ran, and resumed the same
-    lines = [json.loads(x) for x in open(tmp_path / "b" / "run" / "metrics.jsonl")]
+    lines = read_jsonl(tmp_path / "b" / "run" / "metrics.jsonl")
     assert [m["step"] for m in lines] == [3, 4]
 
 
@@ -138,7 +138,7 @@ def test_out_holding_a_run_is_refused_and_resume_auto_continues(tmp_path, capsys
     (run / "checkpoints" / "step_7").mkdir()
     resumed = grpo.train(_tiny(tmp_path, *common, "--steps", "3", "--resume", "auto"))
     assert [m["step"] for m in resumed] == [3]
-    assert [json.loads(x)["step"] for x in open(run / "metrics.jsonl")] == [1, 2, 3]
+    assert [row["step"] for row in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
     capsys.readouterr()
     assert grpo.train(_tiny(tmp_path, *common, "--steps", "3", "--resume", "auto")) == []
     assert "already complete" in capsys.readouterr().out

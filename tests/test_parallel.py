@@ -26,7 +26,7 @@ import models
 import outputs
 import parallel
 import whisper_worker as ww
-from helpers import REPO, TESTS
+from helpers import REPO, TESTS, read_json, read_jsonl
 from test_grpo import _fixed_rollouts, _one_update, _port, _rank_share
 
 # ---- rank agreement: one failing rank stops the job ----------------------------------------------
@@ -369,7 +369,7 @@ def _nan_loss_on_rank_1(rank, world, init_method, out_file):
 def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     out = str(tmp_path / "stats")
     mp.spawn(_nan_loss_on_rank_1, args=(2, f"tcp://127.0.0.1:{_port()}", out), nprocs=2, join=True)
-    got = [json.load(open(f"{out}.{rank}")) for rank in range(2)]
+    got = [read_json(f"{out}.{rank}") for rank in range(2)]
     assert all(math.isfinite(g["grad_norm"]) for g in got), got  # only the loss flags it
     assert [(g["skipped"], g["moved"]) for g in got] == [(1, False), (1, False)], got
 
@@ -458,7 +458,7 @@ def _torchrun(out, *flags, steps):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(x) for x in open(out / "metrics.jsonl")]
+    return read_jsonl(out / "metrics.jsonl")
 
 
 @pytest.mark.parametrize("flags", [[], ["--lora-rank", "4", "--lr", "1e-2"]], ids=["full", "lora"])

@@ -1,7 +1,6 @@
 """prosody.py: pitch, voicing, speaking rate, and the guard's factor; the scorers' prosody fields.
 (The guard's toy experiment in training is in test_grpo.py.)"""
 
-import json
 import math
 import os
 
@@ -11,7 +10,7 @@ import soundfile as sf
 
 import prosody
 import scorer as scoring
-from helpers import ASSETS
+from helpers import ASSETS, read_jsonl
 from reward import Score
 
 SR = prosody.SAMPLE_RATE
@@ -88,10 +87,10 @@ def test_f0_track_energy_gate():
     # A tone 60 dB below the clip's loudest part is background, not voice: unvoiced though periodic.
     loud = harmonic_tone(np.full(SR, 150.0))
     quiet = harmonic_tone(np.full(SR, 150.0), amplitude=3e-4)
-    f0s, voiced = prosody.f0_track(np.concatenate([loud, quiet]))
+    _, voiced = prosody.f0_track(np.concatenate([loud, quiet]))
     assert voiced[5:95].all()
     assert not voiced[105:].any()
-    f0s, voiced = prosody.f0_track(quiet)  # alone, the same tone is the loudest thing there: voiced
+    _, voiced = prosody.f0_track(quiet)  # alone, the same tone is the loudest thing there: voiced
     assert prosody.voiced_frac(voiced) > 0.9
 
 
@@ -115,7 +114,7 @@ def test_prosody_of_real_speech():
     path = os.path.join(ASSETS, "speech", "clips.jsonl")
     if not os.path.exists(path):
         pytest.skip(f"no spoken clips at {path} (set TEST_ASSETS to the shared assets folder)")
-    rows = [json.loads(line) for line in open(path)]
+    rows = read_jsonl(path)
     for row in rows:
         audio, sr = sf.read(os.path.join(ASSETS, "speech", row["wav"]), dtype="float32")
         assert sr == SR

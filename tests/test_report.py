@@ -144,7 +144,7 @@ def test_grpo_train_reports_metrics_and_validation_clips(tmp_path, monkeypatch):
         )
     )
     assert [step for step, _ in logged] == [0, 1]  # the validation before step 1, then step 1
-    for step, values in logged:
+    for _, values in logged:
         assert "val_reward" in values
         assert len(values["val_clips"]) >= 1
         assert all(rate == 16000 and isinstance(text, str) for _, rate, text in values["val_clips"])

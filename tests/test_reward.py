@@ -1,5 +1,6 @@
 """reward.py: the reward formula, the character error rate, the evaluation table's normalization."""
 
+import itertools
 import math
 
 import pytest
@@ -36,8 +37,8 @@ def test_tts_reward_decreases_with_cer_and_nll():
     for x in grid:
         by_cer = [tts_reward(c, x) for c in grid]
         by_nll = [tts_reward(x, n) for n in grid]
-        assert all(a > b for a, b in zip(by_cer, by_cer[1:]))
-        assert all(a > b for a, b in zip(by_nll, by_nll[1:]))
+        assert all(a > b for a, b in itertools.pairwise(by_cer))
+        assert all(a > b for a, b in itertools.pairwise(by_nll))
         assert all(0.0 <= r <= 1.0 for r in by_cer + by_nll)
 
 

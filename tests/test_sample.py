@@ -182,9 +182,10 @@ def test_allowed_ids_and_stops():
 
 def test_bad_inputs_raise_clear_errors():
     model = models.tiny_llama(VOCAB, max_positions=64)
-    gen = lambda prompts=PROMPTS, **kw: sample.generate(
-        model, prompts, **{"max_new_tokens": 4, **kw}
-    )
+
+    def gen(prompts=PROMPTS, **kw):
+        return sample.generate(model, prompts, **{"max_new_tokens": 4, **kw})
+
     with pytest.raises(ValueError, match="prompts is empty"):
         gen([])
     with pytest.raises(ValueError, match="prompt 1 is empty"):
@@ -192,7 +193,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="prompt 0 has token ids outside the vocabulary"):
         gen([[1, VOCAB]])
     with pytest.raises(
-        ValueError, match="prompt of 14 tokens \\+ max_new_tokens=60 exceeds .* context of 64"
+        ValueError, match=r"prompt of 14 tokens \+ max_new_tokens=60 exceeds .* context of 64"
     ):
         gen(max_new_tokens=60)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
@@ -282,7 +283,7 @@ def test_load_model_round_trip(tmp_path):
     a = sample.generate(model, PROMPTS, max_new_tokens=8, temperature=0)
     b = sample.generate(loaded, PROMPTS, max_new_tokens=8, temperature=0)
     assert torch.equal(a.tokens, b.tokens)
-    with pytest.raises(FileNotFoundError, match="model directory not found: .*nope"):
+    with pytest.raises(FileNotFoundError, match=r"model directory not found: .*nope"):
         models.load_model(str(tmp_path / "nope"), "cpu", torch.float32)
 
 

@@ -2,6 +2,7 @@
 the prompt cache, silence, the module:function plug-in, loading errors; and sim in the metrics."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -240,7 +241,7 @@ def test_missing_models_say_what_to_pass(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="is not 'wavlm-sv'"):
             speaker.load_speaker_model(bad)
     torch.save({"model": {"layer1.conv.weight": torch.zeros(2, 2, 5)}}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="no feature_extract.model.. keys"):
+    with pytest.raises(ValueError, match=re.escape("no feature_extract.model.* keys")):
         speaker.load_speaker_model(str(tmp_path / "other.pth"))
 
 

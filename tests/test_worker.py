@@ -20,7 +20,7 @@ import prosody
 import scorer as scoring
 import speaker
 import whisper_worker as ww
-from helpers import ASSETS, noise
+from helpers import ASSETS, noise, read_jsonl
 from reward import Score, tts_reward
 
 # ---- WhisperWorker and WorkerClient --------------------------------------------------------------
@@ -112,7 +112,7 @@ def test_worker_survives_bad_clients(tiny_worker):
     audios = [noise(2.0, i) for i in range(6)]
     texts = [f"clip {i}" for i in range(6)]
     impatient = ww.WorkerClient(tiny_worker.connect_info(), request_timeout=0.01)
-    with pytest.raises(TimeoutError, match="request_timeout=0.01"):
+    with pytest.raises(TimeoutError, match=r"request_timeout=0\.01"):
         impatient.score(audios, texts)
     impatient.close()
     address, _, folder, pid = tiny_worker.connect_info()
@@ -181,7 +181,8 @@ def test_custom_reward_worker(reward_module):
             Score(reward=0.5, **prosody.measure(np.full(31 * 16000, 0.5), "long")),
         ]
         with pytest.raises(
-            ww.WorkerError, match="(?s)user_reward_mod.py.*ValueError: boom from the user's reward"
+            ww.WorkerError,
+            match=r"(?s)user_reward_mod\.py.*ValueError: boom from the user's reward",
         ):
             worker.score([noise(1.0, 0)], ["boom"])
         assert worker.score([np.full(10, 0.25, np.float32)], ["fine again"])[0].reward == 0.25
@@ -233,7 +234,7 @@ def test_worker_death_by_exception_carries_traceback(reward_module):
         {}, reward=reward_module, start_timeout=120, threads=1, request_timeout=120
     ) as worker:
         start = time.monotonic()
-        with pytest.raises(ww.WorkerDiedError, match="(?s)exit code 3.*SystemExit: 3"):
+        with pytest.raises(ww.WorkerDiedError, match=r"(?s)exit code 3.*SystemExit: 3"):
             worker.score([noise(1.0, 0)], ["exit"])
         assert time.monotonic() - start < 60
 
@@ -296,7 +297,7 @@ def test_cli_scores_a_jsonl(tmp_path, capsys):
     )[0]
     assert rows[1]["nll"] == pytest.approx(stereo_as_mono.nll, abs=1e-4)
     sf.write(tmp_path / "narrow.wav", mono, 8000)
-    with pytest.raises(ValueError, match="narrow.wav: sample rate 8000 Hz"):
+    with pytest.raises(ValueError, match=r"narrow\.wav: sample rate 8000 Hz"):
         ww.read_wav(str(tmp_path / "narrow.wav"))
     for bad, why in [
         ('{"wav": "mono.wav"}', "expected string fields 'wav' and 'text'"),
@@ -400,7 +401,8 @@ def test_cli_prints_sim_for_rows_with_a_prompt_wav(tmp_path, capsys):
 )
 def test_scorer_and_worker_layout(module, public):
     """Public names first, in reading order; each private helper after its first public user."""
-    source = open(module.__file__, encoding="utf-8").read()
+    with open(module.__file__, encoding="utf-8") as f:
+        source = f.read()
     defs = [
         node for node in ast.parse(source).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))
     ]
@@ -426,7 +428,7 @@ def test_real_whisper_ranks_clean_above_noisy_above_silence():
             f"real-Whisper assets not found in {ASSETS} (set TEST_ASSETS to the folder with "
             "whisper-tiny.en.pt and speech/clips.jsonl)"
         )
-    rows = [json.loads(line) for line in open(clips_file)]
+    rows = read_jsonl(clips_file)
     audios = [ww.read_wav(os.path.join(ASSETS, "speech", r["wav"])) for r in rows]
     silences = [i for i, r in enumerate(rows) if r["kind"] == "silence"]
     # all-zero clips, as a collapsed policy answers
