@@ -796,7 +796,8 @@ def test_trainer_logp_mismatch_is_zero_on_cpu(tmp_path):
         _tiny(tmp_path, "--val-data", ""), parallel.Dist(), torch.device("cpu"), _FakeScorer(0.5)
     )
     metrics, _ = tr.train_step(0)
-    assert 0 <= metrics["logp_mismatch"] < 1e-5 and metrics["logp_mismatch_max"] < 1e-4, metrics
+    assert 0 <= metrics["logp_mismatch"] < 1e-5, metrics
+    assert metrics["logp_mismatch_max"] < 1e-4, metrics
 
 
 def half_flat_reward(audio, text):
@@ -1216,10 +1217,8 @@ def test_sim_guard_toy_experiment(tmp_path):
     free, held = ([m["sim"] for m in runs[g]] for g in (False, True))
     ref = runs[True][0]["ref_sim"]
     assert np.mean(free[-3:]) < np.mean(free[:3]) - 0.1, free  # the voice drifts
-    assert np.mean(held[-3:]) > ref - 0.1 and np.mean(held[-3:]) > np.mean(free[-3:]) + 0.05, (
-        held,
-        ref,
-    )
+    assert np.mean(held[-3:]) > ref - 0.1, (held, ref)
+    assert np.mean(held[-3:]) > np.mean(free[-3:]) + 0.05, (held, ref)
     # the toy reward was learned
     assert runs[False][-1]["reward_mean"] > runs[False][0]["reward_mean"]
 
@@ -1268,9 +1267,11 @@ def test_prosody_guard_toy_experiment(tmp_path, reward, measure, band, faster):
     edge = ref * (1 + band) if faster else ref / (1 + band)
     end_free, end_guarded = np.median(free[-5:]), np.median(guarded[-5:])
     if faster:
-        assert end_free > 1.5 * edge and end_guarded <= 1.25 * edge, (ref, free, guarded)
+        assert end_free > 1.5 * edge, (ref, free, guarded)
+        assert end_guarded <= 1.25 * edge, (ref, free, guarded)
     else:
-        assert end_free < edge and end_guarded >= edge / 1.25, (ref, free, guarded)
+        assert end_free < edge, (ref, free, guarded)
+        assert end_guarded >= edge / 1.25, (ref, free, guarded)
     assert all(0 < m["prosody_guard"] <= 1 for m in guarded_run)
 
 
@@ -1412,7 +1413,8 @@ def test_max_skipped_steps_in_a_row_stop_the_run_with_a_hint(tmp_path, monkeypat
         grpo.main(argv)
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("grpo.py: step 3: 2 steps in a row skipped") and "--lr" in err, err
+    assert err.startswith("grpo.py: step 3: 2 steps in a row skipped"), err
+    assert "--lr" in err, err
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["skipped"]) for m in lines] == [(1, 0), (2, 1), (3, 1)]
 

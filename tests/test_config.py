@@ -169,7 +169,8 @@ def test_a_bad_flag_is_one_line_exit_2_before_anything_loads(no_training, capsys
     with pytest.raises(SystemExit) as stop:
         grpo.main(base + [f.replace("TMP", tmp) for f in flags])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and not reached, err
+    assert stop.value.code == 2, err
+    assert not reached, err
     assert err.startswith(f"grpo.py: error: {message.replace('TMP', tmp)}")
     assert err.count("\n") == 1
     assert "Traceback" not in err

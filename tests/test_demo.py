@@ -185,7 +185,8 @@ def test_demo_grpo_steps_end_to_end_with_real_whisper(tmp_path):
     assert rows[2]["val_cer"] >= 0
     for folder in ("val_step_0", "val_step_2", "step_2"):  # before and after, to listen to
         names = sorted(os.listdir(out / "samples" / folder))
-        assert sum(n.endswith(".wav") for n in names) == 2 and "samples.jsonl" in names, folder
+        assert sum(n.endswith(".wav") for n in names) == 2, folder
+        assert "samples.jsonl" in names, folder
     before = read_jsonl(out / "samples" / "val_step_0" / "samples.jsonl")
     assert [r["text"] for r in before] == [ex.text for ex in data.load_dataset(str(val))[:2]]
     assert all(isinstance(r["transcript"], str) and r["cer"] >= 0 for r in before)

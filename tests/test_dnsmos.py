@@ -39,7 +39,8 @@ def scorer():
 
 
 def assert_close(got, want):
-    assert set(got) == set(dnsmos.KEYS) and all(type(v) is float for v in got.values()), got
+    assert set(got) == set(dnsmos.KEYS), got
+    assert all(type(v) is float for v in got.values()), got
     off = {
         k: round(got[k] - want[k], 4) for k in dnsmos.KEYS if abs(got[k] - want[k]) > TOLERANCE[k]
     }

@@ -39,20 +39,19 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     a, b, e = parts["a"], parts["b"], parts["e"]
     # (a) the compiled step (eager backend) and the eager loop: the same tokens; one graph per span
     # used; clone-length prompts reach the cache's last span, compiling only spans not used before
-    assert a["tokens_equal"] is True and a["graphs"] == len(a["spans_used"]) >= 2, a
+    assert a["tokens_equal"] is True, a
+    assert a["graphs"] == len(a["spans_used"]) >= 2, a
     assert a["cudagraph_skips"] == 0
     assert a["recompiled_in_timed_runs"] == 0
     late = a["late"]
-    assert (
-        late["tokens_equal"] is True
-        and max(late["spans_used"]) == late["cache_slots"] == a["cache_slots"]
-    ), late
+    assert late["tokens_equal"] is True, late
+    assert max(late["spans_used"]) == late["cache_slots"] == a["cache_slots"], late
     assert late["graphs"] == len(set(late["spans_used"]) - set(a["spans_used"])) >= 1
     assert late["prompt_len"][0] > 256
     # (b) FSDP2 on a 1-rank mesh equals the replicated update, a resumed one the uninterrupted one
-    assert (
-        b["update_rel_err"] < 1e-4 and b["resume_step_max"] > 0 and b["resume_max_diff"] <= 1e-6
-    ), b
+    assert b["update_rel_err"] < 1e-4, b
+    assert b["resume_step_max"] > 0, b
+    assert b["resume_max_diff"] <= 1e-6, b
     # (c) FSDP2 over two thread-ranks, when torch's threaded group can run it here
     if parts["c"]["status"] == "ok":
         assert parts["c"]["update_rel_err"] < 1e-4, parts["c"]
@@ -66,16 +65,19 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     assert cases["llasa-1b-lora16"]["lora_rank"] == 16
     assert set(parts["d"]["checks"]) >= {f"{c}:held" for c in cases}
     # (e) the trainer's compiled decode step worked (no fallback to the eager loop)
-    assert e["decoder_works"] is True and e["graphs"] == len(e["spans_used"]), e
+    assert e["decoder_works"] is True, e
+    assert e["graphs"] == len(e["spans_used"]), e
     # (g) FSDP2 + LoRA on a bf16 base: the replicated update, only adapters trained, the base
     # untouched, the checkpoint's adapter read back, a resume equal to the uninterrupted run
     g = parts["g"]
     if g["status"] == "ok":  # skipped only on torch < 2.8 (FSDP2 wants one dtype per group there)
-        assert (
-            g["base_dtype"] == "bf16" and g["update_rel_err"] < 1e-4 and g["trained_tensors"] > 0
-        ), g
-        assert g["resume_step_max"] > 0 and g["resume_max_diff"] <= 1e-6, g
-        assert g["checks"]["adapter_round_trip"] and g["checks"]["base_frozen"], g
+        assert g["base_dtype"] == "bf16", g
+        assert g["update_rel_err"] < 1e-4, g
+        assert g["trained_tensors"] > 0, g
+        assert g["resume_step_max"] > 0, g
+        assert g["resume_max_diff"] <= 1e-6, g
+        assert g["checks"]["adapter_round_trip"], g
+        assert g["checks"]["base_frozen"], g
     assert sum(t for t, _ in gpu_check.PARTS.values()) <= 500  # the whole run under 9 minutes
     assert all(os.path.exists(out / f"gpu-check-{p}.log") for p in "abcdefg")
     print(f"gpu_check.py --smoke: {time.time() - t0:.1f} s")
@@ -101,7 +103,8 @@ def test_a_memory_ratio_outside_its_tolerance_fails_part_d(monkeypatch, capsys):
     gpu_check.child("d", smoke=True)
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     d = rows[-1]
-    assert d["name"] == "gpu-check/d" and d["status"] == "failed", d
+    assert d["name"] == "gpu-check/d", d
+    assert d["status"] == "failed", d
     assert d["failed_checks"] == ["llasa-1b-lora16:held", "llasa-3b:step"], d
     assert gpu_check.within(1.25)
     assert gpu_check.within(0.75)

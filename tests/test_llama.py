@@ -211,7 +211,8 @@ def test_head_logprobs_chunks_equal_the_unchunked_computation():
 
     # Checkpointed chunks: autograd keeps only the chunks' inputs, never logits ([..., A]).
     kept = saved_shapes(lambda: llama.head_logprobs(hidden, weight, targets, temp, chunk=8))
-    assert kept and all(s[-1] != A for s in kept), kept
+    assert kept, kept
+    assert all(s[-1] != A for s in kept), kept
     # the hook sees them
     assert (B, T, A) in saved_shapes(lambda: direct_logprobs(hidden, weight, targets, temp))
 

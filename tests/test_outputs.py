@@ -170,7 +170,8 @@ def test_resume_into_an_out_holding_another_run_is_refused(tmp_path, capsys, mon
         grpo.main(["--preset", "tiny", "--out", str(other), "--resume", str(ckpt)])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--out {other} holds another run" in err[0], err
+    assert len(err) == 1, err
+    assert f"--out {other} holds another run" in err[0], err
     assert f"--resume {ckpt} is a checkpoint of {tmp_path / 'a'}," in err[0], err
     assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
     assert outputs.resolve_resume(str(tmp_path / "a"), str(ckpt)) == str(ckpt)  # its own run

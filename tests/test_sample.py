@@ -333,9 +333,8 @@ def test_eager_loop_under_autocast_casts_each_weight_once():
             out = sample.generate(model, PROMPTS, max_new_tokens=n, temperature=0)
         assert out.tokens.shape[1] == n
         counts.append(mode.n)
-    assert counts[0] == counts[1] and 0 < counts[0] <= 2 * 7 * model.config.num_hidden_layers, (
-        counts
-    )
+    assert counts[0] == counts[1], counts
+    assert 0 < counts[0] <= 2 * 7 * model.config.num_hidden_layers, counts
 
 
 def test_cli_clones_a_voice(tmp_path, capsys):
@@ -467,7 +466,8 @@ def test_cli_context_overflow_is_one_line(tmp_path, capsys):
             ]
         )
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert stop.value.code == 2, err
+    assert err.count("\n") == 1, err
     assert err.startswith("sample.py: error: --max-new-tokens 5000: the prompt takes ")
     assert "model's 4096 positions" in err
     assert not (tmp_path / "o.wav").exists()
@@ -513,7 +513,8 @@ def test_cli_help_explains_every_flag_with_its_default(monkeypatch, capsys):
     flags = [a for a in parsers[0]._actions if a.option_strings and a.dest != "help"]
     assert len(flags) >= 15
     for action in flags:
-        assert action.option_strings[0] in text and action.help, action
+        assert action.option_strings[0] in text, action
+        assert action.help, action
         if not action.required and action.default is not None:  # a default the user should know
             assert "(default:" in action.help, action.option_strings
 

@@ -221,7 +221,8 @@ def test_killed_worker_is_detected(reward_module):
         t.join(70)
     for name in ("owner", "other"):
         error, elapsed = outcomes[name]
-        assert isinstance(error, ww.WorkerDiedError) and elapsed < 60, (name, error, elapsed)
+        assert isinstance(error, ww.WorkerDiedError), (name, error, elapsed)
+        assert elapsed < 60, (name, error, elapsed)
         assert "exit code -9 (killed by SIGKILL)" in str(error)
     with pytest.raises(ww.WorkerDiedError):
         ww.WorkerClient(worker.connect_info())
@@ -416,7 +417,8 @@ def test_scorer_and_worker_layout(module, public):
                 if j != i
                 and any(isinstance(n, ast.Name) and n.id == node.name for n in ast.walk(user))
             ]
-            assert users and min(users) < i, f"{node.name} is defined before the code that uses it"
+            assert users, f"{node.name} is defined before the code that uses it"
+            assert min(users) < i, f"{node.name} is defined before the code that uses it"
     assert max(map(len, source.splitlines())) < 110
 
 
