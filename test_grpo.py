@@ -824,7 +824,12 @@ def test_trainer_dynamic_sampling_trains_on_informative_groups(tmp_path, monkeyp
 
     seen = []
     real = grpo.update_policy
-    monkeypatch.setattr(grpo, "update_policy", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+
+    def update_policy(*a, **k):
+        seen.append(a[4])  # the rollouts
+        return real(*a, **k)
+
+    monkeypatch.setattr(grpo, "update_policy", update_policy)
     tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), Flat(0.5))
     metrics, _ = tr.train_step(0)
     ro = seen[0]
@@ -894,7 +899,12 @@ def test_clone_rollouts_continue_after_the_prompt_voice(tmp_path):
     tr = grpo.Trainer(cfg, parallel.Dist(), torch.device("cpu"), scorer)
     encodes = []
     real = tr.sampler.codec.encode
-    tr.sampler.codec.encode = lambda audios: encodes.append(len(audios)) or real(audios)
+
+    def encode(audios):
+        encodes.append(len(audios))
+        return real(audios)
+
+    tr.sampler.codec.encode = encode
     for step in range(2):
         metrics, _ = tr.train_step(step)
     assert encodes == [1, 1]  # two distinct prompt recordings, each encoded once in two steps
@@ -967,16 +977,17 @@ def test_trainer_step_with_sim_weight_trains_on_both_normalized_advantages(tmp_p
     seen = []
     real_round = tr.scored_round
     real_update = grpo.update_policy
-    monkeypatch.setattr(
-        tr, "scored_round", lambda *a, **k: rounds.append(real_round(*a, **k)) or rounds[-1]
-    )
-    monkeypatch.setattr(
-        grpo,
-        "update_policy",
-        lambda pol, ref, opt, sch, ro, *a: (
-            seen.append(ro.advantages) or real_update(pol, ref, opt, sch, ro, *a)
-        ),
-    )
+
+    def scored_round(*a, **k):
+        rounds.append(real_round(*a, **k))
+        return rounds[-1]
+
+    def update_policy(pol, ref, opt, sch, ro, *a):
+        seen.append(ro.advantages)
+        return real_update(pol, ref, opt, sch, ro, *a)
+
+    monkeypatch.setattr(tr, "scored_round", scored_round)
+    monkeypatch.setattr(grpo, "update_policy", update_policy)
     tr.train_step(0)
     G = cfg.group_size
     r = rounds[0].rewards.double().view(-1, G).numpy()

@@ -283,8 +283,12 @@ def test_sampler_sizes_the_cache_once_for_the_longest_clone_prompt(tmp_path, mon
     plain, clone = tr.examples
     allocations = []
     real = decode.KVCache.for_model
-    spy = staticmethod(lambda *args, **kwargs: allocations.append(1) or real(*args, **kwargs))
-    monkeypatch.setattr(decode.KVCache, "for_model", spy)
+
+    def for_model(*args, **kwargs):
+        allocations.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode.KVCache, "for_model", staticmethod(for_model))
     for examples, grown in ((tr.examples + tr.val_examples, 0), (None, 1)):
         s = rollout.Sampler(
             cfg,

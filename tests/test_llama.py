@@ -203,9 +203,12 @@ def test_head_logprobs_chunks_equal_the_unchunked_computation():
 
     def saved_shapes(fn):
         shapes = []
-        with torch.autograd.graph.saved_tensors_hooks(
-            lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t
-        ):
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fn()
         return shapes
 

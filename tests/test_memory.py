@@ -519,7 +519,12 @@ def test_memory_grad_bucket_matches_sync_gradients():
         p.grad = torch.randn_like(p)
     d = parallel.Dist(world=2)
     sent = []
-    d.all_reduce = lambda t: sent.append(t.nbytes) or t
+
+    def all_reduce(t):
+        sent.append(t.nbytes)
+        return t
+
+    d.all_reduce = all_reduce
     for bucket in (10_000, 100_000):
         sent.clear()
         parallel.sync_gradients(params, d, bucket_numel=bucket)

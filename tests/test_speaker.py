@@ -98,9 +98,12 @@ def test_wavlm_sv_from_a_directory_matches_transformers_clip_by_clip(tmp_path, m
     )
     seen = []
     states = speaker.wavlm_hidden_states
-    monkeypatch.setattr(
-        speaker, "wavlm_hidden_states", lambda w, x: seen.append(len(x)) or states(w, x)
-    )
+
+    def wavlm_hidden_states(w, x):
+        seen.append(len(x))
+        return states(w, x)
+
+    monkeypatch.setattr(speaker, "wavlm_hidden_states", wavlm_hidden_states)
     sv.max_frames2 = 2 * (int(1.3 * 16000) // 320 + 1) ** 2  # two 1.3 s clips' attention, padded
     assert torch.allclose(sv.embed(clips), batched, rtol=1e-4, atol=1e-5 * scale)
     # 2.0 s alone; 1.3 s + 1.0 s; then 0.7, 0.4 and 0.33 s (under the budget)
