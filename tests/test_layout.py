@@ -112,7 +112,10 @@ def broken_links(path: str) -> list[str]:
     bad = []
     for target in markdown_links(path):
         file, _, anchor = target.partition("#")
-        where = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+        if file:
+            where = os.path.normpath(os.path.join(os.path.dirname(path), file))
+        else:
+            where = path  # an anchor in the file itself
         if not os.path.exists(where):
             bad.append(target)
             continue

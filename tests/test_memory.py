@@ -411,7 +411,9 @@ def _tensors(x):
         x = [getattr(x, f.name) for f in dataclasses.fields(x)]
     elif isinstance(x, dict):
         x = list(x.values())
-    return [t for y in x for t in _tensors(y)] if isinstance(x, (list, tuple)) else []
+    if not isinstance(x, (list, tuple)):
+        return []
+    return [t for y in x for t in _tensors(y)]
 
 
 def test_memory_decoder_terms_match_a_real_decoder():
