@@ -4,6 +4,7 @@ The autouse `one_thread` fixture is defined in helpers.py (test_grpo.py at the r
 too); helpers.py also holds what is not a fixture: the repository root, $TEST_ASSETS (default
 ../shared/assets relative to the repository root), noise, the HF references, tiny trainer runs.
 """
+
 import pytest
 
 import helpers
@@ -11,7 +12,7 @@ import helpers
 one_thread = helpers.one_thread  # autouse, module scope: applies to every test module under tests/
 
 
-REWARD_MODULE = '''
+REWARD_MODULE = """
 import time
 import zlib
 import numpy as np
@@ -26,7 +27,7 @@ def peak(audio, text):
     if text == "empty?":
         return 0.75 if audio.shape == (0,) and audio.dtype == np.float32 else 0.0
     return float("nan") if text == "nan" else float(np.abs(audio).max())
-'''
+"""
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ Usage (a Python with speechmos, onnxruntime, librosa, soundfile, e.g. a scratch 
     python tests/make_dnsmos_reference.py [--assets DIR]
 Made with speechmos 0.0.1.1, onnxruntime 1.32.0, librosa 0.11.0, numpy 2.4.6.
 """
+
 import argparse
 import json
 import os
@@ -34,8 +35,12 @@ import speechmos
 from speechmos import dnsmos
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-KEYS = {"sig_mos": "dnsmos_sig", "bak_mos": "dnsmos_bak", "ovrl_mos": "dnsmos_ovrl",
-        "p808_mos": "dnsmos_p808"}
+KEYS = {
+    "sig_mos": "dnsmos_sig",
+    "bak_mos": "dnsmos_bak",
+    "ovrl_mos": "dnsmos_ovrl",
+    "p808_mos": "dnsmos_p808",
+}
 LONG = ("clean_00.wav", "clean_02.wav", "clean_03.wav", "clean_05.wav", "noisy_00.wav")  # 19.75 s
 
 
@@ -52,20 +57,29 @@ def main():
     speech = os.path.join(args.assets, "speech")
     with open(os.path.join(speech, "clips.jsonl")) as f:
         names = [json.loads(line)["wav"] for line in f if line.strip()]
-    versions = {"speechmos": metadata.version("speechmos"), "onnxruntime": onnxruntime.__version__,
-                "librosa": librosa.__version__, "numpy": np.__version__}
+    versions = {
+        "speechmos": metadata.version("speechmos"),
+        "onnxruntime": onnxruntime.__version__,
+        "librosa": librosa.__version__,
+        "numpy": np.__version__,
+    }
     assert os.path.isdir(os.path.join(os.path.dirname(speechmos.__file__), "dnsmos_models"))
-    out = {"made_with": f"tests/make_dnsmos_reference.py: speechmos.dnsmos.run, {versions}",
-           "clips": {}}
+    out = {
+        "made_with": f"tests/make_dnsmos_reference.py: speechmos.dnsmos.run, {versions}",
+        "clips": {},
+    }
     for name in names:
         audio, sr = sf.read(os.path.join(speech, name), dtype="float32")
         assert sr == 16000, (name, sr)
-        out["clips"][name] = {"plain": score(audio, "dnsmos"),
-                              "personalized": score(audio, "dnsmos_personalized")}
+        out["clips"][name] = {
+            "plain": score(audio, "dnsmos"),
+            "personalized": score(audio, "dnsmos_personalized"),
+        }
         print(name, out["clips"][name]["plain"])
     # Over 17 s: windows starting at 7 s and later, which the reference's rounding skips.
-    audio = np.concatenate([sf.read(os.path.join(speech, name), dtype="float32")[0]
-                            for name in LONG])
+    audio = np.concatenate(
+        [sf.read(os.path.join(speech, name), dtype="float32")[0] for name in LONG]
+    )
     out["long"] = {"clips": list(LONG), "plain": score(audio, "dnsmos")}
     print("long", out["long"]["plain"])
     with open(os.path.join(TESTS, "dnsmos_reference.json"), "w") as f:
@@ -74,8 +88,9 @@ def main():
     pcm, _ = sf.read(os.path.join(speech, "clean_00.wav"), dtype="int16")
     pcm = pcm[16000:24000]  # 0.5 s of speech, exact as int16 (the file is 16-bit PCM)
     mel = dnsmos.DNSMOS.audio_melspec(None, pcm.astype(np.float32) / 32768)  # uses no state of self
-    np.savez_compressed(os.path.join(TESTS, "dnsmos_mel_reference.npz"), pcm=pcm,
-                        mel=mel.astype(np.float32))
+    np.savez_compressed(
+        os.path.join(TESTS, "dnsmos_mel_reference.npz"), pcm=pcm, mel=mel.astype(np.float32)
+    )
 
 
 if __name__ == "__main__":

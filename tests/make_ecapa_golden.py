@@ -25,6 +25,7 @@ Usage (Python with torch and safetensors; torchaudio is stubbed, only its fbank 
 DIR: checkouts of github.com/BytedanceSpeech/seed-tts-eval (made at 752f4297) and
 github.com/s3prl/s3prl (made at ec8064b5).
 """
+
 import argparse
 import importlib.util
 import os
@@ -36,18 +37,32 @@ import torch
 from safetensors.torch import save_file
 
 TINY_WAVLM = {
-    "extractor_mode": "layer_norm", "encoder_layers": 2, "encoder_embed_dim": 32,
-    "encoder_ffn_embed_dim": 64, "encoder_attention_heads": 4,
-    "conv_feature_layers": "[(24,10,5)] + [(24,3,2)] * 4 + [(24,2,2)] * 2", "conv_bias": False,
-    "layer_norm_first": True, "normalize": True, "conv_pos": 16, "conv_pos_groups": 4,
-    "relative_position_embedding": True, "num_buckets": 320, "max_distance": 800, "gru_rel_pos": True,
-    "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "encoder_layerdrop": 0.0,
+    "extractor_mode": "layer_norm",
+    "encoder_layers": 2,
+    "encoder_embed_dim": 32,
+    "encoder_ffn_embed_dim": 64,
+    "encoder_attention_heads": 4,
+    "conv_feature_layers": "[(24,10,5)] + [(24,3,2)] * 4 + [(24,2,2)] * 2",
+    "conv_bias": False,
+    "layer_norm_first": True,
+    "normalize": True,
+    "conv_pos": 16,
+    "conv_pos_groups": 4,
+    "relative_position_embedding": True,
+    "num_buckets": 320,
+    "max_distance": 800,
+    "gru_rel_pos": True,
+    "dropout": 0.0,
+    "attention_dropout": 0.0,
+    "activation_dropout": 0.0,
+    "encoder_layerdrop": 0.0,
 }
 
 
 def package(name, path):
     module = types.ModuleType(name)
-    module.__path__ = [path]  # a package whose __init__ is not run (s3prl's imports its downloaders)
+    # a package whose __init__ is not run (s3prl's imports its downloaders)
+    module.__path__ = [path]
     sys.modules[name] = module
     return module
 
@@ -64,8 +79,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed-tts-eval", required=True)
     parser.add_argument("--s3prl", required=True)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                      "ecapa_golden.safetensors"))
+    parser.add_argument(
+        "--out",
+        default=os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "ecapa_golden.safetensors"
+        ),
+    )
     args = parser.parse_args()
     torchaudio = types.ModuleType("torchaudio")
     torchaudio.transforms = types.ModuleType("torchaudio.transforms")
@@ -77,15 +96,21 @@ def main():
     package("s3prl.utility", os.path.join(root, "utility"))
     sys.modules["s3prl.utility.helper"] = types.SimpleNamespace(show=print)
     expert = importlib.import_module("s3prl.upstream.wavlm.expert")
-    ecapa = load_file("ecapa_tdnn", os.path.join(
-        args.seed_tts_eval, "thirdparty/UniSpeech/downstreams/speaker_verification/models/ecapa_tdnn.py"))
+    ecapa = load_file(
+        "ecapa_tdnn",
+        os.path.join(
+            args.seed_tts_eval,
+            "thirdparty/UniSpeech/downstreams/speaker_verification/models/ecapa_tdnn.py",
+        ),
+    )
 
     torch.manual_seed(0)
     folder = tempfile.mkdtemp()
     upstream = os.path.join(folder, "wavlm_tiny.pt")
     wavlm = expert.WavLM(expert.WavLMConfig(TINY_WAVLM))
     torch.save({"cfg": TINY_WAVLM, "model": wavlm.state_dict()}, upstream)
-    torch.hub.load = lambda repo, name, *a, **k: expert.UpstreamExpert(upstream)  # what s3prl's hub gives
+    # what s3prl's hub gives
+    torch.hub.load = lambda repo, name, *a, **k: expert.UpstreamExpert(upstream)
     model = ecapa.ECAPA_TDNN(feat_dim=32, channels=16, emb_dim=8, feat_type="wavlm_large")
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -98,7 +123,8 @@ def main():
                 t.abs_().add_(0.1)
             t.copy_(t.half().float())
     model.eval()
-    hidden, call = [], type(model.feature_extract).__call__  # UpstreamBase.__call__ adds hidden_states
+    hidden = []
+    call = type(model.feature_extract).__call__  # UpstreamBase.__call__ adds hidden_states
 
     def recording_call(self, wavs, *a, **k):
         result = call(self, wavs, *a, **k)
@@ -106,23 +132,36 @@ def main():
         return result
 
     type(model.feature_extract).__call__ = recording_call
-    tensors = {f"checkpoint.{k}": (v.half() if v.is_floating_point() else v).contiguous()
-               for k, v in model.state_dict().items()}
+    tensors = {
+        f"checkpoint.{k}": (v.half() if v.is_floating_point() else v).contiguous()
+        for k, v in model.state_dict().items()
+    }
     for i, seconds in enumerate([1.0, 2.1]):
         n = int(seconds * 16000)
         t = torch.arange(n) / 16000
-        wav = 0.2 * torch.sin(2 * torch.pi * (150 + 50 * i) * t) + 0.05 * torch.randn(n, generator=generator)
+        wav = 0.2 * torch.sin(2 * torch.pi * (150 + 50 * i) * t) + 0.05 * torch.randn(
+            n, generator=generator
+        )
         wav = wav.half().float()
         with torch.no_grad():
             emb = model(wav[None])[0]  # one clip at a time, as verification.py
-        tensors.update({f"wav{i}": wav.half(), f"hidden{i}": hidden[-1].contiguous(), f"emb{i}": emb})
+        tensors.update(
+            {f"wav{i}": wav.half(), f"hidden{i}": hidden[-1].contiguous(), f"emb{i}": emb}
+        )
         print(f"wav{i}: {n} samples, hidden {tuple(hidden[-1].shape)}, emb {emb.tolist()}")
-    save_file(tensors, args.out, metadata={"made_by": "tests/make_ecapa_golden.py",
-                                           "wavlm_cfg": repr(TINY_WAVLM),
-                                           "ecapa": "ECAPA_TDNN(feat_dim=32, channels=16, emb_dim=8, "
-                                                    "feat_type='wavlm_large')"})
-    print(f"wrote {args.out}: {os.path.getsize(args.out)} bytes, "
-          f"{sum(v.numel() for k, v in tensors.items() if k.startswith('checkpoint.'))} weights")
+    save_file(
+        tensors,
+        args.out,
+        metadata={
+            "made_by": "tests/make_ecapa_golden.py",
+            "wavlm_cfg": repr(TINY_WAVLM),
+            "ecapa": "ECAPA_TDNN(feat_dim=32, channels=16, emb_dim=8, feat_type='wavlm_large')",
+        },
+    )
+    print(
+        f"wrote {args.out}: {os.path.getsize(args.out)} bytes, "
+        f"{sum(v.numel() for k, v in tensors.items() if k.startswith('checkpoint.'))} weights"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """batch.py: a step's rounds, the rewards trained on, and dynamic sampling's choice of groups."""
+
 import types
 
 import torch
@@ -15,12 +16,18 @@ def _round(rewards, tag, sims=None, G=2):
     lengths = torch.tensor([1 + (i % 3) for i in range(n)])
     tokens = torch.zeros(n, 4, dtype=torch.long)
     for i in range(n):
-        tokens[i, :lengths[i]] = tag * 100 + i
+        tokens[i, : lengths[i]] = tag * 100 + i
     roll = Rollout(tokens, lengths, tokens.float() / 1000, torch.ones(n, dtype=torch.bool))
-    return batch.Round([f"{tag}:{i // G}" for i in range(n)], roll, [f"audio {tag}:{i}" for i in range(n)],
-                       [Score(reward=r) for r in rewards], {"rollout": 1.0, "codec": 2.0, "reward": 3.0},
-                       torch.tensor(rewards),
-                       None, None if sims is None else torch.tensor(sims))
+    return batch.Round(
+        [f"{tag}:{i // G}" for i in range(n)],
+        roll,
+        [f"audio {tag}:{i}" for i in range(n)],
+        [Score(reward=r) for r in rewards],
+        {"rollout": 1.0, "codec": 2.0, "reward": 3.0},
+        torch.tensor(rewards),
+        None,
+        None if sims is None else torch.tensor(sims),
+    )
 
 
 def test_informative_groups_by_hand():
@@ -44,9 +51,11 @@ def test_merge_rounds_by_hand():
     merged = batch.merge_rounds([a, b], [(0, 1, True), (1, 0, True), (1, 1, False)], 2)
     assert merged.items == ["1:1", "1:1", "2:0", "2:0", "2:1", "2:1"]
     assert merged.roll.tokens[:, 0].tolist() == [102, 103, 200, 201, 202, 203]
-    assert merged.roll.lengths.tolist() == [3, 1, 1, 2, 3, 1] and merged.roll.tokens.shape[1] == 3
+    assert merged.roll.lengths.tolist() == [3, 1, 1, 2, 3, 1]
+    assert merged.roll.tokens.shape[1] == 3
     assert torch.equal(merged.roll.logprobs, merged.roll.tokens.float() / 1000)
-    assert torch.equal(merged.rewards, torch.tensor([0.1, 0.9, 0.3, 0.7, 0.2, 0.2])) and merged.audios[2] == "audio 2:0"
+    assert torch.equal(merged.rewards, torch.tensor([0.1, 0.9, 0.3, 0.7, 0.2, 0.2]))
+    assert merged.audios[2] == "audio 2:0"
     assert merged.keep.tolist() == [True, True, True, True, False, False]
     assert merged.seconds == {"rollout": 2.0, "codec": 4.0, "reward": 6.0}
 
@@ -61,13 +70,23 @@ def test_refill_runs_rounds_until_full_or_out_of_rounds(capsys):
         return _round(flat, r)
 
     merged, dyn = batch.refill(_round(flat, 0), cfg, parallel.Dist(), more)
-    assert asked == [1, 2] and dyn == {"dyn_rounds": 3, "dyn_groups_kept": 3, "dyn_rollouts_per_kept_group": 6.0}
-    assert merged.keep.all() and merged.roll.tokens[::2, 0].tolist() == [4, 104, 204]
+    assert asked == [1, 2]
+    assert dyn == {
+        "dyn_rounds": 3,
+        "dyn_groups_kept": 3,
+        "dyn_rollouts_per_kept_group": 6.0,
+    }
+    assert merged.keep.all()
+    assert merged.roll.tokens[::2, 0].tolist() == [4, 104, 204]
     cfg.max_refill_rounds = 1  # then the step trains on what there is, and says so
     merged, dyn = batch.refill(_round(flat, 0), cfg, parallel.Dist(), more)
-    assert dyn["dyn_rounds"] == 2 and dyn["dyn_groups_kept"] == 2
+    assert dyn["dyn_rounds"] == 2
+    assert dyn["dyn_groups_kept"] == 2
     assert merged.keep.tolist() == [True, True, True, True, False, False]
     assert "2 of 3 groups informative after 1 refill rounds" in capsys.readouterr().err
     cfg.max_refill_rounds = 0  # no refill at all: the first round as it is, its flat groups masked
-    merged, dyn = batch.refill(_round([0.1, 0.9, 0.5, 0.5, 0.2, 0.3], 0), cfg, parallel.Dist(), more)
-    assert dyn["dyn_rounds"] == 1 and merged.keep.tolist() == [True, True, True, True, False, False]
+    merged, dyn = batch.refill(
+        _round([0.1, 0.9, 0.5, 0.5, 0.2, 0.3], 0), cfg, parallel.Dist(), more
+    )
+    assert dyn["dyn_rounds"] == 1
+    assert merged.keep.tolist() == [True, True, True, True, False, False]

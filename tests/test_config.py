@@ -1,5 +1,6 @@
 """config.py: flags, presets and their checks (a user's error: one line, exit 2, before anything
 loads); train.sh."""
+
 import dataclasses
 import os
 import subprocess
@@ -14,8 +15,12 @@ from helpers import REPO
 
 
 def test_config_rejects_values_that_would_fail_later():
-    for flags in (["--temperature", "0"], ["--save-every", "0"], ["--micro-batch", "0"],
-                  ["--loss-agg", "sum"]):
+    for flags in (
+        ["--temperature", "0"],
+        ["--save-every", "0"],
+        ["--micro-batch", "0"],
+        ["--loss-agg", "sum"],
+    ):
         with pytest.raises(SystemExit):
             config.parse_config(["--preset", "tiny", *flags])
 
@@ -28,7 +33,9 @@ def test_help_explains_every_flag(capsys):
         assert "--" + f.name.replace("_", "-") in text
     assert text.count("(default:") >= len(dataclasses.fields(config.Config))
     cfg = config.parse_config(["--preset", "tiny", "--group-size", "8", "--no-scale-rewards"])
-    assert cfg.group_size == 8 and cfg.scale_rewards is False and cfg.codec == "tone"
+    assert cfg.group_size == 8
+    assert cfg.scale_rewards is False
+    assert cfg.codec == "tone"
 
 
 def test_large_presets_shard_and_need_ranks(monkeypatch):
@@ -37,8 +44,11 @@ def test_large_presets_shard_and_need_ranks(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     for name, micro in (("llasa-3b", 2), ("llasa-8b", 1)):
         cfg = config.parse_config(["--preset", name])
-        assert cfg.fsdp and cfg.grad_checkpointing and cfg.micro_batch == micro
-        assert cfg.max_new_tokens == 1500 and cfg.model == f"HKUSTAudio/Llasa-{name[-2:].upper()}"
+        assert cfg.fsdp
+        assert cfg.grad_checkpointing
+        assert cfg.micro_batch == micro
+        assert cfg.max_new_tokens == 1500
+        assert cfg.model == f"HKUSTAudio/Llasa-{name[-2:].upper()}"
     assert not config.parse_config(["--preset", "llasa-1b"]).fsdp
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(SystemExit):
@@ -54,13 +64,23 @@ def test_train_sh_takes_the_preset_and_the_gpu_count(tmp_path):
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NPROC")}
     env["PATH"] = f"{tmp_path}:{env['PATH']}"
-    run = lambda *args, **extra: subprocess.run(["bash", os.path.join(REPO, "train.sh"), *args], env={**env, **extra},
-                                               capture_output=True, text=True, check=True).stdout
+
+    def run(*args, **extra):
+        return subprocess.run(
+            ["bash", os.path.join(REPO, "train.sh"), *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
     out = run("--steps", "3")
-    assert "CUDA_VISIBLE_DEVICES=0,1,2 " in out and "--nproc_per_node=2" in out
+    assert "CUDA_VISIBLE_DEVICES=0,1,2 " in out
+    assert "--nproc_per_node=2" in out
     assert "--preset llasa-1b --whisper-device cuda:2 --out runs/llasa-1b --steps 3" in out
     out = run("llasa-8b", "--language", "ko", NPROC="4")
-    assert "CUDA_VISIBLE_DEVICES=0,1,2,3,4 " in out and "--nproc_per_node=4" in out
+    assert "CUDA_VISIBLE_DEVICES=0,1,2,3,4 " in out
+    assert "--nproc_per_node=4" in out
     assert "--preset llasa-8b --whisper-device cuda:4 --out runs/llasa-8b --language ko" in out
 
 
@@ -149,16 +169,19 @@ def test_a_bad_flag_is_one_line_exit_2_before_anything_loads(no_training, capsys
     with pytest.raises(SystemExit) as stop:
         grpo.main(base + [f.replace("TMP", tmp) for f in flags])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and not reached, err
+    assert stop.value.code == 2, err
+    assert not reached, err
     assert err.startswith(f"grpo.py: error: {message.replace('TMP', tmp)}")
-    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
 
 
 def test_good_flags_reach_training(no_training):
-    base, tmp, reached = no_training
+    base, _, reached = no_training
     clone_data = os.path.join(REPO, "data", "clone", "train.jsonl")
     grpo.main(base + ["--resume", "auto", "--data", clone_data])
-    assert len(reached) == 1 and reached[0].resume == "auto"
+    assert len(reached) == 1
+    assert reached[0].resume == "auto"
 
 
 def test_every_number_has_a_range_and_every_preset_passes():
@@ -173,15 +196,16 @@ def test_every_number_has_a_range_and_every_preset_passes():
 def test_cli_bad_flag_exits_2_in_one_line(tmp_path):
     """The real command line: one line on stderr, status 2, nothing loaded or written."""
     argv = ["grpo.py", "--preset", "tiny", "--out", str(tmp_path / "run"), "--top-p", "0"]
-    r = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert (r.returncode, r.stdout) == (2, ""), r.stderr[-2000:]
     assert r.stderr == "grpo.py: error: --top-p 0.0: must be in (0, 1] (1 = off)\n"
     assert not (tmp_path / "run").exists()
 
 
 def test_llasa_presets_use_the_seeds_adamw_weight_decay():
-    """The seed's AdamW had weight decay 0.01 (the llasa presets once ran 0.0); the other presets keep 0."""
+    """The seed's AdamW had weight decay 0.01 (llasa presets once ran 0.0); other presets keep 0."""
     assert config.parse_config(["--preset", "llasa-1b"]).weight_decay == 0.01
     for preset in ("llasa-3b", "llasa-8b"):  # FSDP presets: parsed alone they would need torchrun
         assert config.PRESETS[preset]["weight_decay"] == 0.01, preset

@@ -1,5 +1,6 @@
 """demo.py, plot.py: the CPU demo (texts, warm start, the policy, a GRPO run with real Whisper) and
 the learning curve. (The word codec's decoding is in test_codec.py.)"""
+
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import demo
 import grpo
 import models
 import plot
-from helpers import ASSETS
+from helpers import ASSETS, read_jsonl
 
 
 def test_demo_texts_use_only_the_vocabulary_and_validation_is_held_out():
@@ -26,18 +27,24 @@ def test_demo_texts_use_only_the_vocabulary_and_validation_is_held_out():
     kept = [ex.text for ex in data.load_dataset(demo.VAL_DEMO_FILE)]
     # The shipped files are the script's output: every held-out candidate in val.jsonl, and kept
     # candidates, in the pools' order, in train.jsonl and val_demo.jsonl.
-    assert val == val_pool and not set(train_pool) & set(val_pool)
-    assert len(train) == demo.N_TRAIN and len(kept) == demo.N_VAL
-    assert train == [t for t in train_pool if t in set(train)] and kept == [t for t in val_pool if t in set(kept)]
+    assert val == val_pool
+    assert not set(train_pool) & set(val_pool)
+    assert len(train) == demo.N_TRAIN
+    assert len(kept) == demo.N_VAL
+    assert train == [t for t in train_pool if t in set(train)]
+    assert kept == [t for t in val_pool if t in set(kept)]
     vocab = set(demo.VOCAB)
     assert all(w in vocab for t in train + val for w in t.split())
     tok = demo.demo_tokenizer()
     speech = data.speech_vocab(tok)
     assert speech.n == len(demo.VOCAB)
     ids, attn, target = demo.warm_start_batch(tok, val[:2])
-    for i, text in enumerate(val[:2]):  # the response is the words' speech tokens, then the stop token
+    # the response is the words' speech tokens, then the stop token
+    for i, text in enumerate(val[:2]):
         response = ids[i][target[i].bool()].tolist()
-        assert response == [speech.first + demo.VOCAB.index(w) for w in text.split()] + [speech.end_id]
+        assert response == [speech.first + demo.VOCAB.index(w) for w in text.split()] + [
+            speech.end_id
+        ]
         assert int(attn[i].sum()) == len(data.prompt_ids(tok, text)) + len(response)
 
 
@@ -45,7 +52,9 @@ def _val_nll(model, tok, texts):
     """Mean NLL (nats) of the texts' word tokens and stop token after their prompts."""
     ids, attn, target = demo.warm_start_batch(tok, texts)
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+        logp = torch.log_softmax(
+            model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1
+        )
     logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
     return float(-(logp * target[:, 1:]).sum() / target[:, 1:].sum())
 
@@ -59,7 +68,7 @@ def test_demo_sentences_are_those_whisper_hears_right():
     train_pool, _ = demo.make_texts(0)
     train = [ex.text for ex in data.load_dataset(demo.TRAIN_FILE)]
     kept = [ex.text for ex in data.load_dataset(demo.VAL_DEMO_FILE)]
-    skipped = [t for t in train_pool[:train_pool.index(train[9]) + 1] if t not in set(train)]
+    skipped = [t for t in train_pool[: train_pool.index(train[9]) + 1] if t not in set(train)]
     assert len(skipped) >= 3
     ok = demo.heard_right(train[:5] + kept[:3] + skipped[:5], checkpoint)
     assert ok == [True] * 8 + [False] * len(skipped[:5])
@@ -76,8 +85,10 @@ def test_warm_start_is_deterministic_reads_then_confuses_word_pairs():
     reader, _ = demo.warm_start(seed=0, steps=60, confusion_steps=0, log=None)
     val = [ex.text for ex in data.load_dataset(demo.VAL_FILE)]
     partner = demo.confusions()
-    assert sorted(partner) == sorted(demo.VOCAB) and all(a != b for a, b in partner.items())
-    assert all(any(a in ws and b in ws for ws in demo.WORDS.values()) for a, b in partner.items())  # same role
+    assert sorted(partner) == sorted(demo.VOCAB)
+    assert all(a != b for a, b in partner.items())
+    # same role
+    assert all(any(a in ws and b in ws for ws in demo.WORDS.values()) for a, b in partner.items())
     confused = [" ".join(partner[w] for w in t.split()) for t in val]
     # Reading: held-out sentences' word tokens are far more likely than before training...
     assert _val_nll(reader, tok, val) < _val_nll(untrained, tok, val) - 1.0
@@ -90,15 +101,23 @@ def test_warm_start_is_deterministic_reads_then_confuses_word_pairs():
 def test_ensure_policy_builds_once_and_loads(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     path = demo.ensure_policy(str(tmp_path / "policy"), seed=0, steps=3, confusion_steps=2)
-    assert path == str(tmp_path / "policy") and sorted(os.listdir(tmp_path)) == ["policy"]
+    assert path == str(tmp_path / "policy")
+    assert sorted(os.listdir(tmp_path)) == ["policy"]
     weights = os.path.join(path, "model.safetensors")
     stamp = os.path.getmtime(weights)
-    assert demo.ensure_policy(path, seed=0, steps=3, confusion_steps=2) == path and os.path.getmtime(weights) == stamp  # kept
-    monkeypatch.setattr(demo, "POLICY_DIR", path)  # where "demo" resolves to: built already, so loaded
-    assert models.load_model(demo.resolve_model("demo"), dtype=torch.float32)[0].config.vocab_size == len(demo.demo_tokenizer())
+    # kept
+    assert demo.ensure_policy(path, seed=0, steps=3, confusion_steps=2) == path
+    assert os.path.getmtime(weights) == stamp
+    # where "demo" resolves to: built already, so loaded
+    monkeypatch.setattr(demo, "POLICY_DIR", path)
+    assert models.load_model(demo.resolve_model("demo"), dtype=torch.float32)[
+        0
+    ].config.vocab_size == len(demo.demo_tokenizer())
     model, tok = models.load_model(path, dtype=torch.float32)
     assert data.speech_vocab(tok).n == len(demo.VOCAB)
-    assert data.prompt_ids(tok, "the cat sees the dog") == data.prompt_ids(demo.demo_tokenizer(), "the cat sees the dog")
+    assert data.prompt_ids(tok, "the cat sees the dog") == data.prompt_ids(
+        demo.demo_tokenizer(), "the cat sees the dog"
+    )
     fresh, _ = demo.warm_start(seed=0, steps=3, confusion_steps=2, log=None)
     for (name, a), (_, b) in zip(fresh.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), name
@@ -113,47 +132,88 @@ def test_demo_grpo_steps_end_to_end_with_real_whisper(tmp_path):
     torch.set_num_threads(1)
     policy = demo.ensure_policy(str(tmp_path / "policy"), seed=0, steps=40, confusion_steps=20)
     val = tmp_path / "val.jsonl"
-    val.write_text("".join(json.dumps({"text": ex.text}) + "\n" for ex in data.load_dataset(demo.VAL_DEMO_FILE)[:3]))
+    val.write_text(
+        "".join(
+            json.dumps({"text": ex.text}) + "\n" for ex in data.load_dataset(demo.VAL_DEMO_FILE)[:3]
+        )
+    )
     out = tmp_path / "run"
-    cfg = config.parse_config(["--preset", "demo", "--model", policy, "--whisper", checkpoint,
-                               "--whisper-threads", "1", "--val-data", str(val), "--out", str(out),
-                               "--steps", "2", "--prompts-per-step", "1", "--group-size", "4",
-                               "--val-every", "2", "--sample-every", "2", "--save-every", "2", "--n-samples", "2"])
+    cfg = config.parse_config(
+        [
+            "--preset",
+            "demo",
+            "--model",
+            policy,
+            "--whisper",
+            checkpoint,
+            "--whisper-threads",
+            "1",
+            "--val-data",
+            str(val),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--prompts-per-step",
+            "1",
+            "--group-size",
+            "4",
+            "--val-every",
+            "2",
+            "--sample-every",
+            "2",
+            "--save-every",
+            "2",
+            "--n-samples",
+            "2",
+        ]
+    )
     assert (cfg.codec, cfg.whisper_window, cfg.temperature) == ("words", demo.WHISPER_WINDOW_S, 1.0)
     history = grpo.train(cfg)
     assert [m["step"] for m in history] == [1, 2]
     for m in history:
         for key in ("reward_mean", "cer", "nll", "loss"):
             assert math.isfinite(m[key]), (key, m[key])
-        # a 60-step policy may ramble past Whisper's 8 s: refused as too long, the only error allowed
-        assert 0 <= m["reward_mean"] <= 1 and m["error_frac"] == m["too_long_frac"]
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        # a 60-step policy may ramble past Whisper's 8 s: refused as too long, the one error allowed
+        assert 0 <= m["reward_mean"] <= 1
+        assert m["error_frac"] == m["too_long_frac"]
+    rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: validation before any update
-    assert set(rows[0]) >= {"val_cer", "val_reward"} and "reward_mean" not in rows[0]
-    assert 0 <= rows[0]["val_cer"] and 0 <= rows[2]["val_cer"]
+    assert set(rows[0]) >= {"val_cer", "val_reward"}
+    assert "reward_mean" not in rows[0]
+    assert rows[0]["val_cer"] >= 0
+    assert rows[2]["val_cer"] >= 0
     for folder in ("val_step_0", "val_step_2", "step_2"):  # before and after, to listen to
         names = sorted(os.listdir(out / "samples" / folder))
-        assert sum(n.endswith(".wav") for n in names) == 2 and "samples.jsonl" in names, folder
-    before = [json.loads(line) for line in open(out / "samples" / "val_step_0" / "samples.jsonl")]
+        assert sum(n.endswith(".wav") for n in names) == 2, folder
+        assert "samples.jsonl" in names, folder
+    before = read_jsonl(out / "samples" / "val_step_0" / "samples.jsonl")
     assert [r["text"] for r in before] == [ex.text for ex in data.load_dataset(str(val))[:2]]
-    assert all(isinstance(r["transcript"], str) and 0 <= r["cer"] for r in before)
+    assert all(isinstance(r["transcript"], str) and r["cer"] >= 0 for r in before)
     assert os.path.exists(out / "checkpoints" / "step_2" / "config.json")
     assert _read_png(str(out / "metrics.png")).shape == (400, 640, 3)
 
 
 def _read_png(path):
-    blob = open(path, "rb").read()
+    with open(path, "rb") as f:
+        blob = f.read()
     assert blob[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
+    pos = 8
+    chunks = {}
     while pos < len(blob):
-        n, kind = struct.unpack(">I4s", blob[pos:pos + 8])
-        body = blob[pos + 8:pos + 8 + n]
-        assert struct.unpack(">I", blob[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body) & 0xFFFFFFFF
+        n, kind = struct.unpack(">I4s", blob[pos : pos + 8])
+        body = blob[pos + 8 : pos + 8 + n]
+        assert (
+            struct.unpack(">I", blob[pos + 8 + n : pos + 12 + n])[0]
+            == zlib.crc32(kind + body) & 0xFFFFFFFF
+        )
         chunks[kind] = chunks.get(kind, b"") + body
         pos += 12 + n
     w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
     raw = zlib.decompress(chunks[b"IDAT"])
-    assert (depth, color) == (8, 2) and len(raw) == h * (1 + 3 * w) and b"IEND" in chunks
+    assert (depth, color) == (8, 2)
+    assert len(raw) == h * (1 + 3 * w)
+    assert b"IEND" in chunks
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, 1 + 3 * w)
     assert (rows[:, 0] == 0).all()  # filter type 0
     return rows[:, 1:].reshape(h, w, 3)
@@ -161,10 +221,12 @@ def _read_png(path):
 
 def test_plot_writes_a_valid_png_with_both_curves(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    rows = [{"step": 0, "val_cer": 0.7, "val_reward": 0.1}] + [{"step": s, "reward_mean": 0.2 + 0.04 * s}
-                                                              for s in range(1, 11)]
+    rows = [{"step": 0, "val_cer": 0.7, "val_reward": 0.1}] + [
+        {"step": s, "reward_mean": 0.2 + 0.04 * s} for s in range(1, 11)
+    ]
     for r in rows[4::4]:
-        r["val_cer"], r["val_reward"] = 0.6 - 0.04 * r["step"], 0.3 + 0.04 * r["step"]
+        r["val_cer"] = 0.6 - 0.04 * r["step"]
+        r["val_reward"] = 0.3 + 0.04 * r["step"]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     png = plot.plot(str(metrics))
     assert png == str(tmp_path / "metrics.png")

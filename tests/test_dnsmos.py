@@ -1,6 +1,7 @@
 """dnsmos.py: the mel features against librosa's, the scores against speechmos's own DNSMOS on the
 shared spoken clips (tests/dnsmos_reference.json, made by tests/make_dnsmos_reference.py), clean
 above noisy, the reference's windows, and the one-line error without the packages."""
+
 import importlib.util
 import json
 import os
@@ -38,9 +39,11 @@ def scorer():
 
 
 def assert_close(got, want):
-    assert set(got) == set(dnsmos.KEYS) and all(type(v) is float for v in got.values()), got
-    off = {k: round(got[k] - want[k], 4) for k in dnsmos.KEYS
-           if abs(got[k] - want[k]) > TOLERANCE[k]}
+    assert set(got) == set(dnsmos.KEYS), got
+    assert all(type(v) is float for v in got.values()), got
+    off = {
+        k: round(got[k] - want[k], 4) for k in dnsmos.KEYS if abs(got[k] - want[k]) > TOLERANCE[k]
+    }
     assert not off, f"off the reference by {off}"
 
 
@@ -73,7 +76,7 @@ def test_reference_clean_beats_noisy_on_every_sentence():
     # What speechmos says of all four pairs (the test above scores one of them here): the noisy
     # clip is worse on every scale, overall by more than a point.
     clips = REFERENCE["clips"]
-    pairs = [name[len("clean_"):] for name in clips if name.startswith("clean_")]
+    pairs = [name[len("clean_") :] for name in clips if name.startswith("clean_")]
     assert len(pairs) == 4
     for pair in pairs:
         clean, noisy = clips[f"clean_{pair}"]["plain"], clips[f"noisy_{pair}"]["plain"]
@@ -108,8 +111,8 @@ def test_windows_tile_a_short_clip():
     assert len(windows) == 7
     tiled = np.tile(audio, 16)
     for i, window in enumerate(windows):
-        np.testing.assert_array_equal(window, tiled[i * sr:i * sr + dnsmos.WINDOW])
-    assert len(list(dnsmos._windows(audio[:sr // 2]))) == 7  # 0.5 s doubles to the same 16 s
+        np.testing.assert_array_equal(window, tiled[i * sr : i * sr + dnsmos.WINDOW])
+    assert len(list(dnsmos._windows(audio[: sr // 2]))) == 7  # 0.5 s doubles to the same 16 s
 
 
 def test_bad_clip_is_a_value_error(scorer):
@@ -124,5 +127,6 @@ def test_missing_package_is_one_line_naming_pip(monkeypatch, package):
     with pytest.raises(ImportError) as caught:
         dnsmos.DNSMOS()
     message = str(caught.value)
-    assert "\n" not in message and package in message
+    assert "\n" not in message
+    assert package in message
     assert "pip install speechmos onnxruntime" in message

@@ -1,4 +1,6 @@
-"""The project's layout (issue 17): modules in floors, no import cycle, every source file readable in one sitting."""
+"""The project's layout (issue 17): modules in floors, no import cycle, every source file readable
+in one sitting."""
+
 import ast
 import glob
 import os
@@ -16,8 +18,11 @@ def read(path: str) -> str:
 
 def sources() -> dict[str, str]:
     """Module name -> path of every top-level source file (tests excluded)."""
-    return {f[:-3]: os.path.join(REPO, f) for f in sorted(os.listdir(REPO))
-            if f.endswith(".py") and not f.startswith("test_")}
+    return {
+        f[:-3]: os.path.join(REPO, f)
+        for f in sorted(os.listdir(REPO))
+        if f.endswith(".py") and not f.startswith("test_")
+    }
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -26,7 +31,7 @@ def import_graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in mods.items():
         deps = set()
-        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+        for node in ast.walk(ast.parse(read(path), path)):
             if isinstance(node, ast.Import):
                 deps |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -37,14 +42,15 @@ def import_graph() -> dict[str, set[str]]:
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One import cycle as [a, b, ..., a], or None (depth-first search, three colours)."""
-    state, stack = {}, []
+    state = {}
+    stack = []
 
     def visit(u):
         state[u] = "open"
         stack.append(u)
         for v in sorted(graph[u]):
             if state.get(v) == "open":
-                return stack[stack.index(v):] + [v]
+                return stack[stack.index(v) :] + [v]
             if v not in state and (cycle := visit(v)):
                 return cycle
         stack.pop()
@@ -65,13 +71,15 @@ def test_find_cycle_finds_cycles():
 def test_no_import_cycle():
     graph = import_graph()
     assert {"grpo", "sample", "decode", "llama", "scorer", "whisper_worker", "data"} <= set(graph)
-    assert "decode" in graph["sample"] and "scorer" in graph["whisper_worker"]  # the graph sees real imports
+    # the graph sees real imports
+    assert "decode" in graph["sample"]
+    assert "scorer" in graph["whisper_worker"]
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
 def test_every_source_file_under_500_lines():
-    long = {name: n for name, path in sources().items()
-            if (n := len(open(path, encoding="utf-8").read().splitlines())) >= MAX_LINES}
+    lengths = {name: len(read(path).splitlines()) for name, path in sources().items()}
+    long = {name: n for name, n in lengths.items() if n >= MAX_LINES}
     assert not long, f"over {MAX_LINES} lines: {long}"
 
 
@@ -104,7 +112,10 @@ def broken_links(path: str) -> list[str]:
     bad = []
     for target in markdown_links(path):
         file, _, anchor = target.partition("#")
-        where = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+        if file:
+            where = os.path.normpath(os.path.join(os.path.dirname(path), file))
+        else:
+            where = path  # an anchor in the file itself
         if not os.path.exists(where):
             bad.append(target)
             continue
@@ -116,22 +127,25 @@ def broken_links(path: str) -> list[str]:
 def test_anchors_and_broken_links_find_what_is_wrong(tmp_path):
     page = tmp_path / "page.md"
     (tmp_path / "other.md").write_text("# Other\n\n## Peer recipes: GSPO, `--tis-cap`\n")
-    page.write_text("# Page\n[a](other.md) [b](other.md#peer-recipes-gspo---tis-cap) [c](#page)\n"
-                    "[d](missing.md#x) [e](other.md#nowhere) [f](https://example.com/x.md)\n"
-                    "```\n[g](in-code.md)\n```\n")
+    page.write_text(
+        "# Page\n[a](other.md) [b](other.md#peer-recipes-gspo---tis-cap) [c](#page)\n"
+        "[d](missing.md#x) [e](other.md#nowhere) [f](https://example.com/x.md)\n"
+        "```\n[g](in-code.md)\n```\n"
+    )
     assert broken_links(str(page)) == ["missing.md#x", "other.md#nowhere"]
 
 
 def test_readme_is_a_front_door_and_every_docs_page_is_linked():
-    """README has at most MAX_README_LINES lines; every docs/*.md page is linked from README; no link of
-    README or of a docs page points at a file or heading that does not exist."""
+    """README has at most MAX_README_LINES lines; every docs/*.md page is linked from README; no
+    link of README or of a docs page points at a file or heading that does not exist."""
     readme = os.path.join(REPO, "README.md")
     n = len(read(readme).splitlines())
     assert n <= MAX_README_LINES, f"README.md has {n} lines; move the manual's part to docs/"
     pages = sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
     linked = {os.path.join(REPO, t.partition("#")[0]) for t in markdown_links(readme)}
     unlinked = set(pages) - {os.path.normpath(path) for path in linked}
-    assert pages and not unlinked, f"docs pages README does not link: {unlinked}"
+    assert pages
+    assert not unlinked, f"docs pages README does not link: {unlinked}"
     broken = {}
     for path in [readme] + pages:
         if broken_links(path):

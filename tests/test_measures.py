@@ -1,5 +1,6 @@
 """measures.py: the registry, --guard's parsing, and the guard factor in each direction."""
 
+import itertools
 import math
 
 import pytest
@@ -15,8 +16,11 @@ def test_every_measure_is_a_score_field():
 
 def test_parse_guards_default_and_given_bands():
     guards = measures.parse_guards(["chars_per_s", "f0_median_hz:15", "sim:0.1"])
-    assert guards == {"chars_per_s": measures.MEASURES["chars_per_s"].band, "f0_median_hz": 15.0,
-                      "sim": 0.1}
+    assert guards == {
+        "chars_per_s": measures.MEASURES["chars_per_s"].band,
+        "f0_median_hz": 15.0,
+        "sim": 0.1,
+    }
     assert list(guards) == ["chars_per_s", "f0_median_hz", "sim"]  # the order given
 
 
@@ -61,7 +65,7 @@ def test_one_sided_factor_holds_only_a_fall():
 def test_factor_falls_smoothly_and_monotonically():
     values = [10.0 + 0.5 * k for k in range(20)]
     factors = [measures.guard_factor(v, 10.0, 3.0, measures.BOTH) for v in values]
-    assert all(a >= b for a, b in zip(factors, factors[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors))
     assert factors[-1] < 0.01
 
 
@@ -80,3 +84,21 @@ def test_clip_guard_factor_multiplies_the_guards():
     factor = measures.clip_guard_factor(score, guards, reference)
     assert factor == pytest.approx(math.exp(-1.0) * math.exp(-1.0))
     assert measures.clip_guard_factor(score, {}, {}) == 1.0
+
+
+def test_sim_guard_holds_only_a_falling_similarity():
+    def factor(sim):
+        return measures.guard_factor(sim, 0.8, 0.05, measures.BELOW)
+
+    assert factor(None) == 1.0  # no prompt or an error: untouched
+    assert factor(0.9) == 1.0  # risen
+    assert factor(0.75) == 1.0  # within the band
+    assert factor(0.70) == pytest.approx(math.exp(-1))  # one band-width below the edge
+    assert factor(0.65) == pytest.approx(math.exp(-4))
+
+
+def test_a_clip_that_could_not_be_heard_keeps_factor_one():
+    guards = {"chars_per_s": 3.0, "f0_std_semitones": 1.5, "sim": 0.05}
+    reference = {"chars_per_s": 15.0, "f0_std_semitones": 2.0, "sim": 0.8}
+    unheard = Score(reward=0.0, error="bad")
+    assert measures.clip_guard_factor(unheard, guards, reference) == 1.0

@@ -1,5 +1,6 @@
 """tf32.py: TF32 on or off for a block, and the process's settings as they were after it, whichever
 of torch's two APIs the process used (transformers' enable_tf32 uses the new one)."""
+
 import contextlib
 
 import pytest
@@ -9,16 +10,21 @@ from transformers.utils import import_utils
 import tf32
 
 pytestmark = pytest.mark.skipif(not tf32.NEW_API, reason="torch < 2.9 has only the legacy switches")
-# transformers' enable_tf32 itself, without its lru_cache (a second call with the same flag would do nothing)
+# transformers' enable_tf32 without its lru_cache (a second call with one flag would do nothing)
 enable_tf32 = getattr(import_utils.enable_tf32, "__wrapped__", import_utils.enable_tf32)
-KEYS = [("generic", "all")] + [(b, o) for b in ("cuda", "mkldnn") for o in ("all", "matmul", "conv", "rnn")]
+KEYS = [("generic", "all")] + [
+    (b, o) for b in ("cuda", "mkldnn") for o in ("all", "matmul", "conv", "rnn")
+]
 
 
 def legacy() -> list:
-    """What torch's legacy getters answer (they raise once the new API made a state they cannot say)."""
+    """What torch's legacy getters answer (raising once the new API set a state they can't tell)."""
     out = []
-    for get in (torch.get_float32_matmul_precision, lambda: torch.backends.cuda.matmul.allow_tf32,
-                lambda: torch.backends.cudnn.allow_tf32):
+    for get in (
+        torch.get_float32_matmul_precision,
+        lambda: torch.backends.cuda.matmul.allow_tf32,
+        lambda: torch.backends.cudnn.allow_tf32,
+    ):
         try:
             out.append(get())
         except RuntimeError:
@@ -32,23 +38,28 @@ def state() -> tuple:
 
 @pytest.fixture
 def clean():
-    """torch's own defaults before and after the test (each test here changes process-wide settings)."""
+    """torch's defaults before and after the test (each test here changes process-wide settings)."""
+
     def reset():
         torch.set_float32_matmul_precision("highest")
         torch.backends.cudnn.allow_tf32 = True
         for key in KEYS:
             tf32._set(key, "none")
         torch.backends.cudnn.allow_tf32 = True  # cuDNN's TF32 convolutions, torch's default
+
     reset()
     yield
     reset()
 
 
-SETUPS = {"defaults": lambda: None, "enable_tf32": lambda: enable_tf32(True),
-          "enable_tf32_off": lambda: enable_tf32(False),
-          "legacy_high": lambda: torch.set_float32_matmul_precision("high"),
-          "legacy_cudnn_off": lambda: setattr(torch.backends.cudnn, "allow_tf32", False),
-          "mkldnn_bf16": lambda: setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16")}
+SETUPS = {
+    "defaults": lambda: None,
+    "enable_tf32": lambda: enable_tf32(True),
+    "enable_tf32_off": lambda: enable_tf32(False),
+    "legacy_high": lambda: torch.set_float32_matmul_precision("high"),
+    "legacy_cudnn_off": lambda: setattr(torch.backends.cudnn, "allow_tf32", False),
+    "mkldnn_bf16": lambda: setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16"),
+}
 
 
 @pytest.mark.parametrize("setup", SETUPS)
@@ -62,8 +73,12 @@ def test_fp32_math_sets_the_block_and_restores_what_the_process_had(clean, setup
         with tf32.fp32_math(cuda_tf32):
             inside = {k: tf32._computes_in(k) for k in tf32.OPS}
         cuda = "tf32" if cuda_tf32 else "ieee"
-        assert inside == {("cuda", "matmul"): cuda, ("cuda", "conv"): cuda, ("mkldnn", "matmul"): "ieee",
-                          ("mkldnn", "conv"): "ieee"}, (setup, cuda_tf32)
+        assert inside == {
+            ("cuda", "matmul"): cuda,
+            ("cuda", "conv"): cuda,
+            ("mkldnn", "matmul"): "ieee",
+            ("mkldnn", "conv"): "ieee",
+        }, (setup, cuda_tf32)
         assert state() == before, (setup, cuda_tf32)
 
 
