@@ -1,7 +1,6 @@
 """prosody.py: pitch, voicing, speaking rate, and the guard's factor; the scorers' prosody fields.
 (The guard's toy experiment in training is in test_grpo.py.)"""
 
-import math
 import os
 
 import numpy as np
@@ -11,7 +10,6 @@ import soundfile as sf
 import prosody
 import scorer as scoring
 from helpers import ASSETS, read_jsonl
-from reward import Score
 
 SR = prosody.SAMPLE_RATE
 
