@@ -1,5 +1,7 @@
 """eval.py: the seed-tts-eval WER/CER normalization, Seed-TTS lists, resume, bad rows, --compare,
---out's record, bad flags, --wavs with real Whisper tiny.en on the test assets, and --model end to end (CPU)."""
+--out's record, bad flags, --wavs with real Whisper tiny.en on the test assets, and --model end to
+end (CPU)."""
+
 import json
 import math
 import os
@@ -18,26 +20,39 @@ from reward import seed_tts_normalize, table_error_rate
 CLONE = os.path.join(REPO, "data", "clone")
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 @pytest.fixture
 def fake_asr(tmp_path, monkeypatch):
     """A module:function ASR that says a fixed sentence and counts its calls."""
     (tmp_path / "fake_asr_mod.py").write_text(
         "CALLS = []\ndef transcribe(audio, language):\n    CALLS.append((len(audio), language))\n"
-        "    return 'where is the station'\n")
+        "    return 'where is the station'\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("fake_asr_mod", None)
     import fake_asr_mod
+
     return fake_asr_mod
 
 
 def test_normalization_follows_run_wer():
     assert seed_tts_normalize("Don't STOP, now!", "en") == "don't stop now"
     assert table_error_rate("I don't know.", "i don't know", "en") == ("wer", 0.0)
-    assert table_error_rate("I don't know.", "I dont know", "en") == ("wer", pytest.approx(1 / 3))  # one word
+    assert table_error_rate("I don't know.", "I dont know", "en") == (
+        "wer",
+        pytest.approx(1 / 3),
+    )  # one word
     assert table_error_rate("Hello, world!", "hello world", None) == ("wer", 0.0)
     assert seed_tts_normalize("你好，世界。", "zh") == "你 好 世 界"
     assert table_error_rate("你好，世界。", "你好世间", "zh") == ("cer", 0.25)
-    assert table_error_rate("안녕 하세요", "안녕하세요", "ko") == ("cer", 0.0)  # spacing is not an error
+    assert table_error_rate("안녕 하세요", "안녕하세요", "ko") == (
+        "cer",
+        0.0,
+    )  # spacing is not an error
     assert table_error_rate("안녕하세요", "안녕하세", "ko") == ("cer", 0.2)
     assert table_error_rate("Hello there", "", "en") == ("wer", 1.0)
     with pytest.raises(ValueError):
@@ -58,7 +73,9 @@ def test_compare_pairs_by_id(tmp_path, capsys):
     _results(tmp_path / "b", b)
     out = {r["metric"]: r for r in ev.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])}
     assert out["wer"]["n"] == 6 and out["wer"]["diff"] == pytest.approx(-0.2)
-    assert out["wer"]["ci_low"] == pytest.approx(-0.2) and out["wer"]["ci_high"] == pytest.approx(-0.2)
+    assert out["wer"]["ci_low"] == pytest.approx(-0.2) and out["wer"]["ci_high"] == pytest.approx(
+        -0.2
+    )
     assert out["wer"]["sign_p"] == pytest.approx(2 / 64)
     assert out["sim"]["diff"] == 0 and out["sim"]["sign_p"] == 1.0
     assert "| reward | 6 |" in capsys.readouterr().out
@@ -70,20 +87,35 @@ def _tone_wav(path, seconds=0.5, freq=220.0):
 
 
 def test_seed_tts_list_wavs_resume_and_bad_rows(tmp_path, fake_asr, capsys):
-    """A Seed-TTS list through eval --wavs: bad rows named with file:line; a rerun skips done rows."""
+    """A Seed-TTS list through eval --wavs: bad rows named with file:line; a rerun skips done
+    rows."""
     shutil.copy(os.path.join(CLONE, "low.wav"), tmp_path / "low.wav")
     lst = tmp_path / "meta.lst"
-    lst.write_text("u1|A low voice says this.|low.wav|Where is the station?\n"
-                   "u2|A low voice says this.|low.wav|Please sit down.\n"
-                   "u3|A low voice says this.|low.wav|Nobody made this one.\n"
-                   "u4|A low voice says this.|low.wav|A broken file.\n")
+    lst.write_text(
+        "u1|A low voice says this.|low.wav|Where is the station?\n"
+        "u2|A low voice says this.|low.wav|Please sit down.\n"
+        "u3|A low voice says this.|low.wav|Nobody made this one.\n"
+        "u4|A low voice says this.|low.wav|A broken file.\n"
+    )
     wavs = tmp_path / "wavs"
     wavs.mkdir()
     _tone_wav(wavs / "u1.wav")
     _tone_wav(wavs / "u2.wav")
     (wavs / "u4.wav").write_bytes(b"not a wav")
-    argv = ["--wavs", str(wavs), "--data", str(lst), "--out", str(tmp_path / "out"),
-            "--asr", "fake_asr_mod:transcribe", "--language", "en", "--speaker-model", "random-tiny"]
+    argv = [
+        "--wavs",
+        str(wavs),
+        "--data",
+        str(lst),
+        "--out",
+        str(tmp_path / "out"),
+        "--asr",
+        "fake_asr_mod:transcribe",
+        "--language",
+        "en",
+        "--speaker-model",
+        "random-tiny",
+    ]
     summary = ev.main(argv)
     assert len(fake_asr.CALLS) == 2 and all(lang == "en" for _, lang in fake_asr.CALLS)
     rows = {r["id"]: r for r in res.read_results(str(tmp_path / "out" / "results.jsonl"))}
@@ -102,10 +134,22 @@ def test_seed_tts_list_wavs_resume_and_bad_rows(tmp_path, fake_asr, capsys):
 def test_unknown_language_is_a_bad_row(tmp_path, fake_asr):
     _tone_wav(tmp_path / "a.wav")
     _tone_wav(tmp_path / "b.wav")
-    (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "hi there", "language": "klingon"}\n'
-                                      '{"id": "b", "text": "你好", "language": "zh"}\n')
-    summary = ev.main(["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
-                       "--asr", "fake_asr_mod:transcribe"])
+    (tmp_path / "d.jsonl").write_text(
+        '{"id": "a", "text": "hi there", "language": "klingon"}\n'
+        '{"id": "b", "text": "你好", "language": "zh"}\n'
+    )
+    summary = ev.main(
+        [
+            "--wavs",
+            str(tmp_path),
+            "--data",
+            str(tmp_path / "d.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+            "--asr",
+            "fake_asr_mod:transcribe",
+        ]
+    )
     assert summary["errors"] == 1 and "klingon" in summary["bad_rows"][0]["error"]
     assert summary["bad_rows"][0]["source"].endswith("d.jsonl:1")
     assert summary["n_cer"] == 1 and summary["n_wer"] == 0
@@ -113,20 +157,40 @@ def test_unknown_language_is_a_bad_row(tmp_path, fake_asr):
 
 def test_missing_model_is_one_line(tmp_path, fake_asr):
     (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "hi", "language": "en"}\n')
-    base = ["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o")]
+    base = [
+        "--wavs",
+        str(tmp_path),
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     with pytest.raises(SystemExit) as e:
         ev.main(base + ["--asr", str(tmp_path / "no-such-whisper.pt")])
-    assert "--asr" in str(e.value) and "no-such-whisper.pt" in str(e.value) and "\n" not in str(e.value)
+    assert (
+        "--asr" in str(e.value)
+        and "no-such-whisper.pt" in str(e.value)
+        and "\n" not in str(e.value)
+    )
     with pytest.raises(SystemExit) as e:
-        ev.main(base + ["--asr", "fake_asr_mod:transcribe", "--speaker-model", str(tmp_path / "none.pth")])
+        ev.main(
+            base
+            + ["--asr", "fake_asr_mod:transcribe", "--speaker-model", str(tmp_path / "none.pth")]
+        )
     assert "--speaker-model" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(SystemExit) as e:
-        ev.main(["--model", str(tmp_path / "no-ckpt"), "--codec", "tone"] + base[2:] +
-                ["--asr", "fake_asr_mod:transcribe"])
+        ev.main(
+            ["--model", str(tmp_path / "no-ckpt"), "--codec", "tone"]
+            + base[2:]
+            + ["--asr", "fake_asr_mod:transcribe"]
+        )
     assert "--model" in str(e.value) and "no-ckpt" in str(e.value)
     with pytest.raises(SystemExit) as e:
-        ev.main(["--model", "tiny", "--codec", "xcodec2:/nonexistent"] + base[2:] +
-                ["--asr", "fake_asr_mod:transcribe"])
+        ev.main(
+            ["--model", "tiny", "--codec", "xcodec2:/nonexistent"]
+            + base[2:]
+            + ["--asr", "fake_asr_mod:transcribe"]
+        )
     assert "--codec" in str(e.value) and "/nonexistent" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -135,11 +199,22 @@ def test_asr_download_failure_says_its_hint_once(tmp_path, monkeypatch):
 
     def offline(*a, **k):
         raise OSError("no network")
+
     monkeypatch.setattr(scorer.whisper, "load_model", offline)
     (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "hi", "language": "en"}\n')
     with pytest.raises(SystemExit) as e:
-        ev.main(["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
-                 "--asr", "tiny"])
+        ev.main(
+            [
+                "--wavs",
+                str(tmp_path),
+                "--data",
+                str(tmp_path / "d.jsonl"),
+                "--out",
+                str(tmp_path / "o"),
+                "--asr",
+                "tiny",
+            ]
+        )
     msg = str(e.value)
     assert msg.count("pass --asr PATH") == 1 and "point --asr" not in msg and "\n" not in msg
 
@@ -147,9 +222,28 @@ def test_asr_download_failure_says_its_hint_once(tmp_path, monkeypatch):
 def test_model_tiny_end_to_end(tmp_path, fake_asr):
     """--model tiny --codec tone: synthesis (voice-cloned rows), scoring with the reward Whisper
     and a speaker model, the wavs and the summary."""
-    summary = ev.main(["--model", "tiny", "--codec", "tone", "--data", os.path.join(CLONE, "val.jsonl"),
-                       "--out", str(tmp_path / "o"), "--asr", "fake_asr_mod:transcribe", "--max-new-tokens", "24",
-                       "--reward-whisper", "random-tiny", "--speaker-model", "random-tiny", "--language", "en"])
+    summary = ev.main(
+        [
+            "--model",
+            "tiny",
+            "--codec",
+            "tone",
+            "--data",
+            os.path.join(CLONE, "val.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+            "--asr",
+            "fake_asr_mod:transcribe",
+            "--max-new-tokens",
+            "24",
+            "--reward-whisper",
+            "random-tiny",
+            "--speaker-model",
+            "random-tiny",
+            "--language",
+            "en",
+        ]
+    )
     rows = res.read_results(str(tmp_path / "o" / "results.jsonl"))
     assert [r["id"] for r in rows] == ["v0", "v1"] and len(fake_asr.CALLS) == 2
     for r in rows:
@@ -157,23 +251,41 @@ def test_model_tiny_end_to_end(tmp_path, fake_asr):
         assert 0 <= r["reward"] <= 1 and -1 <= r["sim"] <= 1 and r["rtf"] > 0
         assert r["duration_s"] > 0 and os.path.isfile(tmp_path / "o" / "wavs" / f"{r['id']}.wav")
     assert summary["scored"] == 2 and summary["reward_mean"] is not None and summary["rtf_mean"] > 0
-    assert json.load(open(tmp_path / "o" / "summary.json"))["wer_mean"] == pytest.approx(2 / 3)
+    assert read_json(tmp_path / "o" / "summary.json")["wer_mean"] == pytest.approx(2 / 3)
 
 
 def test_model_top_k_one_is_greedy(tmp_path, fake_asr):
     """--top-k reaches sampling: at --temperature 1, --top-k 1 draws the greedy clips. By default
     eval samples (LLASA's temperature 0.8), the same clips for the same --seed."""
-    base = ["--model", "tiny", "--codec", "tone", "--data", os.path.join(CLONE, "val.jsonl"),
-            "--asr", "fake_asr_mod:transcribe", "--max-new-tokens", "24", "--language", "en"]
+    base = [
+        "--model",
+        "tiny",
+        "--codec",
+        "tone",
+        "--data",
+        os.path.join(CLONE, "val.jsonl"),
+        "--asr",
+        "fake_asr_mod:transcribe",
+        "--max-new-tokens",
+        "24",
+        "--language",
+        "en",
+    ]
     ev.main(base + ["--out", str(tmp_path / "greedy"), "--temperature", "0"])
-    ev.main(base + ["--out", str(tmp_path / "k1"), "--temperature", "1", "--top-k", "1", "--seed", "5"])
+    ev.main(
+        base + ["--out", str(tmp_path / "k1"), "--temperature", "1", "--top-k", "1", "--seed", "5"]
+    )
     for i in ("v0", "v1"):
-        greedy, k1 = (soundfile.read(tmp_path / d / "wavs" / f"{i}.wav")[0] for d in ("greedy", "k1"))
+        greedy, k1 = (
+            soundfile.read(tmp_path / d / "wavs" / f"{i}.wav")[0] for d in ("greedy", "k1")
+        )
         assert greedy.shape == k1.shape and np.array_equal(greedy, k1)
     ev.main(base + ["--out", str(tmp_path / "sampled")])  # the default: LLASA's T 0.8, seeded
     ev.main(base + ["--out", str(tmp_path / "again")])
-    clips = {d: [soundfile.read(tmp_path / d / "wavs" / f"{i}.wav")[0] for i in ("v0", "v1")]
-             for d in ("greedy", "sampled", "again")}
+    clips = {
+        d: [soundfile.read(tmp_path / d / "wavs" / f"{i}.wav")[0] for i in ("v0", "v1")]
+        for d in ("greedy", "sampled", "again")
+    }
     assert all(np.array_equal(a, b) for a, b in zip(clips["sampled"], clips["again"]))
     assert not all(np.array_equal(a, b) for a, b in zip(clips["sampled"], clips["greedy"]))
 
@@ -185,18 +297,32 @@ def test_wavs_with_real_whisper_tiny(tmp_path):
     if not os.path.isfile(checkpoint):
         pytest.skip(f"{checkpoint} not found (set TEST_ASSETS to the shared assets folder)")
     speech = os.path.join(ASSETS, "speech")
-    clips = [json.loads(line) for line in open(os.path.join(speech, "clips.jsonl"))]
+    with open(os.path.join(speech, "clips.jsonl")) as f:
+        clips = [json.loads(line) for line in f]
     clean = [c for c in clips if c["kind"] == "clean"][:3]
     rows = []
     for i, c in enumerate(clean):
         shutil.copy(os.path.join(speech, c["wav"]), tmp_path / f"right{i}.wav")
         shutil.copy(os.path.join(speech, c["wav"]), tmp_path / f"wrong{i}.wav")
-        rows += [dict(id=f"right{i}", text=c["text"]), dict(id=f"wrong{i}", text=clean[(i + 1) % 3]["text"])]
+        rows += [
+            dict(id=f"right{i}", text=c["text"]),
+            dict(id=f"wrong{i}", text=clean[(i + 1) % 3]["text"]),
+        ]
     shutil.copy(os.path.join(speech, "silence_00.wav"), tmp_path / "silence.wav")
     rows.append(dict(id="silence", text=clean[0]["text"]))
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = ev.main(["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
-                       "--asr", checkpoint])
+    summary = ev.main(
+        [
+            "--wavs",
+            str(tmp_path),
+            "--data",
+            str(tmp_path / "d.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+            "--asr",
+            checkpoint,
+        ]
+    )
     got = {r["id"]: r for r in res.read_results(str(tmp_path / "o" / "results.jsonl"))}
     right = [got[f"right{i}"]["wer"] for i in range(3)]
     wrong = [got[f"wrong{i}"]["wer"] for i in range(3)]
@@ -212,14 +338,28 @@ def test_training_validation_uses_the_table_metric():
     from data import Example
     from outputs import table_metrics
     from reward import Score
-    examples = [Example("I don't know.", "0", language="en"), Example("你好世界", "1", language="Chinese"),
-                Example("Hello there.", "2"), Example("Bad one.", "3")]
+
+    examples = [
+        Example("I don't know.", "0", language="en"),
+        Example("你好世界", "1", language="Chinese"),
+        Example("Hello there.", "2"),
+        Example("Bad one.", "3"),
+    ]
     # world 2: rank 0 held examples 0 and 2, rank 1 examples 1 and 3 -> scores in order 0, 2, 1, 3
-    scores = [Score(0.5, "i don't know", cer=0.0), Score(0.5, "hello", cer=0.1),
-              Score(0.5, "你好世间", cer=0.25), Score(0.0, error="refused")]
+    scores = [
+        Score(0.5, "i don't know", cer=0.0),
+        Score(0.5, "hello", cer=0.1),
+        Score(0.5, "你好世间", cer=0.25),
+        Score(0.0, error="refused"),
+    ]
     got = table_metrics(scores, examples, world=2, language="")
-    assert got == {"val_table_wer": pytest.approx((0 + 0.5) / 2), "val_table_cer": pytest.approx(0.25)}
-    assert table_metrics([Score(0.7)], examples[:1], world=1) == {}  # a custom reward: no transcript
+    assert got == {
+        "val_table_wer": pytest.approx((0 + 0.5) / 2),
+        "val_table_cer": pytest.approx(0.25),
+    }
+    assert (
+        table_metrics([Score(0.7)], examples[:1], world=1) == {}
+    )  # a custom reward: no transcript
 
 
 def test_torchrun_two_ranks_split_merge_and_world_changes(tmp_path, monkeypatch):
@@ -227,24 +367,45 @@ def test_torchrun_two_ranks_split_merge_and_world_changes(tmp_path, monkeypatch)
     results.jsonl in data order, deletes them and writes the summary. World 2 -> 1 -> 2: a failure
     of the first run, fixed by the second, stays fixed after the third (no stale rank file)."""
     import subprocess
+
     (tmp_path / "rank_asr_mod.py").write_text(
         "import os\ndef transcribe(audio, language):\n"
         "    with open(os.environ['ASR_LOG'], 'a') as f:\n"
         "        f.write(os.environ.get('RANK', '-') + ' ' + str(len(audio)) + '\\n')\n"
-        "    return 'where is the station'\n")
+        "    return 'where is the station'\n"
+    )
     for i in (0, 1, 2, 4):  # r3.wav missing at first: rank 1's row fails
         _tone_wav(tmp_path / f"r{i}.wav", seconds=0.1 * (i + 1))  # 1600 * (i + 1) samples
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps(dict(id=f"r{i}", text="where is the station")) + "\n"
-                                              for i in range(5)))
+    (tmp_path / "d.jsonl").write_text(
+        "".join(json.dumps(dict(id=f"r{i}", text="where is the station")) + "\n" for i in range(5))
+    )
     out = tmp_path / "o"
-    argv = ["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(out),
-            "--asr", "rank_asr_mod:transcribe", "--batch-size", "2", "--language", "en"]
+    argv = [
+        "--wavs",
+        str(tmp_path),
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--out",
+        str(out),
+        "--asr",
+        "rank_asr_mod:transcribe",
+        "--batch-size",
+        "2",
+        "--language",
+        "en",
+    ]
     log = tmp_path / "calls.txt"
     monkeypatch.setenv("ASR_LOG", str(log))
 
     def torchrun():
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(REPO, "eval.py")] + argv
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            os.path.join(REPO, "eval.py"),
+        ] + argv
         path = os.pathsep.join([str(tmp_path), REPO])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -258,7 +419,7 @@ def test_torchrun_two_ranks_split_merge_and_world_changes(tmp_path, monkeypatch)
     rows = res.read_results(str(out / "results.jsonl"))
     assert [r["id"] for r in rows] == [f"r{i}" for i in range(5)]
     assert rows[3]["error"].startswith("wav not found")
-    assert json.load(open(out / "summary.json"))["scored"] == 4 and "| rows | 5 |" in proc.stdout
+    assert read_json(out / "summary.json")["scored"] == 4 and "| rows | 5 |" in proc.stdout
     _tone_wav(tmp_path / "r3.wav", seconds=0.4)
     monkeypatch.syspath_prepend(str(tmp_path))
     assert ev.main(argv)["errors"] == 0  # world 1: r3 retried, fixed
@@ -266,17 +427,35 @@ def test_torchrun_two_ranks_split_merge_and_world_changes(tmp_path, monkeypatch)
     torchrun()  # world 2 again: nothing left to do, and r3 stays fixed
     rows = res.read_results(str(out / "results.jsonl"))
     assert [r["id"] for r in rows] == [f"r{i}" for i in range(5)] and rows[3]["error"] is None
-    assert json.load(open(out / "summary.json"))["errors"] == 0
+    assert read_json(out / "summary.json")["errors"] == 0
     assert len(log.read_text().splitlines()) == 5
 
 
 def test_text_with_nothing_to_rate_is_a_bad_row_alone(tmp_path, fake_asr):
     _tone_wav(tmp_path / "a.wav")
     _tone_wav(tmp_path / "b.wav")
-    (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "?!"}\n{"id": "b", "text": "Where is the station?"}\n')
-    summary = ev.main(["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
-                       "--asr", "fake_asr_mod:transcribe", "--language", "en"])
-    assert summary["errors"] == 1 and summary["bad_rows"][0]["id"] == "a" and summary["wer_mean"] == 0.0
+    (tmp_path / "d.jsonl").write_text(
+        '{"id": "a", "text": "?!"}\n{"id": "b", "text": "Where is the station?"}\n'
+    )
+    summary = ev.main(
+        [
+            "--wavs",
+            str(tmp_path),
+            "--data",
+            str(tmp_path / "d.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+            "--asr",
+            "fake_asr_mod:transcribe",
+            "--language",
+            "en",
+        ]
+    )
+    assert (
+        summary["errors"] == 1
+        and summary["bad_rows"][0]["id"] == "a"
+        and summary["wer_mean"] == 0.0
+    )
 
 
 def test_row_without_language_stops_before_any_work(tmp_path, fake_asr):
@@ -286,16 +465,25 @@ def test_row_without_language_stops_before_any_work(tmp_path, fake_asr):
     lst = tmp_path / "meta.lst"
     lst.write_text("\nu1|A prompt.|u1.wav|你好世界\n")
     base = ["--wavs", str(tmp_path), "--data", str(lst), "--out", str(tmp_path / "o")]
-    for asr in ("fake_asr_mod:transcribe", str(tmp_path / "large-v3.pt")):  # the missing .pt is never loaded
+    for asr in (
+        "fake_asr_mod:transcribe",
+        str(tmp_path / "large-v3.pt"),
+    ):  # the missing .pt is never loaded
         with pytest.raises(SystemExit) as e:
             ev.main(base + ["--asr", asr])
         msg = str(e.value)
         assert f"{lst}:2" in msg and "'u1'" in msg and "--language" in msg and "\n" not in msg
     assert fake_asr.CALLS == [] and not os.path.exists(tmp_path / "o" / "results.jsonl")
-    with pytest.raises(SystemExit) as e:  # .en: en implied, so the next stop is loading that Whisper
+    with pytest.raises(
+        SystemExit
+    ) as e:  # .en: en implied, so the next stop is loading that Whisper
         ev.main(base + ["--asr", str(tmp_path / "whisper-tiny.en.pt")])
     assert "cannot load --asr" in str(e.value)
-    assert ev.english_only("tiny.en") and ev.english_only("/x/whisper-tiny.en.pt") and not ev.english_only("tiny")
+    assert (
+        ev.english_only("tiny.en")
+        and ev.english_only("/x/whisper-tiny.en.pt")
+        and not ev.english_only("tiny")
+    )
     assert ev.main(base + ["--asr", "fake_asr_mod:transcribe", "--language", "zh"])["n_cer"] == 1
 
 
@@ -305,25 +493,50 @@ def _transcripts(out):
 
 def test_resume_retries_failed_rows_and_keeps_the_newest(tmp_path, fake_asr):
     _tone_wav(tmp_path / "a.wav")
-    (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "where is the station"}\n'
-                                      '{"id": "b", "text": "where is the station"}\n')
-    argv = ["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
-            "--asr", "fake_asr_mod:transcribe", "--language", "en"]
+    (tmp_path / "d.jsonl").write_text(
+        '{"id": "a", "text": "where is the station"}\n{"id": "b", "text": "where is the station"}\n'
+    )
+    argv = [
+        "--wavs",
+        str(tmp_path),
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--out",
+        str(tmp_path / "o"),
+        "--asr",
+        "fake_asr_mod:transcribe",
+        "--language",
+        "en",
+    ]
     assert ev.main(argv)["errors"] == 1 and len(fake_asr.CALLS) == 1  # b.wav missing
     _tone_wav(tmp_path / "b.wav", seconds=0.25)
     again = ev.main(argv)
     assert fake_asr.CALLS[1:] == [(4000, "en")]  # only b retried, a kept
     assert again["errors"] == 0 and again["scored"] == 2
     rows = res.read_results(str(tmp_path / "o" / "results.jsonl"))
-    assert [r["id"] for r in rows] == ["a", "b"] and rows[1]["error"] is None and rows[1]["wer"] == 0.0
+    assert (
+        [r["id"] for r in rows] == ["a", "b"] and rows[1]["error"] is None and rows[1]["wer"] == 0.0
+    )
 
 
 def test_resume_after_a_torn_last_line(tmp_path, fake_asr, capsys):
     for name in "abc":
         _tone_wav(tmp_path / f"{name}.wav")
-    (tmp_path / "d.jsonl").write_text("".join(f'{{"id": "{n}", "text": "where is the station"}}\n' for n in "abc"))
-    argv = ["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
-            "--asr", "fake_asr_mod:transcribe", "--language", "en"]
+    (tmp_path / "d.jsonl").write_text(
+        "".join(f'{{"id": "{n}", "text": "where is the station"}}\n' for n in "abc")
+    )
+    argv = [
+        "--wavs",
+        str(tmp_path),
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--out",
+        str(tmp_path / "o"),
+        "--asr",
+        "fake_asr_mod:transcribe",
+        "--language",
+        "en",
+    ]
     ev.main(argv)
     path = tmp_path / "o" / "results.jsonl"
     lines = path.read_text().splitlines(keepends=True)
@@ -339,36 +552,80 @@ def test_resume_after_a_torn_last_line(tmp_path, fake_asr, capsys):
 
 
 def test_bad_prompt_audio_is_a_bad_row(tmp_path, fake_asr):
-    """A missing or unreadable prompt_wav is that row's error (file:line), not a stop for the data."""
+    """A missing or unreadable prompt_wav is that row's error (file:line), not a stop for the
+    data."""
     shutil.copy(os.path.join(CLONE, "low.wav"), tmp_path / "low.wav")
     (tmp_path / "broken.wav").write_bytes(b"not a wav")
     for name in "abc":
         _tone_wav(tmp_path / f"{name}.wav")
-    (tmp_path / "d.jsonl").write_text("".join(
-        json.dumps(dict(id=n, text="where is the station", language="en", prompt_wav=w, prompt_text="A voice."))
-        + "\n" for n, w in (("a", "low.wav"), ("b", "missing.wav"), ("c", "broken.wav"))))
-    summary = ev.main(["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
-                       "--asr", "fake_asr_mod:transcribe"])
+    (tmp_path / "d.jsonl").write_text(
+        "".join(
+            json.dumps(
+                dict(
+                    id=n,
+                    text="where is the station",
+                    language="en",
+                    prompt_wav=w,
+                    prompt_text="A voice.",
+                )
+            )
+            + "\n"
+            for n, w in (("a", "low.wav"), ("b", "missing.wav"), ("c", "broken.wav"))
+        )
+    )
+    summary = ev.main(
+        [
+            "--wavs",
+            str(tmp_path),
+            "--data",
+            str(tmp_path / "d.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+            "--asr",
+            "fake_asr_mod:transcribe",
+        ]
+    )
     rows = _transcripts(tmp_path / "o")
     assert rows["a"]["error"] is None and rows["a"]["wer"] == 0.0 and len(fake_asr.CALLS) == 1
-    assert rows["b"]["error"].startswith("prompt audio not found") and rows["b"]["source"].endswith("d.jsonl:2")
+    assert rows["b"]["error"].startswith("prompt audio not found") and rows["b"]["source"].endswith(
+        "d.jsonl:2"
+    )
     assert "cannot be read" in rows["c"]["error"] and rows["c"]["source"].endswith("d.jsonl:3")
     assert summary["errors"] == 2 and summary["scored"] == 1
 
 
 def test_asr_exception_is_that_rows_error(tmp_path, monkeypatch):
     (tmp_path / "flaky_asr_mod.py").write_text(
-        "def transcribe(audio, language):\n    if len(audio) > 10000:\n        raise RuntimeError('boom')\n"
-        "    return 'where is the station'\n")
+        "def transcribe(audio, language):\n"
+        "    if len(audio) > 10000:\n"
+        "        raise RuntimeError('boom')\n"
+        "    return 'where is the station'\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     _tone_wav(tmp_path / "a.wav", seconds=0.5)
     _tone_wav(tmp_path / "b.wav", seconds=1.0)
-    (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "where is the station"}\n'
-                                      '{"id": "b", "text": "where is the station"}\n')
-    summary = ev.main(["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
-                       "--asr", "flaky_asr_mod:transcribe", "--language", "en"])
+    (tmp_path / "d.jsonl").write_text(
+        '{"id": "a", "text": "where is the station"}\n{"id": "b", "text": "where is the station"}\n'
+    )
+    summary = ev.main(
+        [
+            "--wavs",
+            str(tmp_path),
+            "--data",
+            str(tmp_path / "d.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+            "--asr",
+            "flaky_asr_mod:transcribe",
+            "--language",
+            "en",
+        ]
+    )
     rows = _transcripts(tmp_path / "o")
-    assert rows["a"]["wer"] == 0.0 and rows["b"]["error"] == "--asr flaky_asr_mod:transcribe: RuntimeError: boom"
+    assert (
+        rows["a"]["wer"] == 0.0
+        and rows["b"]["error"] == "--asr flaky_asr_mod:transcribe: RuntimeError: boom"
+    )
     assert summary["errors"] == 1 and summary["scored"] == 1
 
 
@@ -381,12 +638,25 @@ def test_bad_prompt_with_a_speaker_model_is_a_bad_row_alone(tmp_path, fake_asr):
     prompts = {"a": "low.wav", "b": "missing.wav", "c": "broken.wav", "d": "nan.wav"}
     for name in prompts:
         _tone_wav(tmp_path / f"{name}.wav")
-    rows = [dict(id=n, text="where is the station", language="en", prompt_wav=w,
-                 prompt_text="A voice.") for n, w in prompts.items()]
+    rows = [
+        dict(id=n, text="where is the station", language="en", prompt_wav=w, prompt_text="A voice.")
+        for n, w in prompts.items()
+    ]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    argv = ["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"),
-            "--out", str(tmp_path / "o"), "--asr", "fake_asr_mod:transcribe",
-            "--speaker-model", "random-tiny", "--batch-size", "4"]
+    argv = [
+        "--wavs",
+        str(tmp_path),
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--out",
+        str(tmp_path / "o"),
+        "--asr",
+        "fake_asr_mod:transcribe",
+        "--speaker-model",
+        "random-tiny",
+        "--batch-size",
+        "4",
+    ]
     summary = ev.main(argv)
     rows = _transcripts(tmp_path / "o")
     assert rows["a"]["error"] is None and -1 <= rows["a"]["sim"] <= 1 and len(fake_asr.CALLS) == 1
@@ -404,10 +674,18 @@ def test_rerun_into_another_runs_out_is_refused(tmp_path, fake_asr, capsys):
         _tone_wav(tmp_path / d / "u.wav")
     (tmp_path / "d.jsonl").write_text('{"id": "u", "text": "where is the station"}\n')
     out = tmp_path / "o"
-    base = ["--data", str(tmp_path / "d.jsonl"), "--out", str(out),
-            "--asr", "fake_asr_mod:transcribe", "--language", "en"]
+    base = [
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--out",
+        str(out),
+        "--asr",
+        "fake_asr_mod:transcribe",
+        "--language",
+        "en",
+    ]
     assert ev.main(["--wavs", str(tmp_path / "a")] + base)["scored"] == 1
-    record = json.load(open(out / "run.json"))
+    record = read_json(out / "run.json")
     assert record["wavs"] == str(tmp_path / "a") and record["asr"] == "fake_asr_mod:transcribe"
     other_speaker = ["--wavs", str(tmp_path / "a"), "--speaker-model", "random-tiny"]
     other_wavs = ["--wavs", str(tmp_path / "b")]
@@ -421,11 +699,24 @@ def test_rerun_into_another_runs_out_is_refused(tmp_path, fake_asr, capsys):
     assert len(fake_asr.CALLS) == 1  # nothing scored by the refused runs
     assert ev.main(["--wavs", str(tmp_path / "a")] + base)["scored"] == 1  # the same flags: resumed
     os.remove(out / "run.json")  # results whose origin is unknown
-    with pytest.raises(SystemExit, match="holds results but no run.json") as e:
+    with pytest.raises(SystemExit, match=r"holds results but no run\.json") as e:
         ev.main(["--wavs", str(tmp_path / "a")] + base)
-    model = ["--model", "tiny", "--codec", "tone", "--data", os.path.join(CLONE, "val.jsonl"),
-             "--out", str(tmp_path / "m"), "--asr", "fake_asr_mod:transcribe",
-             "--max-new-tokens", "8", "--language", "en"]
+    model = [
+        "--model",
+        "tiny",
+        "--codec",
+        "tone",
+        "--data",
+        os.path.join(CLONE, "val.jsonl"),
+        "--out",
+        str(tmp_path / "m"),
+        "--asr",
+        "fake_asr_mod:transcribe",
+        "--max-new-tokens",
+        "8",
+        "--language",
+        "en",
+    ]
     ev.main(model)
     with pytest.raises(SystemExit) as e:
         ev.main(model + ["--temperature", "0"])
@@ -438,8 +729,16 @@ def test_rerun_on_part_of_the_data_keeps_the_other_rows(tmp_path, fake_asr):
     row = '{{"id": "{}", "text": "where is the station"}}\n'
     (tmp_path / "all.jsonl").write_text("".join(row.format(n) for n in "abc"))
     (tmp_path / "part.jsonl").write_text(row.format("b"))
-    base = ["--wavs", str(tmp_path), "--out", str(tmp_path / "o"),
-            "--asr", "fake_asr_mod:transcribe", "--language", "en"]
+    base = [
+        "--wavs",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "o"),
+        "--asr",
+        "fake_asr_mod:transcribe",
+        "--language",
+        "en",
+    ]
     ev.main(base + ["--data", str(tmp_path / "all.jsonl")])
     summary = ev.main(base + ["--data", str(tmp_path / "part.jsonl")])
     kept = res.read_results(str(tmp_path / "o" / "results.jsonl"))
@@ -452,11 +751,25 @@ def test_rerun_on_part_of_the_data_keeps_the_other_rows(tmp_path, fake_asr):
 def test_duplicate_ids_are_refused_naming_both_lines(tmp_path, fake_asr):
     _tone_wav(tmp_path / "a.wav")
     data_file = tmp_path / "d.jsonl"
-    data_file.write_text('{"id": "a", "text": "where is the station"}\n{"id": "b", "text": "hi"}\n'
-                         '{"id": "a", "text": "please sit down"}\n')
+    data_file.write_text(
+        '{"id": "a", "text": "where is the station"}\n{"id": "b", "text": "hi"}\n'
+        '{"id": "a", "text": "please sit down"}\n'
+    )
     with pytest.raises(SystemExit) as e:
-        ev.main(["--wavs", str(tmp_path), "--data", str(data_file), "--out", str(tmp_path / "o"),
-                 "--asr", "fake_asr_mod:transcribe", "--language", "en"])
+        ev.main(
+            [
+                "--wavs",
+                str(tmp_path),
+                "--data",
+                str(data_file),
+                "--out",
+                str(tmp_path / "o"),
+                "--asr",
+                "fake_asr_mod:transcribe",
+                "--language",
+                "en",
+            ]
+        )
     assert e.value.code == 2 and "\n" not in str(e.value)
     assert f"id 'a' appears twice, {data_file}:1 and {data_file}:3" in str(e.value)
     assert fake_asr.CALLS == [] and not os.path.exists(tmp_path / "o")
@@ -495,8 +808,18 @@ def test_bad_flags_are_one_line_exit_2_before_any_model_loads(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "hi"}\n')
     (tmp_path / "file").write_text("")
     data_file = str(tmp_path / "d.jsonl")
-    base = ["--model", str(tmp_path / "no-ckpt"), "--codec", "tone", "--data", data_file,
-            "--out", str(tmp_path / "o"), "--asr", str(tmp_path / "no-whisper.pt")]
+    base = [
+        "--model",
+        str(tmp_path / "no-ckpt"),
+        "--codec",
+        "tone",
+        "--data",
+        data_file,
+        "--out",
+        str(tmp_path / "o"),
+        "--asr",
+        str(tmp_path / "no-whisper.pt"),
+    ]
     cases = BAD_FLAGS + [
         (["--data", str(tmp_path / "none")], f"--data {tmp_path / 'none'}: no such file"),
         (["--out", str(tmp_path / "file")], f"--out {tmp_path / 'file'} is a file, not a folder"),
@@ -509,11 +832,15 @@ def test_bad_flags_are_one_line_exit_2_before_any_model_loads(tmp_path):
         assert "\n" not in str(e.value)
     no_dir = str(tmp_path / "no-dir")
     compare = ["--compare", str(tmp_path), str(tmp_path)]
-    others = [(["--wavs", no_dir, "--data", data_file, "--out", str(tmp_path / "o")],
-               f"--wavs {no_dir}: no such folder"),
-              (["--wavs", str(tmp_path), "--data", data_file], "--data and --out are needed"),
-              (compare, f"--compare: no results.jsonl in {tmp_path}"),
-              (compare + ["--resamples", "0"], "--resamples must be >= 1")]
+    others = [
+        (
+            ["--wavs", no_dir, "--data", data_file, "--out", str(tmp_path / "o")],
+            f"--wavs {no_dir}: no such folder",
+        ),
+        (["--wavs", str(tmp_path), "--data", data_file], "--data and --out are needed"),
+        (compare, f"--compare: no results.jsonl in {tmp_path}"),
+        (compare + ["--resamples", "0"], "--resamples must be >= 1"),
+    ]
     for argv, message in others:
         with pytest.raises(SystemExit) as e:
             ev.main(argv)
@@ -521,6 +848,7 @@ def test_bad_flags_are_one_line_exit_2_before_any_model_loads(tmp_path):
         assert str(e.value).startswith(f"eval.py: {message}"), str(e.value)
     assert not os.path.exists(tmp_path / "o")
     import subprocess  # as a command: that line on stderr, status 2, no traceback
+
     cmd = [sys.executable, os.path.join(REPO, "eval.py")] + base + ["--batch-size", "0"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr == "eval.py: --batch-size must be >= 1, got 0\n"
@@ -533,11 +861,21 @@ def test_clips_and_prompts_over_30_s(tmp_path, fake_asr):
     _tone_wav(tmp_path / "long.wav", seconds=31)
     _tone_wav(tmp_path / "huge.wav", seconds=90)
     _tone_wav(tmp_path / "short.wav")
-    rows = [dict(id=i, text="where is the station", prompt_wav="long.wav", prompt_text="A voice.")
-            for i in ("long", "short")]
+    rows = [
+        dict(id=i, text="where is the station", prompt_wav="long.wav", prompt_text="A voice.")
+        for i in ("long", "short")
+    ]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = ["--data", str(tmp_path / "d.jsonl"), "--asr", "fake_asr_mod:transcribe",
-            "--language", "en", "--speaker-model", "random-tiny"]
+    base = [
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--asr",
+        "fake_asr_mod:transcribe",
+        "--language",
+        "en",
+        "--speaker-model",
+        "random-tiny",
+    ]
     summary = ev.main(["--wavs", str(tmp_path), "--out", str(tmp_path / "o")] + base)
     got = _transcripts(tmp_path / "o")
     assert summary["errors"] == 0 and got["long"]["duration_s"] == 31

@@ -1,4 +1,5 @@
 """results.py: --compare's statistics, and folding the ranks' files into results.jsonl."""
+
 import json
 import os
 
@@ -21,6 +22,7 @@ def test_bootstrap_and_sign_test_known_cases():
 def test_fold_keeps_the_newest_row_per_id_and_deletes_rank_files(tmp_path):
     """results.jsonl's ids keep their place, new ids follow in data order; a rank's row replaces an
     older one; every rank file is deleted, whatever world size wrote it."""
+
     def write(name, rows):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -28,6 +30,11 @@ def test_fold_keeps_the_newest_row_per_id_and_deletes_rank_files(tmp_path):
     write("results.rank0.jsonl", [dict(id="a", error=None)])
     write("results.rank3.jsonl", [dict(id="d", error=None), dict(id="c", error=None)])
     rows = res.fold(str(tmp_path), ["c", "a", "d"])
-    assert [(r["id"], r["error"]) for r in rows] == [("b", None), ("a", None), ("c", None), ("d", None)]
+    assert [(r["id"], r["error"]) for r in rows] == [
+        ("b", None),
+        ("a", None),
+        ("c", None),
+        ("d", None),
+    ]
     assert res.read_results(str(tmp_path / "results.jsonl")) == rows
     assert sorted(os.listdir(tmp_path)) == ["results.jsonl"]
