@@ -252,6 +252,25 @@ def test_model_tiny_end_to_end(tmp_path, fake_asr):
         assert r["duration_s"] > 0 and os.path.isfile(tmp_path / "o" / "wavs" / f"{r['id']}.wav")
     assert summary["scored"] == 2 and summary["reward_mean"] is not None and summary["rtf_mean"] > 0
     assert read_json(tmp_path / "o" / "summary.json")["wer_mean"] == pytest.approx(2 / 3)
+    assert summary["truncated"] == 0 and not any(r["truncated"] for r in rows)  # both stopped
+
+
+def test_truncated_clips_are_counted_and_scored(tmp_path, fake_asr, capsys):
+    """--max-new-tokens 8 stops both clips before their stop token: each row is truncated,
+    counted in the summary and the table, and scored (its WER in the mean); v1's WER 4/3 is an
+    outlier."""
+    argv = ["--model", "tiny", "--codec", "tone", "--data", os.path.join(CLONE, "val.jsonl")]
+    argv += ["--out", str(tmp_path / "o"), "--asr", "fake_asr_mod:transcribe"]
+    summary = ev.main(argv + ["--max-new-tokens", "8", "--language", "en"])
+    rows = _transcripts(tmp_path / "o")
+    assert all(r["truncated"] and r["error"] is None for r in rows.values())
+    assert rows["v0"]["wer"] == 0.0 and rows["v1"]["wer"] == pytest.approx(4 / 3)
+    assert summary["truncated"] == 2 and summary["n_wer"] == 2 and summary["errors"] == 0
+    assert summary["wer_mean"] == pytest.approx(2 / 3)
+    assert summary["wer_outliers"] == 1 and summary["wer_mean_without_outliers"] == 0.0
+    printed = capsys.readouterr().out
+    assert "| truncated (no stop token) | 2 |" in printed
+    assert "| rows with WER > 0.5 (outliers) | 1 |" in printed
 
 
 def test_model_top_k_one_is_greedy(tmp_path, fake_asr):
@@ -330,6 +349,120 @@ def test_wavs_with_real_whisper_tiny(tmp_path):
     assert all(got[f"right{i}"]["reward"] > got[f"wrong{i}"]["reward"] for i in range(3))
     assert got["silence"]["wer"] == 1.0 and got["silence"]["silent"] and summary["silent"] == 1
     assert summary["errors"] == 0 and not math.isnan(summary["chars_per_s_median"])
+
+
+def _speech(name):
+    """A shared spoken clip, float32 [S] at 16 kHz; skips where the assets are absent."""
+    path = os.path.join(ASSETS, "speech", name)
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} not found (set TEST_ASSETS to the shared assets folder)")
+    return soundfile.read(path, dtype="float32")[0]
+
+
+def test_windows_cut_a_clip_into_whisper_windows():
+    parts = ev.windows(np.arange(36 * 16000, dtype=np.float32))
+    assert [len(p) for p in parts] == [30 * 16000, 6 * 16000] and parts[1][0] == 30 * 16000
+    assert [len(p) for p in ev.windows(np.zeros(30 * 16000, np.float32))] == [30 * 16000]
+    assert ev.windows(np.zeros(0, np.float32)) == []
+
+
+def test_clip_over_30_s_is_transcribed_in_windows_and_counted(tmp_path):
+    """A 36 s clip with tiny.en: its transcript is its two 30 s windows' transcripts, each decoded
+    as that window alone would be (rows head and tail are those windows), joined by a space; it is
+    no bad row, its reward is 0 (too_long, the reward's rule) and its WER is in the mean."""
+    checkpoint = os.path.join(ASSETS, "whisper-tiny.en.pt")
+    if not os.path.isfile(checkpoint):
+        pytest.skip(f"{checkpoint} not found (set TEST_ASSETS to the shared assets folder)")
+    with open(os.path.join(ASSETS, "speech", "clips.jsonl")) as f:
+        clean = [json.loads(line) for line in f if '"clean"' in line]
+    order = [0, 1, 2, 3, 0, 1]  # 26.2 s of speech with gaps, then silence to 30 s: no word cut
+    gap = np.zeros(4800, np.float32)  # 0.3 s
+    pieces = []
+    for i in order:
+        pieces += [_speech(clean[i]["wav"]), gap]
+    head = np.concatenate(pieces)
+    head = np.pad(head, (0, 30 * 16000 - len(head)))
+    tail = np.pad(_speech(clean[2]["wav"]), (0, 6 * 16000 - len(_speech(clean[2]["wav"]))))
+    text = " ".join(clean[i]["text"] for i in order + [2])
+    for name, audio in (("long", np.concatenate([head, tail])), ("head", head), ("tail", tail)):
+        soundfile.write(tmp_path / f"{name}.wav", audio, 16000, subtype="FLOAT")
+    rows = [dict(id=name, text=text) for name in ("long", "head", "tail")]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "o"
+    argv = ["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(out)]
+    summary = ev.main(argv + ["--asr", checkpoint])
+    got = _transcripts(out)
+    long = got["long"]
+    assert long["duration_s"] == 36 and long["too_long"] and long["error"] is None
+    assert long["transcript"] == got["head"]["transcript"] + " " + got["tail"]["transcript"]
+    assert long["wer"] < 0.3 and long["reward"] == 0.0 and long["nll"] is None
+    assert long["chars_per_s"] > 0 and long["f0_median_hz"] > 0  # prosody measured all the same
+    assert summary["errors"] == 0 and summary["too_long"] == 1 and summary["n_wer"] == 3
+    assert summary["wer_mean"] == pytest.approx(np.mean([r["wer"] for r in got.values()]))
+
+
+DNSMOS_KEYS = ("dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808")
+
+
+def test_quality_dnsmos_rows_summary_table_compare_and_record(tmp_path, fake_asr, capsys):
+    """--quality dnsmos: four DNSMOS values per row, their means in the summary and the table,
+    --compare's paired differences (clean A, noisy B: B rates lower), and --quality in run.json
+    (a rerun without it is refused naming it)."""
+    import importlib.util
+
+    for package in ("speechmos", "onnxruntime"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"--quality dnsmos needs {package}")
+    (tmp_path / "d.jsonl").write_text(
+        '{"id": "a", "text": "where is the station"}\n{"id": "b", "text": "where is the station"}\n'
+    )
+    for kind in ("clean", "noisy"):
+        (tmp_path / kind).mkdir()
+        for name, number in (("a", "00"), ("b", "02")):
+            audio = _speech(f"{kind}_{number}.wav")
+            soundfile.write(tmp_path / kind / f"{name}.wav", audio, 16000, subtype="FLOAT")
+    base = ["--data", str(tmp_path / "d.jsonl"), "--asr", "fake_asr_mod:transcribe"]
+    base += ["--language", "en", "--quality", "dnsmos"]
+    for kind in ("clean", "noisy"):
+        ev.main(["--wavs", str(tmp_path / kind), "--out", str(tmp_path / kind / "o")] + base)
+    clean = _transcripts(tmp_path / "clean" / "o")
+    noisy = _transcripts(tmp_path / "noisy" / "o")
+    for row in [*clean.values(), *noisy.values()]:
+        assert all(1 <= row[k] <= 5 for k in DNSMOS_KEYS) and row["error"] is None
+    assert all(clean[i]["dnsmos_ovrl"] > noisy[i]["dnsmos_ovrl"] + 0.5 for i in "ab")
+    summary = read_json(tmp_path / "clean" / "o" / "summary.json")
+    for k in DNSMOS_KEYS:
+        assert summary[f"{k}_mean"] == pytest.approx(np.mean([clean[i][k] for i in "ab"]))
+    assert "| DNSMOS OVRL (mean) |" in capsys.readouterr().out
+    compare = ["--compare", str(tmp_path / "clean" / "o"), str(tmp_path / "noisy" / "o")]
+    diffs = {r["metric"]: r for r in ev.main(compare)}
+    assert set(DNSMOS_KEYS) <= set(diffs) and diffs["dnsmos_ovrl"]["n"] == 2
+    assert diffs["dnsmos_ovrl"]["diff"] < -0.5
+    assert read_json(tmp_path / "clean" / "o" / "run.json")["quality"] == "dnsmos"
+    with pytest.raises(SystemExit) as e:
+        ev.main(
+            ["--wavs", str(tmp_path / "clean"), "--out", str(tmp_path / "clean" / "o")] + base[:-2]
+        )
+    assert e.value.code == 2 and "--quality was 'dnsmos' there (run.json), unset now" in str(
+        e.value
+    )
+
+
+@pytest.mark.parametrize("package", ["speechmos", "onnxruntime"])
+def test_quality_dnsmos_without_its_packages_is_one_line(tmp_path, monkeypatch, package):
+    """Without speechmos or onnxruntime, --quality dnsmos stops before any model loads (the --asr
+    named does not exist) with dnsmos.py's one line naming the pip command, exit status 2."""
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed
+    (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "hi"}\n')
+    argv = ["--wavs", str(tmp_path), "--data", str(tmp_path / "d.jsonl")]
+    argv += ["--out", str(tmp_path / "o"), "--asr", str(tmp_path / "no-whisper.pt")]
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv + ["--quality", "dnsmos", "--language", "en"])
+    message = (
+        f"eval.py: --quality dnsmos: DNSMOS needs {package}: pip install speechmos onnxruntime"
+    )
+    assert e.value.code == 2 and str(e.value) == message
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_training_validation_uses_the_table_metric():
@@ -855,9 +988,10 @@ def test_bad_flags_are_one_line_exit_2_before_any_model_loads(tmp_path):
 
 
 def test_clips_and_prompts_over_30_s(tmp_path, fake_asr):
-    """A 31 s clip and a 31 s voice prompt are scored (a module:function ASR hears any length; the
-    reward's Whisper refuses the clip as too_long, a bad row); with --model a 31 s prompt is cloned,
-    and a 90 s one, which leaves no room in the tiny model's context, is that row's error alone."""
+    """A 31 s clip and a 31 s voice prompt are scored (a module:function ASR hears the whole clip;
+    the reward's Whisper marks it too_long, reward 0, and its WER still counts); with --model a
+    31 s prompt is cloned, and a 90 s one, which leaves no room in the tiny model's context, is
+    that row's error alone."""
     _tone_wav(tmp_path / "long.wav", seconds=31)
     _tone_wav(tmp_path / "huge.wav", seconds=90)
     _tone_wav(tmp_path / "short.wav")
@@ -879,12 +1013,17 @@ def test_clips_and_prompts_over_30_s(tmp_path, fake_asr):
     summary = ev.main(["--wavs", str(tmp_path), "--out", str(tmp_path / "o")] + base)
     got = _transcripts(tmp_path / "o")
     assert summary["errors"] == 0 and got["long"]["duration_s"] == 31
+    assert summary["f0_median_hz_median"] == pytest.approx(220, 1)  # the tones' pitch
     assert got["long"]["sim"] is not None
     reward = ["--reward-whisper", "random-tiny"]
     summary = ev.main(["--wavs", str(tmp_path), "--out", str(tmp_path / "r")] + reward + base)
     got = _transcripts(tmp_path / "r")
-    assert got["long"]["too_long"] and "longer than Whisper's 30 s window" in got["long"]["error"]
-    assert got["short"]["error"] is None and summary["too_long"] == 1 and summary["scored"] == 1
+    assert fake_asr.CALLS[-2:] == [(31 * 16000, "en"), (8000, "en")]  # the whole clip, once
+    assert got["long"]["too_long"] and got["long"]["error"] is None
+    assert got["long"]["reward"] == 0.0 and got["long"]["wer"] == 0.0
+    assert got["long"]["sim"] is not None and got["long"]["f0_median_hz"] == pytest.approx(220, 1)
+    assert got["short"]["error"] is None and summary["too_long"] == 1 and summary["scored"] == 2
+    assert summary["n_wer"] == 2 and summary["reward_mean"] == got["short"]["reward"] / 2
     rows[1]["prompt_wav"] = "huge.wav"
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = ["--model", "tiny", "--codec", "tone", "--max-new-tokens", "8"]
