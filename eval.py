@@ -1,8 +1,9 @@
 """Evaluate TTS: synthesize a test set with a checkpoint (--model), or take any system's wavs
 (--wavs), and score every row: transcript, WER or CER as seed-tts-eval's run_wer.py computes them
 (reward.table_error_rate), speaker similarity to the row's voice prompt, the TTS reward, prosody,
-duration and real-time factor. The top floor of the project: nothing imports it. Its flags and
-their checks are eval_args.py's.
+DNSMOS (--quality dnsmos), duration and real-time factor. A clip over 30 s is transcribed in
+Whisper's 30 s windows and counted (the reward's rule gives it reward 0). The top floor of the
+project: nothing imports it. Its flags and their checks are eval_args.py's.
 
     python eval.py --model CKPT --data meta.lst --out runs/eval_ckpt --speaker-model wavlm-sv
     python eval.py --wavs DIR --data test.jsonl --out runs/eval_sys --asr tiny.en --language en
@@ -13,11 +14,11 @@ their checks are eval_args.py's.
 --temperature 0 decodes greedily (a codec LM decoded greedily tends to loop).
 
 Writes DIR/run.json (what produces the results: --model or --wavs, the ASR, the speaker model,
-sampling, seed), DIR/results.jsonl (one row per id; a rerun skips the rows scored without error,
-retries the rest, and keeps the rows of ids outside its --data), DIR/summary.json (this --data's
-rows) and prints a markdown table. A rerun whose run.json values differ is refused, naming the
-flag. A bad row (missing or unreadable wav or prompt audio, unknown language, a clip the scorer or
-the ASR refuses) is written with its file:line and `error`, and counted. Every row needs a
+--quality, sampling, seed), DIR/results.jsonl (one row per id; a rerun skips the rows scored without
+error, retries the rest, and keeps the rows of ids outside its --data), DIR/summary.json (this
+--data's rows) and prints a markdown table. A rerun whose run.json values differ is refused, naming
+the flag. A bad row (missing or unreadable wav or prompt audio, unknown language, a clip the scorer
+or the ASR refuses) is written with its file:line and `error`, and counted. Every row needs a
 language (its own or --language; an English-only Whisper implies en) and a unique id: eval stops
 before any work, naming the first row without one (or both rows of an id). A user's error (a bad
 flag, a missing file, a foreign --out) is one line on stderr and exit status 2.
@@ -46,10 +47,17 @@ from eval_args import english_only as english_only  # re-exported: tests call ev
 from results import PROSODY, Refused
 from reward import table_error_rate
 
+WINDOW = 30 * data.SAMPLE_RATE  # samples: what Whisper hears at once (whisper.audio.N_SAMPLES)
+
+
+def windows(audio: np.ndarray) -> list[np.ndarray]:
+    """audio [S] cut into Whisper's 30 s windows, one after another (the last one shorter)."""
+    return [audio[start : start + WINDOW] for start in range(0, len(audio), WINDOW)]
+
 
 class Scoring:
-    """The ASR, the reward's Whisper and the speaker model; score(rows, audios, prompts) -> one
-    dict per row. Refused naming the flag of a model that cannot be loaded."""
+    """The ASR, the reward's Whisper, the speaker model and DNSMOS; score(rows, audios, prompts)
+    -> one dict per row. Refused naming the flag of a model that cannot be loaded."""
 
     def __init__(self, args, device):
         import scorer
@@ -66,7 +74,7 @@ class Scoring:
                     f"--asr {args.asr!r}: module {module_name!r} has no function {name!r}"
                 )
             whisper_model = args.reward_whisper
-        speaker = None
+        self.sims = None  # SIM is to the row's voice prompt, for every clip heard (over 30 s too)
         if args.speaker_model:
             import speaker as spk
 
@@ -75,6 +83,8 @@ class Scoring:
                 args.speaker_model,
                 lambda: spk.load_speaker_model(args.speaker_model, device),
             )
+            self.sims = spk.SpeakerSimilarity(speaker)
+        self.uses_prompts = self.sims is not None
         self.whisper = None
         if whisper_model is not None:
             flag = "--asr" if self.asr_fn is None else "--reward-whisper"
@@ -82,61 +92,106 @@ class Scoring:
                 flag,
                 whisper_model,
                 lambda: scorer.WhisperScorer(
-                    whisper_model,
-                    device,
-                    args.language,
-                    batch_size=args.batch_size,
-                    speaker_model=speaker,
+                    whisper_model, device, args.language, batch_size=args.batch_size
                 ),
             )
-        self.uses_prompts = speaker is not None  # SIM is to the row's voice prompt
-        self.sims = None
-        if speaker is not None and self.whisper is None:
-            self.sims = spk.SpeakerSimilarity(speaker)
+        self.dnsmos = None
+        if args.quality == "dnsmos":
+            import torch
+
+            import dnsmos
+
+            # torch's CPU threads: every core alone, one per rank under torchrun (OMP_NUM_THREADS)
+            threads = torch.get_num_threads()
+            self.dnsmos = load("--quality", "dnsmos", lambda: dnsmos.DNSMOS(threads=threads))
 
     def score(self, rows, audios, prompts) -> list[dict]:
-        """One dict per row: transcript, WER or CER, sim, reward, nll, prosody; or `error`.
+        """One dict per row: transcript, WER or CER, sim, reward, nll, prosody, DNSMOS; or `error`.
         audios: float32 16 kHz clips; prompts: each row's voice prompt audio or None."""
-        from prosody import measure
-
         texts = [r["text"] for r in rows]
         languages = [r["language"] for r in rows]
         scores = [None] * len(rows)  # the Whisper's reward.Score per clip, when there is one
         if self.whisper:
-            scores = self.whisper.score(audios, texts, languages, prompts)
-        sims = [None] * len(rows)  # the speaker model's alone, when there is no Whisper
+            scores = self.whisper.score(audios, texts, languages)
+        heard = []  # the clips scored: not those the Whisper could not hear (bad input)
+        for audio, s in zip(audios, scores):
+            if s is not None and s.error and not s.too_long:
+                heard.append(None)
+            else:
+                heard.append(audio)
+        sims = [None] * len(rows)
         if self.sims:
-            sims = self.sims.sims(audios, prompts)
+            sims = self.sims.sims(heard, prompts)
+        long = {}  # row index -> (transcript, error) of a clip over 30 s, heard in windows
+        if self.asr_fn is None:
+            over = [i for i, s in enumerate(scores) if s.too_long]
+            pieces = self.transcribe_windows([rows[i] for i in over], [audios[i] for i in over])
+            long = dict(zip(over, pieces))
         out = []
-        for row, audio, s, sim in zip(rows, audios, scores, sims):
-            if s is not None and s.error:
-                out.append(dict(error=s.error, too_long=s.too_long))
-                continue
-            if self.asr_fn is None:
-                transcript = s.transcript
-            else:
-                try:
-                    transcript = str(self.asr_fn(audio, row["language"]))
-                except Exception as e:  # the ASR failing on one clip is that row's error, counted
-                    error = f"--asr {self.asr_spec}: {type(e).__name__}: {e}"
-                    out.append(dict(error=error, too_long=False))
-                    continue
-            if s is None:  # no Whisper: no reward or NLL; prosody measured here
-                got = dict(transcript=transcript, too_long=False, sim=sim, reward=None, nll=None)
-                got.update(measure(audio, row["text"]))
-            else:
-                got = dict(
-                    transcript=transcript, too_long=False, sim=s.sim, reward=s.reward, nll=s.nll
-                )
-                got.update({k: getattr(s, k) for k in PROSODY})
-            try:
-                kind, rate = table_error_rate(row["text"], transcript, row["language"])
-            except ValueError as e:  # a text with nothing left to compare after normalization
-                out.append(dict(error=str(e), too_long=False))
-                continue
-            got.update(metric=kind, **{kind: rate})
-            out.append(got)
+        for i, row in enumerate(rows):
+            out.append(self.score_row(row, audios[i], scores[i], sims[i], long.get(i)))
         return out
+
+    def score_row(self, row, audio, s, sim, long) -> dict:
+        """One row's dict (score's); s: the Whisper's Score or None; long: (transcript, error) of a
+        clip over 30 s that the Whisper transcribed in windows, else None."""
+        from prosody import measure
+
+        too_long = s is not None and s.too_long  # the reward's rule: reward 0; still rated here
+        if s is not None and s.error and not too_long:
+            return dict(error=s.error, too_long=False)
+        if self.asr_fn is not None:
+            try:
+                transcript = str(self.asr_fn(audio, row["language"]))
+            except Exception as e:  # the ASR failing on one clip is that row's error, counted
+                error = f"--asr {self.asr_spec}: {type(e).__name__}: {e}"
+                return dict(error=error, too_long=too_long)
+        elif too_long:
+            transcript, error = long
+            if error:
+                return dict(error=error, too_long=True)
+        else:
+            transcript = s.transcript
+        got = dict(transcript=transcript, too_long=too_long, sim=sim, reward=None, nll=None)
+        if s is not None:
+            got.update(reward=s.reward, nll=s.nll)
+        if s is None or too_long:  # the Whisper measured no prosody: measured here
+            got.update(measure(audio, row["text"]))
+        else:
+            got.update({k: getattr(s, k) for k in PROSODY})
+        if self.dnsmos is not None:
+            silence = np.zeros(1, np.float32)  # an empty clip is rated as the silence it is
+            got.update(self.dnsmos.score(audio if len(audio) else silence))
+        try:
+            kind, rate = table_error_rate(row["text"], transcript, row["language"])
+        except ValueError as e:  # a text with nothing left to compare after normalization
+            return dict(error=str(e), too_long=too_long)
+        got.update(metric=kind, **{kind: rate})
+        return got
+
+    def transcribe_windows(self, rows, audios) -> list[tuple[str, str | None]]:
+        """(transcript, error) of each clip over 30 s: its 30 s windows transcribed one by one by
+        the Whisper, each alone as a short clip is (bounded by the row's whole text), joined by a
+        space; error: the first failing window's, else None."""
+        clips = []  # every window of every clip, in order
+        owners = []  # owners[w]: the index of window w's clip
+        for i, audio in enumerate(audios):
+            for window in windows(audio):
+                clips.append(window)
+                owners.append(i)
+        texts = [rows[i]["text"] for i in owners]
+        languages = [rows[i]["language"] for i in owners]
+        scores = []
+        if clips:
+            scores = self.whisper.score(clips, texts, languages)
+        heard = [[] for _ in audios]  # each clip's windows' transcripts, in order
+        errors = [None] * len(audios)
+        for i, s in zip(owners, scores):
+            if s.error and errors[i] is None:
+                errors[i] = f"a 30 s window: {s.error}"
+            if s.transcript:
+                heard[i].append(s.transcript)
+        return [(" ".join(pieces), error) for pieces, error in zip(heard, errors)]
 
 
 def prompt_problem(path: str) -> str | None:

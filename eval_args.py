@@ -58,6 +58,13 @@ def parse_args(argv=None):
         "default none",
     )
     p.add_argument(
+        "--quality",
+        choices=["dnsmos"],
+        default=None,
+        help="speech quality per row: dnsmos (DNSMOS P.835 SIG, BAK, OVRL and P.808; needs "
+        "pip install speechmos onnxruntime); default none",
+    )
+    p.add_argument(
         "--codec", default="xcodec2", help="with --model: 'xcodec2[:PATH]', 'tone', 'words[:PATH]'"
     )
     p.add_argument(
@@ -151,6 +158,13 @@ def check_args(args):
         raise Refused(f"--device {args.device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise Refused(f"--device {args.device!r}: CUDA is not available here")
+    if args.quality == "dnsmos":
+        import dnsmos
+
+        try:
+            dnsmos.model_dir()  # finds the packages without loading them
+        except ImportError as e:
+            raise Refused(f"--quality dnsmos: {e}") from None
 
 
 def fail(flag: str, value, e: Exception):
@@ -243,6 +257,7 @@ def run_record(args) -> dict:
         "reward_whisper": where(args.reward_whisper),
         "speaker_model": where(args.speaker_model),
         "language": language,
+        "quality": args.quality,
     }
     if args.model:  # what --wavs ignores
         record.update(

@@ -11,8 +11,12 @@ import sys
 
 import numpy as np
 
-PROSODY = ("f0_std_semitones", "voiced_frac", "chars_per_s")
-COMPARED = ("wer", "cer", "sim", "reward")  # what --compare pairs (lower WER/CER is better)
+from dnsmos import KEYS as DNSMOS_KEYS
+
+PROSODY = ("f0_std_semitones", "voiced_frac", "chars_per_s", "f0_median_hz")
+# What --compare pairs: lower WER/CER is better, higher SIM, reward and DNSMOS.
+COMPARED = ("wer", "cer", "sim", "reward", *DNSMOS_KEYS)
+OUTLIER = 0.5  # a row whose WER (or CER) is above this is an outlier: counted, and a mean without
 RECORD = "run.json"  # in --out: what produced its results
 
 
@@ -155,16 +159,22 @@ def _median(xs):
 
 def summarize(results: list[dict], n_rows: int, other_rows: int = 0) -> dict:
     """Means over scored rows (errors excluded, counted apart); WER and CER are each the mean of
-    per-utterance rates (seed-tts-eval's average), over the rows rated by that metric.
-    other_rows: rows of other ids kept in results.jsonl, counted only."""
+    per-utterance rates (seed-tts-eval's average), over the rows rated by that metric, and again
+    without the outliers (rates above OUTLIER), which are counted. other_rows: rows of other ids
+    kept in results.jsonl, counted only."""
     good = [r for r in results if not r.get("error")]
     summary = dict(rows=n_rows, results=len(results), scored=len(good), other_rows=other_rows)
     for kind in ("wer", "cer"):
         rated = [r[kind] for r in good if r.get("metric") == kind]
+        inliers = [rate for rate in rated if rate <= OUTLIER]
         summary[f"{kind}_mean"] = _mean(rated)
         summary[f"n_{kind}"] = len(rated)
+        summary[f"{kind}_outliers"] = len(rated) - len(inliers)
+        summary[f"{kind}_mean_without_outliers"] = _mean(inliers)
     summary["sim_mean"] = _mean(r.get("sim") for r in good)
     summary["reward_mean"] = _mean(r.get("reward") for r in good)
+    for k in DNSMOS_KEYS:
+        summary[f"{k}_mean"] = _mean(r.get(k) for r in good)
     for k in PROSODY:
         summary[f"{k}_median"] = _median(r.get(k) for r in good)
     summary["duration_s_mean"] = _mean(r.get("duration_s") for r in good)
@@ -187,24 +197,39 @@ def _fmt(x):
 
 
 def table(summary: dict) -> str:
-    """The summary as a markdown table: | metric | value |, one row per measure."""
+    """The summary as a markdown table: | metric | value |, one row per measure (DNSMOS's only
+    where it was measured)."""
     names = [
         ("rows", "rows"),
         ("scored", "scored"),
         ("wer_mean", "WER (mean of per-utterance WER)"),
         ("n_wer", "rows rated by WER"),
+        ("wer_outliers", f"rows with WER > {OUTLIER:g} (outliers)"),
+        ("wer_mean_without_outliers", "WER without the outliers (mean)"),
         ("cer_mean", "CER (mean of per-utterance CER)"),
         ("n_cer", "rows rated by CER"),
+        ("cer_outliers", f"rows with CER > {OUTLIER:g} (outliers)"),
+        ("cer_mean_without_outliers", "CER without the outliers (mean)"),
         ("sim_mean", "SIM (mean)"),
         ("reward_mean", "reward (mean)"),
+    ]
+    if any(summary.get(f"{k}_mean") is not None for k in DNSMOS_KEYS):
+        names += [
+            ("dnsmos_sig_mean", "DNSMOS SIG (mean)"),
+            ("dnsmos_bak_mean", "DNSMOS BAK (mean)"),
+            ("dnsmos_ovrl_mean", "DNSMOS OVRL (mean)"),
+            ("dnsmos_p808_mean", "DNSMOS P.808 (mean)"),
+        ]
+    names += [
         ("f0_std_semitones_median", "pitch spread, semitones (median)"),
+        ("f0_median_hz_median", "median pitch, Hz (median)"),
         ("voiced_frac_median", "voiced fraction (median)"),
         ("chars_per_s_median", "chars/s (median)"),
         ("duration_s_mean", "duration, s (mean)"),
         ("rtf_mean", "real-time factor (mean)"),
         ("silent", "silent clips"),
-        ("too_long", "too long (> 30 s)"),
-        ("truncated", "truncated"),
+        ("too_long", "over Whisper's 30 s window (reward 0)"),
+        ("truncated", "truncated (no stop token)"),
         ("errors", "bad rows (errors)"),
     ]
     if summary.get("other_rows"):
