@@ -106,6 +106,13 @@ class DNSMOS:
         scores["dnsmos_p808"] = p808
         return {key: float(np.mean(scores[key])) for key in KEYS}
 
+    def rate(self, audio: np.ndarray) -> dict:
+        """score(), with an empty clip (a policy's empty answer) rated as the silence it is."""
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        if audio.size == 0:
+            audio = np.zeros(1, np.float32)
+        return self.score(audio)
+
 
 def mel_features(audio: np.ndarray) -> np.ndarray:
     """The P.808 model's features of audio [S] (S >= 1, 16 kHz): [frames, 120] float64,

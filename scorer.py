@@ -28,6 +28,7 @@ from whisper.audio import N_SAMPLES, SAMPLE_RATE  # 480000 samples = the 30 s wi
 from whisper.model import ModelDimensions, Whisper
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
 
+import dnsmos
 from prosody import measure
 from reward import RewardConfig, Score, char_error_rate, import_function, normalize_text, tts_reward
 from speaker import SpeakerSimilarity, load_speaker_model
@@ -55,11 +56,12 @@ class WhisperScorer:
     None: 1 beside a CPU Whisper (which wants the cores), up to 8 beside a GPU one, which serves
     every rank's clips and would otherwise wait for one thread's pitch tracking.
     speaker_model: None, or a speaker.load_speaker_model spec (or SpeakerModel) on the same device,
-    for `sim` (embedded in batches of batch_size)."""
+    for `sim` (embedded in batches of batch_size).
+    quality: None, or "dnsmos" for the dnsmos_* ratings of every clip heard (dnsmos.py)."""
 
     def __init__(self, model, device="cpu", language=None, *, batch_size=16, max_transcript_tokens=None,
                  fp16=None, reward_config=None, download_root=None, window_s=WINDOW_S, prosody_threads=None,
-                 speaker_model=None):
+                 speaker_model=None, quality=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_transcript_tokens is not None and max_transcript_tokens < 1:
@@ -87,6 +89,7 @@ class WhisperScorer:
         tokenizer = self._tokenizer(self.language)
         self._eot, self._n_prefix = tokenizer.eot, len(tokenizer.sot_sequence_including_notimestamps)
         self.speaker = _speaker_similarity(speaker_model, self.device, batch_size)
+        self.quality = _quality_model(quality)
 
     def score(self, audios, texts, languages=None, prompts=None) -> list[Score]:
         """One reward.Score per clip, in order.
@@ -119,6 +122,9 @@ class WhisperScorer:
         # Prosody in threads (numpy releases the GIL in its FFTs) while Whisper runs.
         with ThreadPoolExecutor(max_workers=self.prosody_threads) as pool:
             prosody = {i: pool.submit(measure, audio, text) for i, (audio, text, _) in clips.items()}
+            quality = {}  # the same threads: onnxruntime releases the GIL too
+            if self.quality is not None:
+                quality = {i: pool.submit(self.quality.rate, clip[0]) for i, clip in clips.items()}
             for language, indices in groups.items():  # whisper.decode pins one language per call
                 indices.sort(key=lambda i: len(clips[i][2]))  # similar targets: similar transcript bounds
                 for start in range(0, len(indices), self.batch_size):
@@ -127,7 +133,10 @@ class WhisperScorer:
                         results[i] = result
             for i, measures in prosody.items():
                 if results[i].error is None:
-                    results[i] = dataclasses.replace(results[i], **measures.result())
+                    extra = measures.result()
+                    if i in quality:
+                        extra.update(quality[i].result())
+                    results[i] = dataclasses.replace(results[i], **extra)
         if prompts is not None:
             heard = [clips[i][0] if i in clips and results[i].error is None else None
                      for i in range(len(audios))]
@@ -370,6 +379,15 @@ class _BadInput(ValueError):
     """One clip cannot be scored; the scorer answers it with reward 0 and this reason."""
 
 
+def _quality_model(quality):
+    """The per-clip quality model `quality` names: None (off) or "dnsmos" (dnsmos.DNSMOS)."""
+    if quality is None:
+        return None
+    if quality != "dnsmos":
+        raise ValueError(f"quality must be None or 'dnsmos', got {quality!r}")
+    return dnsmos.DNSMOS(threads=1)  # one thread per clip: the pool runs several clips at once
+
+
 def _speaker_similarity(speaker_model, device, batch_size=16) -> SpeakerSimilarity | None:
     if speaker_model is None:
         return None
@@ -417,9 +435,10 @@ class CustomRewardScorer:
     empty); there is no 30 s limit. Bad clips and non-finite or out-of-range values get reward 0
     (and no sim). speaker_model, device: as WhisperScorer's, for `sim`."""
 
-    def __init__(self, spec: str, speaker_model=None, device="cpu"):
+    def __init__(self, spec: str, speaker_model=None, device="cpu", quality=None):
         self.function, self.spec = import_function(spec, "reward", "'whisper' or 'module:function'"), spec
         self.speaker = _speaker_similarity(speaker_model, device)
+        self.quality = _quality_model(quality)
 
     def score(self, audios, texts, languages=None, prompts=None) -> list[Score]:
         check_lengths(audios, texts, languages)
@@ -442,4 +461,7 @@ class CustomRewardScorer:
             value = math.nan
         if not 0.0 <= value <= 1.0:  # NaN fails too
             return _failed(f"reward {self.spec} returned {returned!r}, not a number in [0, 1]")
-        return Score(reward=value, **measure(audio, text))
+        measures = measure(audio, text)
+        if self.quality is not None:
+            measures.update(self.quality.rate(audio))
+        return Score(reward=value, **measures)

@@ -1189,7 +1189,7 @@ def tone_voice(audio):
 
 def test_sim_guard_toy_experiment(tmp_path):
     """A reward for higher tones pulls the policy away from a low voice's prompt: speaker
-    similarity falls without --sim-guard, and stays near the start with it."""
+    similarity falls without --guard sim, and stays near the start with it."""
     rows = [
         {
             "text": t,
@@ -1224,7 +1224,7 @@ def test_sim_guard_toy_experiment(tmp_path):
             "1000",
             "--sample-every",
             "1000",
-        ] + (["--sim-guard"] if guard else [])
+        ] + (["--guard", "sim"] if guard else [])
         runs[guard] = grpo.train(config.parse_config(flags))
     free, held = ([m["sim"] for m in runs[g]] for g in (False, True))
     ref = runs[True][0]["ref_sim"]
@@ -1236,6 +1236,7 @@ def test_sim_guard_toy_experiment(tmp_path):
 
 
 def _toy_run(tmp_path, reward, guard, steps=15):
+    """A tiny run of `steps` on a toy reward; guard: a --guard spec, or None."""
     flags = [
         "--preset",
         "tiny",
@@ -1255,28 +1256,33 @@ def _toy_run(tmp_path, reward, guard, steps=15):
         "1000",
         "--sample-every",
         "1000",
-    ] + (["--prosody-guard"] if guard else [])
+    ] + (["--guard", guard] if guard else [])
     return grpo.train(config.parse_config(flags))
 
 
 @pytest.mark.parametrize(
     "reward, measure, band, faster",
     [
-        ("short_reward", "chars_per_s", 0.25, True),
-        ("monotone_reward", "f0_std_semitones", 0.5, False),
+        ("short_reward", "chars_per_s", 8.0, True),
+        ("monotone_reward", "f0_std_semitones", 1.1, False),
+        ("high_pitch_reward", "f0_median_hz", 20.0, True),
     ],
 )
-def test_prosody_guard_toy_experiment(tmp_path, reward, measure, band, faster):
-    """On the tone codec, a reward favouring shorter audio drives the speaking rate up, and one
-    favouring a repeated code drives the pitch spread down; with --prosody-guard both stay near
-    the initial policy's (the reference measured at the start, reported as ref_*)."""
-    free = [m[measure] for m in _toy_run(tmp_path, reward, False)]
-    guarded_run = _toy_run(tmp_path, reward, True)
+def test_guard_toy_experiment(tmp_path, reward, measure, band, faster):
+    """On the tone codec, a reward favouring shorter audio drives the speaking rate up, one
+    favouring a repeated code drives the pitch spread down, one favouring higher tones drives the
+    median pitch up; with --guard MEASURE:BAND each stays near the initial policy's (the reference
+    measured at the start, reported as ref_*)."""
+    free = [m[measure] for m in _toy_run(tmp_path, reward, None)]
+    guarded_run = _toy_run(tmp_path, reward, f"{measure}:{band}")
     guarded = [m[measure] for m in guarded_run]
     ref = guarded_run[0][f"ref_{measure}"]
     assert all(m[f"ref_{measure}"] == ref for m in guarded_run)
     # the band's edge the reward pushes towards
-    edge = ref * (1 + band) if faster else ref / (1 + band)
+    if faster:
+        edge = ref + band
+    else:
+        edge = ref - band
     end_free, end_guarded = np.median(free[-5:]), np.median(guarded[-5:])
     if faster:
         assert end_free > 1.5 * edge, (ref, free, guarded)
@@ -1284,7 +1290,7 @@ def test_prosody_guard_toy_experiment(tmp_path, reward, measure, band, faster):
     else:
         assert end_free < edge, (ref, free, guarded)
         assert end_guarded >= edge / 1.25, (ref, free, guarded)
-    assert all(0 < m["prosody_guard"] <= 1 for m in guarded_run)
+    assert all(0 < m["guard_factor"] <= 1 for m in guarded_run)
 
 
 # ==================================================================================================

@@ -223,9 +223,9 @@ def test_read_audio_resamples_to_16k(tmp_path):
     assert np.abs(audio - want)[100:-100].max() < 0.02  # the same tone at the new rate
 
 
-@pytest.mark.parametrize("flag", [["--sim-weight", "0.5"], ["--sim-guard"]])
+@pytest.mark.parametrize("flag", [["--sim-weight", "0.5"], ["--guard", "sim"]])
 def test_speaker_similarity_flags_need_voice_prompts(tmp_path, flag):
-    """--sim-weight / --sim-guard on data without prompt_wav would train on sim = 0 silently:
+    """--sim-weight / --guard sim on data without prompt_wav would train on sim = 0 silently:
     refused at load, naming the file; the clone preset's data (voice prompts) loads."""
     plain = config.parse_config(["--preset", "tiny", "--out", str(tmp_path / "run"), *flag])
     with pytest.raises(ValueError, match=f"{plain.data}: no row has a prompt_wav, so {flag[0]}"):

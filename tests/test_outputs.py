@@ -74,7 +74,7 @@ def test_checkpoint_is_durable_trainer_state_last(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "flags",
     [
-        ["--reward", "test_grpo:tone_reward", "--prosody-guard"],
+        ["--reward", "test_grpo:tone_reward", "--guard", "chars_per_s", "--guard", "f0_median_hz"],
         ["--reward", "test_grpo:half_flat_reward", "--dynamic-sampling"],
     ],
 )
@@ -93,26 +93,45 @@ def test_resume_continues_exactly(tmp_path, flags):
         # the guard's initial medians, kept
         refs = {k: v for k, v in a.items() if k.startswith("ref_")}
         assert refs == {k: v for k, v in b.items() if k.startswith("ref_")}
-        assert bool(refs) == ("--prosody-guard" in flags)
+        assert bool(refs) == ("--guard" in flags)
     if "--dynamic-sampling" in flags:
         assert any(m["dyn_rounds"] > 1 for m in full)  # refill rounds ran, and resumed the same
     lines = read_jsonl(tmp_path / "b" / "run" / "metrics.jsonl")
     assert [m["step"] for m in lines] == [3, 4]
 
 
-@pytest.mark.parametrize("guard", ["--prosody-guard", "--sim-guard"])
+@pytest.mark.parametrize("guard", ["sim", "dnsmos_ovrl:0.2", "f0_median_hz"])
 def test_resume_refuses_a_guard_the_checkpointed_run_did_not_measure(tmp_path, guard):
-    """A guard keeps the initial policy's medians: turned on at --resume, they were not measured."""
+    """A guard keeps the initial policy's medians: turned on at --resume, they were not measured.
+    A guard the run had resumes (with another band too: the reference is the same median)."""
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    before = _tiny(tmp_path)
+    before = _tiny(tmp_path, "--guard", "chars_per_s")
     state = {"step": 2, "world_size": 1, "config": dataclasses.asdict(before)}
     torch.save(state, ckpt / outputs.STATE_FILE)
     assert outputs.read_trainer_state(str(ckpt), before, 1)["world_size"] == 1
-    with pytest.raises(
-        ValueError, match=f"{guard} is on, but the run that wrote the checkpoint had it off"
-    ):
-        outputs.read_trainer_state(str(ckpt), _tiny(tmp_path, guard), 1)
+    wider = _tiny(tmp_path, "--guard", "chars_per_s:5")
+    assert outputs.read_trainer_state(str(ckpt), wider, 1)["step"] == 2
+    name = guard.partition(":")[0]
+    quality = ["--quality", "dnsmos"] if name.startswith("dnsmos") else []
+    after = _tiny(tmp_path, "--guard", "chars_per_s", "--guard", guard, *quality)
+    with pytest.raises(ValueError, match=f"--guard {name} is on, but the run that wrote the"):
+        outputs.read_trainer_state(str(ckpt), after, 1)
+
+
+def test_resume_reads_an_older_checkpoints_prosody_guard(tmp_path):
+    """A checkpoint from before --guard (prosody_guard, sim_guard in its config) resumes with
+    the guards it measured, and refuses one it did not."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    config = dataclasses.asdict(_tiny(tmp_path))
+    del config["guard"]
+    config["prosody_guard"] = True
+    torch.save({"step": 2, "world_size": 1, "config": config}, ckpt / outputs.STATE_FILE)
+    old_guards = _tiny(tmp_path, "--guard", "chars_per_s", "--guard", "f0_std_semitones")
+    assert outputs.read_trainer_state(str(ckpt), old_guards, 1)["step"] == 2
+    with pytest.raises(ValueError, match="--guard sim is on"):
+        outputs.read_trainer_state(str(ckpt), _tiny(tmp_path, "--guard", "sim"), 1)
 
 
 def test_out_holding_a_run_is_refused_and_resume_auto_continues(tmp_path, capsys):
