@@ -3,7 +3,8 @@
     python plot.py runs/demo/metrics.jsonl     # -> runs/demo/metrics.png
 
 The trainer rewrites OUT/metrics.png after every step: reward_mean (every step), val_reward and
-val_cer (validation steps, step 0 = before training) against the step, on one 0..1 axis.
+val_cer (validation steps, step 0 = before training) against the step, on one 0..1 axis; below,
+the step's median pace and pitch relative to the first step's (what the reward cannot hear).
 """
 
 import argparse
@@ -44,6 +45,10 @@ FONT = {
     "v": [0, 0, 17, 17, 17, 10, 4],
     "w": [0, 0, 17, 17, 21, 21, 10],
     "_": [0, 0, 0, 0, 0, 0, 31],
+    "f": [6, 9, 8, 28, 8, 8, 8],
+    "h": [16, 16, 22, 25, 17, 17, 17],
+    "i": [4, 0, 12, 4, 4, 4, 14],
+    "z": [0, 0, 31, 2, 4, 8, 31],
 }
 # The curves drawn: (metric name, RGB colour).
 SERIES = (
@@ -97,54 +102,99 @@ def _line(img, x0, y0, x1, y1, color, width=2):
 
 def plot(metrics_jsonl: str, png_path: str | None = None, size=(640, 400)) -> str:
     """SERIES (reward_mean every step, blue; val_reward green and val_cer red at validation steps)
-    against the step, on one 0..1 axis, as a PNG (default: metrics.png beside metrics.jsonl).
+    against the step, on one 0..1 axis, as a PNG (default: metrics.png beside metrics.jsonl); below
+    it, when the run logged them, the MEASURES (pace and median pitch, each step's median divided
+    by the first step's: 1 = unchanged) on a 0..2 axis. size: (width, height) of the top panel.
     Returns the PNG's path."""
     if not png_path:
         png_path = os.path.join(os.path.dirname(os.path.abspath(metrics_jsonl)), "metrics.png")
     rows = [row for _, row in data.read_jsonl(metrics_jsonl)]
     w, h = size
+    measured = [name for name, _ in MEASURES if any(_number(r.get(name)) for r in rows)]
+    height = h
+    if measured:
+        height += MEASURES_HEIGHT
+    img = np.full((height, w, 3), 255, dtype=np.uint8)  # [H, W, 3], white
+    steps = [r["step"] for r in rows] or [1]
+    _panel(img, rows, SERIES, (0, h), steps, top_value=1.0, value_of=lambda name, v: v)
+    if measured:
+        firsts = {name: _first(rows, name) for name in measured}
+
+        def relative(name, value):
+            return value / firsts[name]
+
+        series = [(name, color) for name, color in MEASURES if name in measured]
+        box = (h, height)
+        _panel(img, rows, series, box, steps, top_value=2.0, value_of=relative)
+    write_png(png_path, img)
+    return png_path
+
+
+# The per-clip measures drawn below the curves (relative to their first step): (name, RGB).
+MEASURES = (
+    ("chars_per_s", (148, 103, 189)),
+    ("f0_median_hz", (255, 127, 14)),
+)
+MEASURES_HEIGHT = 240  # pixels of the measures' panel
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _first(rows, name) -> float:
+    """The first positive value of metric `name` in rows."""
+    return next(r[name] for r in rows if _number(r.get(name)))
+
+
+def _panel(img, rows, series, box, steps, *, top_value, value_of):
+    """Draws `series` [(metric, RGB)] of `rows` against the step into the rows box = (y0, y1) of
+    img [H, W, 3]: axes, grid, a 0..top_value y axis, a legend. value_of(name, value) -> the
+    plotted value."""
+    w = img.shape[1]
+    y0, y1 = box
     # Margins around the axes, in pixels.
     left = 60
     right = 20
-    top = 40
-    bottom = 50
-    img = np.full((h, w, 3), 255, dtype=np.uint8)  # [H, W, 3], white
-    steps = [r["step"] for r in rows] or [1]
+    top = y0 + 40
+    bottom = y1 - 50
     s0 = min(steps)  # the x axis's first step
     s1 = max(max(steps), s0 + 1)  # and its last
 
     def px(step, value):
-        """The pixel (x, y) of a point of the curve, its value clamped to 0..1."""
+        """The pixel (x, y) of a point of a curve, its value clamped to 0..top_value."""
         x = left + (step - s0) / (s1 - s0) * (w - left - right)
-        y = h - bottom - min(max(value, 0.0), 1.0) * (h - top - bottom)
+        y = bottom - min(max(value / top_value, 0.0), 1.0) * (bottom - top)
         return x, y
 
     grey = (220, 220, 220)
     black = (0, 0, 0)
-    for v in np.linspace(0, 1, 6):  # horizontal grid and y labels
+    for v in np.linspace(0, top_value, 6):  # horizontal grid and y labels
         _, y = px(s0, v)
         _line(img, left, y, w - right, y, grey, 1)
         _text(img, 8, int(y) - 7, f"{v:.1f}", black)
     ticks = np.linspace(s0, s1, min(6, s1 - s0 + 1))
     for st in sorted({int(np.rint(s)) for s in ticks}):  # x ticks
         x, _ = px(st, 0)
-        _line(img, x, h - bottom, x, h - bottom + 5, black, 1)
-        _text(img, int(x) - 6 * len(str(st)), h - bottom + 10, str(st), black)
-    _line(img, left, top, left, h - bottom, black)
-    _line(img, left, h - bottom, w - right, h - bottom, black)
-    _text(img, w // 2 - 24, h - 18, "step", black)
+        _line(img, x, bottom, x, bottom + 5, black, 1)
+        _text(img, int(x) - 6 * len(str(st)), bottom + 10, str(st), black)
+    _line(img, left, top, left, bottom, black)
+    _line(img, left, bottom, w - right, bottom, black)
+    _text(img, w // 2 - 24, y1 - 18, "step", black)
     x = left
-    for name, color in SERIES:
-        points = [px(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
+    for name, color in series:
+        points = []
+        for r in rows:
+            value = r.get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                points.append(px(r["step"], value_of(name, value)))
         for (xa, ya), (xb, yb) in itertools.pairwise(points):
             _line(img, xa, ya, xb, yb, color)
         for xp, yp in points:  # a dot on every point, so a single validation shows
             img[max(0, int(yp) - 3) : int(yp) + 4, max(0, int(xp) - 3) : int(xp) + 4] = color
-        img[12:22, x : x + 20] = color  # legend
-        _text(img, x + 26, 10, name, black)
+        img[y0 + 12 : y0 + 22, x : x + 20] = color  # legend
+        _text(img, x + 26, y0 + 10, name, black)
         x += 40 + 12 * len(name)
-    write_png(png_path, img)
-    return png_path
 
 
 def main(argv=None):

@@ -1261,20 +1261,20 @@ def _toy_run(tmp_path, reward, guard, steps=15):
 
 
 @pytest.mark.parametrize(
-    "reward, measure, band, faster",
+    "reward, measure, band, faster, steps",
     [
-        ("short_reward", "chars_per_s", 8.0, True),
-        ("monotone_reward", "f0_std_semitones", 1.1, False),
-        ("high_pitch_reward", "f0_median_hz", 20.0, True),
+        ("short_reward", "chars_per_s", 8.0, True, 15),
+        ("monotone_reward", "f0_std_semitones", 1.1, False, 15),
+        ("tone_reward", "f0_median_hz", 40.0, False, 30),
     ],
 )
-def test_guard_toy_experiment(tmp_path, reward, measure, band, faster):
+def test_guard_toy_experiment(tmp_path, reward, measure, band, faster, steps):
     """On the tone codec, a reward favouring shorter audio drives the speaking rate up, one
-    favouring a repeated code drives the pitch spread down, one favouring higher tones drives the
-    median pitch up; with --guard MEASURE:BAND each stays near the initial policy's (the reference
-    measured at the start, reported as ref_*)."""
-    free = [m[measure] for m in _toy_run(tmp_path, reward, None)]
-    guarded_run = _toy_run(tmp_path, reward, f"{measure}:{band}")
+    favouring a repeated code drives the pitch spread down, one favouring low tones drives the
+    median pitch down; with --guard MEASURE:BAND each stays near the initial policy's (the
+    reference measured at the start, reported as ref_*)."""
+    free = [m[measure] for m in _toy_run(tmp_path, reward, None, steps)]
+    guarded_run = _toy_run(tmp_path, reward, f"{measure}:{band}", steps)
     guarded = [m[measure] for m in guarded_run]
     ref = guarded_run[0][f"ref_{measure}"]
     assert all(m[f"ref_{measure}"] == ref for m in guarded_run)
@@ -1593,3 +1593,24 @@ def test_cuda_whisper_fp16_scores_match_fp32():
         assert a.error is None
         assert b.error is None
         assert b.nll == pytest.approx(a.nll, rel=2e-2), (a, b)
+
+
+def test_quality_and_guards_logged_each_step(tmp_path):
+    """--quality dnsmos with guards on pace, median pitch and quality: the initial policy's medians
+    are logged as ref_* on every step, the measures' step means beside them, and each clip's
+    ratings in samples.jsonl."""
+    pytest.importorskip("speechmos", reason="--quality dnsmos needs speechmos")
+    pytest.importorskip("onnxruntime", reason="--quality dnsmos needs onnxruntime")
+    guards = ["--guard", "chars_per_s", "--guard", "f0_median_hz", "--guard", "dnsmos_ovrl"]
+    flags = ["--val-data", "", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2"]
+    flags += ["--sample-every", "1", "--n-samples", "2", "--quality", "dnsmos", *guards]
+    history = grpo.train(_tiny(tmp_path, *flags))
+    for name in ("chars_per_s", "f0_median_hz", "dnsmos_ovrl"):
+        assert history[0][f"ref_{name}"] == history[1][f"ref_{name}"]
+        assert history[0][f"ref_{name}"] > 0
+    for m in history:
+        assert 1.0 <= m["dnsmos_ovrl"] <= 5.0
+        assert m["f0_median_hz"] > 0
+        assert 0.0 <= m["guard_factor"] <= 1.0
+    clips = read_jsonl(tmp_path / "run" / "samples" / "step_1" / "samples.jsonl")
+    assert all(1.0 <= clip["dnsmos_p808"] <= 5.0 for clip in clips)

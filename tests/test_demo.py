@@ -191,7 +191,8 @@ def test_demo_grpo_steps_end_to_end_with_real_whisper(tmp_path):
     assert [r["text"] for r in before] == [ex.text for ex in data.load_dataset(str(val))[:2]]
     assert all(isinstance(r["transcript"], str) and r["cer"] >= 0 for r in before)
     assert os.path.exists(out / "checkpoints" / "step_2" / "config.json")
-    assert _read_png(str(out / "metrics.png")).shape == (400, 640, 3)
+    # the curves, and below them the measures' panel
+    assert _read_png(str(out / "metrics.png")).shape == (400 + plot.MEASURES_HEIGHT, 640, 3)
 
 
 def _read_png(path):
@@ -236,3 +237,27 @@ def test_plot_writes_a_valid_png_with_both_curves(tmp_path):
         assert (img == np.array(rgb, dtype=np.uint8)).all(axis=2).sum() > 100, name
     other = plot.plot(str(metrics), str(tmp_path / "x.png"), size=(300, 200))
     assert _read_png(other).shape == (200, 300, 3)
+
+
+def test_plot_draws_the_measures_relative_to_their_first_step(tmp_path):
+    """With pace and pitch logged, a second panel below the curves draws each relative to its
+    first step: a pace that doubles reaches the panel's top (2.0), a pitch that holds stays at 1."""
+    metrics = tmp_path / "metrics.jsonl"
+    rows = []
+    for s in range(1, 11):
+        rows.append({"step": s, "reward_mean": 0.5, "chars_per_s": 10.0 + 10.0 * (s - 1) / 9})
+        rows[-1]["f0_median_hz"] = 200.0
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    img = _read_png(plot.plot(str(metrics)))
+    assert img.shape == (400 + plot.MEASURES_HEIGHT, 640, 3)
+    panel = img[400:]
+    for name, rgb in plot.MEASURES:
+        drawn = (panel == np.array(rgb, dtype=np.uint8)).all(axis=2)
+        assert drawn.sum() > 100, name
+    pitch = (panel == np.array(plot.MEASURES[1][1], dtype=np.uint8)).all(axis=2)
+    pace = (panel == np.array(plot.MEASURES[0][1], dtype=np.uint8)).all(axis=2)
+    pitch_rows = np.nonzero(pitch[:, 100:])[0]  # right of the legend: the curve alone
+    pace_rows = np.nonzero(pace[:, 100:])[0]
+    # 1.0 sits midway between the axis's 0 (y 190) and 2.0 (y 40); the pace ends at the top.
+    assert abs(np.median(pitch_rows) - 115) <= 4
+    assert pace_rows.min() <= 40 + 4
