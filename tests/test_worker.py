@@ -282,7 +282,13 @@ def test_cli_scores_a_jsonl(tmp_path, capsys):
             "f0_std_semitones",
             "voiced_frac",
             "chars_per_s",
+            "f0_median_hz",
             "sim",
+            "dnsmos_sig",
+            "dnsmos_bak",
+            "dnsmos_ovrl",
+            "dnsmos_p808",
+            "language",
         ]
         for r in rows
     )
