@@ -19,7 +19,7 @@ import config
 from reward import Score
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS)  # the repository root: subprocesses' cwd, train.sh, grpo.py, bench.py
+REPO = os.path.dirname(TESTS)  # the repository root: subprocesses' cwd, train.sh, grpo.py, tools/
 
 
 @pytest.fixture(autouse=True, scope="module")

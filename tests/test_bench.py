@@ -14,7 +14,7 @@ def test_bench_gpu_smoke_runs_on_cpu():
     each and no error line (the script's crashes show up here, not on a rented GPU)."""
     import json
     t0 = time.time()
-    r = subprocess.run([sys.executable, "bench.py", "gpu", "--smoke"], cwd=REPO, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "tools.bench", "gpu", "--smoke"], cwd=REPO, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
@@ -30,7 +30,7 @@ def test_bench_gpu_without_cuda_says_so(capsys, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     monkeypatch.syspath_prepend(REPO)
-    import bench
+    from tools import bench
     with pytest.raises(SystemExit, match="no CUDA device is visible"):  # before any model is built
         bench.main(["gpu"])
     assert capsys.readouterr().out == ""

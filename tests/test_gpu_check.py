@@ -1,6 +1,6 @@
-"""gpu_check.py: the single-GPU acceptance run's CPU dry run (`--smoke`), so that the script cannot
-rot between the rare runs on a rented GPU: every part runs its code at tiny shapes, each in its own
-process, and the figures that must hold on any device hold."""
+"""tools.gpu_check: the single-GPU acceptance run's CPU dry run (`--smoke`), so that the script
+cannot rot between the rare runs on a rented GPU: every part runs its code at tiny shapes, each in
+its own process, and the figures that must hold on any device hold."""
 
 import json
 import os
@@ -8,15 +8,15 @@ import subprocess
 import sys
 import time
 
-import gpu_check
 from helpers import REPO
+from tools import gpu_check
 
 
 def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     t0 = time.time()
     out = tmp_path / "out"
     r = subprocess.run(
-        [sys.executable, "gpu_check.py", "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "tools.gpu_check", "--smoke", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -55,7 +55,7 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     # (c) FSDP2 over two thread-ranks, when torch's threaded group can run it here
     if parts["c"]["status"] == "ok":
         assert parts["c"]["update_rel_err"] < 1e-4, parts["c"]
-    # (d) one row per memory case beside memory.py's prediction, each ratio a check
+    # (d) one row per memory case beside tools.memory's prediction, each ratio a check
     cases = {
         x["name"].removeprefix("gpu-check/d/"): x
         for x in rows
@@ -80,14 +80,13 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
         assert g["checks"]["base_frozen"], g
     assert sum(t for t, _ in gpu_check.PARTS.values()) <= 500  # the whole run under 9 minutes
     assert all(os.path.exists(out / f"gpu-check-{p}.log") for p in "abcdefg")
-    print(f"gpu_check.py --smoke: {time.time() - t0:.1f} s")
+    print(f"python -m tools.gpu_check --smoke: {time.time() - t0:.1f} s")
 
 
 def test_a_memory_ratio_outside_its_tolerance_fails_part_d(monkeypatch, capsys):
-    """(d): memory.py's prediction off by more than 25% (either way) for any case and phase is a
+    """(d): tools.memory's prediction off by more than 25% (either way) for any case and phase is a
     failed check, and the part's status says so."""
-    import bench_gpu
-    import gpu_check
+    from tools import gpu_check_memory
 
     ratios = iter(
         [
@@ -98,7 +97,9 @@ def test_a_memory_ratio_outside_its_tolerance_fails_part_d(monkeypatch, capsys):
         ]
     )
     monkeypatch.setattr(
-        bench_gpu, "memory_case", lambda name, *args, lora_rank=0: dict(model=name, **next(ratios))
+        gpu_check_memory,
+        "memory_case",
+        lambda name, *args, lora_rank=0: dict(model=name, **next(ratios)),
     )
     gpu_check.child("d", smoke=True)
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -23,7 +23,6 @@ import decode
 import grpo
 import llama
 import lora
-import memory
 import models
 import outputs
 import parallel
@@ -31,6 +30,7 @@ import policy as policies
 import sample
 from helpers import _FakeScorer, _tiny, read_json
 from test_grpo import _fixed_rollouts, _port, _rank_share
+from tools import memory
 
 
 def _adapted(vocab, rank=4, seed=1, bump=0.05, **kw):

@@ -1,4 +1,4 @@
-"""memory.py: the memory model against real tensors (state, FSDP2 shards, KV cache, logits,
+"""tools.memory: the memory model against real tensors (state, FSDP2 shards, KV cache, logits,
 parameter counts, activations, measured peaks)."""
 
 import math
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import llama
-import memory
 import models
 import sample
 from helpers import REPO
+from tools import memory
 
 
 def _peak_bytes(fn) -> int:
@@ -568,11 +568,11 @@ def test_memory_llasa_1b_replicated_total():
 
 
 def test_docs_tables_are_memory_tables():
-    # docs/memory.md's fit tables are what memory.py prints (full and LoRA r = 16), row for row
+    # docs/memory.md's fit tables are what tools.memory prints (full and LoRA r = 16), row for row
     with open(os.path.join(REPO, "docs", "memory.md"), encoding="utf-8") as f:
         page = f.read()
     for table in (memory.memory_table(), memory.memory_table(lora_rank=16)):
         rows = [line for line in table.splitlines() if line.startswith("| llasa")]
-        stale = "docs/memory.md: rerun python memory.py (--lora-rank 16)"
+        stale = "docs/memory.md: rerun python -m tools.memory (--lora-rank 16)"
         assert rows, stale
         assert all(row in page for row in rows), stale

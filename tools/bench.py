@@ -1,4 +1,4 @@
-"""Speed figures, each measured in one run against a reference: `python bench.py SECTION [flags]`.
+"""Speed figures, each measured in one run against a reference: `python -m tools.bench SECTION [flags]`.
 
 Every comparison prints one JSON line with `name`, the measured numbers and `ratio`
 (ours / reference speed, > 1 means ours is faster). Sections:
@@ -11,7 +11,7 @@ Every comparison prints one JSON line with `name`, the measured numbers and `rat
   reward   clips/s of scorer.WhisperScorer vs the seed's way (per clip: an NLL forward with its
            own encoder pass, then model.transcribe), same Whisper checkpoint and clips; and against the
            encoder alone (one pass per clip), the floor of any Whisper scorer.
-  gpu      the GPU figures in one command (bench_gpu.py): decode at Llasa-1B shapes against HF and the
+  gpu      the GPU figures in one command (tools/bench_gpu.py): decode at Llasa-1B shapes against HF and the
            bandwidth bound, a GRPO step's phase split and peak memory, Whisper large-v3 scoring.
            `--smoke` runs it all at tiny shapes on a CPU.
 """
@@ -22,8 +22,8 @@ import time
 
 import torch
 
-import bench_gpu
-from bench_common import LLAMA_1B, timed
+from tools import bench_gpu
+from tools.bench_common import LLAMA_1B, timed
 
 
 # ----------------------------------------------------------------------------- sample
@@ -33,7 +33,7 @@ def bench_sample(argv):
     import models
     import sample
 
-    p = argparse.ArgumentParser(prog="bench.py sample", description=bench_sample.__doc__)
+    p = argparse.ArgumentParser(prog="python -m tools.bench sample", description=bench_sample.__doc__)
     p.add_argument("--preset", choices=["small", "llama-1b"], default="small",
                    help="model shapes: 'small' uses the --layers/--hidden/... flags; 'llama-1b' is Llama-3.2-1B "
                         "with LLASA's vocab (hidden 2048, 16 layers, 32/8 heads, vocab 193800, tied) (default: small)")
@@ -139,7 +139,7 @@ def bench_step(argv):
     import models
     import sample
 
-    p = argparse.ArgumentParser(prog="bench.py step", description=bench_step.__doc__)
+    p = argparse.ArgumentParser(prog="python -m tools.bench step", description=bench_step.__doc__)
     p.add_argument("--layers", type=int, default=4, help="decoder layers (default: 4)")
     p.add_argument("--hidden", type=int, default=256, help="hidden size (default: 256)")
     p.add_argument("--vocab", type=int, default=1024, help="vocabulary size (default: 1024)")
@@ -208,7 +208,7 @@ def bench_codec(argv):
     """XCodec2Decoder vs the xcodec2 package's decode_code: seconds per second of audio, same random weights."""
     import codec
 
-    p = argparse.ArgumentParser(prog="bench.py codec", description=bench_codec.__doc__)
+    p = argparse.ArgumentParser(prog="python -m tools.bench codec", description=bench_codec.__doc__)
     p.add_argument("--preset", choices=["full", "small"], default="full",
                    help="'full': the published model's shapes (187M decoder parameters); 'small': hidden 64, "
                         "2 blocks, for a quick look (default: full)")
@@ -272,8 +272,8 @@ def bench_reward(argv):
     import whisper_worker
     from reward import char_error_rate, tts_reward
 
-    assets = os.environ.get("TEST_ASSETS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "assets"))
-    p = argparse.ArgumentParser(prog="bench.py reward", description=bench_reward.__doc__)
+    assets = os.environ.get("TEST_ASSETS", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "assets"))
+    p = argparse.ArgumentParser(prog="python -m tools.bench reward", description=bench_reward.__doc__)
     p.add_argument("--whisper", default=os.path.join(assets, "whisper-tiny.en.pt"),
                    help="Whisper name or checkpoint (default: whisper-tiny.en.pt in TEST_ASSETS)")
     p.add_argument("--clips", type=int, default=8, help="clips per run, cycling through the clean and noisy clips "
@@ -333,8 +333,8 @@ SECTIONS = {"sample": bench_sample, "step": bench_step, "codec": bench_codec, "r
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in SECTIONS:
-        raise SystemExit(f"usage: python bench.py SECTION [flags], SECTION one of {sorted(SECTIONS)} "
-                         f"(got {argv[0] if argv else 'nothing'!r}); `python bench.py SECTION -h` lists its flags")
+        raise SystemExit(f"usage: python -m tools.bench SECTION [flags], SECTION one of {sorted(SECTIONS)} "
+                         f"(got {argv[0] if argv else 'nothing'!r}); `python -m tools.bench SECTION -h` lists its flags")
     SECTIONS[argv[0]](argv[1:])
 
 

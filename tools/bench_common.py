@@ -1,4 +1,6 @@
-"""What bench.py and bench_gpu.py share: timing that waits for the device, JSON rows, model shapes."""
+"""What the benchmarks share (tools.bench, tools.bench_gpu, tools.gpu_check_decode): timing that
+waits for the device, JSON result rows, Llasa-1B's shapes."""
+
 import json
 import statistics
 import time
@@ -7,6 +9,7 @@ import torch
 
 
 def sync(device: torch.device):
+    """Wait for the device's queued work (CUDA); nothing elsewhere."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -30,8 +33,22 @@ def print_row(name: str, t0: float, **fields) -> None:
     print(json.dumps({"name": name, **fields, "seconds": round(time.time() - t0, 1)}), flush=True)
 
 
-# Llasa-1B's shapes (HKUSTAudio/Llasa-1B config.json): what the decode and trainer benchmarks build at random.
-LLAMA_1B = dict(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192,
-                vocab=193800, tie_word_embeddings=True, max_positions=131072,
-                rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                  original_max_position_embeddings=8192))
+# Llasa-1B's shapes (HKUSTAudio/Llasa-1B config.json): what the decode and trainer benchmarks
+# build at random.
+LLAMA_1B = dict(
+    hidden_size=2048,
+    num_layers=16,
+    num_heads=32,
+    num_kv_heads=8,
+    intermediate_size=8192,
+    vocab=193800,
+    tie_word_embeddings=True,
+    max_positions=131072,
+    rope_scaling=dict(
+        rope_type="llama3",
+        factor=32.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
+)

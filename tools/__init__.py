@@ -1,0 +1,1 @@
+"""Tooling beside the algorithm: speed benchmarks, the GPU acceptance run, the memory model."""
