@@ -4,7 +4,8 @@
 preallocates and owns, running the model's own modules (embeddings, layers, norm, rotary embedding,
 lm_head) with F.scaled_dot_product_attention. No `model.generate`, no HF Cache objects: the loop
 reads as gpt-fast's, a few small functions (llama.py: `prefill`, `process_logits`, `sample_token`,
-`decode_one_token`) one can read, test against transformers and time (`python -m tools.bench sample`).
+`decode_one_token`) one can read, test against transformers and time (`python -m tools.bench
+sample`).
 
 With `compile=True` or a `decode.Decoder`, the same loop runs a static-shape step instead
 (decode.py, gpt-fast's design), which `torch.compile` captures once per shape (CUDA graphs on a
