@@ -1,8 +1,9 @@
 """Whisper scoring of TTS clips: transcript, CER, NLL and reward, in this process.
 
-WhisperScorer batches clips, runs the Whisper encoder once per clip, and uses those features twice:
-for the greedy transcript (whisper.decode, the batched layer, bounded by the target's length) and for
-the teacher-forced NLL of the intended text (DESIGN.md §2). Every scorer answers a reward.Score per
+WhisperScorer batches clips, runs the Whisper encoder once per clip, and uses those features for
+the teacher-forced NLL of the intended text (DESIGN.md §2) and for the greedy transcript (bounded
+by the target's length), both from the same decoder passes (whisper_decode.py: whisper.decode's
+tokens, the text as their draft). Every scorer answers a reward.Score per
 clip. Silence (empty or all-zero audio) is an answer: transcript "", CER 1, its NLL measured, reward
 about 0. A clip over Whisper's 30 s window is refused (too_long, reward 0), never scored on its first
 30 s. `window_s` below 30 runs the encoder on that many seconds only (`windowed`: faster on a CPU,
@@ -31,6 +32,7 @@ from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
 from prosody import measure
 from reward import RewardConfig, Score, char_error_rate, import_function, normalize_text, tts_reward
 from speaker import SpeakerSimilarity, load_speaker_model
+from whisper_decode import DraftStats, Verified, greedy_options, verified_decode
 
 WINDOW_S = N_SAMPLES / SAMPLE_RATE  # 30.0: Whisper hears one window
 SAMPLES_PER_AUDIO_FRAME = N_SAMPLES // 1500  # 320: one encoder position (two 10 ms mel frames)
@@ -55,11 +57,14 @@ class WhisperScorer:
     None: 1 beside a CPU Whisper (which wants the cores), up to 8 beside a GPU one, which serves
     every rank's clips and would otherwise wait for one thread's pitch tracking.
     speaker_model: None, or a speaker.load_speaker_model spec (or SpeakerModel) on the same device,
-    for `sim` (embedded in batches of batch_size)."""
+    for `sim` (embedded in batches of batch_size).
+    transcripts: "verified" (whisper_decode.verified_decode: the greedy transcript checked against
+    the text in the NLL's decoder pass, decoded on only where it leaves it) or "whisper.decode"
+    (the batched whisper.decode, then an NLL pass of its own: the same tokens, slower)."""
 
     def __init__(self, model, device="cpu", language=None, *, batch_size=16, max_transcript_tokens=None,
                  fp16=None, reward_config=None, download_root=None, window_s=WINDOW_S, prosody_threads=None,
-                 speaker_model=None):
+                 speaker_model=None, transcripts="verified"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_transcript_tokens is not None and max_transcript_tokens < 1:
@@ -87,6 +92,10 @@ class WhisperScorer:
         tokenizer = self._tokenizer(self.language)
         self._eot, self._n_prefix = tokenizer.eot, len(tokenizer.sot_sequence_including_notimestamps)
         self.speaker = _speaker_similarity(speaker_model, self.device, batch_size)
+        if transcripts not in ("verified", "whisper.decode"):
+            raise ValueError(f"transcripts must be 'verified' or 'whisper.decode', got {transcripts!r}")
+        self.transcripts = transcripts
+        self.draft_stats = DraftStats()  # verified_decode's running totals
 
     def score(self, audios, texts, languages=None, prompts=None) -> list[Score]:
         """One reward.Score per clip, in order.
@@ -155,38 +164,53 @@ class WhisperScorer:
                                                        self.model.dims.n_mels,
                                                        device=self.device) for audio, _, _ in clips])
         features = self.model.encoder(mel.to(dtype))  # [B, n_audio_ctx, n_audio_state], the one encoder pass
-        transcripts, languages = [""] * len(clips), [language] * len(clips)
+        targets = [target for _, _, target in clips]
         # Silence says nothing: not decoded (a decode of it would be a hallucination or a loop).
-        heard = [b for b, (audio, _, _) in enumerate(clips) if audio.any()]
+        bounds = [self._transcript_bound(len(target)) if audio.any() else None
+                  for audio, _, target in clips]
+        languages = [language] * len(clips)
+        if self.transcripts == "verified":
+            decoded = verified_decode(self.model, features, targets, languages, bounds, self.draft_stats)
+        else:
+            decoded = self._whisper_decode(features, targets, language, bounds)
+        results = []
+        for (_, text, _), clip in zip(clips, decoded):
+            if not math.isfinite(clip.nll):  # e.g. fp16 overflow: no reward can be read from it
+                raise FloatingPointError(f"non-finite NLL ({clip.nll}) of the text {text!r}")
+            # Text tokens only: a weak model may emit special tokens, which decode() would spell out.
+            tokens = [t for t in clip.tokens if t < self._eot]
+            transcript = self._tokenizer(clip.language).decode(tokens).strip()
+            cer = char_error_rate(text, transcript)  # 1.0 for silence's "" transcript
+            reward = tts_reward(cer, clip.nll, **vars(self.reward_config))
+            results.append(Score(reward=reward, transcript=transcript, cer=cer, nll=clip.nll))
+        return results
+
+    def _whisper_decode(self, features, targets, language, bounds) -> list[Verified]:
+        """What verified_decode answers, the way before it (kept for bench.py reward): whisper.decode
+        on the decoded clips at the batch's largest bound, each cut at its own (as if decoded alone),
+        then teacher_forced_nll in a decoder pass of its own."""
+        tokens = [[] for _ in targets]
+        languages = [language] * len(targets)
+        heard = [b for b, bound in enumerate(bounds) if bound is not None]
         if heard:
-            bounds = {b: self._transcript_bound(len(clips[b][2])) for b in heard}
-            options = whisper.DecodingOptions(language=language, without_timestamps=True, fp16=self.fp16,
-                                              sample_len=max(bounds.values()), temperature=0.0)
+            options = greedy_options(language, max(bounds[b] for b in heard), self.fp16)
             for b, d in zip(heard, whisper.decode(self.model, features[heard], options)):
-                # Cut at its own bound, as if decoded alone; text tokens only: a weak model may emit
-                # special tokens, which decode() would spell out.
-                tokens = [t for t in d.tokens[:bounds[b]] if t < self._eot]
-                transcripts[b], languages[b] = self._tokenizer(d.language).decode(tokens).strip(), d.language
+                tokens[b] = d.tokens[:bounds[b]]
+                languages[b] = d.language
         unknown = [b for b, lang in enumerate(languages) if lang is None]  # silence, no language given
         if unknown:  # the NLL's prefix needs one: what Whisper detects in that window
             _, probs = whisper.decoding.detect_language(self.model, features[unknown])
             for b, p in zip(unknown, probs):
                 languages[b] = max(p, key=p.get)
-        sequences, n_prefix = [], []
-        for (_, _, target), lang in zip(clips, languages):
+        sequences = []
+        n_prefix = []
+        for target, lang in zip(targets, languages):
             tokenizer = self._tokenizer(lang)
             prefix = list(tokenizer.sot_sequence_including_notimestamps)
             sequences.append(prefix + target + [tokenizer.eot])
             n_prefix.append(len(prefix))
         nlls = teacher_forced_nll(self.model, features, sequences, n_prefix)
-        results = []
-        for (_, text, _), transcript, nll in zip(clips, transcripts, nlls):
-            if not math.isfinite(nll):  # e.g. fp16 overflow: no reward can be read from it
-                raise FloatingPointError(f"non-finite NLL ({nll}) of the text {text!r}")
-            cer = char_error_rate(text, transcript)  # 1.0 for silence's "" transcript
-            reward = tts_reward(cer, nll, **vars(self.reward_config))
-            results.append(Score(reward=reward, transcript=transcript, cer=cer, nll=nll))
-        return results
+        return [Verified(tokens=t, language=lang, nll=nll) for t, lang, nll in zip(tokens, languages, nlls)]
 
     def _transcript_bound(self, n_target: int) -> int:
         limit = self.model.dims.n_text_ctx - self._n_prefix

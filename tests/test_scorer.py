@@ -143,14 +143,14 @@ def test_whisper_transcript_bound_follows_the_target(tiny_model, monkeypatch):
     tokenizer = get_tokenizer(True, num_languages=tiny_model.num_languages)
     n_target = {text: len(tokenizer.encode(" " + text)) for text in (KOREAN_150, CHINESE, "Hi.")}
     assert len(KOREAN_150) >= 150 and len(CHINESE) >= 50
-    seen, decode = [], whisper.decode
+    seen, verified = [], scoring.verified_decode
 
-    def spy(model, features, options):
-        results = decode(model, features, options)
-        seen.append((options.sample_len, [len(r.tokens) for r in results]))
+    def spy(model, features, targets, languages, bounds, stats=None):
+        results = verified(model, features, targets, languages, bounds, stats)
+        seen.extend((bound, len(r.tokens)) for bound, r in zip(bounds, results))
         return results
 
-    monkeypatch.setattr(scoring.whisper, "decode", spy)
+    monkeypatch.setattr(scoring, "verified_decode", spy)
     scorer = scoring.WhisperScorer(tiny_model, "cpu", batch_size=4)  # no cap; languages detected per clip
     audios = [noise(1.0, 7), noise(8.0, 8), noise(6.0, 9)]
     texts = ["Hi.", KOREAN_150, CHINESE]
@@ -160,7 +160,7 @@ def test_whisper_transcript_bound_follows_the_target(tiny_model, monkeypatch):
     # Room for the whole transcript, even spelled with twice the target's tokens (the old fixed cap was 128).
     assert ko_len >= 2 * n_target[KOREAN_150] > 128 and zh_len >= 2 * n_target[CHINESE]
     assert ko_len <= tiny_model.dims.n_text_ctx - 4 and en_len == 2 * n_target["Hi."] + 10
-    assert all(n <= length for length, tokens in seen for n in tokens)  # random weights still stop
+    assert all(n <= length for length, n in seen)  # random weights still stop
 
     def chatty(model, features, options):  # a model that never stops: the same word at every step
         seen.append((options.sample_len, None))
@@ -170,14 +170,17 @@ def test_whisper_transcript_bound_follows_the_target(tiny_model, monkeypatch):
 
     seen.clear()
     monkeypatch.setattr(scoring.whisper, "decode", chatty)
-    mixed = scoring.WhisperScorer(tiny_model, "cpu", "en", batch_size=4).score(audios, texts)  # one batch
-    # the batch decodes to its longest bound
+    mixed = scoring.WhisperScorer(tiny_model, "cpu", "en", batch_size=4,  # one batch
+                                  transcripts="whisper.decode").score(audios, texts)
+    # whisper.decode's batch decodes to its longest bound
     assert [length for length, _ in seen] == [2 * n_target[KOREAN_150] + 10]
     # Each transcript is cut at its own target's bound, as if decoded alone.
     assert [len(tokenizer.encode(" " + r.transcript)) for r in mixed] == [2 * n_target[t] + 10 for t in texts]
     seen.clear()
     scoring.WhisperScorer(tiny_model, "cpu", "ko", max_transcript_tokens=16).score(audios[1:2], texts[1:2])
-    assert [length for length, _ in seen] == [16]
+    assert seen == [(16, 16)]
+    with pytest.raises(ValueError, match="transcripts must be 'verified' or 'whisper.decode'"):
+        scoring.WhisperScorer(tiny_model, "cpu", transcripts="beam")
 
 
 def test_whisper_failed_batch_is_retried_clip_by_clip(tiny_model, monkeypatch):
@@ -188,17 +191,18 @@ def test_whisper_failed_batch_is_retried_clip_by_clip(tiny_model, monkeypatch):
     texts = ["first clip", "second clip", "poisoned clip", "fourth clip", "fifth clip"]
     scorer = scoring.WhisperScorer(tiny_model, "cpu", "en", batch_size=4, max_transcript_tokens=6)
     expected = [scorer.score([a], [t])[0] for a, t in zip(audios, texts)]  # each clip alone, unpatched
-    nll = scoring.teacher_forced_nll
+    verified = scoring.verified_decode
     for how, error in [("nan", "scoring failed: FloatingPointError: "
                                "non-finite NLL (nan) of the text 'poisoned clip'"),
                        ("raise", "scoring failed: RuntimeError: decoder exploded")]:
-        def failing(model, features, sequences, n_prefix):
-            poisoned = [seq[-len(poison):] == poison for seq in sequences]
+        def failing(model, features, targets, languages, bounds, stats=None):
+            poisoned = [target + [tokenizer.eot] == poison for target in targets]
             if how == "raise" and any(poisoned):
                 raise RuntimeError("decoder exploded")
-            return [math.nan if p else v for p, v in zip(poisoned, nll(model, features, sequences, n_prefix))]
+            results = verified(model, features, targets, languages, bounds, stats)
+            return [dataclasses.replace(r, nll=math.nan) if p else r for p, r in zip(poisoned, results)]
 
-        monkeypatch.setattr(scoring, "teacher_forced_nll", failing)
+        monkeypatch.setattr(scoring, "verified_decode", failing)
         results = scorer.score(audios, texts)
         assert results[2] == Score(reward=0.0, error=error)
         for result, reference in zip(results[:2] + results[3:], expected[:2] + expected[3:]):
