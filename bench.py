@@ -8,14 +8,17 @@ Every comparison prints one JSON line with `name`, the measured numbers and `rat
            1,792 slots (it should cost the same), and of the eager loop.
   codec    seconds per second of audio of codec.XCodec2Decoder vs the xcodec2 package's decode_code
            (same random weights, full model shapes), if that package is importable; else ours only.
-  reward   clips/s of scorer.WhisperScorer vs the seed's way (per clip: an NLL forward with its
-           own encoder pass, then model.transcribe), same Whisper checkpoint and clips; and against the
-           encoder alone (one pass per clip), the floor of any Whisper scorer.
+  reward   clips/s of scorer.WhisperScorer (transcripts verified against the text) vs its
+           whisper.decode path, vs the seed's way (per clip: an NLL forward with its own encoder
+           pass, then model.transcribe), same Whisper checkpoint and clips; and against the encoder
+           alone (one pass per clip), the floor of any Whisper scorer; with the fraction of greedy
+           tokens the draft (the text) proposed.
   gpu      the GPU figures in one command (bench_gpu.py): decode at Llasa-1B shapes against HF and the
            bandwidth bound, a GRPO step's phase split and peak memory, Whisper large-v3 scoring.
            `--smoke` runs it all at tiny shapes on a CPU.
 """
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -261,7 +264,8 @@ def bench_codec(argv):
 # ----------------------------------------------------------------------------- reward
 
 def bench_reward(argv):
-    """WhisperScorer vs the seed's way of scoring: clips per second, same Whisper model and clips."""
+    """WhisperScorer (transcripts verified against the text) vs its whisper.decode path and the
+    seed's way of scoring, and against the encoder alone: clips per second, same model and clips."""
     import os
 
     import torch.nn.functional as F
@@ -271,15 +275,21 @@ def bench_reward(argv):
     import scorer as scoring
     import whisper_worker
     from reward import char_error_rate, tts_reward
+    from whisper_decode import DraftStats
 
-    assets = os.environ.get("TEST_ASSETS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "assets"))
+    here = os.path.dirname(os.path.abspath(__file__))
+    assets = os.environ.get("TEST_ASSETS", os.path.join(here, "..", "shared", "assets"))
     p = argparse.ArgumentParser(prog="bench.py reward", description=bench_reward.__doc__)
     p.add_argument("--whisper", default=os.path.join(assets, "whisper-tiny.en.pt"),
                    help="Whisper name or checkpoint (default: whisper-tiny.en.pt in TEST_ASSETS)")
-    p.add_argument("--clips", type=int, default=8, help="clips per run, cycling through the clean and noisy clips "
-                                                        "of TEST_ASSETS/speech (default: 8)")
+    p.add_argument("--clips", type=int, default=8,
+                   help="clips per run, cycling through the clean and noisy clips of "
+                        "TEST_ASSETS/speech (default: 8)")
     p.add_argument("--language", default="en", help="language of the clips (default: en)")
     p.add_argument("--batch-size", type=int, default=16, help="WhisperScorer's batch size (default: 16)")
+    p.add_argument("--window", type=float, default=30.0,
+                   help="seconds Whisper hears, as --whisper-window; the seed's way hears 30 "
+                        "(default: 30)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per measurement, median reported (default: 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device (default: cuda if available, else cpu)")
@@ -294,12 +304,18 @@ def bench_reward(argv):
     rows = [rows[i % len(rows)] for i in range(args.clips)]
     audios = [whisper_worker.read_wav(os.path.join(assets, "speech", r["wav"])) for r in rows]
     texts = [r["text"] for r in rows]
-    scorer = scoring.WhisperScorer(args.whisper, device, args.language, batch_size=args.batch_size)
+    kw = dict(batch_size=args.batch_size, window_s=args.window)
+    scorer = scoring.WhisperScorer(args.whisper, device, args.language, **kw)
+    decode_path = scoring.WhisperScorer(scorer.model, device, args.language,
+                                        transcripts="whisper.decode", **kw)
     model, dtype = scorer.model, torch.float16 if scorer.fp16 else torch.float32
     tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language=args.language)
 
     def ours(n=len(audios)):
         return scorer.score(audios[:n], texts[:n])
+
+    def whisper_decode_path(n=len(audios)):
+        return decode_path.score(audios[:n], texts[:n])
 
     def seed_way(n=len(audios)):
         rewards = []
@@ -312,19 +328,43 @@ def bench_reward(argv):
             rewards.append(tts_reward(char_error_rate(text, transcript), nll))
         return rewards
 
-    def encoder_only():  # the floor of any scorer: Whisper's encoder on one 30 s window per clip
+    def encoder_only():  # the floor of any scorer: Whisper's encoder on one window per clip
         for start in range(0, len(audios), args.batch_size):
-            model.encoder(torch.stack([whisper.log_mel_spectrogram(whisper.pad_or_trim(a), model.dims.n_mels, device=device)
-                                       for a in audios[start:start + args.batch_size]]).to(dtype))
+            mel = [whisper.log_mel_spectrogram(whisper.pad_or_trim(a, scorer.n_samples),
+                                               model.dims.n_mels, device=device)
+                   for a in audios[start:start + args.batch_size]]
+            model.encoder(torch.stack(mel).to(dtype))
 
+    fns = [ours, whisper_decode_path, encoder_only]
+    if args.window == 30.0:  # the seed heard 30 s windows only
+        fns.append(seed_way)
     with torch.inference_mode():
-        ours(1), seed_way(1)  # warm-up: tokenizer, mel filters, allocator
-        t_ours, t_seed, t_encoder = timed([ours, seed_way, encoder_only], device, args.repeats)
-    print(json.dumps(dict(name="reward", model=os.path.basename(args.whisper), device=str(device), threads=args.threads,
-                          clips=len(audios), batch_size=args.batch_size,
-                          ours_clips_per_s=round(len(audios) / t_ours, 3), seed_clips_per_s=round(len(audios) / t_seed, 3),
-                          ratio=round(t_seed / t_ours, 3), encoder_only_clips_per_s=round(len(audios) / t_encoder, 3),
-                          fraction_of_encoder_bound=round(t_encoder / t_ours, 3))), flush=True)
+        ours(1)  # warm-up: tokenizer, mel filters, allocator
+        whisper_decode_path(1)
+        encoder_only()
+        if seed_way in fns:
+            seed_way(1)
+        scorer.draft_stats = DraftStats()
+        times = timed(fns, device, args.repeats)
+        stats = dataclasses.replace(scorer.draft_stats)  # the timed runs' counts, copied
+        verified = [(a.transcript, a.cer) for a in ours()]
+        same = verified == [(b.transcript, b.cer) for b in whisper_decode_path()]
+    clips = len(audios)
+    row = dict(name="reward", model=os.path.basename(args.whisper), device=str(device),
+               threads=args.threads, clips=clips, batch_size=args.batch_size, window_s=args.window,
+               repeats=args.repeats,
+               ours_clips_per_s=round(clips / times[0], 3),
+               whisper_decode_clips_per_s=round(clips / times[1], 3),
+               encoder_only_clips_per_s=round(clips / times[2], 3),
+               fraction_of_encoder_bound=round(times[2] / times[0], 3),
+               whisper_decode_fraction_of_encoder_bound=round(times[2] / times[1], 3),
+               ratio_over_whisper_decode=round(times[1] / times[0], 3),
+               draft_accepted_fraction=round(stats.accepted / max(stats.decided, 1), 3),
+               decoder_calls_per_run=round(stats.calls / args.repeats, 1),
+               transcripts_equal_whisper_decode=same)
+    if seed_way in fns:
+        row.update(seed_clips_per_s=round(clips / times[3], 3), ratio=round(times[3] / times[0], 3))
+    print(json.dumps(row), flush=True)
 
 
 SECTIONS = {"sample": bench_sample, "step": bench_step, "codec": bench_codec, "reward": bench_reward, "gpu": bench_gpu.bench_gpu}

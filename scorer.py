@@ -93,7 +93,8 @@ class WhisperScorer:
         self._eot, self._n_prefix = tokenizer.eot, len(tokenizer.sot_sequence_including_notimestamps)
         self.speaker = _speaker_similarity(speaker_model, self.device, batch_size)
         if transcripts not in ("verified", "whisper.decode"):
-            raise ValueError(f"transcripts must be 'verified' or 'whisper.decode', got {transcripts!r}")
+            raise ValueError(f"transcripts must be 'verified' or 'whisper.decode', "
+                             f"got {transcripts!r}")
         self.transcripts = transcripts
         self.draft_stats = DraftStats()  # verified_decode's running totals
 
@@ -170,14 +171,15 @@ class WhisperScorer:
                   for audio, _, target in clips]
         languages = [language] * len(clips)
         if self.transcripts == "verified":
-            decoded = verified_decode(self.model, features, targets, languages, bounds, self.draft_stats)
+            decoded = verified_decode(self.model, features, targets, languages, bounds,
+                                      self.draft_stats)
         else:
             decoded = self._whisper_decode(features, targets, language, bounds)
         results = []
         for (_, text, _), clip in zip(clips, decoded):
             if not math.isfinite(clip.nll):  # e.g. fp16 overflow: no reward can be read from it
                 raise FloatingPointError(f"non-finite NLL ({clip.nll}) of the text {text!r}")
-            # Text tokens only: a weak model may emit special tokens, which decode() would spell out.
+            # Text tokens only: a weak model may emit special tokens, which decode() would spell.
             tokens = [t for t in clip.tokens if t < self._eot]
             transcript = self._tokenizer(clip.language).decode(tokens).strip()
             cer = char_error_rate(text, transcript)  # 1.0 for silence's "" transcript
@@ -186,9 +188,9 @@ class WhisperScorer:
         return results
 
     def _whisper_decode(self, features, targets, language, bounds) -> list[Verified]:
-        """What verified_decode answers, the way before it (kept for bench.py reward): whisper.decode
-        on the decoded clips at the batch's largest bound, each cut at its own (as if decoded alone),
-        then teacher_forced_nll in a decoder pass of its own."""
+        """What verified_decode answers, the way before it (kept for bench.py reward):
+        whisper.decode on the decoded clips at the batch's largest bound, each cut at its own (as
+        if decoded alone), then teacher_forced_nll in a decoder pass of its own."""
         tokens = [[] for _ in targets]
         languages = [language] * len(targets)
         heard = [b for b, bound in enumerate(bounds) if bound is not None]
@@ -210,7 +212,8 @@ class WhisperScorer:
             sequences.append(prefix + target + [tokenizer.eot])
             n_prefix.append(len(prefix))
         nlls = teacher_forced_nll(self.model, features, sequences, n_prefix)
-        return [Verified(tokens=t, language=lang, nll=nll) for t, lang, nll in zip(tokens, languages, nlls)]
+        return [Verified(tokens=clip_tokens, language=lang, nll=nll)
+                for clip_tokens, lang, nll in zip(tokens, languages, nlls)]
 
     def _transcript_bound(self, n_target: int) -> int:
         limit = self.model.dims.n_text_ctx - self._n_prefix

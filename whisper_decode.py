@@ -63,31 +63,37 @@ def verified_decode(model, features, targets, languages, bounds, stats=None,
     stats = DraftStats() if stats is None else stats
     device = features.device
     rules = _Rules(model)
-    languages = list(languages)
     n_prefix = len(rules.prefix("en"))
     limit = model.dims.n_text_ctx - n_prefix
     if any(bound is not None and not 1 <= bound <= limit for bound in bounds):
         raise ValueError(f"greedy bounds must be None or in [1, {limit}], got {bounds}")
-    slots = max(n_prefix + max(len(t), b or 0) for t, b in zip(targets, bounds)) + draft_len + 2
-    cache = _Cache(model, features, slots)
-    start = torch.zeros(len(targets), dtype=torch.long, device=device)
-    if None in languages:  # the <|startoftranscript|> position of every clip, in the cache
-        logits = _logits(model, cache.forward(torch.full_like(start[:, None], rules.sot), start))
+    longest = max(n_prefix + max(len(t), b or 0) for t, b in zip(targets, bounds))
+    cache = _Cache(model, features, slots=longest + draft_len + 2)
+    skip = 0  # leading tokens of every sequence already in the cache
+    languages = list(languages)
+    if None in languages:  # <|startoftranscript|> of every clip, then the language of these
+        sot = torch.full((len(targets), 1), rules.sot, device=device)
+        logits = _logits(model, cache.forward(sot, _starts(len(targets), 0, device)))
         stats.calls += 1
         languages = rules.detected(logits[:, 0], languages)
-        start += 1
+        skip = 1
     sequences = [rules.prefix(lang) + target for lang, target in zip(languages, targets)]
-    first = n_prefix - 1 - int(start[0])  # where the logits of the first sampled token are
-    logits = _logits(model, cache.forward(_padded(sequences, int(start[0]), device), start))  # [B, L, n_vocab]
+    hidden = cache.forward(_padded(sequences, skip, device), _starts(len(targets), skip, device))
+    logits = _logits(model, hidden)  # [B, L, n_vocab]
     stats.calls += 1
+    first = n_prefix - 1 - skip  # the position whose logits choose the first sampled token
     nlls = _nlls(logits, [target + [rules.eot] for target in targets], first)
     rules.suppress(logits, blank_at=first)
     greedy = logits[:, first:].argmax(-1).tolist()  # [B][j]: the choice after target[:j]
     del logits
-    clips = [_Clip(target + [rules.eot], bound, n_prefix) for target, bound in zip(targets, bounds)]
-    going = [clip if clip.bound is not None and clip.follow(choices, rules.eot, stats) else None
-             for clip, choices in zip(clips, greedy)]  # by cache row; None: not decoding on
-    _decode_on(model, cache, rules, going, draft_len, stats)
+    clips = []
+    rows = []  # by cache row: the clip that decodes on, None where it has stopped
+    for target, bound, choices in zip(targets, bounds, greedy):
+        clip = _Clip(target + [rules.eot], bound, n_prefix)
+        clips.append(clip)
+        going = bound is not None and clip.follow(choices, rules.eot, stats)
+        rows.append(clip if going else None)
+    _decode_on(model, cache, rules, rows, draft_len, stats)
     return [Verified(tokens=clip.out, language=lang, nll=nll)
             for clip, lang, nll in zip(clips, languages, nlls)]
 
@@ -103,8 +109,16 @@ def _decode_on(model, cache, rules, rows, draft_len, stats):
             cache.keep(live)
             rows = [rows[row] for row in live]
             live = list(range(len(rows)))
-        fed = [[0] if clip is None else [clip.last] + clip.draft(draft_len) for clip in rows]
-        positions = torch.tensor([0 if clip is None else clip.cached for clip in rows], device=device)
+        fed = []
+        positions = []
+        for clip in rows:
+            if clip is None:  # a stopped clip's row computes garbage until the cache drops it
+                fed.append([0])
+                positions.append(0)
+            else:
+                fed.append([clip.last] + clip.draft(draft_len))
+                positions.append(clip.cached)
+        positions = torch.tensor(positions, device=device)
         hidden = cache.forward(_padded(fed, 0, device), positions)  # [R, k, n_text_state]
         stats.calls += 1
         reading = live  # rows whose draft held up to position i
@@ -114,14 +128,17 @@ def _decode_on(model, cache, rules, rows, draft_len, stats):
             logits = _logits(model, hidden[reading, i][:, None])  # [r, 1, n_vocab]
             rules.suppress(logits, blank_at=None)
             choices = logits[:, 0].argmax(-1).tolist()
-            reading = [row for row, choice in zip(reading, choices)
-                       if rows[row].take(i, choice, rules.eot, stats)]
+            held = []
+            for row, choice in zip(reading, choices):
+                if rows[row].take(i, choice, rules.eot, stats):
+                    held.append(row)
+            reading = held
         rows = [None if clip is None or clip.done else clip for clip in rows]
 
 
 class _Rules:
     """whisper.decode's greedy rules for `model`: its SOT sequences, the tokens suppressed at every
-    step and at the first sampled one (read from whisper's own logit filters), its language tokens."""
+    step and at the first sampled one (read from whisper's logit filters), its language tokens."""
 
     def __init__(self, model):
         self.model = model
@@ -135,15 +152,15 @@ class _Rules:
             if isinstance(logit_filter, SuppressTokens):
                 self.always = list(logit_filter.suppress_tokens)
             elif isinstance(logit_filter, SuppressBlank):
-                self.first = tokenizer.encode(" ") + [tokenizer.eot]  # what SuppressBlank.apply sets
+                self.first = tokenizer.encode(" ") + [tokenizer.eot]  # SuppressBlank.apply's
             else:
                 raise TypeError(f"unexpected whisper logit filter {type(logit_filter).__name__}")
         self.tokenizer = tokenizer
 
     def prefix(self, language) -> list[int]:
         """The SOT sequence (language, task, no timestamps) of `language`."""
-        tokenizer = get_tokenizer(self.model.is_multilingual, num_languages=self.model.num_languages,
-                                  language=language, task="transcribe")
+        tokenizer = get_tokenizer(self.model.is_multilingual, language=language, task="transcribe",
+                                  num_languages=self.model.num_languages)
         return list(tokenizer.sot_sequence_including_notimestamps)
 
     def detected(self, logits, languages) -> list[str]:
@@ -153,8 +170,9 @@ class _Rules:
             raise ValueError("this Whisper model is English-only: it cannot detect a language")
         tokens = list(self.tokenizer.all_language_tokens)
         codes = list(self.tokenizer.all_language_codes)
-        choice = logits[:, tokens].argmax(-1).tolist()
-        return [codes[c] if language is None else language for c, language in zip(choice, languages)]
+        choices = logits[:, tokens].argmax(-1).tolist()
+        detected = [codes[choice] for choice in choices]
+        return [language or code for language, code in zip(languages, detected)]
 
     def suppress(self, logits, blank_at):
         """In place on logits [R, L, n_vocab]: -inf at the tokens suppressed at every step, and at
@@ -254,10 +272,12 @@ class _Cache:
         decoder = self.decoder
         n_ctx = decoder.positional_embedding.shape[0]
         positions = start[:, None] + torch.arange(tokens.shape[1], device=start.device)  # [R, k]
-        x = decoder.token_embedding(tokens) + decoder.positional_embedding[positions.clamp(max=n_ctx - 1)]
+        x = decoder.positional_embedding[positions.clamp(max=n_ctx - 1)]  # padding past n_ctx
+        x = decoder.token_embedding(tokens) + x
         x = x.to(self.audio_keys[0].dtype)
         n_keys = int(positions.max()) + 1
-        visible = torch.arange(n_keys, device=start.device) <= positions[:, :, None]  # [R, k, n_keys]
+        keys_at = torch.arange(n_keys, device=start.device)
+        visible = keys_at <= positions[:, :, None]  # [R, k, n_keys]: causal, True where seen
         rows = torch.arange(tokens.shape[0], device=start.device)[:, None]
         for block, keys, values, audio_keys, audio_values in zip(
                 decoder.blocks, self.keys, self.values, self.audio_keys, self.audio_values):
@@ -294,7 +314,13 @@ def _attention(attention, h, keys, values, visible):
 
 def _logits(model, hidden):
     """Float32 logits [R, k, n_vocab] of hidden states [R, k, n_text_state], as TextDecoder's."""
-    return (hidden @ torch.transpose(model.decoder.token_embedding.weight.to(hidden.dtype), 0, 1)).float()
+    embedding = model.decoder.token_embedding.weight.to(hidden.dtype)
+    return (hidden @ torch.transpose(embedding, 0, 1)).float()
+
+
+def _starts(batch, position, device):
+    """Every row's first position [batch]: `position`."""
+    return torch.full((batch,), position, dtype=torch.long, device=device)
 
 
 def _padded(sequences, skip: int, device):

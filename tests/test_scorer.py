@@ -143,7 +143,8 @@ def test_whisper_transcript_bound_follows_the_target(tiny_model, monkeypatch):
     tokenizer = get_tokenizer(True, num_languages=tiny_model.num_languages)
     n_target = {text: len(tokenizer.encode(" " + text)) for text in (KOREAN_150, CHINESE, "Hi.")}
     assert len(KOREAN_150) >= 150 and len(CHINESE) >= 50
-    seen, verified = [], scoring.verified_decode
+    seen = []
+    verified = scoring.verified_decode
 
     def spy(model, features, targets, languages, bounds, stats=None):
         results = verified(model, features, targets, languages, bounds, stats)
@@ -200,7 +201,8 @@ def test_whisper_failed_batch_is_retried_clip_by_clip(tiny_model, monkeypatch):
             if how == "raise" and any(poisoned):
                 raise RuntimeError("decoder exploded")
             results = verified(model, features, targets, languages, bounds, stats)
-            return [dataclasses.replace(r, nll=math.nan) if p else r for p, r in zip(poisoned, results)]
+            return [dataclasses.replace(r, nll=math.nan) if p else r
+                    for p, r in zip(poisoned, results)]
 
         monkeypatch.setattr(scoring, "verified_decode", failing)
         results = scorer.score(audios, texts)

@@ -75,7 +75,8 @@ def test_real_clips_equal_greedy_with_right_and_wrong_texts(tiny_en):
         for row, answer, tokens in zip(rows, got, expected):
             assert answer.tokens == tokens, (row, tokenizer.decode(answer.tokens),
                                              tokenizer.decode(tokens))
-        sequences = [[tokenizer.sot, tokenizer.no_timestamps] + t + [tokenizer.eot] for t in targets]
+        prefix = list(tokenizer.sot_sequence_including_notimestamps)
+        sequences = [prefix + target + [tokenizer.eot] for target in targets]
         with torch.inference_mode():
             nlls = scoring.teacher_forced_nll(model, features, sequences, [2] * len(rows))
         assert [a.nll for a in got] == pytest.approx(nlls, abs=1e-4)
@@ -169,3 +170,24 @@ def test_scorer_scores_equal_the_whisper_decode_path(tiny_en):
     silent = [s for s, row in zip(got, rows) if row["kind"] == "silence"]
     assert [(s.transcript, s.cer) for s in silent] == [("", 1.0)] * 2
     assert verified.draft_stats.calls >= 3 and verified.draft_stats.accepted > 0
+
+
+def test_blank_and_eot_are_suppressed_at_the_first_token_only():
+    """A Whisper whose every logit ranks " ", then EOT, then " a" first: whisper.decode's first
+    token is " a" (suppress_blank), then " " to the bound; so is the verified transcript's."""
+    model = scoring.random_tiny_whisper(seed=1)
+    tokenizer = get_tokenizer(True, num_languages=model.num_languages)
+    blank = tokenizer.encode(" ")[0]
+    word = tokenizer.encode(" a")[0]
+    with torch.no_grad():
+        model.decoder.ln.weight.zero_()  # every position's last hidden state is the bias
+        bias = model.decoder.ln.bias.normal_(generator=torch.Generator().manual_seed(0))
+        for token, scale in [(blank, 3.0), (tokenizer.eot, 2.0), (word, 1.0)]:
+            model.decoder.token_embedding.weight[token] = scale * bias
+    mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(noise(1.0, 5)), 80)
+    with torch.inference_mode():
+        features = model.encoder(mel[None])
+    targets = [tokenizer.encode(" a b")]
+    got = whisper_decode.verified_decode(model, features, targets, ["en"], [6])
+    expected, _ = greedy_alone(model, features, ["en"], [6])
+    assert expected == [[word] + [blank] * 5] and [a.tokens for a in got] == expected
