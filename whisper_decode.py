@@ -12,6 +12,7 @@ its own EOT or bound. The tokens are whisper.decode's for the clip decoded alone
 up to float rounding at an argmax tie, which batching changes in whisper.decode too.
 """
 import dataclasses
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from whisper.decoding import DecodingTask, SuppressBlank, SuppressTokens
 from whisper.tokenizer import get_tokenizer
 
 DRAFT_LEN = 8  # most draft tokens checked per clip and call after a mismatch
+GUESS_LEN = 1  # ... where the output has no n-gram in common with the text
 
 
 @dataclasses.dataclass
@@ -61,7 +63,6 @@ def verified_decode(model, features, targets, languages, bounds, stats=None,
     (whisper.decode's sample_len, in [1, n_text_ctx - the SOT sequence's length], else ValueError),
     or None for a clip whose NLL only is wanted (silence); stats: a DraftStats to add to."""
     stats = DraftStats() if stats is None else stats
-    device = features.device
     rules = _Rules(model)
     n_prefix = len(rules.prefix("en"))
     limit = model.dims.n_text_ctx - n_prefix
@@ -69,71 +70,88 @@ def verified_decode(model, features, targets, languages, bounds, stats=None,
         raise ValueError(f"greedy bounds must be None or in [1, {limit}], got {bounds}")
     longest = max(n_prefix + max(len(t), b or 0) for t, b in zip(targets, bounds))
     cache = _Cache(model, features, slots=longest + draft_len + 2)
-    skip = 0  # leading tokens of every sequence already in the cache
     languages = list(languages)
-    if None in languages:  # <|startoftranscript|> of every clip, then the language of these
-        sot = torch.full((len(targets), 1), rules.sot, device=device)
-        logits = _logits(model, cache.forward(sot, _starts(len(targets), 0, device)))
-        stats.calls += 1
-        languages = rules.detected(logits[:, 0], languages)
+    skip = 0  # leading tokens of every sequence already in the cache
+    if None in languages:
+        languages = _detect(model, cache, rules, languages, stats)
         skip = 1
     sequences = [rules.prefix(lang) + target for lang, target in zip(languages, targets)]
-    hidden = cache.forward(_padded(sequences, skip, device), _starts(len(targets), skip, device))
-    logits = _logits(model, hidden)  # [B, L, n_vocab]
-    stats.calls += 1
-    first = n_prefix - 1 - skip  # the position whose logits choose the first sampled token
-    nlls = _nlls(logits, [target + [rules.eot] for target in targets], first)
-    rules.suppress(logits, blank_at=first)
-    greedy = logits[:, first:].argmax(-1).tolist()  # [B][j]: the choice after target[:j]
-    del logits
+    answers = [target + [rules.eot] for target in targets]  # due from the first sampled position
+    nlls, choices = _teacher_forced(model, cache, rules, sequences, answers, skip, stats)
     clips = []
-    rows = []  # by cache row: the clip that decodes on, None where it has stopped
-    for target, bound, choices in zip(targets, bounds, greedy):
-        clip = _Clip(target + [rules.eot], bound, n_prefix)
+    decoding = []  # by batch row: the clip if it decodes on, else None
+    for answer, bound, after_prefixes in zip(answers, bounds, choices):
+        clip = _Clip(answer, bound, n_prefix)
         clips.append(clip)
-        going = bound is not None and clip.follow(choices, rules.eot, stats)
-        rows.append(clip if going else None)
-    _decode_on(model, cache, rules, rows, draft_len, stats)
+        going = bound is not None and clip.follow(after_prefixes, rules.eot, stats)
+        decoding.append(clip if going else None)
+    _decode_on(model, cache, rules, decoding, draft_len, stats)
     return [Verified(tokens=clip.out, language=lang, nll=nll)
             for clip, lang, nll in zip(clips, languages, nlls)]
 
 
-def _decode_on(model, cache, rules, rows, draft_len, stats):
-    """Greedy decoding of the clips that left their text, each until it stops. rows: the clip of
-    each cache row, None where it has stopped. One decoder call per step: each clip's last token
-    and its draft; logits then only where they decide (the draft held up to there)."""
-    device = cache.keys[0].device
-    while any(rows):
-        live = [row for row, clip in enumerate(rows) if clip is not None]
-        if len(rows) - len(live) >= len(live):  # copying the live rows costs less than carrying
-            cache.keep(live)
-            rows = [rows[row] for row in live]
-            live = list(range(len(rows)))
+def _detect(model, cache, rules, languages, stats) -> list[str]:
+    """languages, each None replaced by the language Whisper detects in its clip; the decoder call
+    on <|startoftranscript|> leaves that position of every clip in the cache."""
+    device = cache.features.device
+    batch = len(languages)
+    sot = torch.full((batch, 1), rules.sot, device=device)
+    logits = _logits(model, cache.forward(sot, _starts(batch, 0, device))[:, 0])  # [B, n_vocab]
+    stats.calls += 1
+    return rules.detected(logits, languages)
+
+
+def _teacher_forced(model, cache, rules, sequences, answers, skip, stats):
+    """One decoder call on every sequence (SOT sequence + target; its first `skip` tokens already
+    in the cache). Returns the NLL of each row's answers (target + EOT, due from the first sampled
+    position on) and, per row, the greedy choice at each of those positions."""
+    device = cache.features.device
+    hidden = cache.forward(_padded(sequences, skip, device), _starts(len(sequences), skip, device))
+    stats.calls += 1
+    first = len(sequences[0]) - len(answers[0]) - skip  # the first sampled position's logits
+    due = torch.zeros(hidden.shape[:2], dtype=torch.bool)  # [B, L]: True where a token is due
+    for row, answer in enumerate(answers):
+        due[row, first:first + len(answer)] = True
+    logits = _logits(model, hidden[due.to(device)])  # [N, n_vocab]: the due positions in order
+    labels = torch.tensor([token for answer in answers for token in answer], device=device)
+    counts = [len(answer) for answer in answers]
+    losses = F.cross_entropy(logits, labels, reduction="none").split(counts)
+    nlls = torch.stack([loss.mean() for loss in losses]).tolist()
+    starts = [0] + list(itertools.accumulate(counts))[:-1]  # each row's first due position in N
+    rules.suppress(logits, blank_at=starts)
+    choices = logits.argmax(-1).tolist()
+    return nlls, [choices[start:start + count] for start, count in zip(starts, counts)]
+
+
+def _decode_on(model, cache, rules, clips, draft_len, stats):
+    """Greedy decoding of the clips that left their text, each until it stops. clips: the clip of
+    each batch row, None where it does not decode on. One decoder call per step computes the rows
+    still decoding: each clip's last token and its draft."""
+    device = cache.features.device
+    rows = [row for row, clip in enumerate(clips) if clip is not None]
+    while rows:
+        cache.select(rows)
         fed = []
-        positions = []
-        for clip in rows:
-            if clip is None:  # a stopped clip's row computes garbage until the cache drops it
-                fed.append([0])
-                positions.append(0)
-            else:
-                fed.append([clip.last] + clip.draft(draft_len))
-                positions.append(clip.cached)
-        positions = torch.tensor(positions, device=device)
+        for row in rows:
+            fed.append([clips[row].last] + clips[row].draft(draft_len))
+        positions = torch.tensor([clips[row].cached for row in rows], device=device)
         hidden = cache.forward(_padded(fed, 0, device), positions)  # [R, k, n_text_state]
         stats.calls += 1
-        reading = live  # rows whose draft held up to position i
-        for i in range(hidden.shape[1]):
-            if not reading:
-                break
-            logits = _logits(model, hidden[reading, i][:, None])  # [r, 1, n_vocab]
-            rules.suppress(logits, blank_at=None)
-            choices = logits[:, 0].argmax(-1).tolist()
-            held = []
-            for row, choice in zip(reading, choices):
-                if rows[row].take(i, choice, rules.eot, stats):
-                    held.append(row)
-            reading = held
-        rows = [None if clip is None or clip.done else clip for clip in rows]
+        lengths = torch.tensor([len(tokens) for tokens in fed], device=device)
+        fed_at = torch.arange(hidden.shape[1], device=device) < lengths[:, None]  # [R, k]
+        logits = _logits(model, hidden[fed_at])  # [N, n_vocab]: the fed positions only
+        rules.suppress(logits, blank_at=[])
+        choices = logits.argmax(-1).tolist()
+        going = []
+        for row, tokens in zip(rows, fed):
+            clip = clips[row]
+            for i, choice in enumerate(choices[:len(tokens)]):
+                if not clip.take(i, choice, rules.eot, stats):
+                    break
+            choices = choices[len(tokens):]
+            if not clip.done:
+                going.append(row)
+        rows = going
 
 
 class _Rules:
@@ -175,12 +193,13 @@ class _Rules:
         return [language or code for language, code in zip(languages, detected)]
 
     def suppress(self, logits, blank_at):
-        """In place on logits [R, L, n_vocab]: -inf at the tokens suppressed at every step, and at
-        position blank_at (None: no position) at the first sampled position's too."""
+        """In place on logits [N, n_vocab]: -inf at the tokens suppressed at every step, and at
+        the rows blank_at (a list) at the first sampled position's too."""
         device = logits.device
         logits.index_fill_(-1, torch.tensor(self.always, device=device), -torch.inf)
-        if blank_at is not None:
-            logits[:, blank_at].index_fill_(-1, torch.tensor(self.first, device=device), -torch.inf)
+        if blank_at:
+            rows = torch.tensor(blank_at, device=device)[:, None]
+            logits[rows, torch.tensor(self.first, device=device)] = -torch.inf
 
 
 class _Clip:
@@ -196,6 +215,7 @@ class _Clip:
         self.cached = 0
         self.last = None
         self.drafted = []
+        self.size = 2  # tokens drafted after an n-gram match: doubled when a draft holds whole
         self.done = False
 
     def follow(self, choices, eot, stats) -> bool:
@@ -214,19 +234,22 @@ class _Clip:
         raise AssertionError("the target's EOT position is always a stop or a mismatch")
 
     def draft(self, draft_len) -> list[int]:
-        """The source's tokens after a place where it has the output's last tokens (the longest
-        such n-gram up to 3, the place nearest where the output would be), within the bound."""
-        room = min(draft_len, self.bound - len(self.out) - 1)
-        self.drafted = []
+        """Source tokens from where the output rejoins the source: after the longest n-gram (up
+        to 3) ending the output that the source has (the occurrence nearest where the output would
+        be), `size` of them (at most draft_len); without one, GUESS_LEN from where the output
+        would be had its last token replaced the source's. Within the bound."""
+        self.size = min(self.size, draft_len)
+        room = min(self.size, self.bound - len(self.out) - 1)
         for n in range(min(3, len(self.out)), 0, -1):
             tail = self.out[-n:]
             ends = [e for e in range(n - 1, len(self.source) - 1)
                     if self.source[e - n + 1:e + 1] == tail]
-            if ends and room > 0:
-                end = min(ends, key=lambda e: abs(e + 1 - self.expected))
-                self.expected = end + 1
-                self.drafted = self.source[end + 1:end + 1 + room]
+            if ends:
+                self.expected = min(ends, key=lambda e: abs(e + 1 - self.expected)) + 1
                 break
+        else:
+            room = min(room, GUESS_LEN)
+        self.drafted = self.source[self.expected:self.expected + max(room, 0)]
         return self.drafted
 
     def take(self, i, choice, eot, stats) -> bool:
@@ -240,6 +263,10 @@ class _Clip:
             return False
         if drafted:
             return True
+        if self.drafted and i == len(self.drafted):
+            self.size *= 2
+        elif self.drafted and i == 0:
+            self.size = max(1, self.size // 2)
         self.cached += i + 1  # the last token and the draft's first i, taken
         self.last = choice
         self.expected += i + 1
@@ -253,67 +280,89 @@ class _Clip:
 
 
 class _Cache:
-    """The decoder's keys and values for a batch: self-attention [R, slots, n_text_state] per layer,
-    written in place at each token's position, and cross-attention [R, n_audio_ctx, n_text_state]
-    per layer, computed once from the audio features."""
+    """A batch's decoder state: the self-attention keys and values [B, slots, n_text_state] per
+    layer, written in place at each token's position, and the audio features [B, n_audio_ctx,
+    n_audio_state] that cross-attention reads (_cross_attention: no keys or values stored)."""
 
     def __init__(self, model, features, slots):
         self.decoder = model.decoder
+        self.features = features
         shape = (features.shape[0], slots, model.dims.n_text_state)
         self.keys = [features.new_zeros(shape) for _ in self.decoder.blocks]
         self.values = [features.new_zeros(shape) for _ in self.decoder.blocks]
-        self.audio_keys = [block.cross_attn.key(features) for block in self.decoder.blocks]
-        self.audio_values = [block.cross_attn.value(features) for block in self.decoder.blocks]
+        self.rows = list(range(features.shape[0]))
+        self.index = torch.arange(features.shape[0], device=features.device)
+        self.audio = features  # the features of `rows`
+
+    def select(self, rows):
+        """The batch rows that the next calls compute, in this order."""
+        if rows == self.rows:
+            return
+        self.rows = rows
+        self.index = torch.tensor(rows, device=self.features.device)
+        self.audio = self.features.index_select(0, self.index)
 
     def forward(self, tokens, start):
-        """The decoder's last hidden states [R, k, n_text_state] of tokens [R, k], the first at
-        position start [R] of its row (the cache holds every earlier position); their keys and
-        values are written at their positions. Rows padded at the end compute garbage there."""
+        """The decoder's last hidden states [R, k, n_text_state] of tokens [R, k] of the selected
+        rows, the first at position start [R] of its row (the cache holds every earlier one);
+        their keys and values are written at their positions. Padding computes garbage."""
         decoder = self.decoder
         n_ctx = decoder.positional_embedding.shape[0]
         positions = start[:, None] + torch.arange(tokens.shape[1], device=start.device)  # [R, k]
         x = decoder.positional_embedding[positions.clamp(max=n_ctx - 1)]  # padding past n_ctx
         x = decoder.token_embedding(tokens) + x
-        x = x.to(self.audio_keys[0].dtype)
+        x = x.to(self.features.dtype)
         n_keys = int(positions.max()) + 1
         keys_at = torch.arange(n_keys, device=start.device)
         visible = keys_at <= positions[:, :, None]  # [R, k, n_keys]: causal, True where seen
-        rows = torch.arange(tokens.shape[0], device=start.device)[:, None]
-        for block, keys, values, audio_keys, audio_values in zip(
-                decoder.blocks, self.keys, self.values, self.audio_keys, self.audio_values):
+        rows = self.index[:, None]
+        for block, keys, values in zip(decoder.blocks, self.keys, self.values):
             h = block.attn_ln(x)
             keys[rows, positions] = block.attn.key(h)
             values[rows, positions] = block.attn.value(h)
-            a = _attention(block.attn, h, keys[:, :n_keys], values[:, :n_keys], visible)
-            x = x + block.attn.out(a)
-            a = _attention(block.cross_attn, block.cross_attn_ln(x), audio_keys, audio_values, None)
-            x = x + block.cross_attn.out(a)
+            seen_keys = keys[self.index, :n_keys]
+            seen_values = values[self.index, :n_keys]
+            x = x + block.attn.out(_attention(block.attn, h, seen_keys, seen_values, visible))
+            h = block.cross_attn_ln(x)
+            x = x + block.cross_attn.out(_cross_attention(block.cross_attn, h, self.audio))
             x = x + block.mlp(block.mlp_ln(x))
         return decoder.ln(x)
-
-    def keep(self, rows):
-        """Only these rows, in this order, from now on."""
-        if rows == list(range(self.keys[0].shape[0])):
-            return
-        index = torch.tensor(rows, device=self.keys[0].device)
-        for tensors in (self.keys, self.values, self.audio_keys, self.audio_values):
-            tensors[:] = [t.index_select(0, index) for t in tensors]
 
 
 def _attention(attention, h, keys, values, visible):
     """whisper.model.MultiHeadAttention's scaled-dot-product path on given keys and values: h [R, k,
-    n_state] queries through attention.query; visible [R, k, S] bool, or None for all."""
+    n_state] queries through attention.query; visible [R, k, S] bool."""
     q = attention.query(h)
     heads = attention.n_head
     q = q.view(*q.shape[:2], heads, -1).transpose(1, 2)
     k = keys.view(*keys.shape[:2], heads, -1).transpose(1, 2)
     v = values.view(*values.shape[:2], heads, -1).transpose(1, 2)
-    mask = None if visible is None else visible[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])  # [R, H, k, d_head]
+    return out.transpose(1, 2).flatten(2)
+
+
+def _cross_attention(attention, h, audio):
+    """Whisper's cross-attention of h [R, k, n_state] over audio [R, A, n_state] (before its `out`
+    projection), with the keys and values folded into the queries: per head, q . (x W_k) =
+    (q W_k^T) . x, and softmax . (x W_v + b_v) = (softmax . x) W_v + b_v, as the softmax sums to
+    1. Keys and values at all A positions cost 2 A n_state^2 per layer and clip; the folded form
+    2 A n_state n_head per query: less below 64 queries per clip (Whisper's head size)."""
+    batch, length, width = h.shape
+    heads = attention.n_head
+    q = attention.query(h).view(batch, length, heads, width // heads)  # [R, k, H, d_head]
+    key = attention.key.weight.to(h.dtype).view(heads, width // heads, width)  # [H, d_head, n]
+    q = torch.einsum("rkhe,hen->rhkn", q, key).reshape(batch, 1, heads * length, width)
+    # One attention "head" of width n_state whose keys and values are both the audio: read once.
+    mixed = F.scaled_dot_product_attention(q, audio[:, None], audio[:, None],
+                                           scale=(width // heads) ** -0.5)  # [R, 1, H k, n_state]
+    mixed = mixed.view(batch, heads, length, width)
+    value = attention.value.weight.to(h.dtype).view(heads, width // heads, width)
+    out = torch.einsum("rhkn,hen->rkhe", mixed, value).reshape(batch, length, width)
+    return out + attention.value.bias.to(h.dtype)
 
 
 def _logits(model, hidden):
-    """Float32 logits [R, k, n_vocab] of hidden states [R, k, n_text_state], as TextDecoder's."""
+    """Float32 logits [..., n_vocab] of hidden states [..., n_text_state], as TextDecoder's."""
     embedding = model.decoder.token_embedding.weight.to(hidden.dtype)
     return (hidden @ torch.transpose(embedding, 0, 1)).float()
 
@@ -330,19 +379,3 @@ def _padded(sequences, skip: int, device):
     for row, sequence in enumerate(sequences):
         tokens[row, :len(sequence) - skip] = torch.tensor(sequence[skip:])
     return tokens.to(device)
-
-
-def _nlls(logits, answers, first) -> list[float]:
-    """Mean cross-entropy per row of logits [B, L, n_vocab] against answers[b], the tokens due from
-    position `first` on."""
-    batch, length = logits.shape[:2]
-    labels = torch.zeros(batch, length, dtype=torch.long)
-    scored = torch.zeros(batch, length, dtype=torch.bool)  # [B, L]: True where a token is due
-    for row, answer in enumerate(answers):
-        labels[row, first:first + len(answer)] = torch.tensor(answer)
-        scored[row, first:first + len(answer)] = True
-    labels = labels.to(logits.device)
-    scored = scored.to(logits.device)
-    ce = torch.zeros(batch, length, device=logits.device)
-    ce[scored] = F.cross_entropy(logits[scored], labels[scored], reduction="none")
-    return (ce.sum(1) / scored.sum(1)).tolist()
