@@ -7,9 +7,11 @@ greedy choice there (whisper.decode's rules: blank and EOT suppressed at the fir
 position, the suppressed-token set, argmax, the length bound) is the text's next token, the
 transcript follows the text at no further cost. At the first mismatch that choice is the
 transcript's next token, and decoding goes on from the pass's KV cache, each call also checking a
-draft looked up in the text where the transcript rejoins it (prompt lookup). Each clip stops at
-its own EOT or bound. The tokens are whisper.decode's for the clip decoded alone (greedy_options),
-up to float rounding at an argmax tie, which batching changes in whisper.decode too.
+draft taken from the text where the transcript rejoins it (prompt lookup). Each clip stops at its
+own EOT or bound and leaves the batch. Cross-attention folds its keys and values into the queries
+(_cross_attention): no clip pays for keys and values at all 1500 audio positions. The tokens are
+whisper.decode's for the clip decoded alone (greedy_options), up to float rounding at an argmax
+tie, which batching changes in whisper.decode too.
 """
 import dataclasses
 import itertools
@@ -21,7 +23,6 @@ from whisper.decoding import DecodingTask, SuppressBlank, SuppressTokens
 from whisper.tokenizer import get_tokenizer
 
 DRAFT_LEN = 8  # most draft tokens checked per clip and call after a mismatch
-GUESS_LEN = 1  # ... where the output has no n-gram in common with the text
 
 
 @dataclasses.dataclass
@@ -61,7 +62,8 @@ def verified_decode(model, features, targets, languages, bounds, stats=None,
     B lists of the intended text's token ids (no SOT sequence, no EOT); languages: B codes, None
     where Whisper detects it (multilingual models only, else ValueError); bounds: B greedy bounds
     (whisper.decode's sample_len, in [1, n_text_ctx - the SOT sequence's length], else ValueError),
-    or None for a clip whose NLL only is wanted (silence); stats: a DraftStats to add to."""
+    or None for a clip whose NLL only is wanted (silence); stats: a DraftStats to add to;
+    draft_len: most draft tokens a clip's decoder call checks."""
     stats = DraftStats() if stats is None else stats
     rules = _Rules(model)
     n_prefix = len(rules.prefix("en"))
@@ -80,12 +82,12 @@ def verified_decode(model, features, targets, languages, bounds, stats=None,
     nlls, choices = _teacher_forced(model, cache, rules, sequences, answers, skip, stats)
     clips = []
     decoding = []  # by batch row: the clip if it decodes on, else None
-    for answer, bound, after_prefixes in zip(answers, bounds, choices):
-        clip = _Clip(answer, bound, n_prefix)
+    for target, bound, after_prefixes in zip(targets, bounds, choices):
+        clip = _Clip(rules.draft_source(target), bound, n_prefix, draft_len)
         clips.append(clip)
         going = bound is not None and clip.follow(after_prefixes, rules.eot, stats)
         decoding.append(clip if going else None)
-    _decode_on(model, cache, rules, decoding, draft_len, stats)
+    _decode_on(model, cache, rules, decoding, stats)
     return [Verified(tokens=clip.out, language=lang, nll=nll)
             for clip, lang, nll in zip(clips, languages, nlls)]
 
@@ -123,7 +125,7 @@ def _teacher_forced(model, cache, rules, sequences, answers, skip, stats):
     return nlls, [choices[start:start + count] for start, count in zip(starts, counts)]
 
 
-def _decode_on(model, cache, rules, clips, draft_len, stats):
+def _decode_on(model, cache, rules, clips, stats):
     """Greedy decoding of the clips that left their text, each until it stops. clips: the clip of
     each batch row, None where it does not decode on. One decoder call per step computes the rows
     still decoding: each clip's last token and its draft."""
@@ -133,7 +135,7 @@ def _decode_on(model, cache, rules, clips, draft_len, stats):
         cache.select(rows)
         fed = []
         for row in rows:
-            fed.append([clips[row].last] + clips[row].draft(draft_len))
+            fed.append([clips[row].last] + clips[row].draft())
         positions = torch.tensor([clips[row].cached for row in rows], device=device)
         hidden = cache.forward(_padded(fed, 0, device), positions)  # [R, k, n_text_state]
         stats.calls += 1
@@ -175,6 +177,15 @@ class _Rules:
                 raise TypeError(f"unexpected whisper logit filter {type(logit_filter).__name__}")
         self.tokenizer = tokenizer
 
+    def draft_source(self, target) -> list[int]:
+        """What the greedy transcript is drafted from: the target, a period unless it ends with
+        one (Whisper ends most transcripts with one; a wrong draft token costs no decoder call),
+        EOT."""
+        period = self.tokenizer.encode(".")
+        if target[-len(period):] == period:
+            return target + [self.eot]
+        return target + period + [self.eot]
+
     def prefix(self, language) -> list[int]:
         """The SOT sequence (language, task, no timestamps) of `language`."""
         tokenizer = get_tokenizer(self.model.is_multilingual, language=language, task="transcribe",
@@ -203,10 +214,11 @@ class _Rules:
 
 
 class _Clip:
-    """One clip's greedy decoding: its output so far, the draft source (target + EOT), how many
-    leading positions of the cache hold its inputs (`cached`) and its last choice, not yet fed."""
+    """One clip's greedy decoding: its output so far, its draft source (_Rules.draft_source), how
+    many leading positions of the cache hold its inputs (`cached`), its last choice (not yet fed)
+    and its draft's length (`size`: halved when its first token is wrong, doubled if all hold)."""
 
-    def __init__(self, source, bound, n_prefix):
+    def __init__(self, source, bound, n_prefix, draft_len):
         self.source = source
         self.bound = bound
         self.n_prefix = n_prefix
@@ -215,7 +227,8 @@ class _Clip:
         self.cached = 0
         self.last = None
         self.drafted = []
-        self.size = 2  # tokens drafted after an n-gram match: doubled when a draft holds whole
+        self.draft_len = draft_len
+        self.size = draft_len
         self.done = False
 
     def follow(self, choices, eot, stats) -> bool:
@@ -223,22 +236,22 @@ class _Clip:
         while they are the target's; True if the clip must decode on."""
         for j, choice in enumerate(choices):
             stats.decided += 1
-            stats.accepted += int(choice == self.source[j])
+            drafted = choice == self.source[j]
+            stats.accepted += int(drafted)
             if self._stops(choice, eot):
                 return False
-            if choice != self.source[j]:
+            if not drafted or j == len(choices) - 1:  # the pass has no logits after this choice
                 self.cached = self.n_prefix + j  # the SOT sequence and target[:j]
                 self.last = choice
-                self.expected = j + 1
+                self._moved(j + 1)
                 return True
-        raise AssertionError("the target's EOT position is always a stop or a mismatch")
+        raise AssertionError("a teacher-forced pass always has a choice")
 
-    def draft(self, draft_len) -> list[int]:
-        """Source tokens from where the output rejoins the source: after the longest n-gram (up
-        to 3) ending the output that the source has (the occurrence nearest where the output would
-        be), `size` of them (at most draft_len); without one, GUESS_LEN from where the output
-        would be had its last token replaced the source's. Within the bound."""
-        self.size = min(self.size, draft_len)
+    def draft(self) -> list[int]:
+        """`size` source tokens (within the bound) from where the output rejoins the source: after
+        the longest n-gram (up to 3) ending the output that the source has (the occurrence nearest
+        where the output would be); without one, from where the output would be had its last
+        token taken the place of the source's."""
         room = min(self.size, self.bound - len(self.out) - 1)
         for n in range(min(3, len(self.out)), 0, -1):
             tail = self.out[-n:]
@@ -247,8 +260,6 @@ class _Clip:
             if ends:
                 self.expected = min(ends, key=lambda e: abs(e + 1 - self.expected)) + 1
                 break
-        else:
-            room = min(room, GUESS_LEN)
         self.drafted = self.source[self.expected:self.expected + max(room, 0)]
         return self.drafted
 
@@ -264,13 +275,18 @@ class _Clip:
         if drafted:
             return True
         if self.drafted and i == len(self.drafted):
-            self.size *= 2
+            self.size = min(2 * self.size, self.draft_len)
         elif self.drafted and i == 0:
             self.size = max(1, self.size // 2)
         self.cached += i + 1  # the last token and the draft's first i, taken
         self.last = choice
-        self.expected += i + 1
+        self._moved(self.expected + i + 1)
         return False
+
+    def _moved(self, expected):
+        # The output goes on from there in the source, had its last token taken the place of the
+        # source's; never past the source's EOT (an output that did not stop inserted a token).
+        self.expected = min(expected, len(self.source) - 1)
 
     def _stops(self, choice, eot) -> bool:
         if choice == eot:
