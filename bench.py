@@ -290,6 +290,9 @@ def bench_reward(argv):
     p.add_argument("--window", type=float, default=30.0,
                    help="seconds Whisper hears, as --whisper-window; the seed's way hears 30 "
                         "(default: 30)")
+    p.add_argument("--texts", choices=["given", "heard"], default="given",
+                   help="each clip's text: what it was made to say, or what Whisper hears in it "
+                        "(its greedy transcript: speech that says its text) (default: given)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per measurement, median reported (default: 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device (default: cuda if available, else cpu)")
@@ -310,6 +313,8 @@ def bench_reward(argv):
                                         transcripts="whisper.decode", **kw)
     model, dtype = scorer.model, torch.float16 if scorer.fp16 else torch.float32
     tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language=args.language)
+    if args.texts == "heard":
+        texts = [score.transcript for score in scorer.score(audios, texts)]
 
     def ours(n=len(audios)):
         return scorer.score(audios[:n], texts[:n])
@@ -351,8 +356,8 @@ def bench_reward(argv):
         same = verified == [(b.transcript, b.cer) for b in whisper_decode_path()]
     clips = len(audios)
     row = dict(name="reward", model=os.path.basename(args.whisper), device=str(device),
-               threads=args.threads, clips=clips, batch_size=args.batch_size, window_s=args.window,
-               repeats=args.repeats,
+               threads=args.threads, clips=clips, texts=args.texts, batch_size=args.batch_size,
+               window_s=args.window, repeats=args.repeats,
                ours_clips_per_s=round(clips / times[0], 3),
                whisper_decode_clips_per_s=round(clips / times[1], 3),
                encoder_only_clips_per_s=round(clips / times[2], 3),

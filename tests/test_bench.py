@@ -34,3 +34,28 @@ def test_bench_gpu_without_cuda_says_so(capsys, monkeypatch):
     with pytest.raises(SystemExit, match="no CUDA device is visible"):  # before any model is built
         bench.main(["gpu"])
     assert capsys.readouterr().out == ""
+
+
+def test_bench_reward_compares_the_verified_scorer_in_one_run(capsys, monkeypatch):
+    """`bench.py reward`: the verified scorer against its whisper.decode path and the encoder alone,
+    in one JSON line, with the draft's accepted fraction and the transcripts found equal; speech
+    that says its text (--texts heard) takes one decoder call, every token from the draft."""
+    import json
+    import os
+
+    from helpers import ASSETS
+    if not os.path.isfile(os.path.join(ASSETS, "whisper-tiny.en.pt")):
+        pytest.skip(f"{ASSETS}/whisper-tiny.en.pt not found (set TEST_ASSETS)")
+    monkeypatch.syspath_prepend(REPO)
+    monkeypatch.setenv("TEST_ASSETS", ASSETS)
+    import bench
+    rows = []
+    for texts in ("given", "heard"):
+        bench.main(["reward", "--clips", "2", "--window", "6", "--threads", "1", "--texts", texts])
+        (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert row["transcripts_equal_whisper_decode"] is True and row["texts"] == texts
+        assert row["fraction_of_encoder_bound"] > 0 and row["ratio_over_whisper_decode"] > 0
+        assert "seed_clips_per_s" not in row  # the seed heard 30 s windows only
+        rows.append(row)
+    assert rows[0]["draft_accepted_fraction"] < 1 < rows[0]["decoder_calls_per_run"]
+    assert rows[1]["draft_accepted_fraction"] == 1.0 and rows[1]["decoder_calls_per_run"] == 1
