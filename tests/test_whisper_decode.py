@@ -109,6 +109,26 @@ def test_speech_saying_the_text_costs_one_decoder_call(tiny_en, monkeypatch):
     assert len(decoder_calls) == len(expected[0]) + 1
 
 
+def test_text_said_right_in_other_case_and_punctuation_takes_few_calls(tiny_en, monkeypatch):
+    """A text Whisper hears right but spells otherwise (lowercase, no final period, as the demo's
+    sentences): the transcript leaves it at its first token, then rejoins it (a guessed draft, the
+    period before EOT drafted): a few decoder calls, not one per token."""
+    model, rows, features, expected = tiny_en
+    tokenizer = get_tokenizer(False)
+    clean = [b for b, row in enumerate(rows) if row["kind"] == "clean"]
+    heard = [tokenizer.decode(expected[b]) for b in clean]
+    assert all(text.endswith(".") and text[1].isupper() for text in heard)
+    plain = [text.lower().rstrip(".").replace(",", "") for text in heard]
+    targets = [tokenizer.encode(text) for text in plain]
+    calls = counted_calls(monkeypatch)
+    got = whisper_decode.verified_decode(model, features[clean], targets, ["en"] * len(clean),
+                                         [BOUND] * len(clean))
+    assert [a.tokens for a in got] == [expected[b] for b in clean]
+    longest = max(len(expected[b]) for b in clean)
+    # the pass, then a call where each leaves the text (the capital, a comma) and per 8 drafted
+    assert len(calls) <= 5 and longest >= 16  # whisper.decode: a call per token
+
+
 def test_random_whisper_equals_greedy_languages_and_bounds_included():
     """A random multilingual Whisper (it rarely stops: its bound ends it), languages given and
     detected: the tokens and languages of whisper.decode alone, clip by clip."""
