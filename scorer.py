@@ -1,8 +1,9 @@
 """Whisper scoring of TTS clips: transcript, CER, NLL and reward, in this process.
 
-WhisperScorer batches clips, runs the Whisper encoder once per clip, and uses those features twice:
-for the greedy transcript (whisper.decode, the batched layer, bounded by the target's length) and for
-the teacher-forced NLL of the intended text (DESIGN.md §2). Every scorer answers a reward.Score per
+WhisperScorer batches clips, runs the Whisper encoder once per clip, and uses those features for
+the teacher-forced NLL of the intended text (DESIGN.md §2) and for the greedy transcript (bounded
+by the target's length), both from the same decoder passes (whisper_decode.py: whisper.decode's
+tokens, the text as their draft). Every scorer answers a reward.Score per
 clip. Silence (empty or all-zero audio) is an answer: transcript "", CER 1, its NLL measured, reward
 about 0. A clip over Whisper's 30 s window is refused (too_long, reward 0), never scored on its first
 30 s. `window_s` below 30 runs the encoder on that many seconds only (`windowed`: faster on a CPU,
@@ -14,6 +15,7 @@ prompt embeddings cached by content, silence 0.0, a failed or refused clip None)
 language_code check a dataset's languages before any model is loaded. whisper_worker.py serves these
 scorers from a process of their own.
 """
+
 import copy
 import dataclasses
 import math
@@ -32,12 +34,22 @@ import dnsmos
 from prosody import measure
 from reward import RewardConfig, Score, char_error_rate, import_function, normalize_text, tts_reward
 from speaker import SpeakerSimilarity, load_speaker_model
+from whisper_decode import DraftStats, Verified, greedy_options, verified_decode
 
 WINDOW_S = N_SAMPLES / SAMPLE_RATE  # 30.0: Whisper hears one window
 SAMPLES_PER_AUDIO_FRAME = N_SAMPLES // 1500  # 320: one encoder position (two 10 ms mel frames)
-RANDOM_TINY_DIMS = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2,
-                                   n_audio_layer=1, n_vocab=51865, n_text_ctx=448, n_text_state=64,
-                                   n_text_head=2, n_text_layer=1)
+RANDOM_TINY_DIMS = ModelDimensions(
+    n_mels=80,
+    n_audio_ctx=1500,
+    n_audio_state=64,
+    n_audio_head=2,
+    n_audio_layer=1,
+    n_vocab=51865,
+    n_text_ctx=448,
+    n_text_state=64,
+    n_text_head=2,
+    n_text_layer=1,
+)
 
 
 class WhisperScorer:
@@ -57,16 +69,34 @@ class WhisperScorer:
     every rank's clips and would otherwise wait for one thread's pitch tracking.
     speaker_model: None, or a speaker.load_speaker_model spec (or SpeakerModel) on the same device,
     for `sim` (embedded in batches of batch_size).
-    quality: None, or "dnsmos" for the dnsmos_* ratings of every clip heard (dnsmos.py)."""
+    quality: None, or "dnsmos" for the dnsmos_* ratings of every clip heard (dnsmos.py).
+    transcripts: "verified" (whisper_decode.verified_decode: the greedy transcript checked against
+    the text in the NLL's decoder pass, decoded on only where it leaves it) or "whisper.decode"
+    (the batched whisper.decode, then an NLL pass of its own: the same tokens, slower)."""
 
-    def __init__(self, model, device="cpu", language=None, *, batch_size=16, max_transcript_tokens=None,
-                 fp16=None, reward_config=None, download_root=None, window_s=WINDOW_S, prosody_threads=None,
-                 speaker_model=None, quality=None):
+    def __init__(
+        self,
+        model,
+        device="cpu",
+        language=None,
+        *,
+        batch_size=16,
+        max_transcript_tokens=None,
+        fp16=None,
+        reward_config=None,
+        download_root=None,
+        window_s=WINDOW_S,
+        prosody_threads=None,
+        speaker_model=None,
+        quality=None,
+        transcripts="verified",
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_transcript_tokens is not None and max_transcript_tokens < 1:
-            raise ValueError(f"max_transcript_tokens must be None (no cap) or >= 1, "
-                             f"got {max_transcript_tokens}")
+            raise ValueError(
+                f"max_transcript_tokens must be None (no cap) or >= 1, got {max_transcript_tokens}"
+            )
         self.batch_size, self.max_transcript_tokens = batch_size, max_transcript_tokens
         if not isinstance(reward_config, RewardConfig):
             reward_config = RewardConfig(**(reward_config or {}))
@@ -78,7 +108,10 @@ class WhisperScorer:
             raise ValueError(f"prosody_threads must be None or >= 1, got {prosody_threads}")
         self.prosody_threads = prosody_threads
         self.model = windowed(load_whisper(model, self.device, download_root).eval(), window_s)
-        self.window_s, self.n_samples = window_s, self.model.dims.n_audio_ctx * SAMPLES_PER_AUDIO_FRAME
+        self.window_s, self.n_samples = (
+            window_s,
+            self.model.dims.n_audio_ctx * SAMPLES_PER_AUDIO_FRAME,
+        )
         self.fp16 = self.device.type == "cuda" if fp16 is None else bool(fp16)
         if self.fp16 and self.device.type != "cuda":
             raise ValueError(f"fp16=True needs a CUDA device, got device={device!r}")
@@ -87,9 +120,18 @@ class WhisperScorer:
         self.languages = model_languages(self.model)
         self.language = self._language_code(language)
         tokenizer = self._tokenizer(self.language)
-        self._eot, self._n_prefix = tokenizer.eot, len(tokenizer.sot_sequence_including_notimestamps)
+        self._eot, self._n_prefix = (
+            tokenizer.eot,
+            len(tokenizer.sot_sequence_including_notimestamps),
+        )
         self.speaker = _speaker_similarity(speaker_model, self.device, batch_size)
         self.quality = _quality_model(quality)
+        if transcripts not in ("verified", "whisper.decode"):
+            raise ValueError(
+                f"transcripts must be 'verified' or 'whisper.decode', got {transcripts!r}"
+            )
+        self.transcripts = transcripts
+        self.draft_stats = DraftStats()  # verified_decode's running totals
 
     def score(self, audios, texts, languages=None, prompts=None) -> list[Score]:
         """One reward.Score per clip, in order.
@@ -108,28 +150,41 @@ class WhisperScorer:
                 audio, text = check_audio(audio), check_text(text)
                 target = self._tokenizer(language).encode(" " + text)
                 if self._n_prefix + len(target) + 1 > self.model.dims.n_text_ctx:
-                    raise _BadInput(f"text is {len(target)} tokens, too long for Whisper's "
-                                    f"{self.model.dims.n_text_ctx}-token context")
+                    raise _BadInput(
+                        f"text is {len(target)} tokens, too long for Whisper's "
+                        f"{self.model.dims.n_text_ctx}-token context"
+                    )
             except _BadInput as e:
                 results[i] = _failed(str(e))
                 continue
-            if len(audio) > self.n_samples:  # its first window scored against the whole text would mislead
-                results[i] = _failed(f"the clip's {len(audio) / SAMPLE_RATE:.2f} s is longer than Whisper's "
-                                     f"{self.window_s:g} s window: refused, not scored", too_long=True)
+            if (
+                len(audio) > self.n_samples
+            ):  # its first window scored against the whole text would mislead
+                results[i] = _failed(
+                    f"the clip's {len(audio) / SAMPLE_RATE:.2f} s is longer than Whisper's "
+                    f"{self.window_s:g} s window: refused, not scored",
+                    too_long=True,
+                )
                 continue
             clips[i] = (audio, text, target)
             groups.setdefault(language, []).append(i)
         # Prosody in threads (numpy releases the GIL in its FFTs) while Whisper runs.
         with ThreadPoolExecutor(max_workers=self.prosody_threads) as pool:
-            prosody = {i: pool.submit(measure, audio, text) for i, (audio, text, _) in clips.items()}
+            prosody = {
+                i: pool.submit(measure, audio, text) for i, (audio, text, _) in clips.items()
+            }
             quality = {}  # the same threads: onnxruntime releases the GIL too
             if self.quality is not None:
                 quality = {i: pool.submit(self.quality.rate, clip[0]) for i, clip in clips.items()}
             for language, indices in groups.items():  # whisper.decode pins one language per call
-                indices.sort(key=lambda i: len(clips[i][2]))  # similar targets: similar transcript bounds
+                indices.sort(
+                    key=lambda i: len(clips[i][2])
+                )  # similar targets: similar transcript bounds
                 for start in range(0, len(indices), self.batch_size):
-                    batch = indices[start:start + self.batch_size]
-                    for i, result in zip(batch, self._score_or_retry([clips[i] for i in batch], language)):
+                    batch = indices[start : start + self.batch_size]
+                    for i, result in zip(
+                        batch, self._score_or_retry([clips[i] for i in batch], language)
+                    ):
                         results[i] = result
             for i, measures in prosody.items():
                 if results[i].error is None:
@@ -138,8 +193,10 @@ class WhisperScorer:
                         extra.update(quality[i].result())
                     results[i] = dataclasses.replace(results[i], **extra)
         if prompts is not None:
-            heard = [clips[i][0] if i in clips and results[i].error is None else None
-                     for i in range(len(audios))]
+            heard = [
+                clips[i][0] if i in clips and results[i].error is None else None
+                for i in range(len(audios))
+            ]
             results = _with_sims(results, self.speaker.sims(heard, prompts))
         return results
 
@@ -148,7 +205,7 @@ class WhisperScorer:
         say) costs only its own score and not its batch's."""
         try:
             return self._score_batch(clips, language)
-        except Exception as e:  # noqa: BLE001 -- answered in the clip's Score, like a bad input
+        except Exception as e:
             if len(clips) == 1:
                 return [_failed(f"scoring failed: {type(e).__name__}: {e}")]
         return [self._score_or_retry([clip], language)[0] for clip in clips]
@@ -160,51 +217,90 @@ class WhisperScorer:
         dtype = torch.float16 if self.fp16 else torch.float32
         # Per clip: log_mel_spectrogram clamps to (max - 8) over its whole input, so a batched call
         # would let one clip's loudness change another's features. Empty audio is zero-padded.
-        mel = torch.stack([whisper.log_mel_spectrogram(whisper.pad_or_trim(audio, self.n_samples),
-                                                       self.model.dims.n_mels,
-                                                       device=self.device) for audio, _, _ in clips])
-        features = self.model.encoder(mel.to(dtype))  # [B, n_audio_ctx, n_audio_state], the one encoder pass
-        transcripts, languages = [""] * len(clips), [language] * len(clips)
+        mel = torch.stack(
+            [
+                whisper.log_mel_spectrogram(
+                    whisper.pad_or_trim(audio, self.n_samples),
+                    self.model.dims.n_mels,
+                    device=self.device,
+                )
+                for audio, _, _ in clips
+            ]
+        )
+        features = self.model.encoder(
+            mel.to(dtype)
+        )  # [B, n_audio_ctx, n_audio_state], the one encoder pass
+        targets = [target for _, _, target in clips]
         # Silence says nothing: not decoded (a decode of it would be a hallucination or a loop).
-        heard = [b for b, (audio, _, _) in enumerate(clips) if audio.any()]
+        bounds = [
+            self._transcript_bound(len(target)) if audio.any() else None
+            for audio, _, target in clips
+        ]
+        languages = [language] * len(clips)
+        if self.transcripts == "verified":
+            decoded = verified_decode(
+                self.model, features, targets, languages, bounds, self.draft_stats
+            )
+        else:
+            decoded = self._whisper_decode(features, targets, language, bounds)
+        results = []
+        for (_, text, _), clip in zip(clips, decoded):
+            if not math.isfinite(clip.nll):  # e.g. fp16 overflow: no reward can be read from it
+                raise FloatingPointError(f"non-finite NLL ({clip.nll}) of the text {text!r}")
+            # Text tokens only: a weak model may emit special tokens, which decode() would spell.
+            tokens = [t for t in clip.tokens if t < self._eot]
+            transcript = self._tokenizer(clip.language).decode(tokens).strip()
+            cer = char_error_rate(text, transcript)  # 1.0 for silence's "" transcript
+            reward = tts_reward(cer, clip.nll, **vars(self.reward_config))
+            score = Score(
+                reward=reward, transcript=transcript, cer=cer, nll=clip.nll, language=clip.language
+            )
+            results.append(score)
+        return results
+
+    def _whisper_decode(self, features, targets, language, bounds) -> list[Verified]:
+        """What verified_decode answers, the way before it (kept for bench.py reward):
+        whisper.decode on the decoded clips at the batch's largest bound, each cut at its own (as
+        if decoded alone), then teacher_forced_nll in a decoder pass of its own."""
+        tokens = [[] for _ in targets]
+        languages = [language] * len(targets)
+        heard = [b for b, bound in enumerate(bounds) if bound is not None]
         if heard:
-            bounds = {b: self._transcript_bound(len(clips[b][2])) for b in heard}
-            options = whisper.DecodingOptions(language=language, without_timestamps=True, fp16=self.fp16,
-                                              sample_len=max(bounds.values()), temperature=0.0)
+            options = greedy_options(language, max(bounds[b] for b in heard), self.fp16)
             for b, d in zip(heard, whisper.decode(self.model, features[heard], options)):
-                # Cut at its own bound, as if decoded alone; text tokens only: a weak model may emit
-                # special tokens, which decode() would spell out.
-                tokens = [t for t in d.tokens[:bounds[b]] if t < self._eot]
-                transcripts[b], languages[b] = self._tokenizer(d.language).decode(tokens).strip(), d.language
-        unknown = [b for b, lang in enumerate(languages) if lang is None]  # silence, no language given
+                tokens[b] = d.tokens[: bounds[b]]
+                languages[b] = d.language
+        unknown = [
+            b for b, lang in enumerate(languages) if lang is None
+        ]  # silence, no language given
         if unknown:  # the NLL's prefix needs one: what Whisper detects in that window
             _, probs = whisper.decoding.detect_language(self.model, features[unknown])
             for b, p in zip(unknown, probs):
                 languages[b] = max(p, key=p.get)
-        sequences, n_prefix = [], []
-        for (_, _, target), lang in zip(clips, languages):
+        sequences = []
+        n_prefix = []
+        for target, lang in zip(targets, languages):
             tokenizer = self._tokenizer(lang)
             prefix = list(tokenizer.sot_sequence_including_notimestamps)
             sequences.append(prefix + target + [tokenizer.eot])
             n_prefix.append(len(prefix))
         nlls = teacher_forced_nll(self.model, features, sequences, n_prefix)
-        results = []
-        for (_, text, _), transcript, nll, lang in zip(clips, transcripts, nlls, languages):
-            if not math.isfinite(nll):  # e.g. fp16 overflow: no reward can be read from it
-                raise FloatingPointError(f"non-finite NLL ({nll}) of the text {text!r}")
-            cer = char_error_rate(text, transcript)  # 1.0 for silence's "" transcript
-            reward = tts_reward(cer, nll, **vars(self.reward_config))
-            results.append(Score(reward=reward, transcript=transcript, cer=cer, nll=nll,
-                                 language=lang))
-        return results
+        return [
+            Verified(tokens=clip_tokens, language=lang, nll=nll)
+            for clip_tokens, lang, nll in zip(tokens, languages, nlls)
+        ]
 
     def _transcript_bound(self, n_target: int) -> int:
         limit = self.model.dims.n_text_ctx - self._n_prefix
         return transcript_bound(n_target, limit, self.max_transcript_tokens)
 
     def _tokenizer(self, language):
-        return get_tokenizer(self.model.is_multilingual, num_languages=self.model.num_languages,
-                             language=language, task="transcribe")
+        return get_tokenizer(
+            self.model.is_multilingual,
+            num_languages=self.model.num_languages,
+            language=language,
+            task="transcribe",
+        )
 
     def _language_code(self, language):
         """The code of a language code or name, checked against this model; None stays None
@@ -216,10 +312,12 @@ class WhisperScorer:
         except ValueError as e:
             raise _BadInput(str(e)) from None
         if code not in self.languages:
-            raise _BadInput(f"language {language!r}: this Whisper model is English-only"
-                            if not self.model.is_multilingual else
-                            f"language {language!r} ({code}) is not one of this Whisper model's "
-                            f"{len(self.languages)} languages")
+            raise _BadInput(
+                f"language {language!r}: this Whisper model is English-only"
+                if not self.model.is_multilingual
+                else f"language {language!r} ({code}) is not one of this Whisper model's "
+                f"{len(self.languages)} languages"
+            )
         return code
 
 
@@ -237,12 +335,14 @@ def model_languages(model) -> frozenset[str]:
         v3 = model in ("large-v3", "large", "large-v3-turbo", "turbo")
         n_vocab = 51864 if model.endswith(".en") else 51866 if v3 else 51865
     elif isinstance(model, (str, os.PathLike)) and os.path.isfile(model):
-        n_vocab = torch.load(model, map_location="cpu", mmap=True, weights_only=True)["dims"]["n_vocab"]
+        n_vocab = torch.load(model, map_location="cpu", mmap=True, weights_only=True)["dims"][
+            "n_vocab"
+        ]
     else:
         raise FileNotFoundError(_unknown_model(model))
     if n_vocab < 51865:  # whisper.model.Whisper.is_multilingual
         return frozenset({"en"})
-    return frozenset(list(LANGUAGES)[:n_vocab - 51765 - 1])  # its num_languages, multilingual
+    return frozenset(list(LANGUAGES)[: n_vocab - 51765 - 1])  # its num_languages, multilingual
 
 
 def language_code(language: str) -> str:
@@ -253,8 +353,10 @@ def language_code(language: str) -> str:
         return key
     if key in TO_LANGUAGE_CODE:  # names and aliases ("mandarin" -> "zh")
         return TO_LANGUAGE_CODE[key]
-    raise ValueError(f"unknown language {language!r}: use a Whisper code such as 'en' or 'ko', "
-                     f"or a name such as 'korean'")
+    raise ValueError(
+        f"unknown language {language!r}: use a Whisper code such as 'en' or 'ko', "
+        f"or a name such as 'korean'"
+    )
 
 
 def teacher_forced_nll(model, features, sequences, n_prefix) -> list[float]:
@@ -264,12 +366,16 @@ def teacher_forced_nll(model, features, sequences, n_prefix) -> list[float]:
     different lengths, right-padded here to [B, L + 1]; n_prefix[b]: prefix length of sequence b."""
     batch, length = len(sequences), max(map(len, sequences)) - 1
     tokens = torch.zeros(batch, length + 1, dtype=torch.long)
-    scored = torch.zeros(batch, length, dtype=torch.bool)  # [B, L]: True where the next token is text or eot
+    scored = torch.zeros(
+        batch, length, dtype=torch.bool
+    )  # [B, L]: True where the next token is text or eot
     for b, sequence in enumerate(sequences):
-        tokens[b, :len(sequence)] = torch.tensor(sequence)
-        scored[b, n_prefix[b] - 1:len(sequence) - 1] = True
+        tokens[b, : len(sequence)] = torch.tensor(sequence)
+        scored[b, n_prefix[b] - 1 : len(sequence) - 1] = True
     tokens, scored = tokens.to(features.device), scored.to(features.device)
-    logits = model.decoder(tokens[:, :-1], features)  # [B, L, n_vocab], float32; causal, so padding is inert
+    logits = model.decoder(
+        tokens[:, :-1], features
+    )  # [B, L, n_vocab], float32; causal, so padding is inert
     ce = torch.zeros(batch, length, device=features.device)
     ce[scored] = F.cross_entropy(logits[scored], tokens[:, 1:][scored], reduction="none")
     return (ce.sum(1) / scored.sum(1)).tolist()
@@ -303,9 +409,10 @@ def load_whisper(model, device, download_root=None) -> Whisper:
         if os.path.isfile(model):
             raise
         cache = download_root or os.path.join(os.path.expanduser("~"), ".cache", "whisper")
-        raise FileNotFoundError(f"Whisper {model!r} is not in {cache} and could not be downloaded "
-                                f"({type(e).__name__}: {e}); pass --whisper PATH to a local checkpoint"
-                                ) from e
+        raise FileNotFoundError(
+            f"Whisper {model!r} is not in {cache} and could not be downloaded "
+            f"({type(e).__name__}: {e}); pass --whisper PATH to a local checkpoint"
+        ) from e
 
 
 def windowed(model: Whisper, window_s: float) -> Whisper:
@@ -316,7 +423,9 @@ def windowed(model: Whisper, window_s: float) -> Whisper:
     mean CER of correct speech 0.152 and 0.161). The model passed in is left unchanged."""
     n_ctx = window_s * SAMPLE_RATE / SAMPLES_PER_AUDIO_FRAME
     if not 0 < window_s <= WINDOW_S or abs(n_ctx - round(n_ctx)) > 1e-6:
-        raise ValueError(f"Whisper window must be a multiple of 0.02 s in (0, {WINDOW_S:g}], got {window_s}")
+        raise ValueError(
+            f"Whisper window must be a multiple of 0.02 s in (0, {WINDOW_S:g}], got {window_s}"
+        )
     n_ctx = int(round(n_ctx))
     if n_ctx == model.dims.n_audio_ctx:
         return model
@@ -326,7 +435,9 @@ def windowed(model: Whisper, window_s: float) -> Whisper:
     short = copy.copy(model)
     short._modules = dict(short._modules)
     short.encoder = encoder
-    short.dims = dataclasses.replace(model.dims, n_audio_ctx=n_ctx)  # whisper.decode checks features by it
+    short.dims = dataclasses.replace(
+        model.dims, n_audio_ctx=n_ctx
+    )  # whisper.decode checks features by it
     return short
 
 
@@ -336,7 +447,9 @@ def random_tiny_whisper(seed: int = 0) -> Whisper:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Whisper(RANDOM_TINY_DIMS)
-        torch.nn.init.normal_(model.decoder.positional_embedding, std=0.01)  # Whisper leaves it torch.empty
+        torch.nn.init.normal_(
+            model.decoder.positional_embedding, std=0.01
+        )  # Whisper leaves it torch.empty
     return model
 
 
@@ -348,8 +461,9 @@ def check_audio(audio) -> np.ndarray:
     except (TypeError, ValueError) as e:  # a ragged list, a CUDA tensor, ...
         raise _BadInput(f"audio is not an array of samples ({type(audio).__name__}: {e})") from None
     if audio.dtype.kind != "f":
-        raise _BadInput(f"audio dtype {audio.dtype} is not floating point "
-                        f"(expected float32 samples at 16 kHz)")
+        raise _BadInput(
+            f"audio dtype {audio.dtype} is not floating point (expected float32 samples at 16 kHz)"
+        )
     if audio.ndim != 1:
         raise _BadInput(f"audio must be 1-D (mono samples), got shape {audio.shape}")
     if not np.isfinite(audio).all():
@@ -361,8 +475,10 @@ def check_text(text) -> str:
     if not isinstance(text, str) or not text.strip():
         raise _BadInput(f"text is empty ({text!r})")
     if not normalize_text(text):
-        raise _BadInput(f"text {text!r} has no characters left after normalization "
-                        f"(punctuation, symbols removed)")
+        raise _BadInput(
+            f"text {text!r} has no characters left after normalization "
+            f"(punctuation, symbols removed)"
+        )
     return text.strip()
 
 
@@ -415,8 +531,10 @@ def _with_sims(results: list[Score], sims: list) -> list[Score]:
 def check_lengths(audios, texts, languages) -> list:
     languages = [None] * len(audios) if languages is None else list(languages)
     if not len(audios) == len(texts) == len(languages):
-        raise ValueError(f"got {len(audios)} audios, {len(texts)} texts and {len(languages)} languages; "
-                         "they must match one to one")
+        raise ValueError(
+            f"got {len(audios)} audios, {len(texts)} texts and {len(languages)} languages; "
+            "they must match one to one"
+        )
     return languages
 
 
@@ -425,8 +543,10 @@ def _failed(reason: str, too_long: bool = False) -> Score:
 
 
 def _unknown_model(model) -> str:
-    return (f"Whisper model {model!r} is neither a checkpoint file nor one of {whisper.available_models()} "
-            f"nor 'random-tiny'")
+    return (
+        f"Whisper model {model!r} is neither a checkpoint file nor one of {whisper.available_models()} "
+        f"nor 'random-tiny'"
+    )
 
 
 class CustomRewardScorer:
@@ -436,7 +556,10 @@ class CustomRewardScorer:
     (and no sim). speaker_model, device: as WhisperScorer's, for `sim`."""
 
     def __init__(self, spec: str, speaker_model=None, device="cpu", quality=None):
-        self.function, self.spec = import_function(spec, "reward", "'whisper' or 'module:function'"), spec
+        self.function, self.spec = (
+            import_function(spec, "reward", "'whisper' or 'module:function'"),
+            spec,
+        )
         self.speaker = _speaker_similarity(speaker_model, device)
         self.quality = _quality_model(quality)
 

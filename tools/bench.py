@@ -8,14 +8,18 @@ Every comparison prints one JSON line with `name`, the measured numbers and `rat
            1,792 slots (it should cost the same), and of the eager loop.
   codec    seconds per second of audio of codec.XCodec2Decoder vs the xcodec2 package's decode_code
            (same random weights, full model shapes), if that package is importable; else ours only.
-  reward   clips/s of scorer.WhisperScorer vs the seed's way (per clip: an NLL forward with its
-           own encoder pass, then model.transcribe), same Whisper checkpoint and clips; and against the
-           encoder alone (one pass per clip), the floor of any Whisper scorer.
+  reward   clips/s of scorer.WhisperScorer (transcripts verified against the text) vs its
+           whisper.decode path, vs the seed's way (per clip: an NLL forward with its own encoder
+           pass, then model.transcribe), same Whisper checkpoint and clips; and against the encoder
+           alone (one pass per clip), the floor of any Whisper scorer; with the fraction of greedy
+           tokens the draft (the text) proposed.
   gpu      the GPU figures in one command (tools/bench_gpu.py): decode at Llasa-1B shapes against HF and the
            bandwidth bound, a GRPO step's phase split and peak memory, Whisper large-v3 scoring.
            `--smoke` runs it all at tiny shapes on a CPU.
 """
+
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -25,38 +29,71 @@ import torch
 from tools import bench_gpu
 from tools.bench_common import LLAMA_1B, timed
 
-
 # ----------------------------------------------------------------------------- sample
+
 
 def bench_sample(argv):
     """sample.generate vs HF model.generate: tokens/s, same model, prompts and new-token count."""
     import models
     import sample
 
-    p = argparse.ArgumentParser(prog="python -m tools.bench sample", description=bench_sample.__doc__)
-    p.add_argument("--preset", choices=["small", "llama-1b"], default="small",
-                   help="model shapes: 'small' uses the --layers/--hidden/... flags; 'llama-1b' is Llama-3.2-1B "
-                        "with LLASA's vocab (hidden 2048, 16 layers, 32/8 heads, vocab 193800, tied) (default: small)")
+    p = argparse.ArgumentParser(
+        prog="python -m tools.bench sample", description=bench_sample.__doc__
+    )
+    p.add_argument(
+        "--preset",
+        choices=["small", "llama-1b"],
+        default="small",
+        help="model shapes: 'small' uses the --layers/--hidden/... flags; 'llama-1b' is Llama-3.2-1B "
+        "with LLASA's vocab (hidden 2048, 16 layers, 32/8 heads, vocab 193800, tied) (default: small)",
+    )
     p.add_argument("--layers", type=int, default=4, help="decoder layers (default: 4)")
     p.add_argument("--hidden", type=int, default=256, help="hidden size (default: 256)")
     p.add_argument("--heads", type=int, default=8, help="attention heads (default: 8)")
     p.add_argument("--kv-heads", type=int, default=4, help="key/value heads (default: 4)")
     p.add_argument("--vocab", type=int, default=1024, help="vocabulary size (default: 1024)")
     p.add_argument("--batch", type=int, default=16, help="sequences per batch (default: 16)")
-    p.add_argument("--prompt-len", type=int, default=64,
-                   help="longest prompt in tokens; prompts vary from half this to this (default: 64)")
-    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sequence (default: 256)")
-    p.add_argument("--modes", default="greedy,sample",
-                   help="comma-separated: greedy (temperature 0) and/or sample (temperature 0.8, top-p 0.9) "
-                        "(default: greedy,sample)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, median reported (default: 3)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads, as on CI (default: 2)")
-    p.add_argument("--hbm-gbps", type=float, default=3350.0,
-                   help="GPU memory bandwidth in GB/s for the bound (default: 3350, H100 SXM)")
+    p.add_argument(
+        "--prompt-len",
+        type=int,
+        default=64,
+        help="longest prompt in tokens; prompts vary from half this to this (default: 64)",
+    )
+    p.add_argument(
+        "--new-tokens", type=int, default=256, help="tokens generated per sequence (default: 256)"
+    )
+    p.add_argument(
+        "--modes",
+        default="greedy,sample",
+        help="comma-separated: greedy (temperature 0) and/or sample (temperature 0.8, top-p 0.9) "
+        "(default: greedy,sample)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs per measurement, median reported (default: 3)",
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device (default: cuda if available, else cpu)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="weights and activations (default: bfloat16 on cuda, float32 on cpu)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads, as on CI (default: 2)"
+    )
+    p.add_argument(
+        "--hbm-gbps",
+        type=float,
+        default=3350.0,
+        help="GPU memory bandwidth in GB/s for the bound (default: 3350, H100 SXM)",
+    )
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -65,32 +102,48 @@ def bench_sample(argv):
     if args.preset == "llama-1b":
         shape = dict(LLAMA_1B)
     else:
-        shape = dict(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                     num_kv_heads=args.kv_heads, intermediate_size=4 * args.hidden, vocab=args.vocab)
+        shape = dict(
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            num_heads=args.heads,
+            num_kv_heads=args.kv_heads,
+            intermediate_size=4 * args.hidden,
+            vocab=args.vocab,
+        )
     vocab = shape.pop("vocab")
     model = models.tiny_llama(vocab, seed=0, **shape).to(device=device, dtype=dtype)
 
     g = torch.Generator().manual_seed(0)
     lo = max(1, args.prompt_len // 2)
-    prompts = [torch.randint(0, vocab, (int(torch.randint(lo, args.prompt_len + 1, (1,), generator=g)),),
-                             generator=g).tolist() for _ in range(args.batch)]
+    prompts = [
+        torch.randint(
+            0, vocab, (int(torch.randint(lo, args.prompt_len + 1, (1,), generator=g)),), generator=g
+        ).tolist()
+        for _ in range(args.batch)
+    ]
     P = max(len(x) for x in prompts)
     # HF's input: left-padded ids and attention mask, the layout its own batched generate expects.
     ids = torch.zeros(args.batch, P, dtype=torch.long)
     mask = torch.zeros(args.batch, P, dtype=torch.long)
     for i, x in enumerate(prompts):
-        ids[i, P - len(x):] = torch.tensor(x)
-        mask[i, P - len(x):] = 1
+        ids[i, P - len(x) :] = torch.tensor(x)
+        mask[i, P - len(x) :] = 1
     ids, mask = ids.to(device), mask.to(device)
 
     modes = args.modes.split(",")
     bad = [m for m in modes if m not in ("greedy", "sample")]
     if bad:
-        raise SystemExit(f"unknown mode(s) {bad} in --modes {args.modes!r}: expected greedy and/or sample")
+        raise SystemExit(
+            f"unknown mode(s) {bad} in --modes {args.modes!r}: expected greedy and/or sample"
+        )
     for mode in modes:
         knobs = dict(temperature=0.0) if mode == "greedy" else dict(temperature=0.8, top_p=0.9)
         # top_k=0: HF's generation config otherwise applies top-k 50, which ours would not.
-        hf_knobs = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=0)
+        hf_knobs = (
+            dict(do_sample=False)
+            if mode == "greedy"
+            else dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=0)
+        )
 
         def ours(n=args.new_tokens):
             r = sample.generate(model, prompts, max_new_tokens=n, **knobs)
@@ -98,8 +151,14 @@ def bench_sample(argv):
             return r
 
         def hf(n=args.new_tokens):
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                 pad_token_id=0, **hf_knobs)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=0,
+                **hf_knobs,
+            )
             assert out.shape[1] == P + n
             return out
 
@@ -107,10 +166,18 @@ def bench_sample(argv):
             ours(8), hf(8)  # warm-up: allocator, kernels, HF's generation-config set-up
             t_ours, t_hf = timed([ours, hf], device, args.repeats)
         n_tok = args.batch * args.new_tokens
-        row = dict(name=f"sample/{mode}", preset=args.preset, device=str(device), dtype=str(dtype).removeprefix("torch."),
-                   batch=args.batch, prompt_len=P, new_tokens=args.new_tokens,
-                   ours_tok_s=round(n_tok / t_ours, 1), hf_tok_s=round(n_tok / t_hf, 1),
-                   ratio=round(t_hf / t_ours, 3))
+        row = dict(
+            name=f"sample/{mode}",
+            preset=args.preset,
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            batch=args.batch,
+            prompt_len=P,
+            new_tokens=args.new_tokens,
+            ours_tok_s=round(n_tok / t_ours, 1),
+            hf_tok_s=round(n_tok / t_hf, 1),
+            ratio=round(t_hf / t_ours, 3),
+        )
         if device.type == "cuda":
             # Per decode step the GPU must at least read every weight once and the KV cache so far
             # (average context P + N/2); that over HBM bandwidth is the floor on step time.
@@ -118,17 +185,30 @@ def bench_sample(argv):
             cfg = model.config
             weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
             head_dim = cfg.hidden_size // cfg.num_attention_heads
-            kv_bytes = (2 * cfg.num_hidden_layers * args.batch * cfg.num_key_value_heads * head_dim
-                        * (P + args.new_tokens / 2) * torch.finfo(dtype).bits // 8)
+            kv_bytes = (
+                2
+                * cfg.num_hidden_layers
+                * args.batch
+                * cfg.num_key_value_heads
+                * head_dim
+                * (P + args.new_tokens / 2)
+                * torch.finfo(dtype).bits
+                // 8
+            )
             bound_ms = (weight_bytes + kv_bytes) / (args.hbm_gbps * 1e9) * 1e3
             step_ms = t_ours / args.new_tokens * 1e3
-            row.update(ours_ms_per_step=round(step_ms, 3), hf_ms_per_step=round(t_hf / args.new_tokens * 1e3, 3),
-                       bound_ms_per_step=round(bound_ms, 3), fraction_of_bound=round(bound_ms / step_ms, 3),
-                       peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 2))
+            row.update(
+                ours_ms_per_step=round(step_ms, 3),
+                hf_ms_per_step=round(t_hf / args.new_tokens * 1e3, 3),
+                bound_ms_per_step=round(bound_ms, 3),
+                fraction_of_bound=round(bound_ms / step_ms, 3),
+                peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 2),
+            )
         print(json.dumps(row), flush=True)
 
 
 # ----------------------------------------------------------------------------- step
+
 
 def bench_step(argv):
     """ms per decode step of the compiled static step (decode.Decoder) at a short cache and at the
@@ -145,16 +225,28 @@ def bench_step(argv):
     p.add_argument("--vocab", type=int, default=1024, help="vocabulary size (default: 1024)")
     p.add_argument("--batch", type=int, default=16, help="sequences (default: 16)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default: 32)")
-    p.add_argument("--new-tokens", type=int, default=96, help="tokens generated per sequence (default: 96)")
-    p.add_argument("--caches", default="256,1792", help="cache lengths in slots (default: 256,1792)")
+    p.add_argument(
+        "--new-tokens", type=int, default=96, help="tokens generated per sequence (default: 96)"
+    )
+    p.add_argument(
+        "--caches", default="256,1792", help="cache lengths in slots (default: 256,1792)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs, median (default: 3)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads, as on CI (default: 2)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads, as on CI (default: 2)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = models.tiny_llama(args.vocab, seed=0, hidden_size=args.hidden, num_layers=args.layers,
-                              num_heads=8, num_kv_heads=4).to(device)
+    model = models.tiny_llama(
+        args.vocab,
+        seed=0,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=8,
+        num_kv_heads=4,
+    ).to(device)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, args.vocab, (args.batch, args.prompt_len), generator=g).tolist()
     N = args.new_tokens
@@ -164,26 +256,52 @@ def bench_step(argv):
         engines[f"compiled_{L}"] = decode.Decoder(model, compile=True, max_len=L)
     ms = {}
     for name, decoder in engines.items():
+
         def run(decoder=decoder):
             return sample.generate(model, prompts, decoder=decoder, **kw)
+
         t0 = time.time()
         first = run()  # compiles (and allocates the decoder's state)
         compile_s = time.time() - t0
         (t,) = timed([run], device, args.repeats)
         ms[name] = 1000 * t / N
         slots = None if decoder is None else max(s.cache.length for s in decoder.states.values())
-        print(json.dumps(dict(name=f"step/{name}", cache_slots=slots, batch=args.batch, prompt_len=args.prompt_len,
-                              new_tokens=N, ms_per_step=round(ms[name], 2), first_call_s=round(compile_s, 1),
-                              tokens_equal_eager=None if decoder is None else bool(torch.equal(
-                                  first.tokens, sample.generate(model, prompts, **kw).tokens))), ), flush=True)
+        print(
+            json.dumps(
+                dict(
+                    name=f"step/{name}",
+                    cache_slots=slots,
+                    batch=args.batch,
+                    prompt_len=args.prompt_len,
+                    new_tokens=N,
+                    ms_per_step=round(ms[name], 2),
+                    first_call_s=round(compile_s, 1),
+                    tokens_equal_eager=None
+                    if decoder is None
+                    else bool(
+                        torch.equal(first.tokens, sample.generate(model, prompts, **kw).tokens)
+                    ),
+                ),
+            ),
+            flush=True,
+        )
     names = [n for n in ms if n != "eager"]
-    print(json.dumps(dict(name="step/ratios", **{f"{b}_over_{a}": round(ms[b] / ms[a], 2) for a, b in zip(names, names[1:])},
-                          **{f"eager_over_{n}": round(ms["eager"] / ms[n], 2) for n in names},
-                          note="ms-per-step ratios: 1 means a longer cache costs nothing; "
-                               "eager_over_x > 1 means the compiled step is faster")), flush=True)
+    print(
+        json.dumps(
+            dict(
+                name="step/ratios",
+                **{f"{b}_over_{a}": round(ms[b] / ms[a], 2) for a, b in zip(names, names[1:])},
+                **{f"eager_over_{n}": round(ms["eager"] / ms[n], 2) for n in names},
+                note="ms-per-step ratios: 1 means a longer cache costs nothing; "
+                "eager_over_x > 1 means the compiled step is faster",
+            )
+        ),
+        flush=True,
+    )
 
 
 # ----------------------------------------------------------------------------- codec
+
 
 def _package_decoder(config, seed: int = 0):
     """The xcodec2 package's `XCodec2Model.decode_code`, run on its own generator + fc_post_a with random
@@ -197,10 +315,19 @@ def _package_decoder(config, seed: int = 0):
         return None, f"none: xcodec2 package not importable ({type(e).__name__}: {e})"
     torch.manual_seed(seed)
     c = config
-    modules = torch.nn.ModuleDict(dict(
-        generator=CodecDecoderVocos(hidden_dim=c.hidden_dim, depth=c.depth, heads=c.n_heads,
-                                    pos_meb_dim=c.hidden_dim // c.n_heads, hop_length=c.hop_length, vq_dim=c.vq_dim),
-        fc_post_a=torch.nn.Linear(c.vq_dim, c.hidden_dim))).eval()
+    modules = torch.nn.ModuleDict(
+        dict(
+            generator=CodecDecoderVocos(
+                hidden_dim=c.hidden_dim,
+                depth=c.depth,
+                heads=c.n_heads,
+                pos_meb_dim=c.hidden_dim // c.n_heads,
+                hop_length=c.hop_length,
+                vq_dim=c.vq_dim,
+            ),
+            fc_post_a=torch.nn.Linear(c.vq_dim, c.hidden_dim),
+        )
+    ).eval()
     return (lambda codes: XCodec2Model.decode_code(modules, codes)), modules
 
 
@@ -209,35 +336,64 @@ def bench_codec(argv):
     import codec
 
     p = argparse.ArgumentParser(prog="python -m tools.bench codec", description=bench_codec.__doc__)
-    p.add_argument("--preset", choices=["full", "small"], default="full",
-                   help="'full': the published model's shapes (187M decoder parameters); 'small': hidden 64, "
-                        "2 blocks, for a quick look (default: full)")
-    p.add_argument("--seconds", type=float, default=10.0, help="audio per clip, 50 codes per second (default: 10)")
+    p.add_argument(
+        "--preset",
+        choices=["full", "small"],
+        default="full",
+        help="'full': the published model's shapes (187M decoder parameters); 'small': hidden 64, "
+        "2 blocks, for a quick look (default: full)",
+    )
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=10.0,
+        help="audio per clip, 50 codes per second (default: 10)",
+    )
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default: 1,8)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, median reported (default: 3)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads, as on CI (default: 2)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs per measurement, median reported (default: 3)",
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device (default: cuda if available, else cpu)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads, as on CI (default: 2)"
+    )
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    config = codec.XCodec2Config() if args.preset == "full" else codec.XCodec2Config(hidden_dim=64, depth=2, n_heads=4)
+    config = (
+        codec.XCodec2Config()
+        if args.preset == "full"
+        else codec.XCodec2Config(hidden_dim=64, depth=2, n_heads=4)
+    )
     ref_decode, ref = _package_decoder(config)
     ours = codec.XCodec2Decoder(config)
     if ref_decode is not None:  # the package's weights, read through the checkpoint's key names
         state = ref.state_dict()
-        ours.load_state_dict({name: state[codec.checkpoint_key(name)] for name in ours.state_dict()})
+        ours.load_state_dict(
+            {name: state[codec.checkpoint_key(name)] for name in ours.state_dict()}
+        )
         ref.to(device)
     ours.eval().to(device)
     n_params = sum(t.numel() for t in ours.parameters())
 
     T = round(args.seconds * 50)
     for B in [int(b) for b in args.batches.split(",")]:
-        codes = torch.randint(0, codec.CODEBOOK_SIZE, (B, 1, T), generator=torch.Generator().manual_seed(B)).to(device)
+        codes = torch.randint(
+            0, codec.CODEBOOK_SIZE, (B, 1, T), generator=torch.Generator().manual_seed(B)
+        ).to(device)
         lengths = torch.full((B,), T, device=device)
         # ours as the codec runs equal-length clips (no mask), ours with the padding mask on, the package
-        fns = [lambda: ours(codes), lambda: ours(codes, lengths)] + ([lambda: ref_decode(codes)] if ref_decode else [])
+        fns = [lambda: ours(codes), lambda: ours(codes, lengths)] + (
+            [lambda: ref_decode(codes)] if ref_decode else []
+        )
         with torch.no_grad():
             outs = [fn() for fn in fns]  # warm-up, and the outputs to compare
             times = timed(fns, device, args.repeats)
@@ -245,14 +401,25 @@ def bench_codec(argv):
         # Matmul work: 2 flops per weight per frame (the convs and linears), plus attention's
         # 4 T^2 C per transformer block and clip.
         flops = 2 * n_params * B * T + 4 * B * T * T * config.hidden_dim * config.depth
-        row = dict(name="codec", preset=args.preset, device=str(device), threads=args.threads, batch=B,
-                   seconds_per_clip=args.seconds, decoder_params=n_params,
-                   ours_s_per_audio_s=round(times[0] / audio_s, 4),
-                   ours_masked_s_per_audio_s=round(times[1] / audio_s, 4),
-                   ours_gflop_s=round(flops / times[0] / 1e9, 1))
+        row = dict(
+            name="codec",
+            preset=args.preset,
+            device=str(device),
+            threads=args.threads,
+            batch=B,
+            seconds_per_clip=args.seconds,
+            decoder_params=n_params,
+            ours_s_per_audio_s=round(times[0] / audio_s, 4),
+            ours_masked_s_per_audio_s=round(times[1] / audio_s, 4),
+            ours_gflop_s=round(flops / times[0] / 1e9, 1),
+        )
         if ref_decode:
-            row.update(reference="xcodec2 XCodec2Model.decode_code", ref_s_per_audio_s=round(times[2] / audio_s, 4),
-                       ratio=round(times[2] / times[0], 3), max_abs_diff=float((outs[0] - outs[2]).abs().max()))
+            row.update(
+                reference="xcodec2 XCodec2Model.decode_code",
+                ref_s_per_audio_s=round(times[2] / audio_s, 4),
+                ratio=round(times[2] / times[0], 3),
+                max_abs_diff=float((outs[0] - outs[2]).abs().max()),
+            )
         else:
             row.update(reference=ref, ratio=None)
         print(json.dumps(row), flush=True)
@@ -260,8 +427,10 @@ def bench_codec(argv):
 
 # ----------------------------------------------------------------------------- reward
 
+
 def bench_reward(argv):
-    """WhisperScorer vs the seed's way of scoring: clips per second, same Whisper model and clips."""
+    """WhisperScorer (transcripts verified against the text) vs its whisper.decode path and the
+    seed's way of scoring, and against the encoder alone: clips per second, same model and clips."""
     import os
 
     import torch.nn.functional as F
@@ -271,19 +440,56 @@ def bench_reward(argv):
     import scorer as scoring
     import whisper_worker
     from reward import char_error_rate, tts_reward
+    from whisper_decode import DraftStats
 
-    assets = os.environ.get("TEST_ASSETS", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "assets"))
-    p = argparse.ArgumentParser(prog="python -m tools.bench reward", description=bench_reward.__doc__)
-    p.add_argument("--whisper", default=os.path.join(assets, "whisper-tiny.en.pt"),
-                   help="Whisper name or checkpoint (default: whisper-tiny.en.pt in TEST_ASSETS)")
-    p.add_argument("--clips", type=int, default=8, help="clips per run, cycling through the clean and noisy clips "
-                                                        "of TEST_ASSETS/speech (default: 8)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+    assets = os.environ.get("TEST_ASSETS", os.path.join(root, "..", "shared", "assets"))
+    p = argparse.ArgumentParser(
+        prog="python -m tools.bench reward", description=bench_reward.__doc__
+    )
+    p.add_argument(
+        "--whisper",
+        default=os.path.join(assets, "whisper-tiny.en.pt"),
+        help="Whisper name or checkpoint (default: whisper-tiny.en.pt in TEST_ASSETS)",
+    )
+    p.add_argument(
+        "--clips",
+        type=int,
+        default=8,
+        help="clips per run, cycling through the clean and noisy clips of "
+        "TEST_ASSETS/speech (default: 8)",
+    )
     p.add_argument("--language", default="en", help="language of the clips (default: en)")
-    p.add_argument("--batch-size", type=int, default=16, help="WhisperScorer's batch size (default: 16)")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per measurement, median reported (default: 1)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads, as on CI (default: 2)")
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="WhisperScorer's batch size (default: 16)"
+    )
+    p.add_argument(
+        "--window",
+        type=float,
+        default=30.0,
+        help="seconds Whisper hears, as --whisper-window; the seed's way hears 30 (default: 30)",
+    )
+    p.add_argument(
+        "--texts",
+        choices=["given", "heard"],
+        default="given",
+        help="each clip's text: what it was made to say, or what Whisper hears in it "
+        "(its greedy transcript: speech that says its text) (default: given)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timed runs per measurement, median reported (default: 1)",
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device (default: cuda if available, else cpu)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads, as on CI (default: 2)"
+    )
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -294,47 +500,109 @@ def bench_reward(argv):
     rows = [rows[i % len(rows)] for i in range(args.clips)]
     audios = [whisper_worker.read_wav(os.path.join(assets, "speech", r["wav"])) for r in rows]
     texts = [r["text"] for r in rows]
-    scorer = scoring.WhisperScorer(args.whisper, device, args.language, batch_size=args.batch_size)
+    kw = dict(batch_size=args.batch_size, window_s=args.window)
+    scorer = scoring.WhisperScorer(args.whisper, device, args.language, **kw)
+    decode_path = scoring.WhisperScorer(
+        scorer.model, device, args.language, transcripts="whisper.decode", **kw
+    )
     model, dtype = scorer.model, torch.float16 if scorer.fp16 else torch.float32
-    tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language=args.language)
+    tokenizer = get_tokenizer(
+        model.is_multilingual, num_languages=model.num_languages, language=args.language
+    )
+    if args.texts == "heard":
+        texts = [score.transcript for score in scorer.score(audios, texts)]
 
     def ours(n=len(audios)):
         return scorer.score(audios[:n], texts[:n])
 
+    def whisper_decode_path(n=len(audios)):
+        return decode_path.score(audios[:n], texts[:n])
+
     def seed_way(n=len(audios)):
         rewards = []
         for audio, text in zip(audios[:n], texts[:n]):
-            mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), model.dims.n_mels, device=device)
-            tokens = torch.tensor([tokenizer.sot] + tokenizer.encode(" " + text) + [tokenizer.eot], device=device)
-            logits = model.decoder(tokens[None, :-1], model.encoder(mel[None].to(dtype)))[0]  # after a bare <|sot|>
+            mel = whisper.log_mel_spectrogram(
+                whisper.pad_or_trim(audio), model.dims.n_mels, device=device
+            )
+            tokens = torch.tensor(
+                [tokenizer.sot] + tokenizer.encode(" " + text) + [tokenizer.eot], device=device
+            )
+            logits = model.decoder(tokens[None, :-1], model.encoder(mel[None].to(dtype)))[
+                0
+            ]  # after a bare <|sot|>
             nll = F.cross_entropy(logits, tokens[1:]).item()
-            transcript = model.transcribe(audio, language=args.language, temperature=0.0, fp16=scorer.fp16)["text"]
+            transcript = model.transcribe(
+                audio, language=args.language, temperature=0.0, fp16=scorer.fp16
+            )["text"]
             rewards.append(tts_reward(char_error_rate(text, transcript), nll))
         return rewards
 
-    def encoder_only():  # the floor of any scorer: Whisper's encoder on one 30 s window per clip
+    def encoder_only():  # the floor of any scorer: Whisper's encoder on one window per clip
         for start in range(0, len(audios), args.batch_size):
-            model.encoder(torch.stack([whisper.log_mel_spectrogram(whisper.pad_or_trim(a), model.dims.n_mels, device=device)
-                                       for a in audios[start:start + args.batch_size]]).to(dtype))
+            mel = [
+                whisper.log_mel_spectrogram(
+                    whisper.pad_or_trim(a, scorer.n_samples), model.dims.n_mels, device=device
+                )
+                for a in audios[start : start + args.batch_size]
+            ]
+            model.encoder(torch.stack(mel).to(dtype))
 
+    fns = [ours, whisper_decode_path, encoder_only]
+    if args.window == 30.0:  # the seed heard 30 s windows only
+        fns.append(seed_way)
     with torch.inference_mode():
-        ours(1), seed_way(1)  # warm-up: tokenizer, mel filters, allocator
-        t_ours, t_seed, t_encoder = timed([ours, seed_way, encoder_only], device, args.repeats)
-    print(json.dumps(dict(name="reward", model=os.path.basename(args.whisper), device=str(device), threads=args.threads,
-                          clips=len(audios), batch_size=args.batch_size,
-                          ours_clips_per_s=round(len(audios) / t_ours, 3), seed_clips_per_s=round(len(audios) / t_seed, 3),
-                          ratio=round(t_seed / t_ours, 3), encoder_only_clips_per_s=round(len(audios) / t_encoder, 3),
-                          fraction_of_encoder_bound=round(t_encoder / t_ours, 3))), flush=True)
+        ours(1)  # warm-up: tokenizer, mel filters, allocator
+        whisper_decode_path(1)
+        encoder_only()
+        if seed_way in fns:
+            seed_way(1)
+        scorer.draft_stats = DraftStats()
+        times = timed(fns, device, args.repeats)
+        stats = dataclasses.replace(scorer.draft_stats)  # the timed runs' counts, copied
+        verified = [(a.transcript, a.cer) for a in ours()]
+        same = verified == [(b.transcript, b.cer) for b in whisper_decode_path()]
+    clips = len(audios)
+    row = dict(
+        name="reward",
+        model=os.path.basename(args.whisper),
+        device=str(device),
+        threads=args.threads,
+        clips=clips,
+        texts=args.texts,
+        batch_size=args.batch_size,
+        window_s=args.window,
+        repeats=args.repeats,
+        ours_clips_per_s=round(clips / times[0], 3),
+        whisper_decode_clips_per_s=round(clips / times[1], 3),
+        encoder_only_clips_per_s=round(clips / times[2], 3),
+        fraction_of_encoder_bound=round(times[2] / times[0], 3),
+        whisper_decode_fraction_of_encoder_bound=round(times[2] / times[1], 3),
+        ratio_over_whisper_decode=round(times[1] / times[0], 3),
+        draft_accepted_fraction=round(stats.accepted / max(stats.decided, 1), 3),
+        decoder_calls_per_run=round(stats.calls / args.repeats, 1),
+        transcripts_equal_whisper_decode=same,
+    )
+    if seed_way in fns:
+        row.update(seed_clips_per_s=round(clips / times[3], 3), ratio=round(times[3] / times[0], 3))
+    print(json.dumps(row), flush=True)
 
 
-SECTIONS = {"sample": bench_sample, "step": bench_step, "codec": bench_codec, "reward": bench_reward, "gpu": bench_gpu.bench_gpu}
+SECTIONS = {
+    "sample": bench_sample,
+    "step": bench_step,
+    "codec": bench_codec,
+    "reward": bench_reward,
+    "gpu": bench_gpu.bench_gpu,
+}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in SECTIONS:
-        raise SystemExit(f"usage: python -m tools.bench SECTION [flags], SECTION one of {sorted(SECTIONS)} "
-                         f"(got {argv[0] if argv else 'nothing'!r}); `python -m tools.bench SECTION -h` lists its flags")
+        raise SystemExit(
+            f"usage: python -m tools.bench SECTION [flags], SECTION one of {sorted(SECTIONS)} "
+            f"(got {argv[0] if argv else 'nothing'!r}); `python -m tools.bench SECTION -h` lists its flags"
+        )
     SECTIONS[argv[0]](argv[1:])
 
 
