@@ -173,7 +173,8 @@ def test_silence_is_scored_not_refused(tiny_model, reward_module):
     custom = scoring.CustomRewardScorer(
         reward_module
     )  # a user's reward hears silence too: empty stays empty
-    no_speech = dict(f0_std_semitones=0.0, voiced_frac=0.0, chars_per_s=0.0)  # prosody of silence
+    # prosody of silence
+    no_speech = dict(f0_std_semitones=0.0, voiced_frac=0.0, chars_per_s=0.0, f0_median_hz=0.0)
     assert custom.score(silences[:2], ["empty?", "silent"]) == [
         Score(reward=0.75, **no_speech),
         Score(reward=0.0, **no_speech),
