@@ -3,20 +3,19 @@
 WhisperScorer batches clips, runs the Whisper encoder once per clip, and uses those features for
 the teacher-forced NLL of the intended text (DESIGN.md §2) and for the greedy transcript (bounded
 by the target's length), both from the same decoder passes (whisper_decode.py: whisper.decode's
-tokens, the text as their draft). Every scorer answers a reward.Score per
-clip. Silence (empty or all-zero audio) is an answer: transcript "", CER 1, its NLL measured, reward
-about 0. A clip over Whisper's 30 s window is refused (too_long, reward 0), never scored on its first
-30 s. `window_s` below 30 runs the encoder on that many seconds only (`windowed`: faster on a CPU,
-for short clips), and refuses clips longer than it the same way. A bad clip, or one whose scoring
-fails in a batch, gets reward 0 and `error`; the others are scored as if alone. CustomRewardScorer
-takes a user's `module:function` reward instead. With a speaker model (speaker.py), either scorer
-also gives each clip that has a voice prompt its speaker similarity `sim` (speaker.SpeakerSimilarity:
-prompt embeddings cached by content, silence 0.0, a failed or refused clip None). model_languages and
-language_code check a dataset's languages before any model is loaded. whisper_worker.py serves these
-scorers from a process of their own.
+tokens, the text as their draft). Every scorer answers a reward.Score per clip. Silence (empty or
+all-zero audio) is an answer: transcript "", CER 1, its NLL measured, reward about 0. A clip over
+Whisper's 30 s window is refused (too_long, reward 0), never scored on its first 30 s.
+`window_s` below 30 runs the encoder on that many seconds only (whisper_model.windowed), and
+refuses clips longer than it the same way. A bad clip, or one whose scoring fails in a batch, gets
+reward 0 and `error`; the others are scored as if alone. CustomRewardScorer takes a user's
+`module:function` reward instead. With a speaker model (speaker.py), either scorer also gives each
+clip that has a voice prompt its speaker similarity `sim` (speaker.SpeakerSimilarity: prompt
+embeddings cached by content, silence 0.0, a failed or refused clip None). The model's loading
+and its languages (model_languages, language_code) are whisper_model.py's, re-exported here.
+whisper_worker.py serves these scorers from a process of their own.
 """
 
-import copy
 import dataclasses
 import math
 import os
@@ -26,30 +25,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import whisper
-from whisper.audio import N_SAMPLES, SAMPLE_RATE  # 480000 samples = the 30 s window, 16000 Hz
-from whisper.model import ModelDimensions, Whisper
-from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
+from whisper.audio import SAMPLE_RATE
+from whisper.tokenizer import get_tokenizer
 
 import dnsmos
 from prosody import measure
 from reward import RewardConfig, Score, char_error_rate, import_function, normalize_text, tts_reward
 from speaker import SpeakerSimilarity, load_speaker_model
 from whisper_decode import DraftStats, Verified, greedy_options, verified_decode
-
-WINDOW_S = N_SAMPLES / SAMPLE_RATE  # 30.0: Whisper hears one window
-SAMPLES_PER_AUDIO_FRAME = N_SAMPLES // 1500  # 320: one encoder position (two 10 ms mel frames)
-RANDOM_TINY_DIMS = ModelDimensions(
-    n_mels=80,
-    n_audio_ctx=1500,
-    n_audio_state=64,
-    n_audio_head=2,
-    n_audio_layer=1,
-    n_vocab=51865,
-    n_text_ctx=448,
-    n_text_state=64,
-    n_text_head=2,
-    n_text_layer=1,
+from whisper_model import RANDOM_TINY_DIMS as RANDOM_TINY_DIMS  # re-exported for the tests
+from whisper_model import (
+    SAMPLES_PER_AUDIO_FRAME,
+    WINDOW_S,
+    half_except_layernorm,
+    language_code,
+    load_whisper,
+    model_languages,
+    windowed,
 )
+from whisper_model import random_tiny_whisper as random_tiny_whisper  # re-exported likewise
 
 
 class WhisperScorer:
@@ -64,9 +58,9 @@ class WhisperScorer:
     on CPU.
     window_s: seconds of audio Whisper hears, in (0, 30]; below 30 the encoder runs on that window
     only (`windowed`), and longer clips are refused as too long.
-    prosody_threads: CPU threads measuring prosody while Whisper runs (~55 ms per 10 s clip each);
-    None: 1 beside a CPU Whisper (which wants the cores), up to 8 beside a GPU one, which serves
-    every rank's clips and would otherwise wait for one thread's pitch tracking.
+    prosody_threads: CPU threads measuring prosody while Whisper runs; None: 1 beside a CPU
+    Whisper (which wants the cores), up to 8 beside a GPU one, which serves every rank's clips and
+    would otherwise wait for one thread's pitch tracking.
     speaker_model: None, or a speaker.load_speaker_model spec (or SpeakerModel) on the same device,
     for `sim` (embedded in batches of batch_size).
     quality: None, or "dnsmos" for the dnsmos_* ratings of every clip heard (dnsmos.py).
@@ -97,7 +91,8 @@ class WhisperScorer:
             raise ValueError(
                 f"max_transcript_tokens must be None (no cap) or >= 1, got {max_transcript_tokens}"
             )
-        self.batch_size, self.max_transcript_tokens = batch_size, max_transcript_tokens
+        self.batch_size = batch_size
+        self.max_transcript_tokens = max_transcript_tokens
         if not isinstance(reward_config, RewardConfig):
             reward_config = RewardConfig(**(reward_config or {}))
         self.reward_config = reward_config
@@ -108,22 +103,18 @@ class WhisperScorer:
             raise ValueError(f"prosody_threads must be None or >= 1, got {prosody_threads}")
         self.prosody_threads = prosody_threads
         self.model = windowed(load_whisper(model, self.device, download_root).eval(), window_s)
-        self.window_s, self.n_samples = (
-            window_s,
-            self.model.dims.n_audio_ctx * SAMPLES_PER_AUDIO_FRAME,
-        )
+        self.window_s = window_s
+        self.n_samples = self.model.dims.n_audio_ctx * SAMPLES_PER_AUDIO_FRAME
         self.fp16 = self.device.type == "cuda" if fp16 is None else bool(fp16)
         if self.fp16 and self.device.type != "cuda":
             raise ValueError(f"fp16=True needs a CUDA device, got device={device!r}")
         if self.fp16:
-            _half_except_layernorm(self.model)
+            half_except_layernorm(self.model)
         self.languages = model_languages(self.model)
         self.language = self._language_code(language)
         tokenizer = self._tokenizer(self.language)
-        self._eot, self._n_prefix = (
-            tokenizer.eot,
-            len(tokenizer.sot_sequence_including_notimestamps),
-        )
+        self._eot = tokenizer.eot
+        self._n_prefix = len(tokenizer.sot_sequence_including_notimestamps)
         self.speaker = _speaker_similarity(speaker_model, self.device, batch_size)
         self.quality = _quality_model(quality)
         if transcripts not in ("verified", "whisper.decode"):
@@ -143,7 +134,9 @@ class WhisperScorer:
         no sim; the others are scored as if alone."""
         languages = check_lengths(audios, texts, languages)
         prompts = check_prompts(prompts, len(audios)) if self.speaker else None
-        results, groups, clips = [None] * len(audios), {}, {}
+        results = [None] * len(audios)
+        groups = {}  # language -> indices of its clips
+        clips = {}  # index -> (audio, text, target token ids), the clips Whisper hears
         for i, (audio, text, language) in enumerate(zip(audios, texts, languages)):
             try:
                 language = self._language_code(self.language if language is None else language)
@@ -157,9 +150,8 @@ class WhisperScorer:
             except _BadInput as e:
                 results[i] = _failed(str(e))
                 continue
-            if (
-                len(audio) > self.n_samples
-            ):  # its first window scored against the whole text would mislead
+            # Too long: its first window scored against the whole text would mislead.
+            if len(audio) > self.n_samples:
                 results[i] = _failed(
                     f"the clip's {len(audio) / SAMPLE_RATE:.2f} s is longer than Whisper's "
                     f"{self.window_s:g} s window: refused, not scored",
@@ -177,9 +169,8 @@ class WhisperScorer:
             if self.quality is not None:
                 quality = {i: pool.submit(self.quality.rate, clip[0]) for i, clip in clips.items()}
             for language, indices in groups.items():  # whisper.decode pins one language per call
-                indices.sort(
-                    key=lambda i: len(clips[i][2])
-                )  # similar targets: similar transcript bounds
+                # Similar targets together: similar transcript bounds.
+                indices.sort(key=lambda i: len(clips[i][2]))
                 for start in range(0, len(indices), self.batch_size):
                     batch = indices[start : start + self.batch_size]
                     for i, result in zip(
@@ -212,8 +203,8 @@ class WhisperScorer:
 
     @torch.inference_mode()
     def _score_batch(self, clips, language) -> list[Score]:
-        """clips: (audio float32 [S <= self.n_samples], text, target token ids) of one language (None:
-        detected). Raises FloatingPointError on a non-finite NLL rather than answer it."""
+        """clips: (audio float32 [S <= self.n_samples], text, target token ids) of one language
+        (None: detected). Raises FloatingPointError on a non-finite NLL rather than answer it."""
         dtype = torch.float16 if self.fp16 else torch.float32
         # Per clip: log_mel_spectrogram clamps to (max - 8) over its whole input, so a batched call
         # would let one clip's loudness change another's features. Empty audio is zero-padded.
@@ -227,9 +218,8 @@ class WhisperScorer:
                 for audio, _, _ in clips
             ]
         )
-        features = self.model.encoder(
-            mel.to(dtype)
-        )  # [B, n_audio_ctx, n_audio_state], the one encoder pass
+        # The one encoder pass: [B, n_audio_ctx, n_audio_state].
+        features = self.model.encoder(mel.to(dtype))
         targets = [target for _, _, target in clips]
         # Silence says nothing: not decoded (a decode of it would be a hallucination or a loop).
         bounds = [
@@ -270,9 +260,8 @@ class WhisperScorer:
             for b, d in zip(heard, whisper.decode(self.model, features[heard], options)):
                 tokens[b] = d.tokens[: bounds[b]]
                 languages[b] = d.language
-        unknown = [
-            b for b, lang in enumerate(languages) if lang is None
-        ]  # silence, no language given
+        # Silence, no language given:
+        unknown = [b for b, lang in enumerate(languages) if lang is None]
         if unknown:  # the NLL's prefix needs one: what Whisper detects in that window
             _, probs = whisper.decoding.detect_language(self.model, features[unknown])
             for b, p in zip(unknown, probs):
@@ -321,68 +310,31 @@ class WhisperScorer:
         return code
 
 
-def model_languages(model) -> frozenset[str]:
-    """The Whisper language codes that `model` (anything WhisperScorer takes) knows, without loading
-    its weights: for checking a dataset at loading time. English-only models know {"en"}; large-v3
-    and turbo 100 languages ("yue" the 100th); the other multilingual ones the first 99 of
-    whisper.tokenizer.LANGUAGES. A checkpoint file is opened lazily (mmap) for its dims only."""
-    if isinstance(model, Whisper):
-        n_vocab = model.dims.n_vocab
-    elif model == "random-tiny":
-        n_vocab = RANDOM_TINY_DIMS.n_vocab
-    elif model in whisper.available_models():  # their vocabularies, known without downloading them
-        # "large" is large-v3's checkpoint in openai-whisper; v3's vocabulary has one more language.
-        v3 = model in ("large-v3", "large", "large-v3-turbo", "turbo")
-        n_vocab = 51864 if model.endswith(".en") else 51866 if v3 else 51865
-    elif isinstance(model, (str, os.PathLike)) and os.path.isfile(model):
-        n_vocab = torch.load(model, map_location="cpu", mmap=True, weights_only=True)["dims"][
-            "n_vocab"
-        ]
-    else:
-        raise FileNotFoundError(_unknown_model(model))
-    if n_vocab < 51865:  # whisper.model.Whisper.is_multilingual
-        return frozenset({"en"})
-    return frozenset(list(LANGUAGES)[: n_vocab - 51765 - 1])  # its num_languages, multilingual
-
-
-def language_code(language: str) -> str:
-    """Whisper's code for a language code or name, in any case: "ko", "Korean", "korean" -> "ko".
-    Whether a given model knows it is model_languages' question."""
-    key = language.strip().lower() if isinstance(language, str) else None
-    if key in LANGUAGES:
-        return key
-    if key in TO_LANGUAGE_CODE:  # names and aliases ("mandarin" -> "zh")
-        return TO_LANGUAGE_CODE[key]
-    raise ValueError(
-        f"unknown language {language!r}: use a Whisper code such as 'en' or 'ko', "
-        f"or a name such as 'korean'"
-    )
-
-
 def teacher_forced_nll(model, features, sequences, n_prefix) -> list[float]:
-    """Mean cross-entropy (nats/token) of each sequence's tokens after its prefix, in one decoder pass.
+    """Mean cross-entropy (nats/token) of each sequence's tokens after its prefix, in one decoder
+    pass.
 
     features [B, n_audio_ctx, n_audio_state]; sequences: B token lists (SOT prefix + text + eot) of
     different lengths, right-padded here to [B, L + 1]; n_prefix[b]: prefix length of sequence b."""
-    batch, length = len(sequences), max(map(len, sequences)) - 1
+    batch = len(sequences)
+    length = max(map(len, sequences)) - 1
     tokens = torch.zeros(batch, length + 1, dtype=torch.long)
-    scored = torch.zeros(
-        batch, length, dtype=torch.bool
-    )  # [B, L]: True where the next token is text or eot
+    scored = torch.zeros(batch, length, dtype=torch.bool)  # [B, L]: next token is text or eot
     for b, sequence in enumerate(sequences):
         tokens[b, : len(sequence)] = torch.tensor(sequence)
         scored[b, n_prefix[b] - 1 : len(sequence) - 1] = True
-    tokens, scored = tokens.to(features.device), scored.to(features.device)
-    logits = model.decoder(
-        tokens[:, :-1], features
-    )  # [B, L, n_vocab], float32; causal, so padding is inert
+    tokens = tokens.to(features.device)
+    scored = scored.to(features.device)
+    # [B, L, n_vocab], float32; causal, so the padding is inert
+    logits = model.decoder(tokens[:, :-1], features)
     ce = torch.zeros(batch, length, device=features.device)
     ce[scored] = F.cross_entropy(logits[scored], tokens[:, 1:][scored], reduction="none")
     return (ce.sum(1) / scored.sum(1)).tolist()
 
 
 def transcript_bound(n_target: int, limit: int, cap: int | None = None) -> int:
-    """Most tokens the greedy transcript of a clip may take, from its target's token count n_target.
+    """Most tokens the greedy transcript of a clip may take, from its target's token count
+    n_target.
 
     2 * n_target + 10 leaves room for a transcript spelled otherwise than the target (digits read
     out, other spacing or tokenization) but not for a loop: a transcript twice the target's length
@@ -394,63 +346,6 @@ def transcript_bound(n_target: int, limit: int, cap: int | None = None) -> int:
     if cap is not None:
         bound = min(bound, cap)
     return max(1, min(bound, limit))
-
-
-def load_whisper(model, device, download_root=None) -> Whisper:
-    if isinstance(model, Whisper):
-        return model.to(device)
-    if model == "random-tiny":
-        return random_tiny_whisper().to(device)
-    if model not in whisper.available_models() and not os.path.isfile(model):
-        raise FileNotFoundError(_unknown_model(model))
-    try:
-        return whisper.load_model(model, device=device, download_root=download_root)
-    except OSError as e:  # a name not cached yet, and no network (urllib's errors are OSErrors)
-        if os.path.isfile(model):
-            raise
-        cache = download_root or os.path.join(os.path.expanduser("~"), ".cache", "whisper")
-        raise FileNotFoundError(
-            f"Whisper {model!r} is not in {cache} and could not be downloaded "
-            f"({type(e).__name__}: {e}); pass --whisper PATH to a local checkpoint"
-        ) from e
-
-
-def windowed(model: Whisper, window_s: float) -> Whisper:
-    """`model` hearing `window_s` seconds (a multiple of 0.02 s in (0, 30]) instead of 30: the same
-    weights, the encoder's positions cut to the window. Whisper was trained on 30 s windows padded
-    with silence; a shorter one skips computing the padding, which is most of a CPU's scoring time
-    for short clips (tiny.en, 2 CPU threads, 1-4 s clips: 0.60 s per clip at 30 s, 0.16 at 10 s,
-    mean CER of correct speech 0.152 and 0.161). The model passed in is left unchanged."""
-    n_ctx = window_s * SAMPLE_RATE / SAMPLES_PER_AUDIO_FRAME
-    if not 0 < window_s <= WINDOW_S or abs(n_ctx - round(n_ctx)) > 1e-6:
-        raise ValueError(
-            f"Whisper window must be a multiple of 0.02 s in (0, {WINDOW_S:g}], got {window_s}"
-        )
-    n_ctx = int(round(n_ctx))
-    if n_ctx == model.dims.n_audio_ctx:
-        return model
-    encoder = copy.copy(model.encoder)  # shallow: the blocks and weights are shared
-    encoder._buffers = dict(encoder._buffers)  # ... but not the buffer table, so the cut stays here
-    encoder.positional_embedding = model.encoder.positional_embedding[:n_ctx]
-    short = copy.copy(model)
-    short._modules = dict(short._modules)
-    short.encoder = encoder
-    short.dims = dataclasses.replace(
-        model.dims, n_audio_ctx=n_ctx
-    )  # whisper.decode checks features by it
-    return short
-
-
-def random_tiny_whisper(seed: int = 0) -> Whisper:
-    """A small multilingual Whisper with seeded random weights: same model for the same seed, and the
-    caller's random state is left untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Whisper(RANDOM_TINY_DIMS)
-        torch.nn.init.normal_(
-            model.decoder.positional_embedding, std=0.01
-        )  # Whisper leaves it torch.empty
-    return model
 
 
 def check_audio(audio) -> np.ndarray:
@@ -480,15 +375,6 @@ def check_text(text) -> str:
             f"(punctuation, symbols removed)"
         )
     return text.strip()
-
-
-def _half_except_layernorm(model):
-    # Whisper's LayerNorm computes in float32 (it upcasts its input); its Linear and Conv1d cast their
-    # weights to the input's dtype on every call, which half-precision weights make free.
-    model.half()
-    for module in model.modules():
-        if isinstance(module, torch.nn.LayerNorm):
-            module.float()
 
 
 class _BadInput(ValueError):
@@ -542,13 +428,6 @@ def _failed(reason: str, too_long: bool = False) -> Score:
     return Score(reward=0.0, error=reason, too_long=too_long)
 
 
-def _unknown_model(model) -> str:
-    return (
-        f"Whisper model {model!r} is neither a checkpoint file nor one of {whisper.available_models()} "
-        f"nor 'random-tiny'"
-    )
-
-
 class CustomRewardScorer:
     """A user's reward instead of Whisper: spec "module:function", function(audio float32 [S] at
     16 kHz, text) -> float in [0, 1]. Silence is passed on like any clip (an empty array stays
@@ -556,10 +435,8 @@ class CustomRewardScorer:
     (and no sim). speaker_model, device: as WhisperScorer's, for `sim`."""
 
     def __init__(self, spec: str, speaker_model=None, device="cpu", quality=None):
-        self.function, self.spec = (
-            import_function(spec, "reward", "'whisper' or 'module:function'"),
-            spec,
-        )
+        self.function = import_function(spec, "reward", "'whisper' or 'module:function'")
+        self.spec = spec
         self.speaker = _speaker_similarity(speaker_model, device)
         self.quality = _quality_model(quality)
 
