@@ -11,8 +11,8 @@ from helpers import REPO
 
 
 def test_bench_gpu_smoke_runs_on_cpu():
-    """`bench.py gpu --smoke`: every part of the GPU benchmark at tiny shapes on a CPU, one JSON line
-    each and no error line (the script's crashes show up here, not on a rented GPU)."""
+    """`bench.py gpu --smoke`: every part of the GPU benchmark at tiny shapes on a CPU, one JSON
+    line each and no error line (the script's crashes show up here, not on a rented GPU)."""
     import json
 
     t0 = time.time()

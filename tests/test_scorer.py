@@ -132,7 +132,8 @@ def test_bad_inputs_are_answered_not_fatal(tiny_model):
 
 
 def test_silence_is_scored_not_refused(tiny_model, reward_module):
-    """Empty or all-zero audio is the policy's answer: transcript "", CER 1, NLL of the zero window."""
+    """Empty or all-zero audio is the policy's answer: transcript "", CER 1, NLL of the zero
+    window."""
     silences = [np.zeros(0, np.float32), np.zeros(16000, np.float32), np.zeros(48000, np.float32)]
     texts = ["hello", "hello there", "안녕하세요"]
     for language in ("en", None):  # None: no decode to read the language from, so it is detected
@@ -186,8 +187,10 @@ def test_silence_is_scored_not_refused(tiny_model, reward_module):
 
 
 KOREAN_150 = (
-    "오늘은 날씨가 정말 좋아서 가족과 함께 한강 공원에 가서 자전거를 타고 산책을 했습니다. 점심에는 근처 식당에서 "
-    "맛있는 비빔밥과 된장찌개를 먹었고, 오후에는 도서관에 들러 읽고 싶었던 소설책을 몇 권 빌렸습니다. 저녁에는 "
+    "오늘은 날씨가 정말 좋아서 가족과 함께 한강 공원에 가서 "
+    "자전거를 타고 산책을 했습니다. 점심에는 근처 식당에서 "
+    "맛있는 비빔밥과 된장찌개를 먹었고, 오후에는 도서관에 들러 "
+    "읽고 싶었던 소설책을 몇 권 빌렸습니다. 저녁에는 "
     "친구들과 영화를 보며 즐거운 시간을 보냈습니다."
 )
 CHINESE = (
@@ -197,7 +200,8 @@ CHINESE = (
 
 
 def test_whisper_transcript_bound_follows_the_target(tiny_model, monkeypatch):
-    """A long Korean or Chinese transcript is not cut by a fixed cap: the bound derives from the target."""
+    """A long Korean or Chinese transcript is not cut by a fixed cap: the bound derives from the
+    target."""
     assert (
         scoring.transcript_bound(10, limit=444) == 30
         and scoring.transcript_bound(10, limit=444, cap=16) == 16
@@ -218,15 +222,15 @@ def test_whisper_transcript_bound_follows_the_target(tiny_model, monkeypatch):
         return results
 
     monkeypatch.setattr(scoring, "verified_decode", spy)
-    scorer = scoring.WhisperScorer(
-        tiny_model, "cpu", batch_size=4
-    )  # no cap; languages detected per clip
+    # No cap; languages detected per clip.
+    scorer = scoring.WhisperScorer(tiny_model, "cpu", batch_size=4)
     audios = [noise(1.0, 7), noise(8.0, 8), noise(6.0, 9)]
     texts = ["Hi.", KOREAN_150, CHINESE]
     results = scorer.score(audios, texts, [None, "korean", "Chinese"])
     assert all(r.error is None for r in results), results
-    (ko_len, ko_tokens), (zh_len, _), (en_len, _) = sorted(seen, key=lambda s: -s[0])
-    # Room for the whole transcript, even spelled with twice the target's tokens (the old fixed cap was 128).
+    (ko_len, _), (zh_len, _), (en_len, _) = sorted(seen, key=lambda s: -s[0])
+    # Room for the whole transcript, even spelled with twice the target's tokens (the old fixed
+    # cap was 128).
     assert ko_len >= 2 * n_target[KOREAN_150] > 128 and zh_len >= 2 * n_target[CHINESE]
     assert ko_len <= tiny_model.dims.n_text_ctx - 4 and en_len == 2 * n_target["Hi."] + 10
     assert all(n <= length for length, n in seen)  # random weights still stop
@@ -260,7 +264,7 @@ def test_whisper_transcript_bound_follows_the_target(tiny_model, monkeypatch):
         audios[1:2], texts[1:2]
     )
     assert seen == [(16, 16)]
-    with pytest.raises(ValueError, match="transcripts must be 'verified' or 'whisper.decode'"):
+    with pytest.raises(ValueError, match=r"transcripts must be 'verified' or 'whisper.decode'"):
         scoring.WhisperScorer(tiny_model, "cpu", transcripts="beam")
 
 
@@ -271,9 +275,7 @@ def test_whisper_failed_batch_is_retried_clip_by_clip(tiny_model, monkeypatch):
     audios = [noise(1.0 + i / 2, 20 + i) for i in range(5)]
     texts = ["first clip", "second clip", "poisoned clip", "fourth clip", "fifth clip"]
     scorer = scoring.WhisperScorer(tiny_model, "cpu", "en", batch_size=4, max_transcript_tokens=6)
-    expected = [
-        scorer.score([a], [t])[0] for a, t in zip(audios, texts)
-    ]  # each clip alone, unpatched
+    expected = [scorer.score([a], [t])[0] for a, t in zip(audios, texts)]  # each alone, unpatched
     verified = scoring.verified_decode
     for how, error in [
         (
@@ -283,7 +285,7 @@ def test_whisper_failed_batch_is_retried_clip_by_clip(tiny_model, monkeypatch):
         ("raise", "scoring failed: RuntimeError: decoder exploded"),
     ]:
 
-        def failing(model, features, targets, languages, bounds, stats=None):
+        def failing(model, features, targets, languages, bounds, stats=None, how=how):
             poisoned = [target + [tokenizer.eot] == poison for target in targets]
             if how == "raise" and any(poisoned):
                 raise RuntimeError("decoder exploded")
@@ -367,7 +369,7 @@ def test_whisper_window_cuts_the_encoder_to_the_window_and_leaves_the_model_alon
     with torch.no_grad():
         assert short.encoder(mel[None]).shape == (1, 500, model.dims.n_audio_state)
     for bad in (0.0, -1.0, 30.02, 0.015):
-        with pytest.raises(ValueError, match="multiple of 0.02 s"):
+        with pytest.raises(ValueError, match=r"multiple of 0.02 s"):
             scoring.windowed(model, bad)
     with pytest.raises(SystemExit):
         config.parse_config(["--whisper-window", "0.015"])
