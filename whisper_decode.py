@@ -387,9 +387,9 @@ def _cross_attention(attention, h, audio):
     key = attention.key.weight.to(h.dtype).view(heads, width // heads, width)  # [H, d_head, n]
     q = torch.einsum("rkhe,hen->rhkn", q, key).reshape(batch, 1, heads * length, width)
     # One attention "head" of width n_state whose keys and values are both the audio: read once.
-    mixed = F.scaled_dot_product_attention(
-        q, audio[:, None], audio[:, None], scale=(width // heads) ** -0.5
-    )  # [R, 1, H k, n_state]
+    scale = (width // heads) ** -0.5
+    # [R, 1, H k, n_state]
+    mixed = F.scaled_dot_product_attention(q, audio[:, None], audio[:, None], scale=scale)
     mixed = mixed.view(batch, heads, length, width)
     value = attention.value.weight.to(h.dtype).view(heads, width // heads, width)
     out = torch.einsum("rhkn,hen->rkhe", mixed, value).reshape(batch, length, width)

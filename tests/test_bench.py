@@ -61,7 +61,7 @@ def test_bench_reward_compares_the_verified_scorer_in_one_run(capsys, monkeypatc
         pytest.skip(f"{ASSETS}/whisper-tiny.en.pt not found (set TEST_ASSETS)")
     monkeypatch.syspath_prepend(REPO)
     monkeypatch.setenv("TEST_ASSETS", ASSETS)
-    import bench
+    from tools import bench
 
     rows = []
     for texts in ("given", "heard"):
