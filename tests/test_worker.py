@@ -20,6 +20,7 @@ import ecapa
 import prosody
 import scorer as scoring
 import speaker
+import whisper_model
 import whisper_worker as ww
 from helpers import ASSETS, noise, read_jsonl
 from reward import Score, tts_reward
@@ -372,15 +373,22 @@ def test_cli_prints_sim_for_rows_with_a_prompt_wav(tmp_path, capsys):
             scoring,
             [
                 "WhisperScorer",
-                "model_languages",
-                "language_code",
                 "teacher_forced_nll",
-                "load_whisper",
-                "random_tiny_whisper",
                 "check_audio",
                 "check_text",
                 "check_prompts",
                 "CustomRewardScorer",
+            ],
+        ),
+        (
+            whisper_model,
+            [
+                "model_languages",
+                "language_code",
+                "load_whisper",
+                "windowed",
+                "random_tiny_whisper",
+                "half_except_layernorm",
             ],
         ),
         (
